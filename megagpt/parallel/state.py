@@ -1,0 +1,237 @@
+"""ParallelState: every process group of a run, generated from one order string.
+
+The world is a grid with one axis per parallel dimension. The order string ("tp-cp-ep-dp-pp")
+lists the axes from fastest- to slowest-varying rank, so TP ranks are adjacent and share a node.
+A group along axis X is the set of ranks that differ only in their X coordinate.
+
+The object is handed to whatever needs it (nanotron style); there are no module globals.
+Each group is wrapped in `Group`, which runs the collectives, short-circuits when the group
+has one rank (so a single-process run needs no torch.distributed at all), and records the
+bytes it moves in a `CommCounter` for the accounting tests.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+AXES = ("tp", "cp", "ep", "dp", "pp")
+
+
+def rank_grid(world_size: int, sizes: dict[str, int], order: str) -> dict[str, list[list[int]]]:
+    """Pure function: for each axis, the list of rank groups along it.
+
+    rank = sum_i coord[axis_i] * stride_i, with strides growing in `order`'s order.
+    """
+    axes = order.split("-")
+    product = 1
+    for a in axes:
+        product *= sizes.get(a, 1)
+    if product != world_size:
+        raise ValueError(f"parallel layout: {'*'.join(f'{a}{sizes.get(a, 1)}' for a in axes)} = {product} "
+                         f"ranks, but the world size is {world_size}")
+    strides, s = {}, 1
+    for a in axes:
+        strides[a] = s
+        s *= sizes.get(a, 1)
+    groups = {}
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+        out = []
+        for coords in itertools.product(*(range(sizes.get(a, 1)) for a in others)):
+            base = sum(c * strides[a] for a, c in zip(others, coords))
+            out.append([base + i * strides[axis] for i in range(sizes.get(axis, 1))])
+        groups[axis] = sorted(out)
+    return groups
+
+
+class CommCounter:
+    """Bytes moved per (kind, group name). `bytes` is what the caller handed to the collective."""
+
+    def __init__(self):
+        self.records: dict[tuple[str, str], int] = defaultdict(int)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+        self.enabled = True
+
+    def add(self, kind: str, group: str, nbytes: int):
+        if self.enabled:
+            self.records[(kind, group)] += nbytes
+            self.calls[(kind, group)] += 1
+
+    def reset(self):
+        self.records.clear()
+        self.calls.clear()
+
+    def summary(self) -> dict[str, int]:
+        return {f"{group}/{kind}": n for (kind, group), n in sorted(self.records.items())}
+
+
+@dataclass
+class Group:
+    """One process group as seen from this rank."""
+    name: str
+    ranks: list[int]
+    rank: int                         # this process's index inside the group
+    pg: object = None                 # torch ProcessGroup, None when size == 1
+    counter: CommCounter | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def _count(self, kind, t):
+        if self.counter is not None and self.size > 1:
+            self.counter.add(kind, self.name, t.numel() * t.element_size())
+
+    # The collectives: in place where torch is in place, always returning the result.
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.size == 1:
+            return t
+        self._count("all_reduce", t)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.pg)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """[.., n, ..] on each rank -> [.., size*n, ..], rank order along `dim`."""
+        if self.size == 1:
+            return t
+        self._count("all_gather", t)
+        t = t.movedim(dim, 0).contiguous()
+        out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t, group=self.pg)
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """[.., size*n, ..] summed over ranks, each rank keeping its n along `dim`."""
+        if self.size == 1:
+            return t
+        # gloo aborts every rank, uncatchably, on a shape mismatch: check first.
+        if t.shape[dim] % self.size:
+            raise ValueError(f"reduce_scatter on group {self.name}: dim {dim} of shape {tuple(t.shape)} "
+                             f"is not divisible by the group size {self.size}")
+        self._count("reduce_scatter", t)
+        t = t.movedim(dim, 0).contiguous()
+        out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.reduce_scatter_tensor(out, t, group=self.pg)
+        return out.movedim(0, dim)
+
+    def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
+        if self.size == 1:
+            return t
+        self._count("broadcast", t)
+        dist.broadcast(t, src=self.ranks[src_index], group=self.pg)
+        return t
+
+
+class ParallelState:
+    """All groups of one run. Build with `ParallelState.create(...)` after init_process_group,
+    or `ParallelState.single()` for a plain one-process run."""
+
+    def __init__(self, world_size: int, rank: int, sizes: dict[str, int], order: str, groups: dict[str, Group],
+                 counter: CommCounter, device: torch.device, embedding: Group | None = None):
+        self.world_size, self.rank, self.sizes, self.order = world_size, rank, sizes, order
+        self.groups, self.counter, self.device = groups, counter, device
+        self.embedding = embedding or Group("embedding", [rank], 0, None, counter)
+
+    # -- construction
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "ParallelState":
+        counter = CommCounter()
+        groups = {a: Group(a, [0], 0, None, counter) for a in AXES}
+        groups["mp"] = Group("mp", [0], 0, None, counter)
+        return cls(1, 0, {a: 1 for a in AXES}, "-".join(AXES), groups, counter, torch.device(device))
+
+    @classmethod
+    def create(cls, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, order: str = "tp-cp-ep-dp-pp",
+               device: str | torch.device | None = None) -> "ParallelState":
+        """Every rank must call this, in the same order: dist.new_group is collective."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % (tp * pp * cp * ep):
+            raise ValueError(f"parallel layout: world size {world} is not divisible by "
+                             f"tp*pp*cp*ep={tp}*{pp}*{cp}*{ep}")
+        dp = world // (tp * pp * cp * ep)
+        sizes = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp}
+        grid = rank_grid(world, sizes, order)
+        counter = CommCounter()
+        groups = {}
+        for axis in AXES:
+            groups[axis] = cls._make(axis, grid[axis], rank, counter)
+        # model-parallel group (tp x pp): ranks holding pieces of one model replica
+        mp_groups = _merge(grid, ["tp", "cp", "pp"], world)
+        groups["mp"] = cls._make("mp", mp_groups, rank, counter)
+        # first and last pipeline stage share the word embedding when it is tied
+        emb_groups = [sorted({g[0], g[-1]}) for g in grid["pp"]]
+        embedding = cls._make("embedding", emb_groups, rank, counter)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+                else torch.device("cpu")
+        return cls(world, rank, sizes, order, groups, counter, torch.device(device), embedding)
+
+    @staticmethod
+    def _make(name, rank_lists, rank, counter) -> Group:
+        mine = None
+        for ranks in rank_lists:
+            pg = dist.new_group(ranks) if len(ranks) > 1 else None  # collective: every rank calls it
+            if rank in ranks:
+                mine = Group(name, list(ranks), ranks.index(rank), pg, counter)
+        if mine is None:  # a rank that is in none of the lists (cannot happen for grid axes)
+            mine = Group(name, [rank], 0, None, counter)
+        return mine
+
+    # -- convenience
+    @property
+    def tp(self) -> Group: return self.groups["tp"]
+    @property
+    def pp(self) -> Group: return self.groups["pp"]
+    @property
+    def dp(self) -> Group: return self.groups["dp"]
+    @property
+    def mp(self) -> Group: return self.groups["mp"]
+
+    @property
+    def is_first_stage(self) -> bool: return self.pp.rank == 0
+    @property
+    def is_last_stage(self) -> bool: return self.pp.rank == self.pp.size - 1
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp.rank}/{self.tp.size} "
+                f"pp {self.pp.rank}/{self.pp.size} dp {self.dp.rank}/{self.dp.size}")
+
+
+def _merge(grid, axes, world) -> list[list[int]]:
+    """Groups spanning several axes: ranks connected through any of the given axes."""
+    parent = list(range(world))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for a in axes:
+        for g in grid[a]:
+            for r in g[1:]:
+                parent[find(r)] = find(g[0])
+    comps = defaultdict(list)
+    for r in range(world):
+        comps[find(r)].append(r)
+    return sorted(comps.values())
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Start torch.distributed from the launcher's environment (torchrun sets RANK, WORLD_SIZE, ...).
+
+    The backend is nccl when CUDA is present and gloo otherwise, picked here at start-up.
+    """
+    import datetime
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
