@@ -162,34 +162,36 @@ def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, tp: Group, sequenc
     return F.linear(x, weight)                                                      # [s, b, V/tp]
 
 
-def finalize_tp_grads(module: nn.Module, tp: Group) -> None:
+def finalize_tp_grads(module: nn.Module, tp: Group, grad_of=lambda p: p.grad) -> None:
     """After backward: complete the gradients that TP left partial.
 
     1. Parameters replicated over TP but applied to sequence shards (norm weights under SP).
+    `grad_of` picks where the gradient lives (p.grad, or the optimizer's fp32 p.main_grad).
     2. K/V rows replicated over TP ranks (fewer KV heads than TP ranks): each replica only saw
        its own query heads, so the replicas' gradients are summed. One all-reduce per parameter:
        each rank writes its piece into its head's slot of a zero buffer, and the sum is read back.
     """
     if tp.size == 1:
         return
-    partial = [p for p in module.parameters() if p.grad is not None and getattr(p, "sequence_parallel", False)]
+    partial = [grad_of(p) for p in module.parameters()
+               if grad_of(p) is not None and getattr(p, "sequence_parallel", False)]
     if partial:
-        flat = torch.cat([p.grad.reshape(-1) for p in partial])
+        flat = torch.cat([g.reshape(-1) for g in partial])
         tp.all_reduce(flat)
         offset = 0
-        for p in partial:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for g in partial:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
     for p in module.parameters():
-        spec = getattr(p, "tp_spec", REPLICATED)
-        if p.grad is None or spec.dim is None:
+        spec, grad = getattr(p, "tp_spec", REPLICATED), grad_of(p)
+        if grad is None or spec.dim is None:
             continue
         local_offset = 0
         for idx, ((_, heads), (_, n)) in enumerate(zip(spec.parts, spec._slices(tp.rank, tp.size))):
             replicas = spec.replicas(idx, tp.size)
             if replicas > 1:
                 head = tp.rank // replicas                       # the KV head this rank's queries use
-                piece = p.grad.narrow(spec.dim, local_offset, n)
+                piece = grad.narrow(spec.dim, local_offset, n)
                 slots = torch.zeros((heads,) + tuple(piece.shape), dtype=piece.dtype, device=piece.device)
                 slots[head] = piece
                 tp.all_reduce(slots)
