@@ -159,6 +159,11 @@ def _check_type(name: str, value, annotation: str):
     elif base == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif base == "str":
         if isinstance(value, str):
             return value

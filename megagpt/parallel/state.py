@@ -146,6 +146,18 @@ class ParallelState:
         return cls(1, 0, {a: 1 for a in AXES}, "-".join(AXES), groups, counter, torch.device(device))
 
     @classmethod
+    def virtual(cls, tp: int = 1, pp: int = 1, dp: int = 1, tp_rank: int = 0, pp_rank: int = 0,
+                dp_rank: int = 0) -> "ParallelState":
+        """A rank of a layout without any process group: to build a model on the meta device and
+        count what one rank would hold (dry runs, planning). Collectives cannot run on it."""
+        counter = CommCounter()
+        sizes = {"tp": tp, "cp": 1, "ep": 1, "dp": dp, "pp": pp}
+        coords = {"tp": tp_rank, "cp": 0, "ep": 0, "dp": dp_rank, "pp": pp_rank}
+        groups = {a: Group(a, list(range(sizes[a])), coords[a], None, counter) for a in AXES}
+        groups["mp"] = Group("mp", list(range(tp * pp)), pp_rank * tp + tp_rank, None, counter)
+        return cls(tp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
+
+    @classmethod
     def create(cls, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, order: str = "tp-cp-ep-dp-pp",
                device: str | torch.device | None = None) -> "ParallelState":
         """Every rank must call this, in the same order: dist.new_group is collective."""
