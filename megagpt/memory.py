@@ -1,0 +1,221 @@
+"""Analytic memory model: bytes held by the most loaded GPU of a (tp, pp, vp, dp) layout.
+
+Used by the dry run and by the planner, so both refuse the same layouts. Everything is a
+closed-form count from the config; nothing is allocated.
+
+Conventions
+-----------
+Parameters on a rank. Layers are split with `config.split_layers` into pp*vp chunks; pp rank
+r holds chunks r, r+pp, r+2pp, ... Each layer is sharded by tp: Q, the output projection and
+the MLP are split; K and V are split by whole heads when kv_heads % tp == 0, otherwise each
+rank holds the one KV head its query heads use (replicated over tp/kv_heads ranks); norm
+weights and the row-parallel biases are replicated. The first stage also holds the embedding
+shard [padded_vocab/tp, h]; the last stage holds the final norm and the LM-head shard
+(untied), or, when tied and pp > 1, its own copy of the embedding shard.
+
+Bytes per parameter. fp32: weights 4, grads 4, Adam m and v 8. bf16/fp16: weights 2, fp32
+grad-accumulation buffer 4, optimizer = fp32 main weights + m + v = 12. The optimizer states
+are divided by dp with the distributed optimizer (ZeRO-1), hence 6 + 12/d for bf16, 18
+without. Weights and grads are never sharded over dp.
+
+Activations: see `layer_activation_terms` for the term-by-term count (Korthikanti et al. 2022
+adapted to GQA and gated MLPs) and `memory_per_rank` for the pipeline in-flight factor.
+"""
+from __future__ import annotations
+
+from .config import ConfigError, ModelConfig, layer_params, split_layers
+
+
+def _fail(field: str, msg: str):
+    raise ConfigError(f"{field}: {msg}")
+
+
+def check_layout(m: ModelConfig, tp: int, pp: int, vp: int, dp: int, seq_len: int, micro_batch: int,
+                 num_microbatches: int, dtype: str = "bf16", recompute: str = "none") -> None:
+    """One-line errors that name the argument, for layouts the engine could not run."""
+    for name, v in (("tp", tp), ("pp", pp), ("vp", vp), ("dp", dp), ("seq_len", seq_len),
+                    ("micro_batch", micro_batch), ("num_microbatches", num_microbatches)):
+        if not isinstance(v, int) or v <= 0:
+            _fail(name, f"expected a positive integer, got {v!r}")
+    if m.num_heads % tp:
+        _fail("tp", f"{tp} does not divide model.num_heads={m.num_heads}")
+    if m.kv_heads % tp and tp % m.kv_heads:
+        _fail("tp", f"{tp} neither divides nor is a multiple of model.num_kv_heads={m.kv_heads}")
+    if m.ffn_hidden_size % tp:
+        _fail("tp", f"{tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if m.num_layers < pp * vp:
+        _fail("pp", f"{m.num_layers} layers are fewer than pp*vp={pp * vp} chunks")
+    if vp > 1 and pp == 1:
+        _fail("vp", "virtual stages need pp > 1")
+    if dtype not in ("fp32", "bf16", "fp16"):
+        _fail("dtype", f"expected fp32, bf16 or fp16, got {dtype!r}")
+    if recompute not in ("none", "selective", "full"):
+        _fail("recompute", f"expected none, selective or full, got {recompute!r}")
+
+
+def kv_heads_per_rank(m: ModelConfig, tp: int) -> int:
+    return m.kv_heads // tp if m.kv_heads >= tp else 1
+
+
+def layer_params_per_rank(m: ModelConfig, tp: int) -> int:
+    """One transformer layer's parameters on one TP rank (with KV replication when kv_heads < tp)."""
+    if tp == 1:
+        return layer_params(m)
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    q, kv = m.num_heads // tp, kv_heads_per_rank(m, tp)
+    n = h * (q + 2 * kv) * d + q * d * h + (3 if m.gated else 2) * h * f // tp
+    n += 2 * h * (2 if m.norm == "layernorm" else 1)
+    if m.bias:
+        n += (q + 2 * kv) * d + h + (2 if m.gated else 1) * f // tp + h
+    return n
+
+
+def stage_layers(m: ModelConfig, pp: int, vp: int, layers_per_stage: list | None = None) -> list[int]:
+    """Number of transformer layers held by each pp rank (summed over its vp chunks)."""
+    chunks = split_layers(m.num_layers, pp * vp, layers_per_stage)
+    return [sum(len(chunks[c]) for c in range(r, pp * vp, pp)) for r in range(pp)]
+
+
+def params_per_rank(m: ModelConfig, tp: int, pp: int, vp: int = 1,
+                    layers_per_stage: list | None = None) -> list[int]:
+    """Parameters held by each pp rank (one TP shard)."""
+    emb = m.padded_vocab(tp) // tp * m.hidden_size
+    final_norm = m.hidden_size * (2 if m.norm == "layernorm" else 1)
+    per_layer = layer_params_per_rank(m, tp)
+    out = [n * per_layer for n in stage_layers(m, pp, vp, layers_per_stage)]
+    out[0] += emb
+    out[-1] += final_norm
+    if not m.tie_embeddings or pp > 1:   # untied head, or the last stage's copy of the tied embedding
+        out[-1] += emb
+    return out
+
+
+def bytes_per_param(dtype: str, dp: int, distributed_optimizer: bool) -> dict:
+    """(weights, grads, optimizer) bytes per parameter; optimizer already divided by dp if sharded."""
+    w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 4, 12)
+    return {"weights": w, "grads": g, "optimizer": o / dp if distributed_optimizer else float(o)}
+
+
+def layer_activation_terms(m: ModelConfig, tp: int, seq_len: int, micro_batch: int,
+                           sequence_parallel: bool = True, flash: bool = True, dtype: str = "bf16") -> dict:
+    """Bytes one layer keeps for backward, per microbatch, on one TP rank, term by term (no recompute).
+
+    Korthikanti et al. 2022 count sbh(34 + 5as/h) for MHA + 4h GELU MLP with 16-bit tensors and
+    1-byte dropout masks. Term by term, with q = heads*d and kv = kv_heads*d (per rank), f = ffn:
+      attention block                      MLP block
+        norm1 input        2sbh  [r]         norm2 input          2sbh  [r]
+        QKV input (norm)   2sbh  [r]         MLP input (norm)     2sbh  [r]
+        Q                  2sbq  /t          fc1 out (GELU input) 2sbf  /t   gated: gate+up 4sbf /t
+        K, V               4sb kv /t         act out (fc2 input)  2sbf  /t
+        softmax out        2as^2b /t         dropout mask          sbh  [r]  if hidden_dropout
+        attn-dropout mask   as^2b /t  if attention_dropout
+        attn-dropout out   2as^2b /t  if attention_dropout
+        proj input         2sbq  /t
+        dropout mask        sbh  [r]  if hidden_dropout
+    With q = kv = h, f = 4h and both dropouts on this is 34sbh + 5as^2b (Korthikanti exactly);
+    SwiGLU keeps 6sbf/t instead of 4sbf/t, and GQA shrinks K, V to 4sb*kv. [r] terms are
+    replicated over TP and divided by t only with sequence parallel (with SP the norm output is
+    stored sharded and all-gathered again in backward, as Megatron does).
+    Flash attention / SDPA (flash=True) stores none of the s^2 terms: only its output (which is
+    the proj input, counted once) and the fp32 logsumexp, 4asb/t bytes. fp32 activations double
+    every 16-bit term; dropout masks stay 1 byte (bool). Biases change none of these counts.
+    """
+    s, b, h, d, f = seq_len, micro_batch, m.hidden_size, m.head_dim, m.ffn_hidden_size
+    e = 4 if dtype == "fp32" else 2
+    a_r, kv_r = m.num_heads // tp, kv_heads_per_rank(m, tp)
+    rep = s * b * h / (tp if sequence_parallel else 1)         # one replicated [s, b, h] element count
+    hd, ad = m.hidden_dropout > 0, m.attention_dropout > 0
+    t = {
+        "norm1_input": e * rep,
+        "qkv_input": e * rep,
+        "q": e * s * b * a_r * d,
+        "kv": 2 * e * s * b * kv_r * d,
+        "proj_input": e * s * b * a_r * d,
+        "attn_dropout_mask": rep if hd else 0.0,
+        "norm2_input": e * rep,
+        "mlp_input": e * rep,
+        "mlp_hidden": (2 if m.gated else 1) * e * s * b * f / tp,
+        "mlp_act_out": e * s * b * f / tp,
+        "mlp_dropout_mask": rep if hd else 0.0,
+    }
+    if flash:
+        t["core_logsumexp"] = 4.0 * a_r * s * b
+    else:
+        t["core_softmax"] = e * a_r * s * s * b
+        t["core_dropout"] = (e + 1) * a_r * s * s * b if ad else 0.0
+    return t
+
+
+def layer_activation_bytes(m: ModelConfig, tp: int, seq_len: int, micro_batch: int, sequence_parallel: bool = True,
+                           flash: bool = True, dtype: str = "bf16", recompute: str = "none") -> float:
+    """One layer, one microbatch: all terms (none), all but the attention core (selective), or
+    only the layer input (full: 2sbh, /t with SP)."""
+    t = layer_activation_terms(m, tp, seq_len, micro_batch, sequence_parallel, flash, dtype)
+    if recompute == "full":
+        return t["norm1_input"]
+    if recompute == "selective":
+        return sum(v for k, v in t.items() if not k.startswith("core_"))
+    return sum(t.values())
+
+
+def in_flight(pp: int, vp: int, num_microbatches: int, rank: int) -> float:
+    """Microbatches whose activations pp rank `rank` holds at its peak, in units of all its layers.
+
+    1F1B: rank r holds min(pp - r, m). Interleaved (vp > 1, Narayanan et al. 2021): rank r runs
+    2(pp-r-1) + (vp-1)pp + 1 chunk-forwards before its first backward, each chunk being 1/vp of
+    its layers; for rank 0 that is pp(1 + (pp-1)/(pp*vp)) stage-equivalents. Capped at m.
+    """
+    if vp == 1:
+        return float(min(pp - rank, num_microbatches))
+    chunks = 2 * (pp - rank - 1) + (vp - 1) * pp + 1
+    return min(chunks, num_microbatches * vp) / vp
+
+
+def memory_per_rank(model_cfg: ModelConfig, tp: int, pp: int, vp: int, dp: int, seq_len: int, micro_batch: int,
+                    num_microbatches: int, dtype: str = "bf16", distributed_optimizer: bool = True,
+                    sequence_parallel: bool = True, recompute: str = "none", recompute_num_layers: int | None = None,
+                    flash: bool = True, layers_per_stage: list | None = None) -> dict:
+    """Bytes on the most loaded GPU: weights, grads, optimizer, activations, total, params_on_rank.
+
+    Activations of pp rank r = in_flight(r) x (its layers' per-microbatch bytes), where with full
+    recompute `recompute_num_layers` layers per chunk (None = all) keep only their input and the
+    rest keep everything; full recompute adds one layer's complete activations as working memory
+    (the layer being recomputed in backward). The first stage adds the embedding-dropout mask per
+    in-flight microbatch (the embedding output itself is layer 0's input, already counted); the
+    last stage adds, for the one microbatch whose loss is live, the final-norm input, the LM-head
+    input and the fp32 logits s*b*padded_vocab/t*4 kept by the vocab-parallel cross-entropy.
+    Also returned: pp_rank (which rank is the most loaded), in_flight, layers, per-term details.
+    """
+    m = model_cfg
+    check_layout(m, tp, pp, vp, dp, seq_len, micro_batch, num_microbatches, dtype, recompute)
+    sp = sequence_parallel and tp > 1
+    e = 4 if dtype == "fp32" else 2
+    per_param = bytes_per_param(dtype, dp, distributed_optimizer)
+    params = params_per_rank(m, tp, pp, vp, layers_per_stage)
+    layers = stage_layers(m, pp, vp, layers_per_stage)
+    full = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, "none")
+    stored = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, recompute)
+    rep = seq_len * micro_batch * m.hidden_size / (tp if sp else 1)
+    logits = 4.0 * seq_len * micro_batch * m.padded_vocab(tp) / tp
+
+    best = None
+    for r in range(pp):
+        n_layers = layers[r]
+        if recompute == "full" and recompute_num_layers is not None:
+            n_rc = min(n_layers, recompute_num_layers * vp)
+            per_mb = n_rc * stored + (n_layers - n_rc) * full
+        else:
+            per_mb = n_layers * stored
+        flight = in_flight(pp, vp, num_microbatches, r)
+        act = {"layers": flight * per_mb, "recompute_working": full if recompute == "full" and n_layers else 0.0,
+               "embedding": flight * rep if r == 0 and m.hidden_dropout > 0 else 0.0,
+               "head": 2 * e * rep + logits if r == pp - 1 else 0.0}
+        weights, grads = params[r] * per_param["weights"], params[r] * per_param["grads"]
+        optimizer = params[r] * per_param["optimizer"]
+        total = weights + grads + optimizer + sum(act.values())
+        if best is None or total > best["total"]:
+            best = {"weights": float(weights), "grads": float(grads), "optimizer": float(optimizer),
+                    "activations": float(sum(act.values())), "total": float(total),
+                    "params_on_rank": params[r], "pp_rank": r, "in_flight": flight, "layers": n_layers,
+                    "activation_detail": {k: float(v) for k, v in act.items()}}
+    return best
