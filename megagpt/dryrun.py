@@ -7,20 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config, count_params, split_layers, vocab_padding_note
+from .config import Config, count_params, vocab_padding_note
 from .model.gpt import GPTModel
 from .parallel.state import ParallelState
-
-
-def stage_chunks(cfg: Config, pp_rank: int) -> list[tuple[list[int], bool, bool]]:
-    """(layer ids, pre_process, post_process) of each model chunk on pipeline rank pp_rank."""
-    p = cfg.parallel
-    chunks = split_layers(cfg.model.num_layers, p.pp * p.vp, p.layers_per_stage)
-    out = []
-    for v in range(p.vp):
-        c = v * p.pp + pp_rank
-        out.append((chunks[c], c == 0, c == p.pp * p.vp - 1))
-    return out
+from .pipeline.split import stage_chunks  # noqa: F401  (the split lives with the pipeline; re-exported)
 
 
 def meta_rank_params(cfg: Config, tp_rank: int, pp_rank: int) -> int:
