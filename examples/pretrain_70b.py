@@ -14,4 +14,4 @@ from megagpt.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(default_config=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "configs", "gpt4plus-70b.yaml")))
+                                              "configs", "gpt4plus-70b.yaml"), use_planner=True))

@@ -25,7 +25,7 @@ def parse_args(argv=None, default_config: str | None = None):
     ap.add_argument("--dry-run", action="store_true", help="build on the meta device and count; no training")
     ap.add_argument("--json", action="store_true", help="dry run: print one JSON object as the last line")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: model.num_layers=4 train.lr=1e-3")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may sit between flags
     return args
 
 
@@ -40,11 +40,45 @@ def build_config(args, world_size: int | None):
     return load_config(args.config, overrides, world_size=world_size)
 
 
-def main(argv=None, default_config: str | None = None) -> int:
+def plan_layout(args, world: int) -> None:
+    """Flagship runs: with no --tp/--pp given, the planner picks the fastest layout that fits `world`
+    GPUs (H100 80 GB by default); with one given, refuse it with the breakdown if it cannot fit."""
+    from .planner import choose_layout, rank_layouts
+    probe = build_config(args, None)
+    t = probe.train
+    if args.tp is None and args.pp is None:
+        best = choose_layout(probe.model, world, t.seq_len, t.global_batch_size)
+        if not best["fits"]:
+            raise ConfigError(f"parallel: no layout of {world} GPUs fits; the closest needs "
+                              f"{best['memory_gb']:.1f} GB per GPU: {_breakdown(best)}")
+        args.tp, args.pp, args.vp = best["tp"], best["pp"], best["vp"]
+        args.overrides += [f"parallel.sequence_parallel={str(best['sp']).lower()}",
+                           f"train.recompute={best['recompute']}", f"train.micro_batch_size={best['micro_batch']}"]
+        print(f"planner: chose tp={best['tp']} pp={best['pp']} vp={best['vp']} dp={best['dp']} "
+              f"sp={best['sp']} recompute={best['recompute']} micro_batch={best['micro_batch']} for {world} GPUs: "
+              f"{best['memory_gb']:.1f} GB per GPU ({_breakdown(best)}), predicted MFU {100 * best['mfu']:.1f}%")
+        return
+    p = probe.parallel
+    fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=args.tp or p.tp,
+                                 pp=args.pp or p.pp, vp=args.vp or p.vp)
+    if not fits and closest is not None:
+        raise ConfigError(f"parallel: tp={args.tp or p.tp} pp={args.pp or p.pp} does not fit on {world} GPUs: "
+                          f"{closest['memory_gb']:.1f} GB per GPU ({_breakdown(closest)})")
+
+
+def _breakdown(entry: dict) -> str:
+    b = entry["memory_breakdown"]
+    return ", ".join(f"{k} {b[k]:.1f}" for k in ("weights", "grads", "optimizer", "activations"))
+
+
+def main(argv=None, default_config: str | None = None, use_planner: bool = False) -> int:
     args = parse_args(argv, default_config)
     try:
         if args.dry_run:
             world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or None
+            if use_planner:  # 70B fits no single node: plan for 8 nodes of 8 unless told otherwise
+                world = world or 64
+                plan_layout(args, world)
             if world is None:  # the layout in the config with dp = 1
                 probe = build_config(args, None)
                 world = probe.parallel.tp * probe.parallel.pp
@@ -56,8 +90,18 @@ def main(argv=None, default_config: str | None = None) -> int:
                 print(json.dumps(report))
             return 0
         from .train import train_main
+        if use_planner:
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            plan_layout(args, world)
         return train_main(args, build_config)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError, CheckpointError: bad input named in one line, before any step
+        from .checkpoint.store import CheckpointError
+        from .data.indexed import DataError
+        if not isinstance(e, (DataError, CheckpointError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

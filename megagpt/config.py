@@ -307,7 +307,7 @@ def validate(cfg: Config) -> None:
     if p.vp > 1 and p.pp == 1:
         raise ConfigError("parallel.vp: virtual stages need parallel.pp > 1")
     if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+        p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
     _positive("train.seq_len", t.seq_len)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.global_batch_size", t.global_batch_size)

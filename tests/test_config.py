@@ -32,7 +32,7 @@ BAD = [
     (["train.dtype=fp8"], "train.dtype", "expected one of"),
     (["model.hidden_dropout=1.5"], "model.hidden_dropout", "0 <= p < 1"),
     (["train.seq_len=4096"], "train.seq_len", "exceeds model.max_seq_len"),
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs parallel.tp > 1"),
+    (["parallel.order=tp-dp-pp"], "parallel.order", "permutation"),
     (["parallel.pp=8"], "parallel.pp", "fewer than pp*vp"),
     (["parallel.vp=3", "parallel.pp=2"], "parallel.vp", "cannot be split evenly"),
     (["parallel.layers_per_stage=[1,1]", "parallel.pp=2"], "parallel.layers_per_stage", "sums to 2"),

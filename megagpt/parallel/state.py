@@ -119,6 +119,28 @@ class Group:
         dist.reduce_scatter_tensor(out, t, group=self.pg)
         return out.movedim(0, dim)
 
+    # Asynchronous forms for the DP gradient buckets: they return the work handle (None when
+    # the group has one rank), and the caller waits on it before reading the result.
+    def all_reduce_async(self, t: torch.Tensor):
+        """Start an in-place sum of t over the group."""
+        if self.size == 1:
+            return None
+        self._count("all_reduce", t)
+        return dist.all_reduce(t, group=self.pg, async_op=True)
+
+    def reduce_scatter_async(self, out: torch.Tensor, t: torch.Tensor):
+        """Start a sum of flat t [size*n] over the group into out [n] (out may alias t's own slice)."""
+        if out.numel() * self.size != t.numel():  # gloo aborts uncatchably on a mismatch: check first
+            raise ValueError(f"reduce_scatter on group {self.name}: input of {t.numel()} elements is not "
+                             f"{self.size} x output of {out.numel()}")
+        if self.size == 1:
+            if out.data_ptr() != t.data_ptr():
+                out.copy_(t)
+            return None
+        self._count("reduce_scatter", t)
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the newer name, when present
+        return rs(out, t, group=self.pg, async_op=True)
+
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         if self.size == 1:
             return t
@@ -243,6 +265,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
         return dist.get_rank(), dist.get_world_size()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "WORLD_SIZE" not in os.environ:  # plain `python script.py`: a world of one
+        from .spawn import free_port
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,264 @@
+"""The training loop: the one place where model, pipeline, optimizer, data and checkpoints meet.
+
+    torchrun --nproc-per-node=8 examples/pretrain.py --config examples/configs/tiny.yaml --tp 2 --pp 2
+
+Each step: the pipeline engine runs this rank's schedule over the microbatches of the global
+batch (gradients accumulate, DP reduction starts on the last backward), then the optimizer
+reduces, clips and updates. Rank 0 logs to the console, `metrics.jsonl` and TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, flops_per_token
+from .data.synthetic import SyntheticDataset
+from .optim import build_optimizer
+from .optim.schedule import lr_at
+from .parallel.random import seed_everything
+from .parallel.state import ParallelState, init_distributed
+from .pipeline.engine import PipelineEngine
+from .pipeline.split import build_stage, describe_split
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, data_path: str | None = None, load: str | None = None):
+        self.cfg, self.run_dir = cfg, run_dir
+        p, t = cfg.parallel, cfg.train
+        self.ps = ParallelState.create(tp=p.tp, pp=p.pp, order=p.order)
+        self.is_logger = self.ps.rank == 0
+        self.tracker = seed_everything(t.seed, self.ps.tp.rank, self.ps.pp.rank, self.ps.device)
+        self.dtype = DTYPES[t.dtype]
+        if self.is_logger:
+            print(describe_split(cfg), flush=True)
+        self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype)
+        self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
+        seq = t.seq_len // p.tp if p.sequence_parallel else t.seq_len
+        self.engine = PipelineEngine(self.chunks, self.ps, cfg, (seq, t.micro_batch_size, cfg.model.hidden_size),
+                                     self.dtype)
+        self.dp = self.ps.dp.size
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.step = 0
+        self.consumed_samples = 0
+        self._build_data(data_path)
+        if load:
+            self._load(load)
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self, data_path):
+        t = self.cfg.train
+        n_train = t.train_iters * t.global_batch_size
+        n_valid = max(1, t.eval_iters) * t.global_batch_size * max(1, t.train_iters // max(1, t.eval_interval) + 1)
+        self.needs_data = self.ps.is_first_stage or self.ps.is_last_stage
+        if data_path is None:
+            self.train_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_train, t.seed)
+            self.valid_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_valid, t.seed + 1)
+            return
+        from .data.gpt_dataset import build_train_valid_test
+        # every rank validates the files (a clear error before any work), only data ranks read tokens
+        self.train_data, self.valid_data, _ = build_train_valid_test(
+            data_path, seq_len=t.seq_len, num_samples=(n_train, n_valid, 0), split=self.cfg.data.split,
+            seed=t.seed, vocab_size=self.cfg.model.vocab_size)
+
+    def _microbatch_fn(self, dataset, first_sample: int):
+        """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples."""
+        b = self.cfg.train.micro_batch_size
+
+        def get(i):
+            if not self.needs_data:
+                return None, None
+            start = first_sample + i * b * self.dp + self.ps.dp.rank * b
+            samples = torch.stack([torch.as_tensor(dataset[j], dtype=torch.long) for j in range(start, start + b)])
+            tokens = samples[:, :-1].contiguous().to(self.ps.device)
+            labels = samples[:, 1:].contiguous().to(self.ps.device)
+            return (tokens if self.ps.is_first_stage else None), (labels if self.ps.is_last_stage else None)
+        return get
+
+    # ------------------------------------------------------------------ one step
+    def _global_loss(self, per_mb: list) -> float:
+        """Sum of token losses on the last stage's TP rank 0 of each DP replica -> the global mean."""
+        t = self.cfg.train
+        total = torch.zeros(1, dtype=torch.float64)
+        if self.ps.is_last_stage and self.ps.tp.rank == 0:
+            total += sum(float(x) for x in per_mb)
+        dist.all_reduce(total)
+        return total.item() / (t.global_batch_size * t.seq_len)
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        tokens = t.global_batch_size * t.seq_len
+        lr = lr_at(self.step, t)
+        self.optimizer.zero_grad()
+        self.optimizer.set_sync(False)
+        loss_scale = self.optimizer.loss_scale / tokens
+        per_mb = self.engine.forward_backward(
+            self._microbatch_fn(self.train_data, self.consumed_samples), self.num_microbatches, loss_scale,
+            before_last_backward=lambda: self.optimizer.set_sync(True))
+        self._maybe_fault("step")
+        stats = self.optimizer.step(lr)
+        self.consumed_samples += t.global_batch_size
+        self.step += 1
+        return {"loss": self._global_loss(per_mb), "lr": lr, **stats}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.train
+        for c in self.chunks:
+            c.eval()
+        total = 0.0
+        for k in range(t.eval_iters):
+            per_mb = self.engine.forward_backward(self._microbatch_fn(self.valid_data, k * t.global_batch_size),
+                                                  self.num_microbatches, 1.0, forward_only=True)
+            total += self._global_loss(per_mb)
+        for c in self.chunks:
+            c.train()
+        return total / max(1, t.eval_iters)
+
+    def _maybe_fault(self, where: str):
+        """Test hook: MEGAGPT_FAULT=step:N (or save:N) SIGKILLs rank 0 in the middle of step N (or of the
+        save at step N), as `kill -9` would, to prove resume never depends on a clean exit."""
+        fault = os.environ.get("MEGAGPT_FAULT", "")
+        if fault == f"{where}:{self.step + (1 if where == 'step' else 0)}" and self.ps.rank == 0:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples,
+                "rng": {"torch": torch.get_rng_state(), **{f"tracker/{k}": v for k, v in
+                                                            self.tracker.get_states().items()}}}
+
+    def save(self):
+        from .checkpoint.sharded import save_checkpoint
+        save_checkpoint(self.run_dir, self.step, self.chunks, self.ps, self.cfg, self._extra_state(),
+                        self.optimizer, keep=self.cfg.train.keep_checkpoints,
+                        before_publish=lambda: self._maybe_fault("save"))
+
+    def _load(self, path):
+        from .checkpoint.sharded import load_checkpoint
+        extra = load_checkpoint(path, self.chunks, self.ps, self.cfg, self.optimizer)
+        self.step, self.consumed_samples = int(extra["step"]), int(extra["consumed_samples"])
+        rng = extra["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.tracker.set_states({k[len("tracker/"):]: v for k, v in rng.items() if k.startswith("tracker/")})
+        if self.is_logger:
+            print(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> list[dict]:
+        t, m = self.cfg.train, self.cfg.model
+        os.makedirs(self.run_dir, exist_ok=True)
+        log = Logger(self.run_dir, self.is_logger, t.train_iters, self.step)
+        flops = flops_per_token(m, t.seq_len)
+        history = []
+        while self.step < t.train_iters:
+            self.ps.counter.reset()
+            start = time.perf_counter()
+            rec = self.train_step()
+            elapsed = time.perf_counter() - start
+            tok_s = t.global_batch_size * t.seq_len / elapsed
+            rec.update(step=self.step, step_time_s=elapsed, tokens_per_s=tok_s,
+                       tflops_per_rank=flops * tok_s / self.ps.world_size / 1e12, memory_gb=_memory_gb(self.ps))
+            rec["mfu"] = rec["tflops_per_rank"] / t.peak_tflops
+            rec["comm_bytes"] = self.ps.counter.summary()
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_iters):
+                rec["val_loss"] = self.evaluate()
+                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50.0))
+            if self.step % t.log_interval == 0 or "val_loss" in rec or self.step == t.train_iters:
+                log.log(rec)
+            history.append(rec)
+            if t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+        log.close()
+        return history
+
+
+def _memory_gb(ps: ParallelState) -> float:
+    if ps.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
+
+
+class Logger:
+    """Console + progress bar + metrics.jsonl + TensorBoard + a PNG of the loss curves, on rank 0 only."""
+
+    def __init__(self, run_dir: str, active: bool, total: int, start: int):
+        self.active, self.run_dir = active, run_dir
+        if not active:
+            return
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True, disable=None)
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # tensorboard is an optional extra
+            self.tb = None
+
+    def log(self, rec: dict):
+        if not self.active:
+            return
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, rec["step"])
+        line = (f"step {rec['step']:6d} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+                f"grad_norm {rec['grad_norm']:.3f} | scale {rec['loss_scale']:.0f} | "
+                f"{rec['tokens_per_s']:.0f} tok/s | {rec['tflops_per_rank']:.3f} TFLOP/s/rank | "
+                f"MFU {100 * rec['mfu']:.2f}% | mem {rec['memory_gb']:.2f} GB")
+        if "val_loss" in rec:
+            line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.1f}"
+        self.bar.write(line)
+        self.bar.n = rec["step"]
+        self.bar.refresh()
+
+    def close(self):
+        if not self.active:
+            return
+        self.bar.close()
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+        plot_losses(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"))
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(line) for line in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train loss")
+    val = [r for r in recs if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train_main(args, build_config) -> int:
+    rank, world = init_distributed()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cfg = build_config(args, world)
+    trainer = Trainer(cfg, args.run_dir, cfg.data.path, args.load)
+    trainer.run()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
