@@ -53,6 +53,7 @@ def train(prefix: str):
 def report():
     recs = [json.loads(line) for line in open(os.path.join(RUN, "metrics.jsonl"))]
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    recs = [r for r in recs if "loss" in r]
     print(f"[3/4] losses: train {recs[0]['loss']:.3f} (step {recs[0]['step']}) -> {recs[-1]['loss']:.3f} "
           f"(step {recs[-1]['step']})")
     print("      validation: " + ", ".join(f"step {s}: {v:.3f}" for s, v in val))

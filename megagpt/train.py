@@ -160,6 +160,9 @@ class Trainer:
         log = Logger(self.run_dir, self.is_logger, t.train_iters, self.step)
         flops = flops_per_token(m, t.seq_len)
         history = []
+        if self.step == 0 and t.eval_interval:  # where the validation loss starts, for the curves
+            val = self.evaluate()
+            log.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
         while self.step < t.train_iters:
             self.ps.counter.reset()
             start = time.perf_counter()
@@ -210,6 +213,9 @@ class Logger:
             return
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
+        if "loss" not in rec:  # the step-0 evaluation
+            self.bar.write(f"step {rec['step']:6d} | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.1f}")
+            return
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -240,7 +246,8 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
     recs = [json.loads(line) for line in open(metrics_path)]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train loss")
+    train = [r for r in recs if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     val = [r for r in recs if "val_loss" in r]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
