@@ -138,7 +138,8 @@ class Group:
                 out.copy_(t)
             return None
         self._count("reduce_scatter", t)
-        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the newer name, when present
+        # reduce_scatter_single is the newer name of reduce_scatter_tensor (absent from older torch)
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return rs(out, t, group=self.pg, async_op=True)
 
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""The two update rules over the gradient buffer: ZeRO-1 AdamW (sharded over DP) and plain AdamW.
+
+ShardedAdamW (the distributed optimizer). DP rank r owns shard r of every bucket (see
+grad_buffer.py). It keeps fp32 main params and the Adam moments for the owned elements only,
+12 bytes per owned element, so 12*Psi/d per rank. The owned piece of each parameter is one
+contiguous range of its flattened local tensor: a `Segment`. The step runs AdamW on the segments
+with torch._foreach ops, in the same order of operations as torch.optim.AdamW (decoupled decay
+p -= lr*wd*p first, then the bias-corrected Adam update), then every bucket's updated shard is
+all-gathered in the model's dtype into every rank's parameters.
+With fp32 weights the main params are views into the model params themselves (no extra copy:
+8 bytes per owned element); with bf16/fp16 weights they are a separate fp32 flat tensor.
+
+PlainAdamW (for comparison, and the `distributed_optimizer: false` path): torch.optim.AdamW on
+fp32 main params (the model params themselves in fp32), every DP rank holding everything.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+from ..parallel.state import Group
+from .grad_buffer import GradBuffer
+
+
+def decays(p: nn.Parameter) -> bool:
+    """Weight decay applies to matrices only: not to norm weights nor to biases."""
+    return p.ndim >= 2
+
+
+@dataclass
+class Segment:
+    """The owned piece of one parameter: flat [lo, hi) of its local tensor, at buf_lo in the buffer."""
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    buf_lo: int
+    main: torch.Tensor | None = None       # fp32 [hi - lo]
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+
+
+class ShardedAdamW:
+    def __init__(self, names: dict[int, str], buffer: GradBuffer, dp: Group, cfg: TrainConfig):
+        self.buffer, self.dp, self.cfg = buffer, dp, cfg
+        self.segments: list[Segment] = []
+        self.by_bucket: list[list[Segment]] = []
+        for b in buffer.buckets:
+            lo, hi = buffer.owned_range(b)
+            mine = []
+            for p in b.params:
+                ps, pe = buffer.param_range[id(p)]
+                a, z = max(ps, lo), min(pe, hi)
+                if a < z:
+                    mine.append(Segment(names[id(p)], p, a - ps, z - ps, a))
+            self.by_bucket.append(mine)
+            self.segments += mine
+        n = sum(s.hi - s.lo for s in self.segments)
+        dtypes = {p.dtype for b in buffer.buckets for p in b.params}
+        if len(dtypes) > 1:
+            raise ValueError(f"distributed optimizer: the model mixes param dtypes {sorted(map(str, dtypes))}")
+        self.param_dtype = dtypes.pop() if dtypes else torch.float32
+        device = buffer.data.device
+        self.main_flat = None if self.param_dtype == torch.float32 else torch.empty(n, device=device)
+        self.exp_avg = torch.zeros(n, device=device)
+        self.exp_avg_sq = torch.zeros(n, device=device)
+        off = 0
+        with torch.no_grad():
+            for s in self.segments:
+                k = s.hi - s.lo
+                flat = s.param.detach().view(-1)[s.lo:s.hi]
+                if self.main_flat is None:
+                    s.main = flat                                   # fp32: update the model param in place
+                else:
+                    s.main = self.main_flat[off:off + k]
+                    s.main.copy_(flat)
+                s.exp_avg, s.exp_avg_sq = self.exp_avg[off:off + k], self.exp_avg_sq[off:off + k]
+                off += k
+        self.grads = [buffer.data[s.buf_lo:s.buf_lo + s.hi - s.lo] for s in self.segments]
+
+    @torch.no_grad()
+    def step(self, lr: float, step: int) -> None:
+        """One AdamW update of the owned segments; `step` counts from 1 (bias correction)."""
+        cfg = self.cfg
+        if not self.segments:
+            return
+        b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+        main = [s.main for s in self.segments]
+        m = [s.exp_avg for s in self.segments]
+        v = [s.exp_avg_sq for s in self.segments]
+        decayed = [s.main for s in self.segments if decays(s.param)]
+        if decayed and cfg.weight_decay:
+            torch._foreach_mul_(decayed, 1.0 - lr * cfg.weight_decay)
+        torch._foreach_lerp_(m, self.grads, 1.0 - b1)                   # m = b1 m + (1-b1) g
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, self.grads, self.grads, value=1.0 - b2)   # v = b2 v + (1-b2) g^2
+        step_size = lr / (1.0 - b1 ** step)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1.0 - b2 ** step))
+        torch._foreach_add_(denom, cfg.adam_eps)
+        torch._foreach_addcdiv_(main, m, denom, value=-step_size)
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """Every bucket's owned shard, cast to the model dtype, all-gathered into every rank's params."""
+        for b, segs in zip(self.buffer.buckets, self.by_bucket):
+            lo, hi = self.buffer.owned_range(b)
+            shard = torch.zeros(hi - lo, dtype=self.param_dtype, device=self.buffer.data.device)   # [n]
+            for s in segs:
+                shard[s.buf_lo - lo:s.buf_lo - lo + s.hi - s.lo].copy_(s.main)
+            full = self.dp.all_gather(shard)                                 # [dp * n] = the bucket
+            for p in b.params:
+                ps, pe = self.buffer.param_range[id(p)]
+                p.detach().view(-1).copy_(full[ps - b.start:pe - b.start])
+
+    def state_for_checkpoint(self) -> dict:
+        return {s.name: {"start": s.lo, "end": s.hi, "main": s.main.detach().float().clone(),
+                         "exp_avg": s.exp_avg.clone(), "exp_avg_sq": s.exp_avg_sq.clone()}
+                for s in self.segments}
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, state: dict, step: int) -> None:
+        for s in self.segments:
+            entry = _entry_for(state, s.name, s.lo, s.hi)
+            s.main.copy_(entry["main"])
+            s.exp_avg.copy_(entry["exp_avg"])
+            s.exp_avg_sq.copy_(entry["exp_avg_sq"])
+        self.gather_params()
+
+    def state_bytes(self) -> int:
+        main = self.main_flat.numel() * 4 if self.main_flat is not None else 0
+        return main + (self.exp_avg.numel() + self.exp_avg_sq.numel()) * 4
+
+
+class PlainAdamW:
+    def __init__(self, names: dict[int, str], buffer: GradBuffer, dp: Group, cfg: TrainConfig):
+        self.buffer, self.cfg = buffer, cfg
+        self.params = [p for b in buffer.buckets for p in b.params]
+        self.names = [names[id(p)] for p in self.params]
+        # fp32 weights are their own main params; bf16/fp16 weights get an fp32 copy
+        self.mains = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        groups = [{"params": [m for m, p in zip(self.mains, self.params) if decays(p)],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [m for m, p in zip(self.mains, self.params) if not decays(p)],
+                   "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        fused = buffer.data.device.type == "cuda"
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                     eps=cfg.adam_eps, fused=fused or None)
+
+    def step(self, lr: float, step: int) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        for m, p in zip(self.mains, self.params):
+            m.grad = p.main_grad               # a view of the (all-reduced) buffer: no copy
+        self.opt.step()
+        for m in self.mains:
+            m.grad = None                      # else the next backward would accumulate into the buffer view
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        for m, p in zip(self.mains, self.params):
+            if m is not p:
+                p.copy_(m)
+
+    def state_for_checkpoint(self) -> dict:
+        out = {}
+        for name, m in zip(self.names, self.mains):
+            st = self.opt.state.get(m, {})
+            zeros = torch.zeros(m.numel(), device=m.device)
+            out[name] = {"start": 0, "end": m.numel(), "main": m.detach().float().reshape(-1).clone(),
+                         "exp_avg": st["exp_avg"].reshape(-1).clone() if st else zeros,
+                         "exp_avg_sq": st["exp_avg_sq"].reshape(-1).clone() if st else zeros.clone()}
+        return out
+
+    @torch.no_grad()
+    def load_from_checkpoint(self, state: dict, step: int) -> None:
+        for name, m in zip(self.names, self.mains):
+            entry = _entry_for(state, name, 0, m.numel())
+            m.copy_(entry["main"].view_as(m))
+            self.opt.state[m] = {"step": torch.tensor(float(step)),
+                                 "exp_avg": entry["exp_avg"].to(m.device).view_as(m).clone(),
+                                 "exp_avg_sq": entry["exp_avg_sq"].to(m.device).view_as(m).clone()}
+        self.gather_params()
+
+    def state_bytes(self) -> int:
+        copies = sum(m.numel() * 4 for m, p in zip(self.mains, self.params) if m is not p)
+        moments = sum(t.numel() * t.element_size() for st in self.opt.state.values()
+                      for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
+        return copies + moments
+
+
+def _entry_for(state: dict, name: str, lo: int, hi: int) -> dict:
+    if name not in state:
+        raise KeyError(f"optimizer checkpoint: no entry for parameter {name!r}")
+    entry = state[name]
+    if (entry["start"], entry["end"]) != (lo, hi):
+        raise ValueError(f"optimizer checkpoint: {name} holds flat range [{entry['start']}, {entry['end']}) "
+                         f"but this rank owns [{lo}, {hi}); reshard it first")
+    return entry

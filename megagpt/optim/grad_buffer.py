@@ -1,0 +1,173 @@
+"""A contiguous gradient buffer, cut into buckets that are reduced over DP from backward hooks.
+
+Every trainable parameter gets `p.main_grad`, a view into one flat buffer [N] in the gradient
+dtype (fp32 whatever the model's dtype: gradients are accumulated in fp32 over microbatches).
+Parameters are laid out in reverse registration order (last chunk first), the order in which
+backward produces their gradients, and cut into buckets of about `bucket_bytes`. A bucket never
+spans two model chunks, so with interleaved pipelines each chunk's buckets close on their own.
+
+A post-accumulate-grad hook adds p.grad into p.main_grad and frees p.grad. While sync is on (the
+last microbatch of a step), the hook counts the bucket's arrivals; when the whole bucket is in,
+its DP reduction starts asynchronously and overlaps the rest of backward. `finish_grad_sync()`
+launches what is left (parameters that got no gradient) and waits on every handle.
+
+Each bucket is padded to a multiple of the DP size so it splits into `dp` equal shards. With the
+distributed optimizer DP rank r owns shard r of every bucket and the reduction is a reduce-scatter
+that leaves the sum in that shard (the other shards keep stale local values); otherwise it is an
+all-reduce and every rank owns the whole bucket. Gradients are summed, not averaged: the training
+loop divides the loss by the global token count, so the sum is the global mean.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..parallel.state import Group
+
+
+@dataclass
+class Bucket:
+    index: int
+    start: int                         # [start, end) in the buffer; end - start is a multiple of dp
+    end: int
+    params: list
+    data: torch.Tensor | None = None   # buffer[start:end]
+    arrived: set = field(default_factory=set)   # ids of params whose final gradient is in
+    handle: object = None              # the async work, None when not launched or when dp == 1
+    launched: bool = False
+
+
+class GradBuffer:
+    def __init__(self, chunk_params: list[list[nn.Parameter]], dp: Group, bucket_bytes: int,
+                 reduce_scatter: bool, dtype: torch.dtype = torch.float32, own_bucket=(), device=None):
+        """chunk_params: each model chunk's trainable params in registration order.
+        own_bucket: params that must sit alone in a bucket (the tied embedding across pipeline
+        stages: its shard boundaries must then be the same on the first and the last stage)."""
+        self.dp, self.reduce_scatter, self.dtype = dp, reduce_scatter, dtype
+        self.sync = True
+        elem = torch.empty((), dtype=dtype).element_size()
+        bucket_elems = max(1, int(bucket_bytes) // elem)
+        alone = {id(p) for p in own_bucket}
+
+        # 1. plan: buffer offsets of every param and the bucket boundaries
+        self.param_range: dict[int, tuple[int, int]] = {}      # id(p) -> [start, end) in the buffer
+        self.buckets: list[Bucket] = []
+        offset = 0
+
+        def close(params):
+            nonlocal offset
+            if not params:
+                return
+            start, size = offset, sum(p.numel() for p in params)
+            for p in params:
+                self.param_range[id(p)] = (offset, offset + p.numel())
+                offset += p.numel()
+            padded = -(-size // dp.size) * dp.size                 # round up to a multiple of dp
+            offset = start + padded
+            self.buckets.append(Bucket(len(self.buckets), start, offset, list(params)))
+
+        for params in reversed(chunk_params):
+            current, size = [], 0
+            for p in reversed(params):
+                if id(p) in alone:
+                    close(current)
+                    close([p])
+                    current, size = [], 0
+                    continue
+                current.append(p)
+                size += p.numel()
+                if size >= bucket_elems:
+                    close(current)
+                    current, size = [], 0
+            close(current)
+
+        # 2. allocate the buffer and hand out the views
+        device = device or (chunk_params[0][0].device if chunk_params and chunk_params[0] else None)
+        self.data = torch.zeros(offset, dtype=dtype, device=device)   # [N]
+        self.bucket_of: dict[int, Bucket] = {}
+        for b in self.buckets:
+            b.data = self.data[b.start:b.end]
+            for p in b.params:
+                s, e = self.param_range[id(p)]
+                p.main_grad = self.data[s:e].view(p.shape)
+                self.bucket_of[id(p)] = b
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
+                       for b in self.buckets for p in b.params]
+
+    # ------------------------------------------------------------------ ownership
+    def owned_range(self, b: Bucket) -> tuple[int, int]:
+        """[lo, hi) of bucket b (buffer coordinates) whose reduced gradient this DP rank holds."""
+        if not self.reduce_scatter:
+            return b.start, b.end
+        n = (b.end - b.start) // self.dp.size
+        return b.start + self.dp.rank * n, b.start + (self.dp.rank + 1) * n
+
+    def owned_views(self) -> list[torch.Tensor]:
+        return [self.data[lo:hi] for lo, hi in map(self.owned_range, self.buckets)]
+
+    # ------------------------------------------------------------------ the hook and the reductions
+    def _on_grad(self, p: nn.Parameter) -> None:
+        p.main_grad.add_(p.grad)              # fp32 += bf16/fp16/fp32
+        p.grad = None                          # the model-dtype gradient lives only this long
+        if not self.sync:
+            return
+        b = self.bucket_of[id(p)]
+        if b.launched:
+            raise RuntimeError("grad buffer: a gradient arrived after its bucket was reduced; call "
+                               "set_sync(False) (or use no_sync()) for all but the last microbatch")
+        b.arrived.add(id(p))
+        if len(b.arrived) == len(b.params):
+            self._launch(b)
+
+    def _launch(self, b: Bucket) -> None:
+        if self.reduce_scatter:
+            lo, hi = self.owned_range(b)
+            # output aliases this rank's own shard of the input (in place, as Megatron does)
+            b.handle = self.dp.reduce_scatter_async(self.data[lo:hi], b.data)
+        else:
+            b.handle = self.dp.all_reduce_async(b.data)
+        b.launched = True
+
+    def finish_grad_sync(self) -> None:
+        """Launch the buckets not yet launched (in bucket order, the same on every DP rank), wait on all."""
+        for b in self.buckets:
+            if not b.launched:
+                self._launch(b)
+        self._wait_and_reset()
+
+    def _wait_and_reset(self) -> None:
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+            b.handle, b.launched = None, False
+            b.arrived.clear()
+
+    # ------------------------------------------------------------------ control
+    def set_sync(self, flag: bool) -> None:
+        """True on the last microbatch of a step: buckets reduce as they fill. False: only accumulate."""
+        self.sync = bool(flag)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        previous = self.sync
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = previous
+
+    def zero(self) -> None:
+        self._wait_and_reset()                 # never zero memory a collective is still reading
+        self.data.zero_()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def padding(self) -> int:
+        """Elements of the buffer that belong to no parameter (bucket padding)."""
+        return self.data.numel() - sum(e - s for s, e in self.param_range.values())
