@@ -86,8 +86,16 @@ def sample():
     dist.destroy_process_group()
 
 
+def flagship_counts():
+    from megagpt.config import count_params, load_config
+    for name in ("gpt4plus-seed", "gpt4plus-70b"):
+        cfg = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"))
+        print(f"[0/4] {name}: {count_params(cfg.model):,} parameters")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    flagship_counts()
     prefix = prepare_data()
     train(prefix)
     report()

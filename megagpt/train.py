@@ -59,15 +59,34 @@ class Trainer:
         n_train = t.train_iters * t.global_batch_size
         n_valid = max(1, t.eval_iters) * t.global_batch_size * max(1, t.train_iters // max(1, t.eval_interval) + 1)
         self.needs_data = self.ps.is_first_stage or self.ps.is_last_stage
-        if data_path is None:
+        if data_path is None and not self.cfg.data.blend:
             self.train_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_train, t.seed)
             self.valid_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_valid, t.seed + 1)
             return
+        from .data.blend import BlendedDataset
         from .data.gpt_dataset import build_train_valid_test
-        # every rank validates the files (a clear error before any work), only data ranks read tokens
-        self.train_data, self.valid_data, _ = build_train_valid_test(
-            data_path, seq_len=t.seq_len, num_samples=(n_train, n_valid, 0), split=self.cfg.data.split,
-            seed=t.seed, vocab_size=self.cfg.model.vocab_size)
+        blend = self.cfg.data.blend or [1.0, data_path]
+        weights, prefixes = [float(w) for w in blend[0::2]], [str(x) for x in blend[1::2]]
+        total = sum(weights)
+        from .data.indexed import IndexedDataset, check_tokenizer
+        for prefix in prefixes:  # every rank checks the files first: a bad one fails all ranks alike
+            check_tokenizer(IndexedDataset(prefix), self.cfg.model.vocab_size)
+        parts = []
+        # rank 0 builds the sample-index caches first; the others then load them instead of racing
+        for turn in ("builder", "readers"):
+            if (turn == "builder") == (self.ps.rank == 0):
+                # each part gets its weighted share plus slack: the blend keeps the weights exactly
+                parts = [build_train_valid_test(
+                    prefix, seq_len=t.seq_len, num_samples=(int(n_train * w / total) + 2, int(n_valid * w / total) + 2,
+                                                            0),
+                    split=self.cfg.data.split, seed=t.seed, vocab_size=self.cfg.model.vocab_size)
+                    for w, prefix in zip(weights, prefixes)]
+            dist.barrier()
+        if len(parts) == 1:
+            self.train_data, self.valid_data = parts[0][0], parts[0][1]
+        else:
+            self.train_data = BlendedDataset([p[0] for p in parts], weights, n_train)
+            self.valid_data = BlendedDataset([p[1] for p in parts], weights, n_valid)
 
     def _microbatch_fn(self, dataset, first_sample: int):
         """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples."""

@@ -92,10 +92,10 @@ def _expect_error(argv, fragment, tmp_path):
 def _make_data(prefix, vocab=2048, docs=50):
     from megagpt.data.indexed import IndexedDatasetBuilder
     rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16, vocab, "f" * 16, vocab - 1) as b:
+    with IndexedDatasetBuilder(prefix, np.uint16, vocab, "f" * 16, vocab - 1) as builder:
         for _ in range(docs):
-            b.add_doc(rng.integers(0, vocab - 1, size=int(rng.integers(20, 200))))
-        b.finalize()
+            builder.add_doc(rng.integers(0, vocab - 1, size=int(rng.integers(20, 200))))
+        builder.finalize()
 
 
 def test_bad_inputs_fail_before_training(tmp_path):
@@ -135,3 +135,12 @@ def test_two_launchers_multinode_localhost(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sorted(_losses(tmp_path / "mn")) == [1, 2, 3]
+
+
+def test_blended_data_trains(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _make_data(a)
+    _make_data(b, docs=80)
+    spawn(2, _cli, ["--config", TINY, *SMALL, "--tp", "2", "--train-iters", "3", "train.eval_interval=0",
+                    f"data.blend=[0.3, {a}, 0.7, {b}]", "--run-dir", str(tmp_path / "r")], timeout=120)
+    assert sorted(_losses(tmp_path / "r")) == [1, 2, 3]
