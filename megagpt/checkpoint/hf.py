@@ -264,6 +264,28 @@ def _zero_bias(hf_name: str, cfg: ModelConfig, hf_config: dict | None) -> bool:
     return not (qkv if "self_attn." in hf_name else mlp)
 
 
+def hf_shapes(cfg: ModelConfig, hf_config: dict | None = None) -> dict[str, tuple]:
+    """Every tensor an HF checkpoint of this model holds, with its shape: to check a directory before
+    reading it. Written from the Llama layout directly (not through the map above), so it also
+    cross-checks the map. With hf_config, the biases its architecture lacks are left out."""
+    h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
+    q, kv = cfg.num_heads * d, cfg.kv_heads * d
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        rows = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv, "self_attn.o_proj": h,
+                "mlp.gate_proj": f, "mlp.up_proj": f, "mlp.down_proj": h}
+        cols = {"self_attn.o_proj": q, "mlp.down_proj": f}
+        out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (h,)
+        for m, n in rows.items():
+            out[f"{p}{m}.weight"] = (n, cols.get(m, h))
+            if cfg.bias:
+                out[f"{p}{m}.bias"] = (n,)
+    return {k: s for k, s in out.items() if not _zero_bias(k, cfg, hf_config)}
+
+
 def hf_to_megagpt(name: str, get_tensor: GetTensor, cfg: ModelConfig, tp: int = 1,
                   hf_config: dict | None = None) -> torch.Tensor:
     """The global megagpt tensor `name`, read from its HF pieces through get_tensor(hf_name).
@@ -353,3 +375,24 @@ def open_hf_checkpoint(path: str) -> tuple[dict, GetTensor, Callable[[], None]]:
         return handles[fname].get_tensor(hf_name)
 
     return hf_config, get_tensor, handles.clear
+
+
+def write_hf_tokenizer(out_dir: str, tokenizer_json: str, cfg: ModelConfig, eos_token: str = "<|endoftext|>"):
+    """Copy a tokenizers tokenizer.json into an HF model directory with a minimal tokenizer_config.json,
+    so AutoTokenizer loads it offline. Returns the eos token's id (None when it has no such token)."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
+        raise ConversionError(f"{tokenizer_json}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise ConversionError(f"{tokenizer_json}: {n} tokens, more than model.vocab_size={cfg.vocab_size}")
+    with open(tokenizer_json, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
+        dst.write(src.read())
+    eos = tok.token_to_id(eos_token)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+              "clean_up_tokenization_spaces": False, **({"eos_token": eos_token} if eos is not None else {})}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return eos
