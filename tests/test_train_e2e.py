@@ -128,7 +128,7 @@ def test_two_launchers_multinode_localhost(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}", "--nproc-per-node=1",
-         "--rdzv-backend=static", f"--master-addr=127.0.0.1", f"--master-port={port}", PRETRAIN,
+         "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", PRETRAIN,
          "--config", TINY, *SMALL, "--tp", "2", "--train-iters", "3", "train.eval_interval=0",
          "--run-dir", str(tmp_path / "mn")], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True) for n in (0, 1)]

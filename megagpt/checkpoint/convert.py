@@ -23,14 +23,11 @@ the training loop's --load needs. Only safetensors and JSON are read: nothing is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
 import secrets
 import shutil
-import struct
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,69 +40,12 @@ from ..pipeline.split import stage_chunks
 from .hf import (ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names, megagpt_to_hf, to_hf_config,
                  write_hf_tokenizer)
 from .sharded import VOCAB_PADDED, _encode, _fit, _params, _Reader
+from .st_writer import _ST_DTYPES, SafetensorsWriter
 from .store import (FORMAT, clean_stale, find_checkpoint, inside, publish, rank_file, read_json, read_manifest,
                     step_dir_name, verify_file, write_json, write_manifest)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 OPTIM_KEYS = ("main", "exp_avg", "exp_avg_sq")
-
-
-# ----------------------------------------------------------------------------- streaming safetensors
-
-class SafetensorsWriter:
-    """A safetensors file written one tensor at a time. The header (names, dtypes, shapes, offsets) is
-    planned before any data, so only the tensor being written is in memory; tensors must then come in
-    plan order. The sha256 is computed on the way, for the manifest."""
-
-    def __init__(self, path: str, plan: list[tuple[str, torch.dtype, tuple]], metadata: dict | None = None):
-        header, offset = {}, 0
-        for key, dtype, shape in plan:
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        if metadata:
-            header["__metadata__"] = metadata
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)                 # data starts 8-byte aligned, as safetensors writes it
-        self.path, self.plan, self.next = path, plan, 0
-        self.file, self.hash, self.size = open(path, "wb"), hashlib.sha256(), 0
-        self._emit(struct.pack("<Q", len(blob)) + blob)
-
-    def _emit(self, data) -> None:
-        self.file.write(data)
-        self.hash.update(data)
-        self.size += len(memoryview(data).cast("B"))
-
-    def _claim(self, key: str, dtype, shape: tuple) -> int:
-        """Check that (key, dtype, shape) is the next planned tensor; returns its size in bytes."""
-        want = self.plan[self.next] if self.next < len(self.plan) else None
-        if want != (key, dtype, tuple(shape)):
-            raise ConversionError(f"{self.path}: got {(key, dtype, tuple(shape))}, planned {want}")
-        self.next += 1
-        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-    def write(self, key: str, t: torch.Tensor) -> None:
-        self._claim(key, t.dtype, tuple(t.shape))
-        self._emit(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-    def write_zeros(self, key: str) -> None:
-        """The next planned tensor, all zeros, written without allocating it."""
-        _, dtype, shape = self.plan[self.next] if self.next < len(self.plan) else (key, None, ())
-        left = self._claim(key, dtype, shape)
-        block = bytes(min(left, 1 << 20))
-        while left:
-            n = min(left, len(block))
-            self._emit(memoryview(block)[:n])
-            left -= n
-
-    def close(self) -> dict:
-        if self.next != len(self.plan):
-            raise ConversionError(f"{self.path}: {len(self.plan) - self.next} planned tensors never written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        return {"size": self.size, "sha256": self.hash.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- sources

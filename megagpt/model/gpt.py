@@ -16,7 +16,6 @@ from ..config import ModelConfig
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
                                parallel_lm_logits)
-from ..parallel.mappings import scatter_to_sp
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
 from .block import Block

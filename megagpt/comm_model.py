@@ -1,0 +1,238 @@
+"""Communication volume of one training step, from the config alone.
+
+`expected_comm_bytes` predicts, per (kind, group), the bytes that `ParallelState.counter` records
+during one `Trainer.train_step` (the pipeline schedule over all microbatches, then the optimizer
+step). Like the counter, it counts the bytes *handed to* each collective (its input tensor), not
+what the ring moves: an all-gather of [s/t, b, h] counts N/t, a reduce-scatter of [s, b, h] counts
+N. `ring_bytes_per_rank` turns that into the bytes each rank puts on the wire.
+
+Notation: t, p, v, d = TP, PP, virtual-stage and DP degrees; m = microbatches per step on one
+pipeline; s, b, h = sequence, micro batch, hidden; e = bytes of the training dtype;
+N = s*b*h*e, one [s, b, h] activation. Per microbatch and model chunk, on every TP rank:
+
+  TP without SP (all_reduce, tp):
+    embedding output (first chunk)                     1 x N   forward
+    each layer: attention proj and MLP fc2 outputs     2 x N   forward (+1 or 2 under full recompute)
+    each layer: QKV and fc1 input copies               2 x N   backward
+    LM head input copy (last chunk)                    1 x N   backward
+    vocab-parallel cross-entropy (last chunk): the row max [s, b] and the stacked
+    (label logit, sum exp) [2, s, b], both fp32        12*s*b
+  TP with SP:
+    reduce_scatter (tp), N each: embedding fwd, per layer 2 fwd (+1 or 2 per full recompute)
+      and 2 bwd (QKV/fc1 input gradients), LM head input gradient;
+    all_gather (tp), N/t each: embedding bwd, per layer 2 fwd (+2 per recompute) and 2 bwd
+      (gradients of the proj/fc2 outputs), LM head input fwd. Backward does not re-gather:
+      F.linear keeps the gathered input for the weight gradient;
+    full recompute re-runs a layer's forward up to its last op that saved a tensor (torch's
+      checkpoint early stop): both input gathers, and the proj output's collective; the fc2
+      output's only when hidden dropout > 0 (its mask is saved after it);
+    all_reduce (tp): the cross-entropy's 12*s*b, as above.
+  PP (send and recv, pp): a chunk that is not the first global chunk receives its input and
+    sends its input's gradient; one that is not the last sends its output and receives the
+    gradient: [s/t (SP) or s, b, h] x e each. Over the pipeline: p*v - 1 boundaries, each one
+    activation forward and one gradient backward per microbatch.
+
+Once per step (Optimizer.step), gradients are fp32 (the grad buffer) whatever the dtype:
+  - TP-partial gradients (finalize_tp_grads), per chunk: with SP one all_reduce (tp) of every
+    norm weight/bias and row-parallel bias, concatenated; when KV heads are replicated over TP
+    (kv_heads < t) one all_reduce (tp) of [kv_heads, d, h] for K and for V (and [kv_heads, d]
+    for their biases) per layer;
+  - tied embedding with p > 1: all_reduce (embedding) of the [V/t, h] gradient on the first and
+    last stage;
+  - DP, distributed optimizer: per bucket a reduce_scatter (dp) of the padded fp32 bucket and an
+    all_gather (dp) of this rank's shard (bucket/d) in the param dtype; plain optimizer: an
+    all_reduce (dp) of each padded fp32 bucket. Buckets follow GradBuffer's plan exactly
+    (reverse registration order, closed at bucket_size_mb, padded to a multiple of d);
+  - grad norm: all_reduce of one fp64 over the world (distributed optimizer) or the mp group;
+  - fp16 only: the inf check, all_reduce of one fp32 over the world (the step is assumed not
+    skipped: a skipped step does no norm and no all-gather).
+Not counted by the counter, so not here: the trainer's loss all-reduce for logging (one fp64
+over the world, through torch.distributed directly) and NCCL's warm-up all-reduce in P2P.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .config import Config
+from .parallel.state import rank_grid
+from .pipeline.split import stage_chunks
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GRAD_BYTES = 4          # the grad buffer is fp32 in every dtype
+
+
+def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool) -> list[int]:
+    """numel of each parameter of one chunk on one TP rank, in GPTModel's registration order."""
+    m, t = cfg.model, cfg.parallel.tp
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    kv_local = m.kv_heads // t if m.kv_heads % t == 0 else 1
+    qkv_rows = m.num_heads // t * d + 2 * kv_local * d
+    norm = [h, h] if m.norm == "layernorm" else [h]
+    bias = m.bias
+    out = []
+    if pre or (post and m.tie_embeddings):
+        out.append(m.padded_vocab(t) // t * h)
+    for _ in layer_ids:
+        out += norm
+        out += [qkv_rows * h] + ([qkv_rows] if bias else [])
+        out += [h * m.num_heads * d // t] + ([h] if bias else [])
+        out += norm
+        fc1 = (2 * f if m.gated else f) // t
+        out += [fc1 * h] + ([fc1] if bias else [])
+        out += [h * f // t] + ([h] if bias else [])
+    if post:
+        out += norm
+        if not m.tie_embeddings:
+            out.append(m.padded_vocab(t) // t * h)
+    return out
+
+
+def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[int]:
+    """Padded sizes (elements) of GradBuffer's buckets on one rank: the same plan as GradBuffer."""
+    bucket_elems = max(1, int(cfg.parallel.bucket_size_mb * 2 ** 20) // GRAD_BYTES)
+    sizes = []
+
+    def close(numels):
+        if numels:
+            n = sum(numels)
+            sizes.append(-(-n // dp) * dp)
+
+    for ids, pre, post in reversed(chunks):
+        numels = _chunk_param_numels(cfg, ids, pre, post)
+        has_embedding = pre or (post and cfg.model.tie_embeddings)
+        current, size = [], 0
+        for i in reversed(range(len(numels))):
+            if tied_alone and has_embedding and i == 0:   # the embedding is registered first
+                close(current)
+                close([numels[i]])
+                current, size = [], 0
+                continue
+            current.append(numels[i])
+            size += numels[i]
+            if size >= bucket_elems:
+                close(current)
+                current, size = [], 0
+        close(current)
+    return sizes
+
+
+def _rank_coords(cfg: Config, world_size: int, rank: int) -> dict[str, int]:
+    p = cfg.parallel
+    sizes = {"tp": p.tp, "cp": p.cp, "ep": p.ep, "pp": p.pp, "dp": world_size // (p.tp * p.cp * p.ep * p.pp)}
+    grid = rank_grid(world_size, sizes, p.order)
+    return {axis: next(g.index(rank) for g in groups if rank in g) for axis, groups in grid.items()}
+
+
+def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.cp * p.ep * p.pp), "mp": p.tp * p.cp * p.pp,
+            "world": world_size, "embedding": 2 if p.pp > 1 else 1, "cp": p.cp, "ep": p.ep}
+
+
+def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tuple[str, str], int]:
+    p, m, tr = cfg.parallel, cfg.model, cfg.train
+    sizes = group_sizes(cfg, world_size)
+    t, pp, vp, dp = p.tp, p.pp, p.vp, sizes["dp"]
+    sp = p.sequence_parallel and t > 1
+    s, b, h = tr.seq_len, tr.micro_batch_size, m.hidden_size
+    mb = tr.global_batch_size // (b * dp)
+    N = s * b * h * e
+    ce = 3 * s * b * 4                                      # row max [s, b] + stacked [2, s, b], fp32
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    chunks = stage_chunks(cfg, pp_rank)
+
+    # -------------------------------------------------------------- per microbatch: TP and PP
+    for k, (ids, pre, post) in enumerate(chunks):
+        n = len(ids)
+        n_rc = 0
+        if tr.recompute == "full":
+            n_rc = min(n, n if tr.recompute_num_layers is None else tr.recompute_num_layers)
+        # A recomputed layer re-runs its forward in backward, but torch's non-reentrant checkpoint
+        # stops at the last op that saved a tensor for backward: without hidden dropout (whose mask
+        # is saved) that is fc2's matmul, so the collective on fc2's output is not repeated.
+        rc_out = 2 if m.hidden_dropout > 0 else 1
+        if t > 1:
+            if sp:
+                # collectives entering (gather) / leaving (reduce-scatter) the TP regions
+                rs = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
+                ag = int(pre) + 2 * n + 2 * n_rc + 2 * n + int(post)
+                out[("reduce_scatter", "tp")] += mb * rs * N
+                out[("all_gather", "tp")] += mb * ag * (N // t)
+                if post:
+                    out[("all_reduce", "tp")] += mb * ce
+            else:
+                ar = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
+                out[("all_reduce", "tp")] += mb * (ar * N + (ce if post else 0))
+        c = k * pp + pp_rank                                # global chunk index
+        act = (s // t if sp else s) * b * h * e
+        for is_boundary in (c > 0, c < pp * vp - 1):      # input side, output side
+            if is_boundary:
+                out[("send", "pp")] += mb * act
+                out[("recv", "pp")] += mb * act
+
+    # -------------------------------------------------------------- once per step: the optimizer
+    if t > 1:
+        for ids, pre, post in chunks:
+            norm = (2 if m.norm == "layernorm" else 1) * h
+            partial = 0
+            if sp:
+                partial = len(ids) * (2 * norm + (2 * h if m.bias else 0)) + (norm if post else 0)
+            if partial:
+                out[("all_reduce", "tp")] += partial * GRAD_BYTES
+            if m.kv_heads % t:                              # KV heads replicated over TP ranks
+                kv, d = m.kv_heads, m.head_dim
+                per_layer = 2 * kv * d * h + (2 * kv * d if m.bias else 0)
+                out[("all_reduce", "tp")] += len(ids) * per_layer * GRAD_BYTES
+    tied = m.tie_embeddings and pp > 1
+    if tied:
+        holders = sum(1 for ids, pre, post in chunks if pre or post)
+        out[("all_reduce", "embedding")] += holders * m.padded_vocab(t) // t * h * GRAD_BYTES
+    if dp > 1:
+        for size in _bucket_sizes(cfg, chunks, tied, dp):
+            if p.distributed_optimizer:
+                out[("reduce_scatter", "dp")] += size * GRAD_BYTES
+                out[("all_gather", "dp")] += size // dp * e
+            else:
+                out[("all_reduce", "dp")] += size * GRAD_BYTES
+    norm_group = "world" if p.distributed_optimizer else "mp"
+    if sizes[norm_group] > 1:
+        out[("all_reduce", norm_group)] += 8                # one fp64: the sum of squares
+    if tr.dtype == "fp16" and world_size > 1:
+        out[("all_reduce", "world")] += 4                   # one fp32: found inf/NaN
+    return {k: v for k, v in out.items() if v}
+
+
+def expected_comm_bytes(cfg: Config, world_size: int, dtype_bytes: int | None = None,
+                        rank: int | None = None) -> dict[tuple[str, str], int]:
+    """Bytes per (kind, group) recorded in one training step: by `rank`'s counter, or summed over
+    every rank of the world when rank is None. dtype_bytes defaults to train.dtype's."""
+    e = dtype_bytes if dtype_bytes is not None else DTYPE_BYTES[cfg.train.dtype]
+    if rank is not None:
+        return _rank_bytes(cfg, world_size, e, _rank_coords(cfg, world_size, rank)["pp"])
+    total: dict[tuple[str, str], int] = defaultdict(int)
+    for r in range(world_size):
+        for key, n in expected_comm_bytes(cfg, world_size, e, r).items():
+            total[key] += n
+    return dict(total)
+
+
+def ring_factor(kind: str, size: int) -> float:
+    """Bytes a rank sends per byte counted (the collective's input), for ring algorithms:
+    all-reduce 2(g-1)/g; reduce-scatter (g-1)/g of its full input; all-gather (g-1) x its shard,
+    i.e. (g-1)/g of the gathered output; a send is itself; a receive sends nothing."""
+    g = size
+    return {"all_reduce": 2 * (g - 1) / g, "reduce_scatter": (g - 1) / g, "all_gather": float(g - 1),
+            "broadcast": 1.0, "send": 1.0, "recv": 0.0}[kind]
+
+
+def ring_bytes_per_rank(cfg: Config, world_size: int, dtype_bytes: int | None = None,
+                        rank: int = 0) -> dict[tuple[str, str], float]:
+    """Bytes `rank` sends on the wire per (kind, group) in one step, under ring collectives."""
+    sizes = group_sizes(cfg, world_size)
+    counted = expected_comm_bytes(cfg, world_size, dtype_bytes, rank)
+    return {k: n * ring_factor(k[0], sizes[k[1]]) for k, n in counted.items() if k[0] != "recv"}
+
+
+def summary(counts: dict[tuple[str, str], int]) -> dict[str, int]:
+    """The same "group/kind" keys as CommCounter.summary() (what metrics.jsonl logs)."""
+    return {f"{group}/{kind}": n for (kind, group), n in sorted(counts.items())}
