@@ -22,7 +22,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if pad_from < local_v:
             logits = logits.clone()
             logits[..., max(pad_from, 0):] = torch.finfo(logits.dtype).min
-        row_max = logits.max(dim=-1).values                       # [s, b]
+        row_max = logits.amax(dim=-1)                             # [s, b]; amax skips the unused argmax
         if tp.size > 1:
             tp.all_reduce(row_max, op=dist.ReduceOp.MAX)
         shifted = logits - row_max.unsqueeze(-1)
