@@ -46,8 +46,9 @@ Once per step (Optimizer.step), gradients are fp32 (the grad buffer) whatever th
   - grad norm: all_reduce of one fp64 over the world (distributed optimizer) or the mp group;
   - fp16 only: the inf check, all_reduce of one fp32 over the world (the step is assumed not
     skipped: a skipped step does no norm and no all-gather).
-Not counted by the counter, so not here: the trainer's loss all-reduce for logging (one fp64
-over the world, through torch.distributed directly) and NCCL's warm-up all-reduce in P2P.
+  - the trainer's logged loss: all_reduce of one fp64 over the world (a Trainer step).
+Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
+checkpoint's success-flag collectives (not per step).
 """
 from __future__ import annotations
 
@@ -199,6 +200,8 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
         out[("all_reduce", norm_group)] += 8                # one fp64: the sum of squares
     if tr.dtype == "fp16" and world_size > 1:
         out[("all_reduce", "world")] += 4                   # one fp32: found inf/NaN
+    if world_size > 1:
+        out[("all_reduce", "world")] += 8                   # one fp64: the trainer's logged loss
     return {k: v for k, v in out.items() if v}
 
 

@@ -109,7 +109,7 @@ class Trainer:
         total = torch.zeros(1, dtype=torch.float64)
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
             total += sum(float(x) for x in per_mb)
-        dist.all_reduce(total)
+        self.ps.world.all_reduce(total)
         return total.item() / (t.global_batch_size * t.seq_len)
 
     def train_step(self) -> dict:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig, ParallelConfig, TrainConfig
 from ..parallel.layers import finalize_tp_grads
-from ..parallel.state import Group, ParallelState
+from ..parallel.state import ParallelState
 from .clip import clip_, counted_ranges, global_norm, intersect
 from .distributed import PlainAdamW, ShardedAdamW
 from .grad_buffer import GradBuffer
@@ -55,8 +55,7 @@ class Optimizer:
         self.update = rule(names, self.buffer, ps.dp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,
                                  train_cfg.loss_scale_window, train_cfg.min_loss_scale)
-        # torch.distributed's default group is the world: pg None with more than one rank
-        self.world = Group("world", list(range(ps.world_size)), ps.rank, None, ps.counter)
+        self.world = ps.world
         self.norm_group = self.world if self.distributed else ps.mp
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views(tied_params)

@@ -159,6 +159,8 @@ class ParallelState:
         self.world_size, self.rank, self.sizes, self.order = world_size, rank, sizes, order
         self.groups, self.counter, self.device = groups, counter, device
         self.embedding = embedding or Group("embedding", [rank], 0, None, counter)
+        # the whole world is torch.distributed's default group (pg None)
+        self.world = Group("world", list(range(world_size)), rank, None, counter)
 
     # -- construction
     @classmethod
