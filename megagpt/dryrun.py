@@ -10,7 +10,7 @@ import torch
 from .config import Config, count_params, vocab_padding_note
 from .model.gpt import GPTModel
 from .parallel.state import ParallelState
-from .pipeline.split import stage_chunks  # noqa: F401  (the split lives with the pipeline; re-exported)
+from .pipeline.split import chunk_layers, stage_chunks  # noqa: F401  (stage_chunks re-exported)
 
 
 def meta_rank_params(cfg: Config, tp_rank: int, pp_rank: int) -> int:
@@ -51,7 +51,9 @@ def dry_run(cfg: Config, world_size: int) -> dict:
             cfg.model, tp=p.tp, pp=p.pp, vp=p.vp, dp=dp, seq_len=t.seq_len, micro_batch=t.micro_batch_size,
             num_microbatches=t.global_batch_size // (t.micro_batch_size * dp), dtype=t.dtype,
             distributed_optimizer=p.distributed_optimizer, sequence_parallel=p.sequence_parallel,
-            recompute=t.recompute, recompute_num_layers=t.recompute_num_layers)
+            recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
+            # the split the model is really built with (balanced for the LM head), not an even one
+            layers_per_stage=[len(ids) for ids in chunk_layers(cfg)])
     except ImportError:
         pass
     return out
