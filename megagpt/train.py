@@ -65,10 +65,10 @@ class Trainer:
             return
         from .data.blend import BlendedDataset
         from .data.gpt_dataset import build_train_valid_test
+        from .data.indexed import IndexedDataset, check_tokenizer
         blend = self.cfg.data.blend or [1.0, data_path]
         weights, prefixes = [float(w) for w in blend[0::2]], [str(x) for x in blend[1::2]]
         total = sum(weights)
-        from .data.indexed import IndexedDataset, check_tokenizer
         for prefix in prefixes:  # every rank checks the files first: a bad one fails all ranks alike
             check_tokenizer(IndexedDataset(prefix), self.cfg.model.vocab_size)
         parts = []
@@ -106,7 +106,7 @@ class Trainer:
     def _global_loss(self, per_mb: list) -> float:
         """Sum of token losses on the last stage's TP rank 0 of each DP replica -> the global mean."""
         t = self.cfg.train
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)  # nccl reduces device tensors
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
             total += sum(float(x) for x in per_mb)
         self.ps.world.all_reduce(total)
@@ -152,9 +152,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples,
-                "rng": {"torch": torch.get_rng_state(), **{f"tracker/{k}": v for k, v in
-                                                            self.tracker.get_states().items()}}}
+        rng = {"torch": torch.get_rng_state(), **{f"tracker/{k}": v for k, v in self.tracker.get_states().items()}}
+        if self.ps.device.type == "cuda":  # dropout in replicated regions draws from the device's default generator
+            rng["cuda"] = torch.cuda.get_rng_state(self.ps.device)
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng}
 
     def save(self):
         from .checkpoint.sharded import save_checkpoint
@@ -168,6 +169,8 @@ class Trainer:
         self.step, self.consumed_samples = int(extra["step"]), int(extra["consumed_samples"])
         rng = extra["rng"]
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.ps.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.ps.device)
         self.tracker.set_states({k[len("tracker/"):]: v for k, v in rng.items() if k.startswith("tracker/")})
         if self.is_logger:
             print(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
