@@ -108,7 +108,7 @@ class Trainer:
         t = self.cfg.train
         total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)  # nccl reduces device tensors
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
-            total += sum(float(x) for x in per_mb)
+            total += torch.stack([x.double() for x in per_mb]).sum() if per_mb else 0.0  # no host sync per microbatch
         self.ps.world.all_reduce(total)
         return total.item() / (t.global_batch_size * t.seq_len)
 

@@ -308,3 +308,33 @@ def test_pp2_tied_embedding_loads_under_pp1(tmp_path):
     for name in got:
         for key in ("main", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[name][key], saved[name][key]), (name, key)
+
+
+def _fake_complete(run_dir, step):
+    from megagpt.checkpoint.store import step_dir_name, write_manifest
+    d = os.path.join(run_dir, step_dir_name(step))
+    os.makedirs(d)
+    write_manifest(d, step, 0)
+    return d
+
+
+def test_prune_keeps_the_checkpoint_latest_names(tmp_path):
+    """Resumed from step 4 of a run that reached 8, then saved 6 with keep=1: 6 must survive."""
+    from megagpt.checkpoint.store import complete_checkpoints, prune
+    run = str(tmp_path)
+    for s in (4, 6, 8):
+        _fake_complete(run, s)
+    prune(run, 1, protect=os.path.join(run, "step_00000006"))
+    assert [s for s, _ in complete_checkpoints(run)] == [6, 8]
+
+
+def test_old_copy_of_a_killed_republish_is_restored(tmp_path):
+    """A save of an existing step killed between publish's two renames leaves only the .old copy."""
+    from megagpt.checkpoint.store import clean_stale, complete_checkpoints
+    run = str(tmp_path)
+    d = _fake_complete(run, 5)
+    os.replace(d, d + ".old-abc")
+    os.makedirs(os.path.join(run, "step_00000007.tmp-def"))
+    clean_stale(run)
+    assert [s for s, _ in complete_checkpoints(run)] == [5]
+    assert sorted(os.listdir(run)) == ["step_00000005"]

@@ -144,15 +144,28 @@ def test_dp_matches_serial_adamw(dp, tp, sp, distributed, odd):
 
 
 def test_bf16_tracks_fp32():
-    """bf16 weights and compute, fp32 main params and grad accumulation: loss curve within 2e-2 of fp32."""
+    """bf16 weights and compute, fp32 main params and grad accumulation, against the fp32 run.
+
+    Judged on what training changed: each matrix's update (final - initial) must match the fp32
+    update to within 25% in norm (an untrained model is 100% off), and the losses to 5e-3 nats.
+    Norm weights sit near 1.0, where bf16's spacing (2^-7) exceeds five steps of updates: the fp32
+    main copy holds their progress, the bf16 copy cannot, so they are checked to bf16 rounding only."""
     mcfg = model_cfg()
     pcfg = ParallelConfig(distributed_optimizer=True, bucket_size_mb=0.05)
     ref = serial_reference()
+    init = {n: p.detach().clone() for n, p in build_model(mcfg, seed=train_cfg(1).seed).named_parameters()}
     out = spawn(2, dp_worker, mcfg, train_cfg(2, dtype="bf16"), pcfg)[0]
     assert out["dtypes"] == ["torch.bfloat16"] and out["main_dtypes"] == ["torch.float32"]
     for step, (a, b) in enumerate(zip(out["losses"], ref["losses"])):
-        assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: bf16 loss {a} vs fp32 {b}"
-    compare_params(out["params"], ref["params"], mcfg.vocab_size, rtol=2e-2)   # bf16 rounding: 2^-8
+        assert abs(a - b) <= 5e-3, f"step {step}: bf16 loss {a} vs fp32 {b}"
+    for name, p in out["params"].items():
+        if p.ndim < 2:
+            torch.testing.assert_close(p.float(), ref["params"][name], rtol=2 ** -7, atol=0, msg=name)
+            continue
+        want = ref["params"][name] - init[name]
+        got = p.float()[: want.shape[0]] - init[name]
+        err = (got - want).norm() / want.norm()
+        assert err <= 0.25, f"{name}: bf16 update is {err:.3f} of the fp32 update's norm away"
 
 
 # ------------------------------------------------------------------ the hooks overlap backward

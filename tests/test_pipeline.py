@@ -227,6 +227,9 @@ def test_trace_is_the_schedule(run, group):
         check_no_deadlock(forward)
         for r in _case_results(run(group), index):
             ops = schedules[r["pp_rank"]]
+            # The trace is the engine's own record of what it dispatched, so this only shows that
+            # batching comm ops kept the order and nothing was skipped; that the ops really ran is
+            # shown independently by the p2p byte counter below and the loss/gradient equality test.
             assert r["trace"] == [(o.kind, o.microbatch, o.chunk, o.peer) for o in ops], name
             assert r["eval_trace"] == [(o.kind, o.microbatch, o.chunk, o.peer) for o in forward[r["pp_rank"]]]
             for k in ("F", "B"):  # every microbatch, once per chunk

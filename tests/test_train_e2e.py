@@ -61,10 +61,13 @@ def test_resume_after_kill_is_exact(tmp_path, fault):
     out = _torchrun(common + ["--train-iters", "12", "--run-dir", str(broken)],
                     env_extra={"MEGAGPT_FAULT": fault}, check=False)
     assert out.returncode != 0, "the fault did not fire"
+    # the killed save left no published step 8 (and a killed step left nothing past step 4)
+    assert not (broken / "step_00000008").exists()
+    assert (broken / "latest").read_text().strip() == "step_00000004"
     # the partial checkpoint of the killed save is never loaded: the last complete one is step 4
     out = _torchrun(common + ["--train-iters", "12", "--run-dir", str(broken), "--load", str(broken)])
-    assert "resumed from" in out.stdout + out.stderr
     resumed_at = 4
+    assert f"at step {resumed_at} " in out.stdout + out.stderr, out.stdout[-2000:]
     a, b = _losses(full), _losses(broken)
     for step in range(resumed_at + 1, 13):
         assert a[step] == b[step], (step, a[step], b[step])  # bit-identical

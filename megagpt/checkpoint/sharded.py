@@ -186,8 +186,8 @@ def save_checkpoint(run_dir: str, step: int, chunks, ps, cfg=None, extra: dict |
                 if before_publish is not None:
                     before_publish()
                 write_manifest(tmp_dir, step, ps.world_size)
-                publish(run_dir, tmp_dir, step, nonce)
-                prune(run_dir, keep)
+                published_dir = publish(run_dir, tmp_dir, step, nonce)
+                prune(run_dir, keep, protect=published_dir)
             except Exception as e:  # noqa: BLE001
                 error = e
         published = _all_ok(ps, error is None)

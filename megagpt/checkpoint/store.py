@@ -96,10 +96,20 @@ def read_json(path: str, what: str):
 # ----------------------------------------------------------------------------- saving (rank 0)
 
 def clean_stale(run_dir: str) -> None:
-    """Remove directories left by killed saves (they were never visible to a loader)."""
-    for name in os.listdir(run_dir):
-        if _STEP_DIR.match(name) and (".tmp-" in name or ".old-" in name):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    """Remove directories left by killed saves (they were never visible to a loader). A `.old-`
+    copy whose step directory is gone (a save killed between publish's two renames) is the only
+    complete copy of that step: it is renamed back instead."""
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if not _STEP_DIR.match(name):
+            continue
+        if ".old-" in name:
+            final = path.split(".old-")[0]
+            if not os.path.exists(final):
+                os.replace(path, final)
+                continue
+        if ".tmp-" in name or ".old-" in name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_manifest(tmp_dir: str, step: int, world_size: int) -> None:
@@ -136,13 +146,14 @@ def publish(run_dir: str, tmp_dir: str, step: int, nonce: str) -> str:
     return final
 
 
-def prune(run_dir: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (keep <= 0 keeps all). Runs after `latest` moved,
-    so the checkpoint it names is the newest and always kept."""
+def prune(run_dir: str, keep: int, protect: str | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints (keep <= 0 keeps all), and always `protect`, the
+    one `latest` now names: after resuming from an older step it need not be the newest."""
     if keep <= 0:
         return
     for _, path in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        if protect is None or os.path.abspath(path) != os.path.abspath(protect):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- finding and checking

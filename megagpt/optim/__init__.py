@@ -50,7 +50,7 @@ class Optimizer:
         tied_params = [p for c in named for n, p in c if self.tied and n == "embedding.weight"]
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
-                                 own_bucket=tied_params)
+                                 own_bucket=tied_params, device=ps.device)
         rule = ShardedAdamW if self.distributed else PlainAdamW
         self.update = rule(names, self.buffer, ps.dp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,

@@ -182,7 +182,9 @@ class PlainAdamW:
         for name, m in zip(self.names, self.mains):
             entry = _entry_for(state, name, 0, m.numel())
             m.copy_(entry["main"].view_as(m))
-            self.opt.state[m] = {"step": torch.tensor(float(step)),
+            # fused AdamW (CUDA) wants its step counters on the parameter's device
+            step_t = torch.tensor(float(step), device=m.device if m.is_cuda else "cpu")
+            self.opt.state[m] = {"step": step_t,
                                  "exp_avg": entry["exp_avg"].to(m.device).view_as(m).clone(),
                                  "exp_avg_sq": entry["exp_avg_sq"].to(m.device).view_as(m).clone()}
         self.gather_params()

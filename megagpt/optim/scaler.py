@@ -31,11 +31,10 @@ class LossScaler:
 
     def found_inf(self, grads: list[torch.Tensor], world: Group, device) -> bool:
         """True on every rank when any rank's gradients hold an inf or a NaN."""
+        # one device-side reduction, no host sync per bucket; the all-reduce's .item() is the only sync
         flag = torch.zeros(1, device=device)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                flag.fill_(1.0)
-                break
+        if grads:
+            flag = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
         world.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 

@@ -34,10 +34,11 @@ class RNGTracker:
     def add(self, name: str, seed: int) -> None:
         if name in self.states:
             raise ValueError(f"RNG tracker: state {name!r} exists already")
-        saved = _get_state(self.device)
-        torch.manual_seed(seed)
+        saved, saved_cpu = _get_state(self.device), torch.get_rng_state()
+        torch.manual_seed(seed)                    # seeds the CPU generator and every CUDA one
         self.states[name] = _get_state(self.device)
         _set_state(saved, self.device)
+        torch.set_rng_state(saved_cpu)
 
     @contextlib.contextmanager
     def fork(self, name: str = TP_SHARDED):
