@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, ParallelConfig, TrainConfig
 from megagpt.model.attention import _flash_attn_func, core_attention
