@@ -298,10 +298,7 @@ def validate(cfg: Config) -> None:
         if sum(p.layers_per_stage) != m.num_layers:
             raise ConfigError(f"parallel.layers_per_stage: sums to {sum(p.layers_per_stage)}, "
                               f"but model.num_layers={m.num_layers}")
-    elif p.vp > 1 and m.num_layers % chunks:
-        raise ConfigError(f"parallel.vp: {m.num_layers} layers cannot be split evenly into pp*vp={chunks} "
-                          f"chunks; give parallel.layers_per_stage")
-    elif m.num_layers < chunks:
+    elif m.num_layers < chunks:  # uneven splits are fine (the pipeline balances them); empty chunks are not
         raise ConfigError(f"parallel.pp: {m.num_layers} layers are fewer than pp*vp={chunks} chunks")
     if p.vp > 1 and p.pp == 1:
         raise ConfigError("parallel.vp: virtual stages need parallel.pp > 1")

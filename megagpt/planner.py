@@ -189,7 +189,8 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
                       micro_batch: int | None = None, sp: bool | None = None, recompute: str | None = None):
     """Every layout the engine can run (a given argument fixes that dimension): tp | gpus_per_node
     and the heads (KV heads split or replicated), pp | gpus/tp with pp <= layers (uneven splits
-    allowed when vp = 1), vp in 1,2,4,.. with layers % (pp*vp) == 0 and microbatches % pp == 0,
+    allowed), vp in 1,2,4,.. with at least one layer per chunk (the interleaved schedule runs any
+    microbatch count >= pp),
     micro batch in 1,2,4,8, SP on/off for tp > 1, recompute none/selective/full."""
     tps = [tp] if tp else [t for t in _divisors(cluster.gpus_per_node) if gpus % t == 0]
     for t in tps:
@@ -203,12 +204,12 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
             for v, mb, s, rc in itertools.product(vps, [micro_batch] if micro_batch else (1, 2, 4, 8),
                                                   [sp] if sp is not None else (False, True),
                                                   [recompute] if recompute else ("none", "selective", "full")):
-                if v > 1 and (p == 1 or m.num_layers % (p * v)):
+                if v > 1 and (p == 1 or m.num_layers < p * v):
                     continue
                 if (s and (t == 1 or seq_len % t)) or global_batch % (mb * dp):
                     continue
                 n_mb = global_batch // (mb * dp)
-                if (p > 1 and n_mb < p) or (v > 1 and n_mb % p):
+                if p > 1 and n_mb < p:
                     continue
                 yield Layout(t, p, v, dp, mb, s, rc, n_mb)
 
@@ -231,8 +232,8 @@ def check_fixed(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, tp: 
             raise ConfigError(f"sp: seq_len={seq_len} is not divisible by tp={tp}")
     if pp and (pp > m.num_layers or gpus % (pp * (tp or 1))):
         raise ConfigError(f"pp: {pp} must be <= model.num_layers={m.num_layers} and tp*pp must divide gpus={gpus}")
-    if vp and vp > 1 and (not pp or pp == 1 or m.num_layers % (pp * vp)):
-        raise ConfigError(f"vp: {vp} needs pp > 1 and model.num_layers={m.num_layers} divisible by pp*vp")
+    if vp and vp > 1 and (not pp or pp == 1 or m.num_layers < pp * vp):
+        raise ConfigError(f"vp: {vp} needs pp > 1 and model.num_layers={m.num_layers} >= pp*vp")
     if tp and pp and micro_batch and global_batch % (micro_batch * gpus // (tp * pp)):
         raise ConfigError(f"micro_batch: global_batch={global_batch} is not divisible by micro_batch*dp")
     if recompute is not None and recompute not in ("none", "selective", "full"):

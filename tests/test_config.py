@@ -34,7 +34,7 @@ BAD = [
     (["train.seq_len=4096"], "train.seq_len", "exceeds model.max_seq_len"),
     (["parallel.order=tp-dp-pp"], "parallel.order", "permutation"),
     (["parallel.pp=8"], "parallel.pp", "fewer than pp*vp"),
-    (["parallel.vp=3", "parallel.pp=2"], "parallel.vp", "cannot be split evenly"),
+    (["parallel.vp=3", "parallel.pp=2"], "parallel.pp", "fewer than pp*vp=6"),
     (["parallel.layers_per_stage=[1,1]", "parallel.pp=2"], "parallel.layers_per_stage", "sums to 2"),
     (["train.min_lr=1.0"], "train.min_lr", "above train.lr"),
     (["model.rotary_fraction=0"], "model.rotary_fraction", "0 < fraction"),

@@ -147,3 +147,13 @@ def test_blended_data_trains(tmp_path):
     spawn(2, _cli, ["--config", TINY, *SMALL, "--tp", "2", "--train-iters", "3", "train.eval_interval=0",
                     f"data.blend=[0.3, {a}, 0.7, {b}]", "--run-dir", str(tmp_path / "r")], timeout=120)
     assert sorted(_losses(tmp_path / "r")) == [1, 2, 3]
+
+
+def test_interleaved_with_uneven_chunks_matches_one_rank(tmp_path):
+    """5 layers over pp2 x vp2 = 4 chunks (uneven, balanced for the LM head), DP2: same losses as 1 rank."""
+    base = ["--config", TINY, *SMALL, "model.num_layers=5", "--train-iters", "4", "train.eval_interval=0"]
+    spawn(1, _cli, base + ["--run-dir", str(tmp_path / "a")], timeout=120)
+    spawn(4, _cli, base + ["--pp", "2", "--vp", "2", "--run-dir", str(tmp_path / "b")], timeout=180)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
