@@ -8,6 +8,7 @@ reduces, clips and updates. Rank 0 logs to the console, `metrics.jsonl` and Tens
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, flops_per_token
+from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
 from .optim import build_optimizer
 from .optim.schedule import lr_at
@@ -71,17 +73,16 @@ class Trainer:
         total = sum(weights)
         for prefix in prefixes:  # every rank checks the files first: a bad one fails all ranks alike
             check_tokenizer(IndexedDataset(prefix), self.cfg.model.vocab_size)
-        parts = []
+        def build():  # each part gets its weighted share plus slack: the blend keeps the weights exactly
+            return [build_train_valid_test(
+                prefix, seq_len=t.seq_len, num_samples=(int(n_train * w / total) + 2, int(n_valid * w / total) + 2, 0),
+                split=self.cfg.data.split, seed=t.seed, vocab_size=self.cfg.model.vocab_size)
+                for w, prefix in zip(weights, prefixes)]
         # rank 0 builds the sample-index caches first; the others then load them instead of racing
-        for turn in ("builder", "readers"):
-            if (turn == "builder") == (self.ps.rank == 0):
-                # each part gets its weighted share plus slack: the blend keeps the weights exactly
-                parts = [build_train_valid_test(
-                    prefix, seq_len=t.seq_len, num_samples=(int(n_train * w / total) + 2, int(n_valid * w / total) + 2,
-                                                            0),
-                    split=self.cfg.data.split, seed=t.seed, vocab_size=self.cfg.model.vocab_size)
-                    for w, prefix in zip(weights, prefixes)]
-            dist.barrier()
+        parts = build() if self.ps.rank == 0 else None
+        dist.barrier()
+        if parts is None:
+            parts = build()
         if len(parts) == 1:
             self.train_data, self.valid_data = parts[0][0], parts[0][1]
         else:
@@ -89,17 +90,18 @@ class Trainer:
             self.valid_data = BlendedDataset([p[1] for p in parts], weights, n_valid)
 
     def _microbatch_fn(self, dataset, first_sample: int):
-        """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples."""
-        b = self.cfg.train.micro_batch_size
+        """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples,
+        and only the first stage (tokens) and the last (labels) read at all."""
+        sampler = MicroBatchSampler(len(dataset), first_sample, self.cfg.train.micro_batch_size,
+                                    self.ps.dp.rank, self.dp)
+        indices = list(itertools.islice(sampler, self.num_microbatches))
 
         def get(i):
             if not self.needs_data:
                 return None, None
-            start = first_sample + i * b * self.dp + self.ps.dp.rank * b
-            samples = torch.stack([torch.as_tensor(dataset[j], dtype=torch.long) for j in range(start, start + b)])
-            tokens = samples[:, :-1].contiguous().to(self.ps.device)
-            labels = samples[:, 1:].contiguous().to(self.ps.device)
-            return (tokens if self.ps.is_first_stage else None), (labels if self.ps.is_last_stage else None)
+            tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
+            return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
+                    labels.to(self.ps.device) if self.ps.is_last_stage else None)
         return get
 
     # ------------------------------------------------------------------ one step
