@@ -6,7 +6,9 @@ import json
 import os
 import sys
 
+from .checkpoint.store import CheckpointError
 from .config import ConfigError, load_config
+from .data.indexed import DataError
 
 
 def parse_args(argv=None, default_config: str | None = None):
@@ -94,14 +96,7 @@ def main(argv=None, default_config: str | None = None, use_planner: bool = False
             world = int(os.environ.get("WORLD_SIZE", 1))
             plan_layout(args, world)
         return train_main(args, build_config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # DataError, CheckpointError: bad input named in one line, before any step
-        from .checkpoint.store import CheckpointError
-        from .data.indexed import DataError
-        if not isinstance(e, (DataError, CheckpointError)):
-            raise
+    except (ConfigError, DataError, CheckpointError) as e:  # bad input, named in one line, before any step
         print(f"error: {e}", file=sys.stderr)
         return 2
 
