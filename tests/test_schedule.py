@@ -147,8 +147,9 @@ def test_sends_and_receives_match_pairwise_in_order():
 
 def test_no_deadlock_over_the_grid():
     for kind, p, v, m in GRID:
-        batches = check_no_deadlock(build_schedule(kind, p, v, m))
-        assert (batches > 0) == (p > 1)
+        for backend in ("nccl", "gloo"):
+            batches = check_no_deadlock(build_schedule(kind, p, v, m), backend=backend)
+            assert (batches > 0) == (p > 1)
 
 
 def test_1f1b_steady_state_batches_are_megatrons_paired_exchanges():
@@ -192,21 +193,37 @@ def test_check_no_deadlock_catches_bad_orders():
 
 def test_simulate_detects_a_stalled_order():
     ops = one_f_one_b(2, 2, 1)
-    compute = [op for op in ops if not op.is_comm]
+    f, b = ops.index(Op("F", 0, 0)), ops.index(Op("B", 0, 0))
+    ops[f], ops[b] = ops[b], ops[f]                          # backward before its forward
     with pytest.raises(ScheduleError, match="stalls"):
-        simulate([one_f_one_b(2, 2, 0), compute[::-1]])  # backward before its forward
+        simulate([one_f_one_b(2, 2, 0), ops])
 
 
-def test_comm_latency_adds_to_the_makespan():
-    # GPipe's critical path crosses the pp-1 boundaries once down (forwards), once up (backwards)
-    base = simulate(build_schedule("gpipe", 4, 1, 8))
-    slow = simulate(build_schedule("gpipe", 4, 1, 8), t_comm=0.5)
-    assert slow.makespan == pytest.approx(base.makespan + 2 * 3 * 0.5)
-    # 1F1B's steady state waits on its neighbours every step, so it pays at least as much
-    base = simulate(build_schedule("1f1b", 4, 1, 8))
-    slow = simulate(build_schedule("1f1b", 4, 1, 8), t_comm=0.5)
-    assert slow.makespan >= base.makespan + 2 * 3 * 0.5
-    assert slow.bubble_fraction > base.bubble_fraction
+def test_comm_latency_costs_at_least_the_critical_path():
+    # GPipe's critical path crosses the pp-1 boundaries once down (forwards), once up (backwards).
+    # A receive is posted in the round of its send, after the receiver's current op, and a
+    # message travels once both ends are posted: so latency can cost more than the crossings.
+    for kind in ("gpipe", "1f1b"):
+        base = simulate(build_schedule(kind, 4, 1, 8))
+        slow = simulate(build_schedule(kind, 4, 1, 8), t_comm=0.5)
+        assert slow.makespan >= base.makespan + 2 * 3 * 0.5 - 1e-9
+        assert slow.bubble_fraction > base.bubble_fraction
+
+
+def test_blocking_batches_cost_interleaving_its_gain():
+    """The executor before deferred waits (each comm batch blocking until all its messages
+    arrived) makes a rank wait for its neighbour's longer backward: interleaving then loses to
+    plain 1F1B, as measured on the engine (issue 10). Deferred waits give the ideal bubble."""
+    for p, m in ((2, 4), (4, 8)):
+        plain = simulate(build_schedule("1f1b", p, 1, m), p2p="blocking").bubble_fraction
+        for v in (2, 4):
+            blocking = simulate(build_schedule("1f1b", p, v, m), p2p="blocking").bubble_fraction
+            deferred = simulate(build_schedule("1f1b", p, v, m), p2p="async").bubble_fraction
+            assert deferred == pytest.approx((p - 1) / (v * m), abs=1e-9)
+            assert blocking > deferred + 0.05, (p, v, m, blocking)
+        assert plain == pytest.approx((p - 1) / m, abs=1e-9)   # 1F1B pairs its exchanges: no loss
+    with pytest.raises(ScheduleError, match="p2p"):
+        simulate(build_schedule("1f1b", 2, 1, 2), p2p="eager")
 
 
 def test_per_rank_functions_agree_with_build_schedule():
@@ -272,3 +289,70 @@ def test_cli_gpipe_and_bad_arguments():
         result = run_cli(*bad)
         assert result.returncode == 2 and result.stdout == ""
         assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr
+
+
+# ----------------------------------------------------------------------------- golden op lists
+# One pinned list per schedule kind, so a changed warm-up, a moved receive or a swapped chunk
+# fails here even where the bubble and memory figures happen to survive it.
+# sf/sb/rf/rb: SEND_F/SEND_B/RECV_F/RECV_B; "F3.1>2" is op F of microbatch 3 on local chunk 1, peer 2.
+_ABBREV = {"F": "F", "B": "B", "SEND_F": "sf", "SEND_B": "sb", "RECV_F": "rf", "RECV_B": "rb"}
+
+GOLDEN = {
+    ("gpipe", 2, 1, 3, False): [
+        "F0.0 sf0.0>1 F1.0 sf1.0>1 F2.0 sf2.0>1 rb0.0>1 B0.0 rb1.0>1 B1.0 rb2.0>1 B2.0",
+        "rf0.0>0 F0.0 rf1.0>0 F1.0 rf2.0>0 F2.0 B0.0 sb0.0>0 B1.0 sb1.0>0 B2.0 sb2.0>0"],
+    ("1f1b", 3, 1, 4, False): [
+        "F0.0 sf0.0>1 F1.0 sf1.0>1 F2.0 sf2.0>1 rb0.0>1 B0.0 F3.0 sf3.0>1 rb1.0>1 B1.0 rb2.0>1 B2.0 rb3.0>1 B3.0",
+        "rf0.0>0 F0.0 sf0.0>2 rf1.0>0 F1.0 sf1.0>2 rf2.0>0 rb0.0>2 B0.0 sb0.0>0 F2.0 sf2.0>2 rb1.0>2 B1.0 sb1.0>0 "
+        "rf3.0>0 F3.0 sf3.0>2 rb2.0>2 B2.0 sb2.0>0 rb3.0>2 B3.0 sb3.0>0",
+        "rf0.0>1 F0.0 rf1.0>1 B0.0 sb0.0>1 F1.0 B1.0 sb1.0>1 rf2.0>1 F2.0 B2.0 sb2.0>1 rf3.0>1 F3.0 B3.0 sb3.0>1"],
+    ("1f1b", 4, 2, 4, False): [   # interleaved, Megatron's warm-up: rank r runs 2(p-r-1) + (v-1)p forwards
+        "F0.0 sf0.0>1 F1.0 sf1.0>1 F2.0 sf2.0>1 F3.0 sf3.0>1 rf0.1>3 F0.1 sf0.1>1 rf1.1>3 F1.1 sf1.1>1 rf2.1>3 F2.1 "
+        "sf2.1>1 rf3.1>3 F3.1 sf3.1>1 rb0.1>1 B0.1 sb0.1>3 rb1.1>1 B1.1 sb1.1>3 rb2.1>1 B2.1 sb2.1>3 rb3.1>1 B3.1 "
+        "sb3.1>3 rb0.0>1 B0.0 rb1.0>1 B1.0 rb2.0>1 B2.0 rb3.0>1 B3.0",
+        "rf0.0>0 F0.0 sf0.0>2 rf1.0>0 F1.0 sf1.0>2 rf2.0>0 F2.0 sf2.0>2 rf3.0>0 F3.0 sf3.0>2 rf0.1>0 F0.1 sf0.1>2 "
+        "rf1.1>0 F1.1 sf1.1>2 rf2.1>0 F2.1 sf2.1>2 rf3.1>0 F3.1 sf3.1>2 rb0.1>2 B0.1 sb0.1>0 rb1.1>2 B1.1 sb1.1>0 "
+        "rb2.1>2 B2.1 sb2.1>0 rb3.1>2 B3.1 sb3.1>0 rb0.0>2 B0.0 sb0.0>0 rb1.0>2 B1.0 sb1.0>0 rb2.0>2 B2.0 sb2.0>0 "
+        "rb3.0>2 B3.0 sb3.0>0",
+        "rf0.0>1 F0.0 sf0.0>3 rf1.0>1 F1.0 sf1.0>3 rf2.0>1 F2.0 sf2.0>3 rf3.0>1 F3.0 sf3.0>3 rf0.1>1 F0.1 sf0.1>3 "
+        "rf1.1>1 F1.1 sf1.1>3 rf2.1>1 F2.1 sf2.1>3 rf3.1>1 rb0.1>3 B0.1 sb0.1>1 F3.1 sf3.1>3 rb1.1>3 B1.1 sb1.1>1 "
+        "rb2.1>3 B2.1 sb2.1>1 rb3.1>3 B3.1 sb3.1>1 rb0.0>3 B0.0 sb0.0>1 rb1.0>3 B1.0 sb1.0>1 rb2.0>3 B2.0 sb2.0>1 "
+        "rb3.0>3 B3.0 sb3.0>1",
+        "rf0.0>2 F0.0 sf0.0>0 rf1.0>2 F1.0 sf1.0>0 rf2.0>2 F2.0 sf2.0>0 rf3.0>2 F3.0 sf3.0>0 rf0.1>2 F0.1 rf1.1>2 "
+        "B0.1 sb0.1>2 rf2.1>2 F1.1 B1.1 sb1.1>2 rf3.1>2 F2.1 rb0.0>0 B2.1 sb2.1>2 F3.1 rb1.0>0 B3.1 sb3.1>2 B0.0 "
+        "sb0.0>2 rb2.0>0 B1.0 sb1.0>2 B2.0 sb2.0>2 rb3.0>0 B3.0 sb3.0>2"],
+    ("1f1b", 2, 2, 4, True): [    # interleaved as the engine runs it on gloo: receives one op ahead
+        "F0.0 sf0.0>1 rf0.1>1 F1.0 sf1.0>1 rf1.1>1 F0.1 sf0.1>1 F1.1 sf1.1>1 rb0.1>1 F2.0 sf2.0>1 B0.1 sb0.1>1 "
+        "rb1.1>1 F3.0 sf3.0>1 rf2.1>1 B1.1 sb1.1>1 rb0.0>1 F2.1 sf2.1>1 rf3.1>1 B0.0 rb1.0>1 F3.1 sf3.1>1 rb2.1>1 "
+        "B1.0 rb3.1>1 B2.1 sb2.1>1 rb2.0>1 B3.1 sb3.1>1 rb3.0>1 B2.0 B3.0",
+        "rf0.0>0 rf1.0>0 F0.0 sf0.0>0 rf0.1>0 F1.0 sf1.0>0 F0.1 rf1.1>0 B0.1 sb0.1>0 rf2.0>0 F1.1 rb0.0>0 B1.1 "
+        "sb1.1>0 rf3.0>0 F2.0 sf2.0>0 rb1.0>0 B0.0 sb0.0>0 rf2.1>0 F3.0 sf3.0>0 B1.0 sb1.0>0 rf3.1>0 F2.1 B2.1 "
+        "sb2.1>0 F3.1 rb2.0>0 B3.1 sb3.1>0 rb3.0>0 B2.0 sb2.0>0 B3.0 sb3.0>0"],
+}
+
+
+@pytest.mark.parametrize("layout", list(GOLDEN))
+def test_golden_op_lists(layout):
+    got = [" ".join(f"{_ABBREV[o.kind]}{o.microbatch}.{o.chunk}" + (f">{o.peer}" if o.is_comm else "") for o in ops)
+           for ops in build_schedule(*layout)]
+    assert got == GOLDEN[layout]
+
+
+def test_early_receives_are_gloo_only():
+    """Receives posted one op ahead never deadlock on gloo (each op completes once both ends are
+    posted) and keep the ideal bubble, but some land in a batch ahead of the sender's, which NCCL's
+    in-order group completion can deadlock on: so the engine posts them early only on gloo."""
+    nccl_failures = 0
+    for kind, p, v, m in GRID:
+        early = build_schedule(kind, p, v, m, early_recv=True)
+        check_no_deadlock(early, backend="gloo")
+        assert simulate(early).bubble_fraction == pytest.approx((p - 1) / (v * m), abs=1e-9)
+        # with latency, posting ahead never costs and usually saves time
+        assert simulate(early, t_comm=0.1).makespan <= simulate(build_schedule(kind, p, v, m), t_comm=0.1).makespan + 1e-9
+        try:
+            check_no_deadlock(early, backend="nccl")
+        except ScheduleError:
+            nccl_failures += 1
+    assert nccl_failures > 0
+    with pytest.raises(ScheduleError, match="backend"):
+        check_no_deadlock(build_schedule("1f1b", 2, 1, 2), backend="mpi")

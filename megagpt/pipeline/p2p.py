@@ -1,12 +1,14 @@
-"""Batched point-to-point between pipeline stages: activations forward, their gradients backward.
+"""Non-blocking point-to-point between pipeline stages: activations forward, their gradients backward.
 
 Every tensor that crosses a stage boundary is one [s/tp (SP) or s, b, h] activation or its
 gradient, of the training dtype, so both ends know its shape and dtype from the config and a
 receive allocates its buffer up front, with no shape handshake. One run of consecutive comm
-ops of the schedule becomes one `batch_isend_irecv`, waited on before we return: the schedule
-puts each receive in the same round as its send, so blocking batches cannot deadlock
-(`schedule.check_no_deadlock` proves it per layout). Messages between two ranks are matched in
-issue order, whatever they carry, which is why the schedule keeps sends and receives in order.
+ops of the schedule is posted as one `batch_isend_irecv` (one NCCL group) and NOT waited on
+here: the engine waits on a receive right before the op that consumes it, and on sends at the
+end, so a rank never idles for a message it does not need yet. `schedule.check_no_deadlock`
+proves per layout that these semantics terminate, under NCCL's in-order group completion too.
+Messages between two ranks are matched in issue order, whatever they carry, which is why the
+schedule keeps sends and receives in order.
 """
 from __future__ import annotations
 
@@ -41,12 +43,14 @@ class P2P:
             # its engine at start-up) makes the group's communicators exist before that.
             dist.all_reduce(torch.zeros(1, device=self.device), group=group.pg)
 
-    def communicate(self, ops: list[tuple[str, int, torch.Tensor | None]]) -> list[torch.Tensor | None]:
+    def post(self, ops: list[tuple[str, int, torch.Tensor | None]]) -> list[tuple[torch.Tensor, list]]:
         """ops: ("send", peer, tensor) or ("recv", peer, None), in the schedule's order. Posts them
-        as one batch, waits, and returns the received tensors (None at the sends' positions)."""
+        as one batch and returns, per op, (the tensor sent or the buffer being received into, the
+        works to wait on before using it). gloo gives one work per op, so each op is waited on
+        alone; NCCL gives one for the whole group."""
         if not ops:
             return []
-        p2p_ops, received = [], []
+        p2p_ops, tensors = [], []
         for direction, peer, tensor in ops:
             if not 0 <= peer < self.group.size or peer == self.group.rank:
                 raise ValueError(f"p2p: bad peer {peer} for pipeline rank {self.group.rank} of {self.group.size}")
@@ -57,13 +61,12 @@ class P2P:
                                      f"exchanges {self.shape} {self.dtype}")
                 tensor = tensor.detach().contiguous()
                 p2p_ops.append(dist.P2POp(dist.isend, tensor, self.group.ranks[peer], group=self.group.pg))
-                received.append(None)
             else:
                 tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # [s/tp, b, h]
                 p2p_ops.append(dist.P2POp(dist.irecv, tensor, self.group.ranks[peer], group=self.group.pg))
-                received.append(tensor)
+            tensors.append(tensor)
             if self.counter is not None:
                 self.counter.add(direction, "pp", self.nbytes)
-        for request in dist.batch_isend_irecv(p2p_ops):
-            request.wait()
-        return received
+        works = dist.batch_isend_irecv(p2p_ops)
+        per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
+        return list(zip(tensors, per_op))

@@ -118,14 +118,11 @@ def _message(op: Op, rank: int, pp: int) -> tuple[str, int, int]:
 def _place_comm(orders: list[list[Op]], pp: int) -> list[list[Op]]:
     """Add the SEND/RECV ops to the compute orders by running all ranks in lock-step rounds.
 
-    Each round, every rank whose next compute op has its input runs it; then each rank sends
-    what it just produced and receives everything sent to it this round. So a RECV sits in the
-    same round as its SEND (posted eagerly, like Megatron's, and buffered until the consumer
-    runs). Posting round t's comm ops never needs anything from a later round, so every round's
-    batches get posted and complete: no deadlock, as `check_no_deadlock` confirms. Receiving
-    only right before the consumer looks simpler but deadlocks interleaved schedules: with the
-    wrap-around from rank pp-1 to rank 0, a rank blocks sending a gradient to a peer that is
-    itself blocked receiving an input that rank has not sent yet (see the tests).
+    Each round, every rank whose next compute op has its input runs it; then it sends what it
+    just produced, and the receiver posts the matching RECV in the same round: as soon as the
+    tensor exists, and buffered until its consumer runs (the executor waits on a RECV only right
+    before that consumer). This fixes the order of the messages between every pair of ranks,
+    which the executor matches in issue order.
     """
     vp = 1 + max(op.chunk for order in orders for op in order)
     last, pos, arrived = pp * vp - 1, [0] * pp, set()
@@ -155,14 +152,44 @@ def _place_comm(orders: list[list[Op]], pp: int) -> list[list[Op]]:
     return programs
 
 
-def build_schedule(kind: str, pp: int, vp: int, m: int) -> list[list[Op]]:
-    """All ranks' schedules. kind: "gpipe" or "1f1b" (interleaved when vp > 1) or "interleaved"."""
+def _post_receives_early(ops: list[Op]) -> list[Op]:
+    """Move each RECV up to just before the compute op that precedes its consumer (Megatron's
+    one-ahead irecv), never past an earlier RECV from the same peer, since messages between two
+    ranks match in issue order. A RECV already earlier stays where it is, so at most one compute
+    op's worth of receive buffers is posted ahead of need. gloo only: a receive is then posted
+    before the sender's batch, which NCCL, completing each rank's batches in order, can deadlock
+    on (`check_no_deadlock(..., backend="nccl")` finds such cycles); gloo completes each op once
+    both ends are posted. Posted early, the transfer overlaps the op before its consumer instead
+    of starting after it (gloo too only moves data once the receive is posted)."""
+    compute_at = {(op.kind, op.microbatch, op.chunk): i for i, op in enumerate(ops) if not op.is_comm}
+    keyed, floor = [], {}                           # (sort key, position, op); peer -> key of its last RECV
+    previous_compute, before = -1, {}               # compute index -> index of the compute op before it
+    for i, op in enumerate(ops):
+        if not op.is_comm:
+            before[i], previous_compute = previous_compute, i
+    for i, op in enumerate(ops):
+        key = float(i)
+        if op.kind.startswith("RECV"):
+            preceding = before[compute_at[(op.kind[-1], op.microbatch, op.chunk)]]
+            key = max(min(key, preceding - 0.5), floor.get(op.peer, -1.0) + 1e-6)
+            floor[op.peer] = key
+        keyed.append((key, i, op))
+    return [op for _, _, op in sorted(keyed)]
+
+
+def build_schedule(kind: str, pp: int, vp: int, m: int, early_recv: bool = False) -> list[list[Op]]:
+    """All ranks' schedules. kind: "gpipe" or "1f1b" (interleaved when vp > 1) or "interleaved".
+
+    early_recv posts each receive one compute op ahead of its consumer (`_post_receives_early`):
+    what the engine does on gloo. Without it each receive is posted in its send's round, which
+    is also safe under NCCL's in-order group completion."""
     _check_layout(pp, vp, m)
     if kind not in ("gpipe", "1f1b", "interleaved"):
         raise ScheduleError(f"unknown schedule kind {kind!r}: expected gpipe, 1f1b or interleaved")
     if kind == "gpipe" and vp > 1:
         raise ScheduleError("gpipe has no interleaved variant: use vp=1 or kind='1f1b'")
-    return _place_comm([_compute_order(kind, pp, vp, m, r) for r in range(pp)], pp)
+    programs = _place_comm([_compute_order(kind, pp, vp, m, r) for r in range(pp)], pp)
+    return [_post_receives_early(ops) for ops in programs] if early_recv else programs
 
 
 def gpipe(pp: int, m: int, rank: int) -> list[Op]:
@@ -188,8 +215,8 @@ def interleaved_1f1b(pp: int, vp: int, m: int, rank: int) -> list[Op]:
 
 
 def comm_batches(ops: list[Op]) -> list:
-    """A rank's ops as the executor runs them: compute ops stay single, and each maximal run of
-    consecutive comm ops becomes one list, to post as one batch_isend_irecv."""
+    """A rank's ops as the executor posts them: compute ops stay single, and each maximal run of
+    consecutive comm ops becomes one list, posted together (one NCCL group)."""
     items: list = []
     for op in ops:
         if not op.is_comm:
@@ -201,61 +228,110 @@ def comm_batches(ops: list[Op]) -> list:
     return items
 
 
-def check_no_deadlock(schedules: list[list[Op]]) -> int:
-    """Prove the comm ops match pairwise and that blocking batched execution terminates.
+def _match_messages(schedules: list[list[Op]]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Pair every comm op with its partner: (rank, op index) <-> (peer, op index).
 
-    Matching: p2p messages between two ranks are paired in issue order, whatever the tensor, so
-    for each ordered pair (src, dst) the k-th send must carry the k-th receive's tensor.
-    Execution model (the strictest the executor can meet): each maximal run of consecutive comm
-    ops is one blocking batch_isend_irecv, which returns only once the peer op matching every
-    op in it is posted, i.e. its rank has reached or passed that op's batch. Compute never
-    blocks here (data deps are `simulate`'s job). Once posted an op stays posted, so progress is
-    monotone and the greedy sweep below reaches the unique fixed point: if it leaves a rank
-    short of its end, every execution deadlocks there. Returns the number of batches run.
-    """
+    p2p messages between two ranks are matched in issue order, whatever the tensor, so for each
+    ordered pair (src, dst) the k-th send must carry the k-th receive's tensor."""
     pp = len(schedules)
-    batches = [comm_batches(ops) for ops in schedules]
-    streams: dict[tuple, list] = {}  # ("send"|"recv", src, dst) -> [(message, rank, item index)]
-    for rank, items in enumerate(batches):
-        for index, batch in enumerate(items):
-            for op in batch if isinstance(batch, list) else []:
-                if not 0 <= op.peer < pp or op.peer == rank:
-                    raise ScheduleError(f"rank {rank}: {op} has a bad peer")
-                side = "send" if op.kind.startswith("SEND") else "recv"
-                src, dst = (rank, op.peer) if side == "send" else (op.peer, rank)
-                streams.setdefault((side, src, dst), []).append((_message(op, rank, pp), rank, index))
-
-    partner: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rank, batch) -> peers' items
-    for (side, src, dst), sends in streams.items():
-        if side != "send":
-            continue
-        recvs = streams.get(("recv", src, dst), [])
-        if [s[0] for s in sends] != [r[0] for r in recvs]:
+    streams: dict[tuple, list] = {}  # ("send"|"recv", src, dst) -> [(message, rank, op index)]
+    for rank, ops in enumerate(schedules):
+        for index, op in enumerate(ops):
+            if not op.is_comm:
+                continue
+            if not 0 <= op.peer < pp or op.peer == rank:
+                raise ScheduleError(f"rank {rank}: {op} has a bad peer")
+            side = "send" if op.kind.startswith("SEND") else "recv"
+            src, dst = (rank, op.peer) if side == "send" else (op.peer, rank)
+            streams.setdefault((side, src, dst), []).append((_message(op, rank, pp), rank, index))
+    partner = {}
+    for (side, src, dst), ends in streams.items():
+        other = streams.get(("recv" if side == "send" else "send", src, dst), [])
+        if side == "recv" and not other:
+            raise ScheduleError(f"rank {dst} receives {len(ends)} tensors that {src} never sends")
+        if [e[0] for e in ends] != [o[0] for o in other]:
+            sends, recvs = (ends, other) if side == "send" else (other, ends)
             raise ScheduleError(f"sends {src}->{dst} do not match receives in order: "
                                 f"{[s[0] for s in sends]} vs {[r[0] for r in recvs]}")
-        for (_, sr, si), (_, rr, ri) in zip(sends, recvs):
-            partner.setdefault((sr, si), []).append((rr, ri))
-            partner.setdefault((rr, ri), []).append((sr, si))
-    for (side, src, dst), recvs in streams.items():
-        if side == "recv" and ("send", src, dst) not in streams:
-            raise ScheduleError(f"rank {dst} receives {len(recvs)} tensors that {src} never sends")
+        for (_, r, i), (_, pr, pi) in zip(ends, other):
+            partner[(r, i)] = (pr, pi)
+    return partner
 
-    pos, done, progress = [0] * pp, 0, True
+
+def _input_recv(ops: list[Op]) -> dict[int, int]:
+    """compute op index -> index of the RECV that brings its input (RECV_F -> F, RECV_B -> B)."""
+    recv_at = {(op.kind[-1], op.microbatch, op.chunk): i for i, op in enumerate(ops) if op.kind.startswith("RECV")}
+    return {i: recv_at[(op.kind, op.microbatch, op.chunk)] for i, op in enumerate(ops)
+            if not op.is_comm and (op.kind, op.microbatch, op.chunk) in recv_at}
+
+
+def check_no_deadlock(schedules: list[list[Op]], backend: str = "nccl") -> int:
+    """Prove the comm ops match pairwise and that the executor's execution terminates.
+
+    The executor's semantics (engine.py): each run of consecutive comm ops is posted as one
+    non-blocking batch, and posting never waits; a compute op waits until its input's RECV has
+    completed; sends are waited on at the end. When an op completes depends on the backend:
+      nccl: a batch is one group on one stream, so batches complete in the order each rank
+            posted them, and only once every partner op is posted and the partner's earlier
+            batches have completed too (the strictest model; it holds for gloo as well);
+      gloo: each op completes as soon as both its ends are posted.
+    Completion is monotone, so the greedy sweep reaches the unique fixed point: a rank left short
+    of its end deadlocks in every execution. Returns the number of batches.
+    """
+    if backend not in ("nccl", "gloo"):
+        raise ScheduleError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    pp = len(schedules)
+    partner = _match_messages(schedules)
+    items = [comm_batches(ops) for ops in schedules]
+    batch_of: dict[tuple[int, int], int] = {}     # (rank, op index) -> batch number on that rank
+    for rank, ops in enumerate(schedules):
+        index = number = 0
+        for item in items[rank]:
+            if isinstance(item, list):
+                for _ in item:
+                    batch_of[(rank, index)] = number
+                    index += 1
+                number += 1
+            else:
+                index += 1
+    batches = [[[i for (r, i), b in batch_of.items() if r == rank and b == n]
+                for n in range(1 + max([b for (r, _), b in batch_of.items() if r == rank], default=-1))]
+               for rank in range(pp)]
+    needs = [_input_recv(ops) for ops in schedules]
+    pos, posted, completed = [0] * pp, [0] * pp, [0] * pp  # op index; batches posted, completed
+
+    def _done(rank, i):                    # has comm op i of rank completed?
+        if backend == "nccl":
+            return batch_of[(rank, i)] < completed[rank]
+        peer, j = partner[(rank, i)]
+        return pos[peer] > j               # gloo: the partner op is posted (this one is, being behind pos)
+    progress = True
     while progress:
         progress = False
-        for rank in range(pp):
-            while pos[rank] < len(batches[rank]):
-                item = batches[rank][pos[rank]]
-                if isinstance(item, list):
-                    if any(pos[pr] < pi for pr, pi in partner[(rank, pos[rank])]):
-                        break
-                    done += 1
+        for rank in range(pp):             # complete batches in order, as far as partners allow
+            while backend == "nccl" and completed[rank] < posted[rank]:
+                peers = [(partner[(rank, i)], batch_of[partner[(rank, i)]]) for i in batches[rank][completed[rank]]]
+                if any(b >= posted[pr] or b > completed[pr] for (pr, _), b in peers):
+                    break
+                completed[rank] += 1
+                progress = True
+        for rank in range(pp):             # post and compute as far as inputs allow
+            ops = schedules[rank]
+            while pos[rank] < len(ops):
+                i = pos[rank]
+                if ops[i].is_comm:
+                    n = batch_of[(rank, i)]
+                    posted[rank] = max(posted[rank], n + 1)
+                elif i in needs[rank] and not _done(rank, needs[rank][i]):
+                    break
                 pos[rank] += 1
                 progress = True
-    stuck = [f"rank {r} at {batches[r][pos[r]]}" for r in range(pp) if pos[r] < len(batches[r])]
+    stuck = [f"rank {r} at {schedules[r][pos[r]]}" for r in range(pp) if pos[r] < len(schedules[r])]
+    stuck += [f"rank {r}: batch {completed[r]} never completes" for r in range(pp)
+              if backend == "nccl" and not stuck and completed[r] < len(batches[r])]
     if stuck:
         raise ScheduleError("deadlock: " + "; ".join(stuck))
-    return done
+    return sum(len(b) for b in batches)
 
 
 @dataclass
@@ -275,50 +351,86 @@ class Simulation:
 
 
 def simulate(schedules: list[list[Op]], t_f: float = 1.0, t_b: float = 2.0,
-             t_comm: float = 0.0) -> Simulation:
-    """Run the compute ops as early as data dependencies and each rank's order allow.
+             t_comm: float = 0.0, p2p: str = "async") -> Simulation:
+    """Time the schedules as the executor runs them: the same blocking points, in the same order.
 
     t_f and t_b are the costs of a whole stage (all of a rank's layers) on one microbatch, so a
     chunk costs t_f/vp and t_b/vp: with vp > 1 each chunk holds 1/vp of the rank's layers and
     the total work per rank, m*(t_f + t_b), is the same as with vp = 1. That makes bubbles of
-    different vp directly comparable. F(i) on global chunk c waits for F(i) on c-1; B(i) on c
-    waits for B(i) on c+1 and F(i) on c; a dependency on another rank adds t_comm. Comm ops
-    are not events themselves (`check_no_deadlock` covers their ordering).
+    different vp directly comparable. A message arrives t_comm after both its ends are posted.
+    p2p="async" is the engine: posting a comm op never waits, a compute op waits for its
+    input's arrival, and a rank ends once its sends have arrived. p2p="blocking" is the engine
+    with wait_p2p="batch" (the executor before overlap): each batch of comm ops waits until all
+    its messages have arrived, so a rank also waits for its peers' sends it does not yet need.
     """
+    if p2p not in ("async", "blocking"):
+        raise ScheduleError(f"p2p must be 'async' or 'blocking', got {p2p!r}")
     pp = len(schedules)
     compute = [[op for op in ops if not op.is_comm] for ops in schedules]
     vp = 1 + max(op.chunk for ops in compute for op in ops)
     m = 1 + max(op.microbatch for ops in compute for op in ops)
     last = pp * vp - 1
-    end: dict[tuple[str, int, int], float] = {}  # (kind, microbatch, global chunk) -> end time
+    partner = _match_messages(schedules)
+    needs = [_input_recv(ops) for ops in schedules]
+    items = [comm_batches(ops) for ops in schedules]
+    posted: dict[tuple[int, int], float] = {}     # (rank, op index) -> time the op was posted
+    end: dict[tuple[str, int, int], float] = {}   # (kind, microbatch, global chunk) -> end time
     timelines: list[list] = [[] for _ in range(pp)]
-    pos, free, progress = [0] * pp, [0.0] * pp, True
+    item_pos, op_pos, clock = [0] * pp, [0] * pp, [0.0] * pp
+
+    def arrival(rank, i):                         # None until both ends are posted
+        other = partner[(rank, i)]
+        if other not in posted:
+            return None
+        return max(posted[(rank, i)], posted[other]) + t_comm
+
+    progress = True
     while progress:
         progress = False
         for rank in range(pp):
-            while pos[rank] < len(compute[rank]):
-                op = compute[rank][pos[rank]]
-                g = op.chunk * pp + rank
-                deps = [("F", op.microbatch, g - 1)] if op.kind == "F" and g > 0 else []
-                if op.kind == "B":
-                    deps = [("F", op.microbatch, g)] + ([("B", op.microbatch, g + 1)] if g < last else [])
-                if any(d not in end for d in deps):
-                    break
-                if (op.kind, op.microbatch, g) in end:
-                    raise ScheduleError(f"rank {rank} runs {op} twice")
-                start = max([free[rank]] + [end[d] + (t_comm if d[2] % pp != rank else 0.0) for d in deps])
-                free[rank] = start + (t_f if op.kind == "F" else t_b) / vp
-                end[(op.kind, op.microbatch, g)] = free[rank]
-                timelines[rank].append((start, free[rank], op))
-                pos[rank] += 1
+            while item_pos[rank] < len(items[rank]):
+                item, first = items[rank][item_pos[rank]], op_pos[rank]
+                if isinstance(item, list):
+                    for k in range(len(item)):
+                        posted.setdefault((rank, first + k), clock[rank])
+                    if p2p == "blocking":
+                        arrivals = [arrival(rank, first + k) for k in range(len(item))]
+                        if None in arrivals:
+                            break
+                        clock[rank] = max([clock[rank]] + arrivals)
+                    op_pos[rank] += len(item)
+                else:
+                    op, g = item, item.chunk * pp + rank
+                    ready = clock[rank]
+                    if first in needs[rank]:
+                        got = arrival(rank, needs[rank][first])
+                        if got is None:
+                            break
+                        ready = max(ready, got)
+                    deps = [("F", op.microbatch, g - 1)] if op.kind == "F" and g > 0 else []
+                    if op.kind == "B":
+                        deps = [("F", op.microbatch, g)] + ([("B", op.microbatch, g + 1)] if g < last else [])
+                    if any(d not in end for d in deps):
+                        break                     # waits on data not produced yet (or never sent)
+                    if (op.kind, op.microbatch, g) in end:
+                        raise ScheduleError(f"rank {rank} runs {op} twice")
+                    start = max([ready] + [end[d] for d in deps])
+                    clock[rank] = start + (t_f if op.kind == "F" else t_b) / vp
+                    end[(op.kind, op.microbatch, g)] = clock[rank]
+                    timelines[rank].append((start, clock[rank], op))
+                    op_pos[rank] += 1
+                item_pos[rank] += 1
                 progress = True
-    if any(pos[r] < len(compute[r]) for r in range(pp)):
-        stuck = [f"rank {r} waits at {compute[r][pos[r]]}" for r in range(pp) if pos[r] < len(compute[r])]
+    if any(item_pos[r] < len(items[r]) for r in range(pp)):
+        stuck = [f"rank {r} waits at {items[r][item_pos[r]]}" for r in range(pp) if item_pos[r] < len(items[r])]
         raise ScheduleError("schedule stalls on data dependencies: " + "; ".join(stuck))
     if len(end) != 2 * m * pp * vp:
         raise ScheduleError(f"{len(end)} compute ops ran, expected F and B of {m} microbatches x {pp * vp} chunks")
 
-    makespan = max(free)
+    # a rank is done once its last op ran and its sends have arrived (the executor waits for them)
+    finish = [max([clock[r]] + [arrival(r, i) for i, op in enumerate(schedules[r]) if op.kind.startswith("SEND")])
+              for r in range(pp)]
+    makespan = max(finish)
     ideal = m * (t_f + t_b)
     bubble = [(makespan - sum(e - s for s, e, _ in tl)) / ideal for tl in timelines]
     peaks = []
