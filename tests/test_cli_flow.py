@@ -174,6 +174,22 @@ def test_larger_model_vocab_trains_on_smaller_tokenizer_data(tmp_path):
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _trainer_error(rank, world, cfg, run_dir, data):
+    from megagpt.train import Trainer
+    try:
+        Trainer(cfg, run_dir, data)
+    except DataError as e:
+        return str(e)
+    return "no error"
+
+
+def test_trainer_built_without_the_cli_checks_the_vocab_too(tmp_path):
+    data = make_data(tmp_path / "d", 1024)
+    cfg = load_config(TINY, SMALL + ["model.vocab_size=512"], world_size=1)
+    msg = spawn(1, _trainer_error, cfg, str(tmp_path / "run"), data, timeout=120)[0]
+    assert msg.startswith("model.vocab_size: 512 is smaller than the vocab 1024"), msg
+
+
 # ----------------------------------------------------------------------------- reporting, install
 
 def test_logger_and_plot_live_outside_train(tmp_path):
