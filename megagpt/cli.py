@@ -77,6 +77,8 @@ def plan_layout(probe: Config, world: int, layout_given: bool) -> list[str]:
     GPUs (H100 80 GB by default) and returns it as overrides; with one given, refuse it with the
     breakdown if it cannot fit."""
     from .planner import choose_layout, rank_layouts
+    if world < 1:  # named as the field it becomes, not as the planner's argument
+        raise ConfigError(f"parallel.world_size: expected a positive number, got {world}")
     t, p = probe.train, probe.parallel
     if not layout_given:
         best = choose_layout(probe.model, world, t.seq_len, t.global_batch_size)
@@ -106,8 +108,8 @@ def main(argv=None, default_config: str | None = None, use_planner: bool = False
     try:
         if args.dry_run:
             world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 0)) or None
-            if use_planner:  # 70B fits no single node: plan for 8 nodes of 8 unless told otherwise
-                world = world or 64
+            if use_planner and world is None:  # 70B fits no single node: plan for 8 nodes of 8 unless told otherwise
+                world = 64
             cfg = resolve_config(args, world, use_planner)
             from .dryrun import dry_run
             report = dry_run(cfg, cfg.parallel.world_size)

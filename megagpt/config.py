@@ -332,7 +332,7 @@ def validate(cfg: Config) -> None:
     _validate_counts(cfg)
 
 
-# (section.field, the smallest valid value): counts, intervals (0 = never) and rates; the rest above
+# (section.field, the smallest valid value) of counts, intervals (0 = never) and rates
 _AT_LEAST = (("train.train_iters", 1), ("train.log_interval", 1), ("train.eval_interval", 0),
              ("train.eval_iters", 0), ("train.save_interval", 0), ("train.keep_checkpoints", 0),
              ("train.seed", 0), ("train.loss_scale_window", 1), ("train.lr", 0.0), ("train.min_lr", 0.0),

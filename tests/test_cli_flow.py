@@ -98,6 +98,13 @@ def test_nonsense_numbers_fail_in_one_line(argv, field, monkeypatch, capsys):
     assert err.count("\n") == 0 and err.startswith("error: " + field), err
 
 
+@pytest.mark.parametrize("main_kw", [{}, {"use_planner": True, "default_config": B70}])
+def test_nonsense_world_size_is_named(main_kw, capsys):
+    assert cli.main(["--dry-run", "--world-size", "0"], **{"default_config": TINY, **main_kw}) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: parallel.world_size: expected a positive number, got 0 (from --world-size)"
+
+
 def test_zero_intervals_still_mean_never():
     cfg = load_config(TINY, ["train.eval_interval=0", "train.eval_iters=0", "train.save_interval=0",
                              "train.keep_checkpoints=0", "train.clip_grad=0"])
