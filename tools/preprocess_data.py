@@ -14,7 +14,7 @@ import sys
 
 from megagpt.data.clean import add_filter_args, filter_config_from_args
 from megagpt.data.indexed import DataError
-from megagpt.data.preprocess import preprocess
+from megagpt.data.preprocess import SPLIT_TEXT_HELP, preprocess
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,10 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="JSONL files (.jsonl/.json, .gz ok; one document per line) "
-                        "or plain-text files (one document per file)")
+                        "or plain-text files (cut into documents by --split-text)")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="writes PREFIX.bin, PREFIX.idx and PREFIX.stats.json")
     p.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--split-text", default="file", metavar="{file,paragraph,lines:N}", help=SPLIT_TEXT_HELP)
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--vocab-size", type=int, metavar="N",
                      help="train a byte-level BPE of N tokens, saved as tokenizer.json next to "
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     try:
         cfg = filter_config_from_args(args, args.filter_config)
         preprocess(args.input, args.output_prefix, vocab_size=args.vocab_size,
-                   tokenizer=args.tokenizer, json_key=args.json_key, workers=args.workers,
+                   tokenizer=args.tokenizer, json_key=args.json_key, split_text=args.split_text,
+                   workers=args.workers,
                    do_filter=not args.no_filter, filter_config=cfg, dedup=not args.no_dedup,
                    near_dedup=not args.no_near_dedup, near_dup_threshold=args.near_dup_threshold,
                    shingle_size=args.shingle_size, num_perm=args.num_perm,

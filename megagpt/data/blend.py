@@ -38,6 +38,19 @@ def blend_assignment(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
     return dataset_index, dataset_sample_index
 
 
+def blend_parts(blend: list | None, path: str | None) -> tuple[list[float], list[str]]:
+    """A run's data as (weights, prefixes): data.blend [weight, prefix, weight, prefix, ...], else the
+    one prefix data.path at weight 1, else ([], []): synthetic tokens."""
+    if not blend:
+        return ([1.0], [str(path)]) if path is not None else ([], [])
+    try:
+        if len(blend) % 2:
+            raise ValueError
+        return [float(w) for w in blend[0::2]], [str(x) for x in blend[1::2]]
+    except (TypeError, ValueError):
+        raise DataError(f"data.blend: expected [weight, prefix, weight, prefix, ...], got {blend!r}") from None
+
+
 class BlendedDataset:
     """`size` samples drawn from `datasets` in proportion to `weights` (normalized here)."""
 

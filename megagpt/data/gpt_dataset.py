@@ -176,8 +176,9 @@ def build_train_valid_test(prefix: str, *, seq_len: int, num_samples, split=(98,
                            vocab_size: int | None = None, tokenizer_fingerprint: str | None = None):
     """(train, valid, test) GPTDatasets over one indexed dataset, split by documents.
 
-    num_samples is (n_train, n_valid, n_test); a split with 0 samples is None. Passing the
-    model's vocab_size / tokenizer fingerprint checks the data was made with that tokenizer.
+    num_samples is (n_train, n_valid, n_test); a split with 0 samples is None. Passing a
+    tokenizer's vocab_size / fingerprint checks the data was made with that tokenizer (whether a
+    model's vocab can hold the data is indexed.fit_model_vocab's rule).
     """
     indexed = IndexedDataset(prefix)
     check_tokenizer(indexed, vocab_size, tokenizer_fingerprint)

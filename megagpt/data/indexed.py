@@ -14,7 +14,8 @@ Layout of PREFIX.idx (little-endian):
 PREFIX.bin is the raw token array; its size must be offsets[-1] * itemsize. Both files are
 validated when opened, so a truncated copy or a half-written file fails loudly (DataError,
 naming the file) instead of training on garbage. The header carries the tokenizer's vocab size
-and fingerprint so a run can refuse data made with another tokenizer (check_tokenizer).
+and fingerprint so a run can refuse data made with another tokenizer (check_tokenizer), and
+so the model's vocab can follow the data (fit_model_vocab).
 """
 from __future__ import annotations
 
@@ -161,6 +162,24 @@ def check_tokenizer(ds: IndexedDataset, vocab_size: int | None = None,
         raise DataError(f"{ds.idx_path} was made with a tokenizer of vocab {ds.vocab_size} "
                         f"(fingerprint {ds.tokenizer_fingerprint}), but the model/tokenizer "
                         f"expects {', '.join(want)}")
+
+
+def fit_model_vocab(prefixes, vocab_size: int | None) -> int:
+    """The model's vocab for training on these datasets, as Megatron does: it comes from the tokenizer
+    (the model then pads it, ModelConfig.padded_vocab). vocab_size None (unset) follows the largest
+    tokenizer vocab of the data; a larger one is valid (its extra rows are never a label); a smaller
+    one cannot embed every token id and raises a DataError naming model.vocab_size and the .idx file."""
+    datasets = [IndexedDataset(p) for p in prefixes]
+    if not datasets:
+        raise DataError("no dataset prefixes given")
+    if vocab_size is None:
+        return max(ds.vocab_size for ds in datasets)
+    for ds in datasets:
+        if vocab_size < ds.vocab_size:
+            raise DataError(f"model.vocab_size: {vocab_size} is smaller than the vocab {ds.vocab_size} of the "
+                            f"tokenizer that made {ds.idx_path}; set it >= {ds.vocab_size} or leave it unset "
+                            "to follow the data")
+    return vocab_size
 
 
 class IndexedDatasetBuilder:

@@ -58,14 +58,58 @@ def _open_text(path: str):
     return open(path, encoding="utf-8", errors="replace")
 
 
-def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:
-    """Documents of the inputs in order: one per JSONL line (.jsonl/.json, optionally .gz),
-    or one per plain-text file (any other name)."""
+SPLIT_TEXT_HELP = ("how a plain-text file (not .jsonl/.json) is cut into documents: file (the whole "
+                   "file is one document), paragraph (blank lines separate documents) or "
+                   "lines:N (every N lines are one document)")
+
+
+def parse_split_text(spec: str) -> int | str:
+    """--split-text: 'file' | 'paragraph' | 'lines:N' -> 'file', 'paragraph' or N (a positive int)."""
+    if spec in ("file", "paragraph"):
+        return spec
+    if spec.startswith("lines:"):
+        try:
+            n = int(spec[len("lines:"):])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise DataError(f"--split-text {spec!r}: expected file, paragraph or lines:N with N >= 1")
+
+
+def _split_lines(f, split: int | str) -> Iterator[str]:
+    """Documents of one open text file: paragraphs, or groups of `split` lines; each without its
+    last newline. Streams the file: a document is the only thing held in memory."""
+    doc: list[str] = []
+    for line in f:
+        if split == "paragraph":
+            if line.strip():
+                doc.append(line)
+                continue
+            if doc:                        # a blank line ends the paragraph
+                yield "".join(doc).rstrip("\n")
+            doc = []
+            continue
+        doc.append(line)
+        if len(doc) == split:
+            yield "".join(doc).rstrip("\n")
+            doc = []
+    if doc:
+        yield "".join(doc).rstrip("\n")
+
+
+def iter_documents(paths: Iterable[str], json_key: str = "text", split_text: str = "file") -> Iterator[str]:
+    """Documents of the inputs in order: one per JSONL line (.jsonl/.json, optionally .gz); from a
+    plain-text file (any other name) one per file, paragraph or N lines, as `split_text` says."""
+    split = parse_split_text(split_text)
     for path in paths:
         name = path[:-3] if path.endswith(".gz") else path
         with _open_text(path) as f:
             if not name.endswith((".jsonl", ".json")):
-                yield f.read()
+                if split == "file":
+                    yield f.read()
+                else:
+                    yield from _split_lines(f, split)
                 continue
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -181,7 +225,7 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable[tuple], in_flight: int) -> 
         yield task, res.get()
 
 
-def _filter_and_dedup(pool, inputs: list[str], json_key: str, settings: _Pass1,
+def _filter_and_dedup(pool, inputs: list[str], json_key: str, split_text: str, settings: _Pass1,
                       near_index: NearDupIndex | None, kept_path: str, removed: dict,
                       batch_size: int, in_flight: int, progress: bool) -> tuple[int, int]:
     """Pass 1: decide each document in input order, write the kept ones to `kept_path`.
@@ -193,7 +237,8 @@ def _filter_and_dedup(pool, inputs: list[str], json_key: str, settings: _Pass1,
 
     docs_in = docs_kept = 0
     exact_seen: set[bytes] = set()
-    tasks = ((batch, settings) for batch in _batches(iter_documents(inputs, json_key), batch_size))
+    docs = iter_documents(inputs, json_key, split_text)
+    tasks = ((batch, settings) for batch in _batches(docs, batch_size))
     with open(kept_path, "w", encoding="utf-8") as kept, \
             tqdm(desc="filter+dedup", unit="doc", file=sys.stderr, disable=not progress) as bar:
         for (batch, _), results in _ordered_map(pool, _analyse_batch, tasks, in_flight):
@@ -235,7 +280,8 @@ def _tokenize(pool, tok: Tokenizer, tokenizer_path: str, kept_path: str, docs_ke
 
 
 def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: int | None = None,
-               tokenizer: str | None = None, json_key: str = "text", workers: int = 1,
+               tokenizer: str | None = None, json_key: str = "text", split_text: str = "file",
+               workers: int = 1,
                do_filter: bool = True, filter_config: FilterConfig | None = None,
                dedup: bool = True, near_dedup: bool = True, near_dup_threshold: float = 0.8,
                shingle_size: int = 5, num_perm: int = 128, batch_size: int = 256,
@@ -244,7 +290,8 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
 
     Exactly one of `vocab_size` (train a BPE, saved as tokenizer.json next to the output) and
     `tokenizer` (path of a tokenizer.json) must be given. `dedup=False` turns off both exact
-    and near dedup; `near_dedup=False` only the latter.
+    and near dedup; `near_dedup=False` only the latter. `split_text` cuts plain-text files into
+    documents: "file" (one each), "paragraph" or "lines:N" (see SPLIT_TEXT_HELP).
     """
     start = time.time()
     # Everything that can be wrong with the arguments fails here, before any work.
@@ -257,6 +304,7 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
                         "least 257 (256 bytes + the end-of-document token)")
     if workers < 1 or batch_size < 1 or shingle_size < 1:
         raise DataError("--workers, batch size and shingle size must be >= 1")
+    parse_split_text(split_text)
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     near_index = NearDupIndex(near_dup_threshold, num_perm) if dedup and near_dedup else None
     cfg = (filter_config or FilterConfig()) if do_filter else None
@@ -273,7 +321,7 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
             if workers > 1 else None)
     builder = None
     try:
-        docs_in, docs_kept = _filter_and_dedup(pool, inputs, json_key, settings, near_index,
+        docs_in, docs_kept = _filter_and_dedup(pool, inputs, json_key, split_text, settings, near_index,
                                                kept_path, removed, batch_size, in_flight, progress)
         near_index = None    # free the LSH before tokenizing
         if docs_kept == 0:
@@ -303,7 +351,7 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
             os.remove(kept_path)
 
     stats = {
-        "inputs": inputs, "output_prefix": output_prefix,
+        "inputs": inputs, "output_prefix": output_prefix, "split_text": split_text,
         "docs_in": docs_in, "docs_kept": docs_kept,
         "docs_removed": docs_in - docs_kept, "removed": removed,
         "tokens": num_tokens, "dtype": dtype,
