@@ -6,7 +6,8 @@
              ~100M parameters, activation recompute off and on (full layer on both; megagpt's
              selective recompute is an extra row against HF without recompute).
 2. scaling:  one Trainer step (pipeline engine, grad buffer, distributed optimizer) on 1 rank
-             against DP2, TP2 (SP off and on) and PP2 (1F1B) in forked ranks, one thread each.
+             against DP2, TP2 (SP off and on), PP2 (1F1B) and PP2 vp2 (interleaved) in forked ranks, one
+             thread each; the PP rows give the bubble measured from the engine's own op timings.
 3. overhead: inside those steps, timers wrapped around every collective, p2p batch, the DP grad
              wait and the loss all-reduce ("comm wait"), the pipeline's F/B ops ("compute") and the
              optimizer step, each timed exclusively (a nested call's time belongs to the inner
@@ -53,7 +54,8 @@ SCALING_MODEL = dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
                      vocab_size=4096, max_seq_len=64, make_vocab_divisible_by=128)
 SCALING_TRAIN = dict(seq_len=64, micro_batch_size=1, global_batch_size=8, eval_interval=0, warmup=0)
 LAYOUTS = {"1 rank": (1, {}), "DP2": (2, {}), "TP2": (2, dict(tp=2)),
-           "TP2 (SP)": (2, dict(tp=2, sequence_parallel=True)), "PP2 (1F1B)": (2, dict(pp=2))}
+           "TP2 (SP)": (2, dict(tp=2, sequence_parallel=True)), "PP2 (1F1B)": (2, dict(pp=2)),
+           "PP2 vp2": (2, dict(pp=2, vp=2))}
 
 
 @contextlib.contextmanager
@@ -225,38 +227,43 @@ class StepClock:
         self.totals: dict[str, float] = {}
         self.stack: list[list] = []
 
+    @contextlib.contextmanager
+    def section(self, category: str, detail: str | None = None):
+        """Time the body as `category` (and `category:detail`), exclusive of nested sections."""
+        self.stack.append([time.perf_counter(), time.thread_time(), 0.0, 0.0])
+        try:
+            yield
+        finally:
+            start, start_cpu, inner, inner_cpu = self.stack.pop()
+            wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+            for key in (category, f"{category}:{detail}" if detail else None):
+                if key:
+                    self.totals[key] = self.totals.get(key, 0.0) + wall - inner
+            self.totals[category + "_cpu"] = self.totals.get(category + "_cpu", 0.0) + cpu - inner_cpu
+            if self.stack:
+                self.stack[-1][2] += wall
+                self.stack[-1][3] += cpu
+
     def wrap(self, obj, attr: str, category: str, label: str | None = None):
+        """Time a public method of obj (an instance attribute shadows the method)."""
         fn = getattr(obj, attr)
-        detail = f"{category}:{label or type(obj).__name__}.{attr}"      # e.g. comm_wait:tp.all_gather
+        detail = f"{label or type(obj).__name__}.{attr}"                # e.g. comm_wait:tp.all_gather
 
         def timed(*args, **kwargs):
-            self.stack.append([time.perf_counter(), time.thread_time(), 0.0, 0.0])
-            try:
+            with self.section(category, detail):
                 return fn(*args, **kwargs)
-            finally:
-                start, start_cpu, inner, inner_cpu = self.stack.pop()
-                wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
-                self.totals[category] = self.totals.get(category, 0.0) + wall - inner
-                self.totals[detail] = self.totals.get(detail, 0.0) + wall - inner
-                self.totals[category + "_cpu"] = self.totals.get(category + "_cpu", 0.0) + cpu - inner_cpu
-                if self.stack:
-                    self.stack[-1][2] += wall
-                    self.stack[-1][3] += cpu
-        setattr(obj, attr, timed)                            # instance attribute: shadows the method
+        setattr(obj, attr, timed)
 
     def instrument(self, trainer):
         ps, opt, eng = trainer.ps, trainer.optimizer, trainer.engine
         groups = {id(g): g for g in [*ps.groups.values(), ps.embedding, opt.world]}.values()
-        for g in groups:
+        for g in groups:                     # the logged loss's all-reduce is one of these (ps.world)
             for name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_reduce_async",
                          "reduce_scatter_async"):
                 self.wrap(g, name, "comm_wait", g.name)
-        self.wrap(eng.p2p, "communicate", "comm_wait")
         self.wrap(opt.buffer, "finish_grad_sync", "comm_wait")   # waits for the DP buckets
-        self.wrap(trainer, "_global_loss", "comm_wait")          # the logged loss's all-reduce
-        self.wrap(eng, "_forward", "compute")
-        self.wrap(eng, "_backward", "compute")
         self.wrap(opt, "step", "optimizer")
+        eng.timer = self.section             # the engine's own hook: F/B ops and p2p waits
 
 
 def _scaling_worker(rank, world, raw, steps):
@@ -275,7 +282,10 @@ def _scaling_worker(rank, world, raw, steps):
         trainer.train_step()
         wall, cpu, main_cpu = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0
         # cpu - main_cpu: gloo's own threads (copies and reductions of the async collectives)
-        out.append({"wall": wall, "cpu": cpu, "main_cpu": main_cpu, **clock.totals})
+        timeline = trainer.engine.timeline   # the engine's own op timings: (op, start, end, waited)
+        pipe = {"pipe_start": timeline[0][1], "pipe_end": timeline[-1][2],
+                "pipe_busy": sum(e - s - w for _, s, e, w in timeline)}
+        out.append({"wall": wall, "cpu": cpu, "main_cpu": main_cpu, **pipe, **clock.totals})
     return {"steps": out, "comm_bytes": trainer.ps.counter.summary()}
 
 
@@ -303,6 +313,16 @@ def run_scaling(rounds: int, steps: int) -> dict:
         compute_cpu = median([s.get("compute_cpu", 0.0) for s in steps_all])
         cfg = config_from_dict({"model": SCALING_MODEL, "parallel": par, "train": SCALING_TRAIN}, world)
         predicted = summary(expected_comm_bytes(cfg, world, rank=0))
+        # the bubble from the engine's op timings: from the first rank's first op to the last
+        # rank's last op, less each rank's busy time (F/B minus their waits for input)
+        bubbles = []
+        for res in runs:
+            for i in range(steps):
+                ranks = [rk["steps"][i] for rk in res]
+                span = max(r["pipe_end"] for r in ranks) - min(r["pipe_start"] for r in ranks)
+                bubbles.append(sum((span - r["pipe_busy"]) / r["pipe_busy"] for r in ranks) / len(ranks))
+        pp, vp = par.get("pp", 1), par.get("vp", 1)
+        m = SCALING_TRAIN["global_batch_size"] // SCALING_TRAIN["micro_batch_size"] // (world // pp)
         out[name] = {
             "world": world, "step_s": median(walls), "tokens_per_s": tokens / median(walls),
             "speedup_vs_1_rank": median([a / b for a, b in zip(serial, walls)]),
@@ -319,6 +339,8 @@ def run_scaling(rounds: int, steps: int) -> dict:
                                                     for k in sorted({k for s in steps_all for k in s})
                                                     if k.startswith("comm_wait:")},
             "comm_bytes_rank0": runs[-1][0]["comm_bytes"],
+            "pipeline_bubble_measured": median(bubbles) if pp > 1 else None,
+            "pipeline_bubble_ideal": (pp - 1) / (vp * m) if pp > 1 else None,
             "comm_bytes_rank0_predicted": predicted, "comm_bytes_match": runs[-1][0]["comm_bytes"] == predicted}
     return out
 
@@ -360,21 +382,25 @@ def print_scaling(res: dict) -> None:
     print(f"\n== scaling: h={m['hidden_size']} L={m['num_layers']} seq={SCALING_TRAIN['seq_len']} "
           f"global batch {SCALING_TRAIN['global_batch_size']}, fp32, 1 thread per rank, one Trainer step")
     print(f"{'layout':11} {'step s':>7} {'tok/s':>7} {'speedup':>8} {'cpu work':>9} {'F/B cpu':>8} | {'compute':>8} "
-          f"{'comm wait':>10} {'optimizer':>10} {'bookkeep':>9} | {'off cpu':>8} {'gloo cpu':>9} {'MB/step':>8}")
+          f"{'comm wait':>10} {'optimizer':>10} {'bookkeep':>9} | {'off cpu':>8} {'gloo cpu':>9} {'MB/step':>8} "
+          f"| {'bubble':>6} {'(p-1)/vm':>8}")
     for name, r in sc.items():
         s = r["share"]
         print(f"{name:11} {r['step_s']:7.2f} {r['tokens_per_s']:7.0f} {r['speedup_vs_1_rank']:7.2f}x "
               f"{r['cpu_work_vs_1_rank']:8.2f}x {r['compute_cpu_vs_ideal']:7.2f}x | {100 * s['compute']:7.1f}% "
               f"{100 * s['comm_wait']:9.1f}% "
               f"{100 * s['optimizer']:9.1f}% {100 * s['bookkeeping']:8.1f}% | {100 * r['off_cpu_share']:7.1f}% "
-              f"{100 * r['gloo_threads_cpu_share']:8.1f}% {sum(r['comm_bytes_rank0'].values()) / 2**20:8.1f}"
+              f"{100 * r['gloo_threads_cpu_share']:8.1f}% {sum(r['comm_bytes_rank0'].values()) / 2**20:8.1f} | "
+              + (f"{r['pipeline_bubble_measured']:6.3f} {r['pipeline_bubble_ideal']:8.3f}"
+                 if r["pipeline_bubble_measured"] is not None else f"{'':6} {'':8}")
               + ("" if r["comm_bytes_match"] else "  (differs from comm_model!)"))
     print("(speedup: tokens/s against 1 rank, bounded by 2 on 2 cores. cpu work: CPU seconds of all ranks against\n"
           " 1 rank's. F/B cpu: a rank's forward/backward CPU time (comm excluded) against 1 rank's / world size.\n"
           " compute .. bookkeep: shares of a rank's step wall time, timed exclusively. off cpu: share of the step\n"
           " the rank's main thread was not on a core (blocked in comm, or preempted by other processes).\n"
           " gloo cpu: share of the ranks' CPU time spent in gloo's own threads. MB/step: rank 0's counted bytes\n"
-          " (= megagpt.comm_model's prediction unless flagged).\n"
+          " (= megagpt.comm_model's prediction unless flagged). bubble: the pipeline's idle share, from the\n"
+          " engine's own op timings (span of the F/B ops over all ranks against each rank's busy time).\n"
           f" Load average (1 min) before/after: {res['machine']['load_avg']} on {res['machine']['cores']} cores)")
 
 

@@ -18,6 +18,8 @@ flight: the measured activation memory follows `schedule.simulate`'s peak_inflig
 Timing: `timeline` holds (op, start, end, waited) per compute op of the last call
 (time.perf_counter seconds; waited is the part of [start, end] spent waiting for its input),
 so a bubble is measured on the engine itself (tools/schedule.py --measure, make bench).
+`timer`, if set, is called as `with timer("compute"):` around each F/B and
+`with timer("comm_wait"):` around each p2p wait: the benchmark's hook (bench/run.py StepClock).
 
 Loss: the last global chunk turns its per-token losses [b, s] into sum * loss_scale and
 backpropagates that. The caller passes loss_scale = 1 / (tokens in the global batch over all
@@ -80,6 +82,7 @@ class PipelineEngine:
                            and torch.distributed.get_backend(ps.pp.pg) == "gloo")
         self.trace: list[Op] = []          # the ops of the last call, in the order they ran
         self.timeline: list[tuple[Op, float, float, float]] = []  # (op, start, end, waited)
+        self.timer: Callable[[str], contextlib.AbstractContextManager] = lambda category: contextlib.nullcontext()
         self._schedules: dict[tuple[int, bool], list[Op]] = {}
         self._reset()
 
@@ -125,10 +128,11 @@ class PipelineEngine:
                     before_last_backward()
                 self.trace.append(item)
                 start = time.perf_counter()
-                if item.kind == "F":
-                    waited = self._forward(item, get_microbatch, loss_scale, forward_only)
-                else:
-                    waited = self._backward(item)
+                with self.timer("compute"):
+                    if item.kind == "F":
+                        waited = self._forward(item, get_microbatch, loss_scale, forward_only)
+                    else:
+                        waited = self._backward(item)
                 self.timeline.append((item, start, time.perf_counter(), waited))
                 self._sending = [(t, works) for t, works in self._sending if not all(w.is_completed() for w in works)]
         # sends not seen completed are waited on once here; ones that completed were dropped above
@@ -144,13 +148,13 @@ class PipelineEngine:
         self._losses = {}
         return losses
 
-    @staticmethod
-    def _wait(works: list) -> float:
+    def _wait(self, works: list) -> float:
         """Wait for a posted p2p op, exactly once (gloo's wait() on a finished receive blocks for
         the next message); returns the seconds spent waiting."""
         start = time.perf_counter()
-        for work in works:
-            work.wait()
+        with self.timer("comm_wait"):
+            for work in works:
+                work.wait()
         return time.perf_counter() - start
 
     def _received(self, buffers: dict, key: tuple) -> tuple[torch.Tensor, float]:
