@@ -36,7 +36,8 @@ def _nbytes(t) -> int:
 SPEC = {
     "all_reduce": ("all_reduce", "tensor"), "all_reduce_coalesced": ("all_reduce", "tensors"),
     "all_gather": ("all_gather", "tensor"), "all_gather_into_tensor": ("all_gather", "input_tensor"),
-    "_all_gather_base": ("all_gather", "input_tensor"), "all_gather_coalesced": ("all_gather", "input_tensor_list"),
+    "all_gather_single": ("all_gather", "input_tensor"), "_all_gather_base": ("all_gather", "input_tensor"),
+    "all_gather_coalesced": ("all_gather", "input_tensor_list"),
     "reduce_scatter": ("reduce_scatter", "input_list"), "reduce_scatter_tensor": ("reduce_scatter", "input"),
     "_reduce_scatter_base": ("reduce_scatter", "input"), "reduce_scatter_single": ("reduce_scatter", "input"),
     "broadcast": ("broadcast", "tensor"), "reduce": ("reduce", "tensor"), "gather": ("gather", "tensor"),

@@ -17,6 +17,7 @@ def _all_kinds(rank, world):
         dist.all_reduce(t, group=sub, async_op=True).wait()
         out = torch.empty(16)
         dist.all_gather_into_tensor(out, t, group=sub, async_op=True).wait()
+        dist.all_gather_single(out, t, group=sub)                  # the newer name of the same call
         dist.reduce_scatter_tensor(torch.empty(4), t, group=sub)
         dist.broadcast(t, src=0, group=sub)
         dist.all_to_all_single(torch.empty(8), t, group=sub)
@@ -37,7 +38,7 @@ def _all_kinds(rank, world):
 
 def test_interceptor_counts_every_call_once():
     for r in spawn(2, _all_kinds):
-        assert r == {"all_reduce/world": [32, 1], "all_reduce/sub": [32, 1], "all_gather/sub": [32, 1],
+        assert r == {"all_reduce/world": [32, 1], "all_reduce/sub": [32, 1], "all_gather/sub": [64, 2],
                      "reduce_scatter/sub": [32, 1], "broadcast/sub": [32, 1], "all_to_all/sub": [32, 1],
                      "send/sub": [40, 2], "recv/sub": [40, 2], "send/world": [32, 1], "recv/world": [32, 1],
                      "barrier/world": [0, 1]}, r
