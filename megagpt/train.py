@@ -22,6 +22,7 @@ from .config import Config, flops_per_token
 from .data.blend import BlendedDataset, blend_parts
 from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
+from .faults import fault_point
 from .metrics_log import Logger
 from .optim import build_optimizer
 from .optim.schedule import lr_at
@@ -143,12 +144,9 @@ class Trainer:
         return total / max(1, t.eval_iters)
 
     def _maybe_fault(self, where: str):
-        """Test hook: MEGAGPT_FAULT=step:N (or save:N) SIGKILLs rank 0 in the middle of step N (or of the
-        save at step N), as `kill -9` would, to prove resume never depends on a clean exit."""
-        fault = os.environ.get("MEGAGPT_FAULT", "")
-        if fault == f"{where}:{self.step + (1 if where == 'step' else 0)}" and self.ps.rank == 0:
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Test hook (faults.py): MEGAGPT_FAULT=step:N (or save:N) SIGKILLs a rank in the middle of step N
+        (or of the save at step N), as `kill -9` would, to prove resume never depends on a clean exit."""
+        fault_point(where, self.step + (1 if where == "step" else 0), self.ps.rank)
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict:

@@ -6,7 +6,9 @@ engine, grad buffer, optimizer) and compares each rank's CommCounter with
 `expected_comm_bytes(cfg, world, rank=r)`. The extra cases switch on what adds terms to the
 formulas: replicated KV heads (MQA under TP2), biases and LayerNorm under SP, full recompute of
 part of the layers, tied embeddings across stages, several padded DP buckets, the plain optimizer,
-bf16 activations.
+bf16 activations. Every torch.distributed call made during the step is also intercepted
+(comm_intercept.py): its bytes and calls per (kind, group) must equal the counter's, so a
+collective that bypasses the project's Group/P2P wrappers fails the test.
 """
 import contextlib
 import io
@@ -15,6 +17,7 @@ import os
 
 import pytest
 
+from comm_intercept import CommInterceptor, group_names
 from dist import spawn
 from megagpt.comm_model import (_chunk_param_numels, expected_comm_bytes, ring_bytes_per_rank, ring_factor,
                                 summary)
@@ -54,8 +57,13 @@ def _one_step(rank, world, raw, run_dir):
     cfg = config_from_dict(raw, world)
     with contextlib.redirect_stdout(io.StringIO()):      # the split description
         trainer = Trainer(cfg, run_dir)
-        trainer.run()                                     # one step: resets the counter, steps, logs
-    return [[kind, group, n] for (kind, group), n in sorted(trainer.ps.counter.records.items())]
+        with CommInterceptor(group_names(trainer.ps)) as seen:
+            trainer.run()                                 # one step: resets the counter, steps, logs
+    counter = trainer.ps.counter
+    assert (dict(seen.records), dict(seen.calls)) == (dict(counter.records), dict(counter.calls)), \
+        f"torch.distributed saw bytes {dict(seen.records)} in calls {dict(seen.calls)}; the counter " \
+        f"{dict(counter.records)} in {dict(counter.calls)}"
+    return [[kind, group, n] for (kind, group), n in sorted(counter.records.items())]
 
 
 @pytest.mark.parametrize("case", list(CASES))

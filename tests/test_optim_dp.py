@@ -51,25 +51,27 @@ def data(cfg):
 
 @functools.lru_cache(maxsize=4)
 def serial_reference(tie_embeddings: bool = False, num_layers: int = 2, odd: bool = False):
-    """One process, the whole global batch, torch.optim.AdamW with decay on matrices only."""
+    """One process, the whole global batch, torch.optim.AdamW with decay on matrices only. "grads": each
+    step's gradients after clipping, as the update reads them."""
     mcfg, tcfg = model_cfg(odd, tie_embeddings=tie_embeddings, num_layers=num_layers), train_cfg(1)
     model = build_model(mcfg, seed=tcfg.seed)
     params = list(model.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tcfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
-    norms, losses = [], []
+    norms, losses, grads = [], [], []
     for step, (tokens, labels) in enumerate(data(mcfg)):
         opt.zero_grad()
         loss = model(tokens, labels).sum() / tokens.numel()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params, tcfg.clip_grad).item())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tcfg)
         opt.step()
         losses.append(loss.item())
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "norms": norms,
-            "losses": losses}
+            "losses": losses, "grads": grads}
 
 
 def run_steps(model, opt, ps, tcfg, steps, start=0, on_microbatch=None):
@@ -237,12 +239,20 @@ def test_checkpoint_roundtrip_and_ranges_cover_each_param_once():
 
 def engine_worker(rank, world, cfg):
     """The same run through the pipeline engine's 1F1B schedule: the training loop's own path."""
-    from megagpt.pipeline.engine import PipelineEngine
     from megagpt.pipeline.split import build_stage
     p, t = cfg.parallel, cfg.train
     ps = ParallelState.create(tp=p.tp, pp=p.pp)
     chunks = build_stage(cfg, ps, seed=t.seed)
     opt = build_optimizer(chunks, ps, t, p, cfg.model)
+    norms = engine_steps(chunks, opt, ps, cfg)
+    params = {n: v for c in chunks for n, v in full_params(c, ps).items()}
+    return {"params": params, "norms": norms} if ps.dp.rank == 0 and ps.tp.rank == 0 else None
+
+
+def engine_steps(chunks, opt, ps, cfg) -> list:
+    """STEPS training steps of this rank's chunks through the pipeline engine; returns the grad norms."""
+    from megagpt.pipeline.engine import PipelineEngine
+    p, t = cfg.parallel, cfg.train
     seq = SEQ // p.tp if p.sequence_parallel else SEQ
     engine = PipelineEngine(chunks, ps, cfg, (seq, t.micro_batch_size, cfg.model.hidden_size), torch.float32)
     norms = []
@@ -256,8 +266,7 @@ def engine_worker(rank, world, cfg):
         engine.forward_backward(lambda i: mbs[i], MICRO, opt.loss_scale / tokens.numel(),
                                 before_last_backward=lambda: opt.set_sync(True))
         norms.append(opt.step(lr_at(step, t))["grad_norm"])
-    params = {n: v for c in chunks for n, v in full_params(c, ps).items()}
-    return {"params": params, "norms": norms} if ps.dp.rank == 0 and ps.tp.rank == 0 else None
+    return norms
 
 
 # (tp, pp, vp, layers): DP2xTP2xPP2 with SP (world 8), and DP2xPP2 interleaved with 2 chunks per rank

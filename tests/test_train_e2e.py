@@ -1,7 +1,9 @@
 """Pretraining end to end: layout equivalence through metrics.jsonl, exact resume after kill -9,
 clear errors on bad input, and a two-launcher multi-node run on localhost."""
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,13 +85,34 @@ def test_train_iters_counts_from_zero(tmp_path):
     assert os.path.exists(run / "loss.png")
 
 
-def _expect_error(argv, fragment, tmp_path):
-    out = subprocess.run([sys.executable, PRETRAIN, *argv, "--run-dir", str(tmp_path / "err")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+def _expect_error(argv, fragment, tmp_path, nproc=0):
+    """The command fails before any step, each failing rank printing exactly one line, `error: ...`
+    naming `fragment`, on stderr. nproc 0: plain `python pretrain.py`, whose whole stderr must be that
+    line. nproc > 0: under torchrun, each rank's stderr (kept by --log-dir) holds at most one line, and
+    exactly one for each rank the launcher reports as failed with exit code 2 (a rank it stopped first
+    with SIGTERM may have printed nothing); on the console (--tee prefixes [defaultN]:) each comes
+    before the launcher's own report (its ChildFailedError traceback)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "--tee", "3", "--log-dir", str(tmp_path / "logs")] if nproc else [sys.executable]
+    out = subprocess.run([*launcher, PRETRAIN, *argv, "--run-dir", str(tmp_path / "err")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode != 0
-    assert fragment in out.stderr, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not os.path.exists(tmp_path / "err" / "metrics.jsonl")  # no step ran
+    lines = out.stderr.splitlines()
+    if not nproc:
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], out.stderr[-3000:]
+        return
+    report_at = next(i for i, line in enumerate(lines) if "ChildFailedError" in line)   # the launcher's report
+    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\n\s*exitcode\s*:\s*(-?\d+)", out.stderr))
+    assert "2" in codes.values(), out.stderr[-3000:]
+    for rank in range(nproc):                        # each rank's own stderr, as --log-dir kept it
+        [log] = glob.glob(str(tmp_path / "logs" / "*" / "attempt_0" / str(rank) / "stderr.log"))
+        printed = open(log).read().splitlines()
+        allowed = (1,) if codes.get(str(rank)) == "2" else (0, 1)
+        assert len(printed) in allowed, f"rank {rank} (exit code {codes.get(str(rank))}) printed {printed}"
+        for text in printed:
+            assert text.startswith("error: ") and fragment in text, printed
+            assert lines.index(f"[default{rank}]:{text}") < report_at, out.stderr[-3000:]
 
 
 def _make_data(prefix, vocab=2048, docs=50):
@@ -115,7 +138,7 @@ def test_bad_inputs_fail_before_training(tmp_path):
     other = str(tmp_path / "o")
     _make_data(other, vocab=5000)
     _expect_error(base + ["--data", other], "vocab", tmp_path)
-    _expect_error(base + ["--tp", "3"], "parallel.tp=3", tmp_path)
+    _expect_error(base + ["--tp", "3"], "parallel.tp=3", tmp_path, nproc=2)
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path):

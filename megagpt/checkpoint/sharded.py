@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..faults import fault_point
 from ..parallel.layers import ShardSpec
 from .store import (FORMAT, CheckpointError, clean_stale, digest, find_checkpoint, fsync_path, inside, prune,
                     publish, rank_file, read_json, read_manifest, step_dir_name, verify_file, write_json,
@@ -152,6 +153,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
             "optim_scalars": _encode(scalars, "optimizer state"), "extra": _encode(extra or {}, "extra")}
     st_path = os.path.join(tmp_dir, rank_file(ps.rank, "safetensors"))
     save_file(tensors, st_path, metadata={"format": FORMAT})
+    fault_point("shard", step, ps.rank, cut=st_path)          # test hook (faults.py): inert unless asked
     fsync_path(st_path)
     meta["tensor_file"] = digest(st_path)
     write_json(os.path.join(tmp_dir, rank_file(ps.rank, "json")), meta)

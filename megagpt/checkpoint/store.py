@@ -23,6 +23,8 @@ import os
 import re
 import shutil
 
+from ..faults import fault_point
+
 FORMAT = "megagpt-sharded-v1"
 MANIFEST = "COMPLETE"
 LATEST = "latest"
@@ -133,8 +135,10 @@ def publish(run_dir: str, tmp_dir: str, step: int, nonce: str) -> str:
     if os.path.exists(final):                  # the same step saved again (a resumed run): swap it out
         old = f"{final}.old-{nonce}"
         os.replace(final, old)
+        fault_point("republish", step)                  # test hooks (faults.py): inert unless asked
     os.replace(tmp_dir, final)
     fsync_path(run_dir)
+    fault_point("publish", step)
     with open(os.path.join(run_dir, f"{LATEST}.tmp-{nonce}"), "w") as f:
         f.write(step_dir_name(step) + "\n")
         f.flush()
