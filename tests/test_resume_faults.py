@@ -10,10 +10,7 @@ exactly as the uninterrupted run did.
 import json
 import os
 
-import matplotlib.pyplot  # noqa: F401  imported once here, not in every forked rank: the loss plot,
 import pytest
-import torch.fx.experimental.symbolic_shapes  # noqa: F401  autograd's first backward,
-import torch.utils.tensorboard  # noqa: F401  the training log (about 2.5 s of CPU per run otherwise)
 
 from dist import RankError, spawn
 from megagpt.checkpoint.store import MANIFEST
