@@ -128,8 +128,14 @@ class Optimizer:
         state.update(step=self.steps, **self.scaler.state_dict())
         return state
 
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        """{param name: (start, end)}: the flat range of each param's local tensor that this rank's state
+        covers (what state_for_checkpoint would hold), without copying any state."""
+        return self.update.owned_ranges()
+
     def load_from_checkpoint(self, state: dict) -> None:
-        """The inverse of state_for_checkpoint, for this rank's ranges; also sets the model's weights."""
+        """The inverse of state_for_checkpoint, for this rank's ranges; also sets the model's weights.
+        `state` may be any mapping (a load reads each tensor when it is asked for, and copies it in place)."""
         self.steps = int(state["step"])
         self.scaler.load_state_dict(state)
         self.update.load_from_checkpoint({k: v for k, v in state.items() if k not in SCALAR_KEYS}, self.steps)

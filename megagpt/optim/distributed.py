@@ -107,6 +107,11 @@ class ShardedAdamW:
     @torch.no_grad()
     def gather_params(self) -> None:
         """Every bucket's owned shard, cast to the model dtype, all-gathered into every rank's params."""
+        if self.dp.size == 1:        # each shard is its whole bucket: copy in place, no bucket-sized staging
+            if self.main_flat is not None:                  # (fp32 main params are the params themselves)
+                for s in self.segments:
+                    s.param.detach().view(-1)[s.lo:s.hi].copy_(s.main)
+            return
         for b, segs in zip(self.buffer.buckets, self.by_bucket):
             lo, hi = self.buffer.owned_range(b)
             shard = torch.zeros(hi - lo, dtype=self.param_dtype, device=self.buffer.data.device)   # [n]
@@ -116,6 +121,9 @@ class ShardedAdamW:
             for p in b.params:
                 ps, pe = self.buffer.param_range[id(p)]
                 p.detach().view(-1).copy_(full[ps - b.start:pe - b.start])
+
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        return {s.name: (s.lo, s.hi) for s in self.segments}
 
     def state_for_checkpoint(self) -> dict:
         return {s.name: {"start": s.lo, "end": s.hi, "main": s.main.detach().float().clone(),
@@ -166,6 +174,9 @@ class PlainAdamW:
         for m, p in zip(self.mains, self.params):
             if m is not p:
                 p.copy_(m)
+
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        return {name: (0, m.numel()) for name, m in zip(self.names, self.mains)}
 
     def state_for_checkpoint(self) -> dict:
         out = {}
