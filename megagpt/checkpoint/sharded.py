@@ -57,7 +57,8 @@ def _shared_nonce(ps) -> str:
 def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg, extra, optimizer) -> None:
     """This rank's files through the format's Writer: its params (DP rank 0 only: DP replicas are equal),
     then its optimizer ranges, each param followed by its optimizer state."""
-    state = optimizer.state_for_checkpoint() if hasattr(optimizer, "state_for_checkpoint") else (optimizer or {})
+    state = (optimizer.state_for_checkpoint(copy=False) if hasattr(optimizer, "state_for_checkpoint")
+             else (optimizer or {}))                          # views: each is streamed to disk, never copied
     params, scalars = {}, {}
     for name, p, written in rank_params(chunks):
         params.setdefault(name, (p, written))

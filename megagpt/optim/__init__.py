@@ -121,10 +121,11 @@ class Optimizer:
         return {"grad_norm": norm, "skipped": False, "loss_scale": self.scaler.scale}
 
     # ------------------------------------------------------------------ checkpoints and accounting
-    def state_for_checkpoint(self) -> dict:
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
         """{param name: {"start", "end", "main", "exp_avg", "exp_avg_sq"}} for the flat range of each
-        param's local (TP-sharded) tensor that this rank owns, plus "step", "loss_scale", "growth_tracker"."""
-        state = self.update.state_for_checkpoint()
+        param's local (TP-sharded) tensor that this rank owns, plus "step", "loss_scale", "growth_tracker".
+        copy=False: views of the live state (a save streams them to disk without a 12-byte/param copy)."""
+        state = self.update.state_for_checkpoint(copy)
         state.update(step=self.steps, **self.scaler.state_dict())
         return state
 

@@ -125,9 +125,10 @@ class ShardedAdamW:
     def owned_ranges(self) -> dict[str, tuple[int, int]]:
         return {s.name: (s.lo, s.hi) for s in self.segments}
 
-    def state_for_checkpoint(self) -> dict:
-        return {s.name: {"start": s.lo, "end": s.hi, "main": s.main.detach().float().clone(),
-                         "exp_avg": s.exp_avg.clone(), "exp_avg_sq": s.exp_avg_sq.clone()}
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
+        keep = torch.clone if copy else (lambda t: t)
+        return {s.name: {"start": s.lo, "end": s.hi, "main": keep(s.main.detach().float()),
+                         "exp_avg": keep(s.exp_avg), "exp_avg_sq": keep(s.exp_avg_sq)}
                 for s in self.segments}
 
     @torch.no_grad()
@@ -178,14 +179,15 @@ class PlainAdamW:
     def owned_ranges(self) -> dict[str, tuple[int, int]]:
         return {name: (0, m.numel()) for name, m in zip(self.names, self.mains)}
 
-    def state_for_checkpoint(self) -> dict:
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
+        keep = torch.clone if copy else (lambda t: t)
         out = {}
         for name, m in zip(self.names, self.mains):
             st = self.opt.state.get(m, {})
             zeros = torch.zeros(m.numel(), device=m.device)
-            out[name] = {"start": 0, "end": m.numel(), "main": m.detach().float().reshape(-1).clone(),
-                         "exp_avg": st["exp_avg"].reshape(-1).clone() if st else zeros,
-                         "exp_avg_sq": st["exp_avg_sq"].reshape(-1).clone() if st else zeros.clone()}
+            out[name] = {"start": 0, "end": m.numel(), "main": keep(m.detach().float().reshape(-1)),
+                         "exp_avg": keep(st["exp_avg"].reshape(-1)) if st else zeros,
+                         "exp_avg_sq": keep(st["exp_avg_sq"].reshape(-1)) if st else zeros.clone()}
         return out
 
     @torch.no_grad()
