@@ -111,7 +111,8 @@ def layout_of(ps, order: str | None = None) -> dict:
     """The layout fields of a rank's metadata, from its ParallelState (a virtual one included, with
     the run's `order`: a virtual state has the default one)."""
     axes = ("tp", "pp", "dp")
-    return {"order": order or ps.order, **{a: ps.groups[a].size for a in axes}, **{f"{a}_rank": ps.groups[a].rank for a in axes}}
+    return {"order": order or ps.order, **{a: ps.groups[a].size for a in axes},
+            **{f"{a}_rank": ps.groups[a].rank for a in axes}}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -176,7 +177,7 @@ class Writer:
         self.plan.append((name, dtype, tuple(tp.spec.local_shape(tuple(global_shape), tp.size))))
 
     def add_optim(self, name: str, start: int, end: int, keys, global_shape, tp: TPPiece,
-              dtype: torch.dtype = torch.float32) -> None:
+                  dtype: torch.dtype = torch.float32) -> None:
         rows = self.model_cfg.vocab_size if name in VOCAB_PADDED else None
         self.optim[name] = OptimEntry(start, end, list(keys), list(global_shape), tp, rows)
         self.plan += [(f"optim/{name}/{k}", dtype, (end - start,)) for k in keys]

@@ -85,7 +85,8 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
                 if value[k].numel() != end - start:
                     raise CheckpointError(f"optimizer state {name}.{k}: {value[k].numel()} elements for range "
                                           f"[{start}, {end})")
-            writer.add_optim(name, start, end, keys, p.global_shape, tp, value[keys[0]].dtype if keys else torch.float32)
+            dtype = value[keys[0]].dtype if keys else torch.float32
+            writer.add_optim(name, start, end, keys, p.global_shape, tp, dtype)
             tensors += [(f"optim/{name}/{k}", value[k].reshape(-1)) for k in keys]
     for key, t in tensors:
         writer.write(key, t)
