@@ -3,7 +3,8 @@
 - regions: every rank's piece, cut from the pieces and DP shards of every other layout, equals
   ShardSpec.shard of the global tensor (GQA replicas, row- and column-split, vocab re-padding).
 - Bytes read: saved under TP2 x DP2, each rank of four loading layouts pulls within 10% of its own
-  shard (params + its optimizer ranges), counted by a wrapper around safetensors' slices.
+  shard (params + its optimizer ranges), counted by a wrapper around safetensors' slices. Verifying
+  sha256 reads every file a rank opens in full: in the saved layout DP rank 0 opens only its own.
 - Resume memory: a ~100 MB model resumes with peak RSS (the kernel's VmHWM) at most 1.1x the steady state.
 - Conversion output is byte-identical to the code before format.py (pinned sha256 of a tiny conversion).
 - TrainState round-trips the RNG streams.
@@ -110,7 +111,8 @@ def _save(rank, world, run_dir):
 
 def _load_counting(rank, world, run_dir, tp):
     """Load with safetensors' slices wrapped: every tensor they hand out is counted here, outside the
-    Reader. Returns (bytes pulled, the Reader's own count, this rank's shard in bytes)."""
+    Reader. Returns (bytes pulled, the Reader's own count, this rank's shard in bytes, bytes hashed
+    to verify the files it opened)."""
     from megagpt.checkpoint import format as fmt
     original, pulled = fmt.safe_open, [0]
 
@@ -140,12 +142,12 @@ def _load_counting(rank, world, run_dir, tp):
     stats = {}
     fmt.safe_open = File
     try:
-        load_checkpoint(run_dir, [model], ps, None, opt, verify=False, stats=stats)
+        load_checkpoint(run_dir, [model], ps, None, opt, stats=stats)
     finally:
         fmt.safe_open = original
     shard = sum(p.numel() * p.element_size() for p in model.parameters())
     shard += sum(3 * 4 * (end - start) for start, end in opt.owned_ranges().values())
-    return pulled[0], stats["bytes_read"], shard
+    return pulled[0], stats["bytes_read"], shard, stats["bytes_hashed"]
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +160,13 @@ def saved_tp2_dp2(tmp_path_factory):
 @pytest.mark.parametrize("world,tp", [(4, 2), (4, 4), (4, 1), (1, 1)])
 def test_each_rank_reads_about_its_own_shard(saved_tp2_dp2, world, tp):
     out = spawn(world, _load_counting, saved_tp2_dp2, tp) if world > 1 else [_load_counting(0, 1, saved_tp2_dp2, 1)]
-    for rank, (pulled, counted, shard) in enumerate(out):
-        print(f"world {world} tp {tp} rank {rank}: read {pulled} B, shard {shard} B ({pulled / shard:.3f})")
+    for rank, (pulled, counted, shard, hashed) in enumerate(out):
+        print(f"world {world} tp {tp} rank {rank}: read {pulled} B, shard {shard} B ({pulled / shard:.3f}); "
+              f"sha256 over {hashed} B ({hashed / shard:.3f})")
         assert pulled == counted
         assert abs(pulled - shard) <= 0.1 * shard, (rank, pulled, shard)
+        if (world, tp) == (4, 2) and rank < 2:    # the saved layout, DP rank 0: only its own file is opened
+            assert hashed <= 1.1 * shard, (rank, hashed, shard)
 
 
 # ----------------------------------------------------------------------------- resume memory

@@ -92,14 +92,16 @@ def _merge(runs: list[Run]) -> list[Run]:
     return out
 
 
-def _saved_runs(saved: list[tuple], dim: int) -> list[list[Run]]:
-    """Each saved piece's runs with the global ranges of earlier pieces removed (replicas read once)."""
-    covered, out = [], []
-    for spec, shape, rank, size in saved:
-        d, runs = axis_runs(spec, shape, rank, size)
+def _saved_runs(saved: list[tuple], dim: int, rank: int) -> list[list[Run]]:
+    """Each saved piece's runs less what an earlier piece holds (replicas are read once). The piece of
+    the same TP rank comes first: what this rank saved itself is read from its own file."""
+    covered, out = [], [[] for _ in saved]
+    first = rank % len(saved)
+    for i in [first] + [i for i in range(len(saved)) if i != first]:
+        d, runs = axis_runs(*saved[i])
         if d != dim:
             raise ValueError(f"saved pieces cut different dims ({d} and {dim})")
-        out.append(subtract(runs, covered))
+        out[i] = subtract(runs, covered)
         covered += [(g, g + n) for _, g, n in runs]
     return out
 
@@ -115,7 +117,7 @@ def box_reads(want: tuple, saved: list[tuple], rows: int | None = None) -> tuple
         wanted[0] = clip(wanted[0], rows)
     sdim = axis_runs(*saved[0])[0]
     reads = []
-    for i, runs_i in enumerate(_saved_runs(saved, sdim)):
+    for i, runs_i in enumerate(_saved_runs(saved, sdim, rank)):
         have = {k: [(0, 0, saved[i][1][k])] for k in range(len(shape))}
         have[sdim] = runs_i
         per_dim = [intersect(have[k], wanted[k]) for k in range(len(shape))]
@@ -151,7 +153,7 @@ def flat_reads(want: tuple, start: int, end: int, saved: list[tuple], shards: li
         if rows is not None:
             wanted = clip(wanted, rows * math.prod(shape[1:]))
         pieces = {}
-        for i, runs_i in enumerate(_saved_runs(saved, sdim)):
+        for i, runs_i in enumerate(_saved_runs(saved, sdim, rank)):
             s_spec, s_shape, _, s_size = saved[i]
             pieces[i] = flat_blocks(sdim, runs_i, s_spec.local_shape(s_shape, s_size), s_shape)
     reads = []
