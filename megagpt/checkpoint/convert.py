@@ -118,7 +118,7 @@ class HFSource:
                     raise ConversionError(f"{path}: tensor {hf_name} is in no file (config.json needs it)")
                 got = self.files.shape(hf_name)
                 if got != shape:
-                    raise ConversionError(f"{path}/{self.files._file(hf_name)}: {hf_name} has shape {got}, "
+                    raise ConversionError(f"{path}/{self.files.file_of(hf_name)}: {hf_name} has shape {got}, "
                                           f"config.json gives {shape}")
             self.dtype = {v: k for k, v in _ST_DTYPES.items()}.get(self.files.dtype("model.embed_tokens.weight"),
                                                                   torch.float32)

@@ -40,7 +40,8 @@ class HFDirectory:
     def has(self, hf_name: str) -> bool:
         return hf_name in (self.weight_map if self.weight_map is not None else self._open(SINGLE).keys())
 
-    def _file(self, hf_name: str) -> str:
+    def file_of(self, hf_name: str) -> str:
+        """The file holding hf_name: a plain name inside the directory, else a one-line error."""
         fname = SINGLE if self.weight_map is None else self.weight_map.get(hf_name)
         if fname is None:
             raise ConversionError(f"{hf_name}: not in the checkpoint's weight map")
@@ -62,7 +63,7 @@ class HFDirectory:
         return self.handles[fname]
 
     def _handle(self, hf_name: str):
-        fname = self._file(hf_name)
+        fname = self.file_of(hf_name)
         handle = self._open(fname)
         if hf_name not in handle.keys():
             raise ConversionError(f"{self.dir}/{fname}: no tensor {hf_name}, though {self.index or fname} lists it")
