@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .checkpoint.train_state import TrainState
 from .config import Config, flops_per_token
 from .data.blend import BlendedDataset, blend_parts
 from .data.sampler import MicroBatchSampler, make_batch
@@ -51,11 +52,14 @@ class Trainer:
                                      self.dtype)
         self.dp = self.ps.dp.size
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)
-        self.step = 0
-        self.consumed_samples = 0
+        self.state = TrainState()          # step, consumed samples, RNG streams: what a resume restores
         self._build_data(data_path)
         if load:
             self._load(load)
+
+    step = property(lambda self: self.state.step, lambda self, v: setattr(self.state, "step", v))
+    consumed_samples = property(lambda self: self.state.consumed_samples,
+                                lambda self, v: setattr(self.state, "consumed_samples", v))
 
     # ------------------------------------------------------------------ data
     def _build_data(self, data_path):
@@ -149,27 +153,17 @@ class Trainer:
         fault_point(where, self.step + (1 if where == "step" else 0), self.ps.rank)
 
     # ------------------------------------------------------------------ checkpoints
-    def _extra_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), **{f"tracker/{k}": v for k, v in self.tracker.get_states().items()}}
-        if self.ps.device.type == "cuda":  # dropout in replicated regions draws from the device's default generator
-            rng["cuda"] = torch.cuda.get_rng_state(self.ps.device)
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng}
-
     def save(self):
         from .checkpoint.sharded import save_checkpoint
-        save_checkpoint(self.run_dir, self.step, self.chunks, self.ps, self.cfg, self._extra_state(),
+        self.state.capture_rng(self.tracker, self.ps.device)
+        save_checkpoint(self.run_dir, self.step, self.chunks, self.ps, self.cfg, self.state.state_dict(),
                         self.optimizer, keep=self.cfg.train.keep_checkpoints,
                         before_publish=lambda: self._maybe_fault("save"))
 
     def _load(self, path):
         from .checkpoint.sharded import load_checkpoint
-        extra = load_checkpoint(path, self.chunks, self.ps, self.cfg, self.optimizer)
-        self.step, self.consumed_samples = int(extra["step"]), int(extra["consumed_samples"])
-        rng = extra["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.ps.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.ps.device)
-        self.tracker.set_states({k[len("tracker/"):]: v for k, v in rng.items() if k.startswith("tracker/")})
+        self.state.load_state_dict(load_checkpoint(path, self.chunks, self.ps, self.cfg, self.optimizer))
+        self.state.restore_rng(self.tracker, self.ps.device)
         if self.is_logger:
             print(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)", flush=True)
 

@@ -13,7 +13,8 @@ mapped pages count as resident), so memory holds a few copies of the largest ten
 
 The megagpt target is written without any process group: each target rank's chunks are built on the
 meta device from a virtual ParallelState, which gives every parameter's global shape and ShardSpec.
-Its files are what save_checkpoint writes (rank files, COMPLETE manifest, atomic publish, `latest`).
+Its rank files are written through format.Writer, as save_checkpoint writes them (then the COMPLETE
+manifest, atomic publish, `latest`); the training state is TrainState's, as a new run's would be.
 Optimizer state is written for dp=1 (each rank owns its pieces' whole flat range): which flat ranges
 a DP rank owns depends on bucket sizes and the run's DP degree, and load_checkpoint re-cuts them for
 whatever DP the loading run has, so dp=1 loads into every DP. HF input with `with_optimizer` gets a
@@ -30,19 +31,21 @@ import secrets
 import shutil
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate
 from ..model.gpt import GPTModel
-from ..parallel.random import seed_everything
+from ..parallel.layers import ShardSpec
 from ..parallel.state import ParallelState
 from ..pipeline.split import stage_chunks
+from .format import VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, rank_params
 from .hf import (ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names, megagpt_to_hf, to_hf_config,
                  write_hf_tokenizer)
-from .sharded import VOCAB_PADDED, _encode, _fit, _params, _Reader
+from .hf_files import HFDirectory
+from .regions import fit_rows
 from .st_writer import _ST_DTYPES, SafetensorsWriter
-from .store import (FORMAT, clean_stale, find_checkpoint, inside, publish, rank_file, read_json, read_manifest,
-                    step_dir_name, verify_file, write_json, write_manifest)
+from .store import (clean_stale, find_checkpoint, publish, read_manifest, step_dir_name, verify_file, write_json,
+                    write_manifest)
+from .train_state import TrainState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPTIM_KEYS = ("main", "exp_avg", "exp_avg_sq")
@@ -70,35 +73,33 @@ class MegagptSource:
         manifest = read_manifest(step_dir)
         for name in manifest["files"]:             # sha256 once, up front: the reader then reopens freely
             verify_file(step_dir, name, manifest)
-        self.reader = _Reader(step_dir, verify=False)
+        self.reader = Reader(step_dir, verify=False)
         meta = self.reader.metas[0]
-        self.cfg = _known(ModelConfig, meta["model_config"])
-        self.config, self.step, self.dir = meta.get("config") or {}, meta["step"], step_dir
-        self.scalars = meta.get("optim_scalars", {})
+        self.cfg = _known(ModelConfig, meta.model_config)
+        self.config, self.step, self.dir = meta.config or {}, meta.step, step_dir
+        self.scalars = meta.optim_scalars
         for name, shape in _global_shapes(self.cfg).items():
             if name not in self.reader.params:
                 raise ConversionError(f"{step_dir}: no tensor {name} in any rank file (the model config needs it)")
-            saved = tuple(next(iter(self.reader.params[name].values()))[1]["global_shape"])
+            saved = self.reader.global_shape(name)
             padded = name in VOCAB_PADDED and saved[1:] == shape[1:] and saved[0] >= self.cfg.vocab_size
             if saved != shape and not padded:
                 raise ConversionError(f"{step_dir}: {name} has global shape {saved}, the model config gives {shape}")
         embedding = next(iter(self.reader.params["embedding.weight"].values()))[1]
-        self.dtype = {str(t).removeprefix("torch."): t for t in _ST_DTYPES}.get(embedding.get("dtype"), torch.float32)
+        self.dtype = {str(t).removeprefix("torch."): t for t in _ST_DTYPES}.get(embedding.dtype, torch.float32)
 
-    def param(self, name: str):
-        try:
-            return self.reader.param(name)        # (global tensor, unpadded vocab rows or None)
-        finally:
-            self.release()
+    def has_optimizer(self, names) -> bool:
+        return all(n in self.reader.optim for n in names)
 
-    def optim(self, name: str, key: str):
-        try:
-            return self.reader.optim_tensor(name, key)
-        finally:
-            self.release()
+    def param(self, name: str, shape: tuple) -> torch.Tensor:
+        """The global tensor in this global shape (vocab padding re-cut)."""
+        return self.reader.read_param(name, shape, ShardSpec(), 0, 1)
 
-    def release(self) -> None:
-        self.reader._files.clear()                # unmaps the rank files (see the module docstring)
+    def optim(self, name: str, key: str, shape: tuple) -> torch.Tensor:
+        return self.reader.read_optim(name, key, shape, ShardSpec(), 0, 1, 0, math.prod(shape)).reshape(shape)
+
+    def train_state(self, tp_rank: int, pp_rank: int) -> dict:
+        return self.reader.extra_for(tp_rank, pp_rank, 0)
 
 
 class HFSource:
@@ -107,60 +108,29 @@ class HFSource:
     kind = "hf"
 
     def __init__(self, path: str):
-        self.dir, self.handles = path, {}
-        self.hf_config = read_json(os.path.join(path, "config.json"), f"{path}/config.json")
+        self.dir, self.files = path, HFDirectory(path)
+        self.hf_config = self.files.config
         self.cfg = from_hf_config(self.hf_config)
         self.config, self.step = {}, 0
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            weight_map = read_json(index, index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{index}: no weight_map")
-            for fname in set(weight_map.values()):
-                inside(path, fname, "model.safetensors.index.json weight_map")
-            self.index = "model.safetensors.index.json"
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            self.index = None
-            weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
-        else:
-            raise ConversionError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self.files = weight_map
-        for hf_name, shape in hf_shapes(self.cfg, self.hf_config).items():
-            fname = weight_map.get(hf_name)
-            if fname is None:
-                raise ConversionError(f"{path}: tensor {hf_name} is in no file (config.json needs it)")
-            handle = self._open(fname)
-            if hf_name not in handle.keys():
-                raise ConversionError(f"{path}/{fname}: no tensor {hf_name}, though {self.index} lists it there")
-            got = tuple(handle.get_slice(hf_name).get_shape())
-            if got != shape:
-                raise ConversionError(f"{path}/{fname}: {hf_name} has shape {got}, config.json gives {shape}")
-        embedding = self._open(weight_map["model.embed_tokens.weight"]).get_slice("model.embed_tokens.weight")
-        self.dtype = {v: k for k, v in _ST_DTYPES.items()}.get(embedding.get_dtype(), torch.float32)
-        self.release()
-
-    def _open(self, fname: str):
-        if fname not in self.handles:
-            full = os.path.join(self.dir, fname)
-            if not os.path.isfile(full):
-                raise ConversionError(f"{self.dir}: {fname} is named by {self.index} but missing")
-            try:
-                self.handles[fname] = safe_open(full, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise ConversionError(f"{full}: unreadable safetensors file ({e})") from None
-        return self.handles[fname]
-
-    def get(self, hf_name: str) -> torch.Tensor:
-        return self._open(self.files[hf_name]).get_tensor(hf_name)
-
-    def param(self, name: str):
         try:
-            return hf_to_megagpt(name, self.get, self.cfg, 1, self.hf_config), self.cfg.vocab_size
+            for hf_name, shape in hf_shapes(self.cfg, self.hf_config).items():
+                if not self.files.has(hf_name):
+                    raise ConversionError(f"{path}: tensor {hf_name} is in no file (config.json needs it)")
+                got = self.files.shape(hf_name)
+                if got != shape:
+                    raise ConversionError(f"{path}/{self.files.file_of(hf_name)}: {hf_name} has shape {got}, "
+                                          f"config.json gives {shape}")
+            self.dtype = {v: k for k, v in _ST_DTYPES.items()}.get(self.files.dtype("model.embed_tokens.weight"),
+                                                                  torch.float32)
         finally:
-            self.release()
+            self.files.close()
 
-    def release(self) -> None:
-        self.handles.clear()
+    def param(self, name: str, shape: tuple) -> torch.Tensor:
+        try:
+            full = hf_to_megagpt(name, self.files.get, self.cfg, 1, self.hf_config)
+            return fit_rows(name, full, self.cfg.vocab_size, shape)
+        finally:
+            self.files.close()                    # unmaps the files (see the module docstring)
 
 
 def open_source(path: str):
@@ -226,7 +196,7 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
         where = {n: i for i, shard in enumerate(shards) for n, _, _ in shard}
         writers = {}
         for name in names:
-            full, _ = source.param(name)
+            full = source.param(name, shapes[name])
             for n, t in megagpt_to_hf(name, full, cfg):
                 i = where[n]
                 if i not in writers:              # shards fill in plan order: close the previous one
@@ -281,7 +251,7 @@ def _target_ranks(cfg: Config) -> list[dict]:
                                    pre_process=pre, post_process=post, device="meta")
                           for ids, pre, post in stage_chunks(cfg, pp_rank)]
             params = {}
-            for name, param, written in _params(chunks):
+            for name, param, written in rank_params(chunks):
                 params.setdefault(name, (tuple(param.global_shape), param.tp_spec, written))
             # order tp-cp-ep-dp-pp with cp = ep = dp = 1: tp varies fastest
             out.append({"rank": pp_rank * p.tp + tp_rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ps": ps,
@@ -289,68 +259,53 @@ def _target_ranks(cfg: Config) -> list[dict]:
     return out
 
 
-def _fresh_extra(seed: int, tp_rank: int, pp_rank: int) -> dict:
-    """The step-0 state a new run at this rank would save: its RNG streams as seed_everything seeds them."""
-    saved = torch.get_rng_state()
-    try:
-        tracker = seed_everything(seed, tp_rank, pp_rank)
-        rng = {"torch": torch.get_rng_state(), **{f"tracker/{k}": v for k, v in tracker.get_states().items()}}
-    finally:
-        torch.set_rng_state(saved)
-    return {"step": 0, "consumed_samples": 0, "rng": rng}
-
-
 def _write_megagpt(source, dst: str, cfg: Config, with_optimizer: bool, dtype, seed: int) -> dict:
     p, m = cfg.parallel, cfg.model
     ranks, names = _target_ranks(cfg), megagpt_names(m)
     fresh = source.kind == "hf"
-    for r in ranks:                               # the write order of every rank file
-        r["plan"] = []
-        for name in names:
-            if r["params"].get(name, (0, 0, False))[2]:
-                local = r["params"][name][1].local_shape(r["params"][name][0], p.tp)
-                r["plan"].append((name, dtype, local))
-                r["plan"] += [(f"optim/{name}/{k}", torch.float32, (math.prod(local),))
-                              for k in (OPTIM_KEYS if with_optimizer else ())]
     os.makedirs(dst, exist_ok=True)
     clean_stale(dst)
     nonce = secrets.token_hex(8)
     step, tmp = source.step, os.path.join(dst, f"{step_dir_name(source.step)}.tmp-{nonce}")
     os.makedirs(tmp)
     try:
-        writers = [SafetensorsWriter(os.path.join(tmp, rank_file(r["rank"], "safetensors")), r["plan"],
-                                     {"format": FORMAT}) for r in ranks]
+        for r in ranks:                           # every rank file's metadata and write order (dp = 1)
+            r["writer"] = Writer(tmp, step, r["rank"], len(ranks), layout_of(r["ps"], p.order), m, cfg.to_dict())
+            for name in names:
+                shape, spec, written = r["params"].get(name, (0, 0, False))
+                if written:
+                    tp = TPPiece.of(spec, r["tp_rank"], p.tp)
+                    r["writer"].add_param(name, dtype, shape, tp)
+                    if with_optimizer:            # each rank owns its pieces' whole flat range
+                        r["writer"].add_optim(name, 0, math.prod(spec.local_shape(shape, p.tp)), OPTIM_KEYS, shape, tp)
         for name in names:
             # every piece is cut from the global tensor when written and dropped right after: memory
             # holds the global tensor and one piece (each `del` frees before the next read, not after)
-            holders = [(r, w) for r, w in zip(ranks, writers) if r["params"].get(name, (0, 0, False))[2]]
-            shape, spec, _ = holders[0][0]["params"][name]
-            full, vocab = source.param(name)
-            full = _fit(name, full, vocab, shape).to(dtype)
-            for r, w in holders:
-                w.write(name, spec.shard(full, r["tp_rank"], p.tp))
+            holders = [r for r in ranks if r["params"].get(name, (0, 0, False))[2]]
+            shape, spec, _ = holders[0]["params"][name]
+            full = source.param(name, shape).to(dtype)
+            for r in holders:
+                r["writer"].write(name, spec.shard(full, r["tp_rank"], p.tp))
             if with_optimizer and fresh:           # a new run's state: fp32 weights, zero moments
-                for r, w in holders:
-                    w.write(f"optim/{name}/main", spec.shard(full, r["tp_rank"], p.tp).float().reshape(-1))
+                for r in holders:
+                    r["writer"].write(f"optim/{name}/main", spec.shard(full, r["tp_rank"], p.tp).float().reshape(-1))
                     for key in OPTIM_KEYS[1:]:
-                        w.write_zeros(f"optim/{name}/{key}")
+                        r["writer"].write_zeros(f"optim/{name}/{key}")
             del full
             for key in OPTIM_KEYS if with_optimizer and not fresh else ():
-                g, vocab = source.optim(name, key)
-                g = _fit(name, g, vocab, shape)
-                for r, w in holders:
-                    w.write(f"optim/{name}/{key}", spec.shard(g, r["tp_rank"], p.tp).float().reshape(-1))
+                g = source.optim(name, key, shape)
+                for r in holders:
+                    r["writer"].write(f"optim/{name}/{key}", spec.shard(g, r["tp_rank"], p.tp).float().reshape(-1))
                 del g
-        digests = [w.close() for w in writers]
         if with_optimizer and not fresh:
             scalars = source.scalars               # as saved (already in the JSON encoding)
         else:
-            scalars = _encode({"step": 0, "loss_scale": cfg.train.initial_loss_scale, "growth_tracker": 0}
-                              if with_optimizer else {}, "optimizer state")
-        for r, d in zip(ranks, digests):
-            extra = _fresh_extra(seed, r["tp_rank"], r["pp_rank"]) if fresh else source.reader.extra_for(r["ps"])
-            write_json(os.path.join(tmp, rank_file(r["rank"], "json")),
-                       _rank_meta(r, cfg, step, dtype, d, scalars, extra, with_optimizer))
+            scalars = {"step": 0, "loss_scale": cfg.train.initial_loss_scale, "growth_tracker": 0} \
+                if with_optimizer else {}
+        for r in ranks:
+            state = (TrainState.fresh(seed, r["tp_rank"], r["pp_rank"]).state_dict() if fresh
+                     else source.train_state(r["tp_rank"], r["pp_rank"]))
+            r["writer"].close(scalars, state)
         write_manifest(tmp, step, len(ranks))
         publish(dst, tmp, step, nonce)
     except BaseException:
@@ -358,26 +313,6 @@ def _write_megagpt(source, dst: str, cfg: Config, with_optimizer: bool, dtype, s
         raise
     return {"format": "megagpt", "path": os.path.join(dst, step_dir_name(step)), "step": step,
             "ranks": len(ranks), "optimizer": with_optimizer}
-
-
-def _rank_meta(r: dict, cfg: Config, step: int, dtype, digest: dict, scalars, extra, with_optimizer) -> dict:
-    """The rank's JSON, field for field what save_checkpoint writes (dp = 1)."""
-    p, m = cfg.parallel, cfg.model
-    tensors, optim = {}, {}
-    for name, (shape, spec, written) in r["params"].items():
-        if not written:
-            continue
-        tp = {"dim": spec.dim, "parts": [list(x) for x in spec.parts], "rank": r["tp_rank"], "size": p.tp}
-        vocab = {"vocab_rows": m.vocab_size} if name in VOCAB_PADDED else {}
-        tensors[name] = {"global_shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "tp": tp, **vocab}
-        if with_optimizer:
-            optim[name] = {"start": 0, "end": math.prod(spec.local_shape(shape, p.tp)), "keys": list(OPTIM_KEYS),
-                           "global_shape": list(shape), "tp": tp, **vocab}
-    return {"format": FORMAT, "step": step, "rank": r["rank"], "world_size": p.tp * p.pp,
-            "layout": {"order": p.order, "tp": p.tp, "pp": p.pp, "dp": 1,
-                       "tp_rank": r["tp_rank"], "pp_rank": r["pp_rank"], "dp_rank": 0},
-            "model_config": dataclasses.asdict(m), "config": cfg.to_dict(), "tensors": tensors, "optim": optim,
-            "optim_scalars": scalars, "extra": _encode(extra, "extra"), "tensor_file": digest}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -399,7 +334,7 @@ def convert(src: str, dst: str, to: str, tp: int = 1, pp: int = 1, vp: int = 1, 
             raise ConversionError("--tp/--pp/--vp/--with-optimizer: an HF directory has no layout or optimizer state")
         return _write_hf(source, dst, out_dtype, _parse_size(max_shard_size), _find_tokenizer(source.config, tokenizer))
     if source.kind == "megagpt":
-        if with_optimizer and not all(n in source.reader.optim for n in megagpt_names(source.cfg)):
+        if with_optimizer and not source.has_optimizer(megagpt_names(source.cfg)):
             raise ConversionError(f"{source.dir}: has no optimizer state for every parameter; drop --with-optimizer")
         if os.path.realpath(dst) in {os.path.realpath(src), os.path.realpath(os.path.dirname(source.dir))}:
             raise ConversionError(f"{dst}: is the input's run directory (refusing to overwrite the input)")

@@ -349,32 +349,10 @@ def load_hf_into_model(model, get_tensor: GetTensor, hf_config: dict | None = No
 # ----------------------------------------------------------------------------- files
 
 def open_hf_checkpoint(path: str) -> tuple[dict, GetTensor, Callable[[], None]]:
-    """(config dict, get_tensor, close) for an HF model directory: model.safetensors or a sharded
-    model.safetensors.index.json. Tensors are read lazily with safe_open; nothing is unpickled."""
-    from safetensors import safe_open
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        weight_map = None
-    else:
-        raise ConversionError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    handles: dict = {}
-
-    def get_tensor(hf_name: str) -> torch.Tensor:
-        fname = "model.safetensors" if weight_map is None else weight_map.get(hf_name)
-        if fname is None or os.path.basename(fname) != fname:
-            raise ConversionError(f"{hf_name}: not in the checkpoint's weight map (or names a file outside it)")
-        if fname not in handles:
-            handles[fname] = safe_open(os.path.join(path, fname), framework="pt")
-        if hf_name not in handles[fname].keys():
-            raise ConversionError(f"{hf_name}: missing from {fname}")
-        return handles[fname].get_tensor(hf_name)
-
-    return hf_config, get_tensor, handles.clear
+    """(config dict, get_tensor, close) for an HF model directory (hf_files.HFDirectory's three calls)."""
+    from .hf_files import HFDirectory
+    directory = HFDirectory(path)
+    return directory.config, directory.get, directory.close
 
 
 def write_hf_tokenizer(out_dir: str, tokenizer_json: str, cfg: ModelConfig, eos_token: str = "<|endoftext|>"):

@@ -49,7 +49,7 @@ class SafetensorsWriter:
 
     def write(self, key: str, t: torch.Tensor) -> None:
         self._claim(key, t.dtype, tuple(t.shape))
-        self._emit(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._emit(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
 
     def write_zeros(self, key: str) -> None:
         """The next planned tensor, all zeros, written without allocating it."""

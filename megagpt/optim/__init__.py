@@ -121,15 +121,22 @@ class Optimizer:
         return {"grad_norm": norm, "skipped": False, "loss_scale": self.scaler.scale}
 
     # ------------------------------------------------------------------ checkpoints and accounting
-    def state_for_checkpoint(self) -> dict:
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
         """{param name: {"start", "end", "main", "exp_avg", "exp_avg_sq"}} for the flat range of each
-        param's local (TP-sharded) tensor that this rank owns, plus "step", "loss_scale", "growth_tracker"."""
-        state = self.update.state_for_checkpoint()
+        param's local (TP-sharded) tensor that this rank owns, plus "step", "loss_scale", "growth_tracker".
+        copy=False: views of the live state (a save streams them to disk without a 12-byte/param copy)."""
+        state = self.update.state_for_checkpoint(copy)
         state.update(step=self.steps, **self.scaler.state_dict())
         return state
 
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        """{param name: (start, end)}: the flat range of each param's local tensor that this rank's state
+        covers (what state_for_checkpoint would hold), without copying any state."""
+        return self.update.owned_ranges()
+
     def load_from_checkpoint(self, state: dict) -> None:
-        """The inverse of state_for_checkpoint, for this rank's ranges; also sets the model's weights."""
+        """The inverse of state_for_checkpoint, for this rank's ranges; also sets the model's weights.
+        `state` may be any mapping (a load reads each tensor when it is asked for, and copies it in place)."""
         self.steps = int(state["step"])
         self.scaler.load_state_dict(state)
         self.update.load_from_checkpoint({k: v for k, v in state.items() if k not in SCALAR_KEYS}, self.steps)

@@ -107,6 +107,11 @@ class ShardedAdamW:
     @torch.no_grad()
     def gather_params(self) -> None:
         """Every bucket's owned shard, cast to the model dtype, all-gathered into every rank's params."""
+        if self.dp.size == 1:        # each shard is its whole bucket: copy in place, no bucket-sized staging
+            if self.main_flat is not None:                  # (fp32 main params are the params themselves)
+                for s in self.segments:
+                    s.param.detach().view(-1)[s.lo:s.hi].copy_(s.main)
+            return
         for b, segs in zip(self.buffer.buckets, self.by_bucket):
             lo, hi = self.buffer.owned_range(b)
             shard = torch.zeros(hi - lo, dtype=self.param_dtype, device=self.buffer.data.device)   # [n]
@@ -117,9 +122,13 @@ class ShardedAdamW:
                 ps, pe = self.buffer.param_range[id(p)]
                 p.detach().view(-1).copy_(full[ps - b.start:pe - b.start])
 
-    def state_for_checkpoint(self) -> dict:
-        return {s.name: {"start": s.lo, "end": s.hi, "main": s.main.detach().float().clone(),
-                         "exp_avg": s.exp_avg.clone(), "exp_avg_sq": s.exp_avg_sq.clone()}
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        return {s.name: (s.lo, s.hi) for s in self.segments}
+
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
+        keep = torch.clone if copy else (lambda t: t)
+        return {s.name: {"start": s.lo, "end": s.hi, "main": keep(s.main.detach().float()),
+                         "exp_avg": keep(s.exp_avg), "exp_avg_sq": keep(s.exp_avg_sq)}
                 for s in self.segments}
 
     @torch.no_grad()
@@ -167,14 +176,18 @@ class PlainAdamW:
             if m is not p:
                 p.copy_(m)
 
-    def state_for_checkpoint(self) -> dict:
+    def owned_ranges(self) -> dict[str, tuple[int, int]]:
+        return {name: (0, m.numel()) for name, m in zip(self.names, self.mains)}
+
+    def state_for_checkpoint(self, copy: bool = True) -> dict:
+        keep = torch.clone if copy else (lambda t: t)
         out = {}
         for name, m in zip(self.names, self.mains):
             st = self.opt.state.get(m, {})
             zeros = torch.zeros(m.numel(), device=m.device)
-            out[name] = {"start": 0, "end": m.numel(), "main": m.detach().float().reshape(-1).clone(),
-                         "exp_avg": st["exp_avg"].reshape(-1).clone() if st else zeros,
-                         "exp_avg_sq": st["exp_avg_sq"].reshape(-1).clone() if st else zeros.clone()}
+            out[name] = {"start": 0, "end": m.numel(), "main": keep(m.detach().float().reshape(-1)),
+                         "exp_avg": keep(st["exp_avg"].reshape(-1)) if st else zeros,
+                         "exp_avg_sq": keep(st["exp_avg_sq"].reshape(-1)) if st else zeros.clone()}
         return out
 
     @torch.no_grad()

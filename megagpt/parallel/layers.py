@@ -51,6 +51,14 @@ class ShardSpec:
             start += length
         return out
 
+    def pieces(self, rank: int, size: int) -> list[tuple[int, int, int]]:
+        """(local_start, global_start, length) along `dim` of each segment of rank's local tensor."""
+        out, local = [], 0
+        for start, n in self._slices(rank, size):
+            out.append((local, start, n))
+            local += n
+        return out
+
     def replicas(self, part: int, size: int) -> int:
         """How many TP ranks hold the same rows of segment `part`."""
         heads = self.parts[part][1]
