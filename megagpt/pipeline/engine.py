@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 
 from ..config import Config, ConfigError
+from ..layout import Layout
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
 from .p2p import P2P
 from .schedule import Op, build_schedule, comm_batches
-from .split import check_layout
 
 
 def forward_only_schedule(pp: int, vp: int, m: int) -> list[list[Op]]:
@@ -51,7 +51,7 @@ class PipelineEngine:
     def __init__(self, chunks: list[GPTModel], ps: ParallelState, cfg: Config, tensor_shape: tuple,
                  dtype: torch.dtype, schedule_kind: str | None = None):
         self.kind = schedule_kind or cfg.train.schedule
-        check_layout(cfg, schedule=self.kind)
+        self.layout = Layout.from_config(cfg, schedule=self.kind)
         if ps.pp.size != cfg.parallel.pp:
             raise ConfigError(f"parallel.pp: the config says {cfg.parallel.pp}, the process groups have {ps.pp.size}")
         if len(chunks) != cfg.parallel.vp:
@@ -76,7 +76,7 @@ class PipelineEngine:
         """This rank's op list (cached: the schedule depends only on the layout and m)."""
         key = (num_microbatches, forward_only)
         if key not in self._schedules:
-            check_layout(self.cfg, num_microbatches, self.kind)
+            self.layout.replace(num_microbatches=num_microbatches).validate(self.cfg.model)
             pp, vp, m = self.pp, self.vp, num_microbatches
             schedules = forward_only_schedule(pp, vp, m) if forward_only else build_schedule(self.kind, pp, vp, m)
             self._schedules[key] = schedules[self.rank]
