@@ -1,13 +1,15 @@
 """The parallel layout of a run: a pure value that every tool reads, and its one set of rules.
 
-    layout = Layout.from_config(cfg, world_size)     # built and validated: ConfigError names the field
+    layout = Layout.from_config(cfg, world_size)     # validated: a ConfigError names the config field
     layout.num_microbatches, layout.chunk_layers(cfg.model), layout.activation_shape(cfg.model)
 
-What it holds: the degrees tp, cp, ep, pp, vp (model chunks per pp rank) and dp; sp (sequence
-parallelism, only ever on with tp > 1); the order string that lays the ranks out on the world
-grid ("tp-cp-ep-dp-pp": tp varies fastest); the batch shape (sequence length, micro batch,
-microbatches per step on one pipeline; the global batch is their product with dp); an explicit
-layer split if the config gives one, and the pipeline schedule. The model builder, the pipeline
+What it holds: the degrees tp, cp, ep, pp, vp (model chunks per pp rank) and the world size,
+hence dp; sp (sequence parallelism, only ever on with tp > 1); the order string that lays the
+ranks out on the world grid ("tp-cp-ep-dp-pp": tp varies fastest); the batch shape (sequence
+length, micro batch and global batch, hence the microbatches per step on one pipeline); an
+explicit layer split if the config gives one, and the pipeline schedule. `validate` is the one
+set of rules; a Layout built by hand is checked by calling it, one built by `from_config` is
+checked already. The model builder, the pipeline
 engine, the memory and communication models, the planner, the dry run and the converter all read
 it, so they agree on which layers each chunk holds, how many microbatches run and what crosses a
 stage boundary.
@@ -55,12 +57,12 @@ class Layout:
     ep: int = 1
     pp: int = 1
     vp: int = 1
-    dp: int = 1
+    world_size: int = 1
     sp: bool = False
     order: str = "tp-cp-ep-dp-pp"
     seq_len: int = 2048
     micro_batch: int = 1
-    num_microbatches: int = 1              # per optimizer step, on one pipeline
+    global_batch: int = 1                  # sequences per optimizer step, over all dp replicas
     layers_per_stage: tuple | None = None  # explicit split: one count per global chunk
     schedule: str = "1f1b"
 
@@ -70,35 +72,17 @@ class Layout:
         if self.layers_per_stage is not None:
             object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def build(cls, world_size: int | None, global_batch: int, *, tp: int = 1, cp: int = 1, ep: int = 1,
-              pp: int = 1, micro_batch: int = 1, **rest) -> "Layout":
-        """The layout of `world_size` ranks (None: one model replica, dp = 1) running `global_batch`
-        sequences per step: the two divisibility rules that a Layout cannot express once built."""
-        _positive_ints(("parallel.tp", tp), ("parallel.cp", cp), ("parallel.pp", pp),
-                       ("train.micro_batch_size", micro_batch), ("train.global_batch_size", global_batch))
-        replica = tp * cp * pp
-        world = replica if world_size is None else world_size
-        _positive_ints(("parallel.world_size", world))
-        if world % replica:
-            raise ConfigError(f"parallel.world_size: {world} is not divisible by tp*cp*pp={tp}*{cp}*{pp}={replica}")
-        dp = world // replica
-        if global_batch % (micro_batch * dp):
-            raise ConfigError(f"train.global_batch_size: {global_batch} is not divisible by "
-                              f"micro_batch_size*dp={micro_batch}*{dp}")
-        return cls(tp=tp, cp=cp, ep=ep, pp=pp, dp=dp, micro_batch=micro_batch,
-                   num_microbatches=global_batch // (micro_batch * dp), **rest)
-
     @classmethod
     def from_config(cls, cfg: Config, world_size: int | None = None, schedule: str | None = None) -> "Layout":
-        """The run's layout (world_size: the launcher's, else parallel.world_size), validated against
-        cfg.model. schedule: the engine's schedule kind when it overrides train.schedule."""
+        """The run's layout, validated against cfg.model. world_size: the launcher's, else
+        parallel.world_size, else one model replica (dp = 1). schedule: the engine's schedule kind
+        when it overrides train.schedule."""
         p, t = cfg.parallel, cfg.train
-        layout = cls.build(world_size if world_size is not None else p.world_size, t.global_batch_size,
-                           tp=p.tp, cp=p.cp, ep=p.ep, pp=p.pp, vp=p.vp, sp=p.sequence_parallel, order=p.order,
-                           seq_len=t.seq_len, micro_batch=t.micro_batch_size, layers_per_stage=p.layers_per_stage,
-                           schedule=schedule or t.schedule)
+        world = next(w for w in (world_size, p.world_size, p.tp * p.cp * p.pp) if w is not None)
+        layout = cls(tp=p.tp, cp=p.cp, ep=p.ep, pp=p.pp, vp=p.vp, world_size=world, sp=p.sequence_parallel,
+                     order=p.order, seq_len=t.seq_len, micro_batch=t.micro_batch_size,
+                     global_batch=t.global_batch_size, layers_per_stage=p.layers_per_stage,
+                     schedule=schedule or t.schedule)
         layout.validate(cfg.model)
         return layout
 
@@ -108,11 +92,11 @@ class Layout:
     # ------------------------------------------------------------------ the rules
     def validate(self, m: ModelConfig) -> None:
         """Every rule a layout must meet to be built and run, as one-line ConfigErrors naming the
-        config field; the config loader, the engine and the planner all call this one."""
+        config field; the config loader, the engine, the builder and the planner all call this one."""
         _positive_ints(("parallel.tp", self.tp), ("parallel.cp", self.cp), ("parallel.ep", self.ep),
-                       ("parallel.pp", self.pp), ("parallel.vp", self.vp), ("parallel.world_size", self.dp),
+                       ("parallel.pp", self.pp), ("parallel.vp", self.vp), ("parallel.world_size", self.world_size),
                        ("train.seq_len", self.seq_len), ("train.micro_batch_size", self.micro_batch),
-                       ("train.global_batch_size", self.num_microbatches))
+                       ("train.global_batch_size", self.global_batch))
         for name, what in (("cp", "context"), ("ep", "expert")):
             if getattr(self, name) != 1:
                 raise ConfigError(f"parallel.{name}: {what} parallelism is not supported yet "
@@ -127,6 +111,9 @@ class Layout:
                               f"over parallel.tp={tp}")
         if m.ffn_hidden_size % tp:
             raise ConfigError(f"model.ffn_hidden_size: {m.ffn_hidden_size} is not divisible by parallel.tp={tp}")
+        if self.world_size % self.model_parallel:
+            raise ConfigError(f"parallel.world_size: {self.world_size} is not divisible by tp*cp*pp="
+                              f"{tp}*{self.cp}*{self.pp}={self.model_parallel}")
         if self.vp > 1 and self.pp == 1:
             raise ConfigError("parallel.vp: virtual stages need parallel.pp > 1")
         chunks = self.pp * self.vp
@@ -147,18 +134,27 @@ class Layout:
             raise ConfigError("train.schedule: gpipe has no interleaved variant; use 1f1b with parallel.vp > 1")
         if self.sp and self.seq_len % tp:
             raise ConfigError(f"train.seq_len: {self.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)")
+        if self.global_batch % (self.micro_batch * self.dp):
+            raise ConfigError(f"train.global_batch_size: {self.global_batch} is not divisible by "
+                              f"micro_batch_size*dp={self.micro_batch}*{self.dp}")
         if self.pp > 1 and self.num_microbatches < self.pp:
             raise ConfigError(f"train.global_batch_size: gives {self.num_microbatches} microbatches per pipeline, "
                               f"fewer than parallel.pp={self.pp}")
 
     # ------------------------------------------------------------------ derived figures
     @property
-    def world_size(self) -> int:
-        return self.tp * self.cp * self.pp * self.dp
+    def model_parallel(self) -> int:
+        """Ranks that hold one model replica between them."""
+        return self.tp * self.cp * self.pp
 
     @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.num_microbatches * self.dp
+    def dp(self) -> int:
+        return self.world_size // self.model_parallel
+
+    @property
+    def num_microbatches(self) -> int:
+        """Microbatches per optimizer step on one pipeline."""
+        return self.global_batch // (self.micro_batch * self.dp)
 
     @property
     def sizes(self) -> dict[str, int]:

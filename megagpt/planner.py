@@ -74,8 +74,9 @@ class Candidate:
     num_microbatches: int
 
     def layout(self, seq_len: int) -> Layout:
-        return Layout(tp=self.tp, pp=self.pp, vp=self.vp, dp=self.dp, sp=self.sp, seq_len=seq_len,
-                      micro_batch=self.micro_batch, num_microbatches=self.num_microbatches)
+        return Layout(tp=self.tp, pp=self.pp, vp=self.vp, world_size=self.tp * self.pp * self.dp, sp=self.sp,
+                      seq_len=seq_len, micro_batch=self.micro_batch,
+                      global_batch=self.micro_batch * self.num_microbatches * self.dp)
 
 
 def paper_flops(m: ModelConfig, batch: int, seq_len: int) -> float:
@@ -197,16 +198,16 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
     accepts it. When none passes, the first candidate's ConfigError is raised: it names the field."""
     first_error, found = None, False
     for t in [tp] if tp is not None else _divisors(cluster.gpus_per_node):
-        for p in [pp] if pp is not None else _divisors(gpus // t if t > 0 else 1):
+        for p in [pp] if pp is not None else _divisors(gpus // t if isinstance(t, int) and t > 0 else 1):
             vps = [vp] if vp is not None else [1] + [v for v in (2, 4, 8, 16) if p > 1]
             for v, mb, s, rc in itertools.product(vps, [micro_batch] if micro_batch is not None else (1, 2, 4, 8),
                                                   [sp] if sp is not None else (False, True),
                                                   [recompute] if recompute is not None else RECOMPUTE):
                 if s and t == 1:                     # no SP at tp = 1 (the layout with SP off)
                     continue
+                layout = Layout(tp=t, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len, micro_batch=mb,
+                                global_batch=global_batch)
                 try:
-                    layout = Layout.build(gpus, global_batch, tp=t, pp=p, vp=v, sp=s, seq_len=seq_len,
-                                          micro_batch=mb)
                     layout.validate(m)
                 except ConfigError as e:
                     first_error = first_error or e
@@ -282,7 +283,8 @@ def validate_narayanan2021(cluster: Cluster | None = None) -> list[dict]:
     out = []
     for row in narayanan2021_rows():
         m = gpt3_style(row["hidden"], row["layers"], row["heads"])
-        lay = Layout.build(row["gpus"], row["batch"], tp=row["tp"], pp=row["pp"], micro_batch=row["micro_batch"])
+        lay = Layout(tp=row["tp"], pp=row["pp"], world_size=row["gpus"], micro_batch=row["micro_batch"],
+                     global_batch=row["batch"])
         L = Candidate(row["tp"], row["pp"], row["vp"], lay.dp, row["micro_batch"], False, "full", lay.num_microbatches)
         p = predict(m, L, 2048, c, dtype="fp16", flash=False, distributed_optimizer=False)
         tflops = paper_flops(m, row["batch"], 2048) / p["step_time_s"] / row["gpus"] / 1e12

@@ -14,7 +14,7 @@ import torch
 
 from megagpt.config import DTYPES, ConfigError, load_config
 from megagpt.dryrun import dry_run
-from megagpt.layout import Layout
+from megagpt.layout import Layout, rank_grid
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.split import build_stage
 from megagpt.planner import Cluster, enumerate_layouts, predict
@@ -100,3 +100,23 @@ def test_70b_dry_run_command_reports_the_planners_memory():
     mem = predict(load_config(B70).model, candidate, 8192, Cluster())["memory_breakdown"]
     assert report["params_per_rank"] == mem["params_per_rank"]
     assert [report["bytes_per_rank"][k] for k in MEMORY_KEYS] == [mem[k] * 2 ** 30 for k in MEMORY_KEYS]
+
+
+@pytest.mark.parametrize("order", ["tp-cp-ep-dp-pp", "dp-tp-cp-ep-pp", "pp-dp-ep-cp-tp"])
+def test_rank_coords_are_the_process_groups_grid(order):
+    """Layout.rank_coords (converter, comm model) and rank_grid (ParallelState's groups) are one rule."""
+    layout = Layout(tp=2, pp=3, world_size=24, order=order, global_batch=24)
+    grid = rank_grid(24, layout.sizes, order)
+    for rank in range(24):
+        coords = layout.rank_coords(rank)
+        for axis, groups in grid.items():
+            (group,) = [g for g in groups if rank in g]
+            assert group.index(rank) == coords[axis], (rank, axis)
+
+
+@pytest.mark.parametrize("field", ["cp", "ep"])
+def test_context_and_expert_parallel_are_refused_in_one_line(field):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"parallel.{field}=2"], world_size=2)
+    assert str(e.value).startswith(f"parallel.{field}: ") and "not supported yet" in str(e.value)
+    assert "\n" not in str(e.value)

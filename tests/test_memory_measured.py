@@ -66,7 +66,8 @@ def test_agrees_with_the_analytic_memory_model(d, dtype, distributed):
     memory = pytest.importorskip("megagpt.memory", reason="megagpt/memory.py (the analytic model) is not there yet")
     mcfg, tcfg = model_cfg(), train_cfg(d, dtype=dtype)
     measured = measure(d, dtype, distributed)[0]
-    layout = Layout(dp=d, seq_len=tcfg.seq_len, micro_batch=tcfg.micro_batch_size, num_microbatches=2)
+    layout = Layout(world_size=d, seq_len=tcfg.seq_len, micro_batch=tcfg.micro_batch_size,
+                    global_batch=2 * tcfg.micro_batch_size * d)
     model = memory.memory_per_rank(mcfg, layout, dtype=dtype, distributed_optimizer=distributed)
     for key in ("weights", "grads", "optimizer"):
         assert measured[key] == pytest.approx(model[key], rel=0.10), \

@@ -26,17 +26,17 @@ S, B = 2048, 2
 
 
 def memory(m, tp, pp, vp, dp, seq_len, micro_batch, num_microbatches, sequence_parallel=True, **kw):
-    layout = Layout(tp=tp, pp=pp, vp=vp, dp=dp, sp=sequence_parallel, seq_len=seq_len, micro_batch=micro_batch,
-                    num_microbatches=num_microbatches)
+    layout = Layout(tp=tp, pp=pp, vp=vp, world_size=tp * pp * dp, sp=sequence_parallel, seq_len=seq_len,
+                    micro_batch=micro_batch, global_batch=micro_batch * num_microbatches * dp)
     return memory_per_rank(m, layout, **kw)
 
 
 def per_rank(m, tp, pp, vp=1):
-    return params_per_rank(m, Layout(tp=tp, pp=pp, vp=vp, seq_len=S, num_microbatches=pp))
+    return params_per_rank(m, Layout(tp=tp, pp=pp, vp=vp, world_size=tp * pp, seq_len=S, global_batch=pp))
 
 
 def stage_layers(m, pp, vp):
-    return Layout(pp=pp, vp=vp, seq_len=S, num_microbatches=pp).stage_layers(m)
+    return Layout(pp=pp, vp=vp, world_size=pp, seq_len=S, global_batch=pp).stage_layers(m)
 
 
 def test_bytes_per_param_mixed_precision_is_6_plus_12_over_d():

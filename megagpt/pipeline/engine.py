@@ -76,7 +76,8 @@ class PipelineEngine:
         """This rank's op list (cached: the schedule depends only on the layout and m)."""
         key = (num_microbatches, forward_only)
         if key not in self._schedules:
-            self.layout.replace(num_microbatches=num_microbatches).validate(self.cfg.model)
+            layout = self.layout
+            layout.replace(global_batch=num_microbatches * layout.micro_batch * layout.dp).validate(self.cfg.model)
             pp, vp, m = self.pp, self.vp, num_microbatches
             schedules = forward_only_schedule(pp, vp, m) if forward_only else build_schedule(self.kind, pp, vp, m)
             self._schedules[key] = schedules[self.rank]
