@@ -52,40 +52,18 @@ checkpoint's success-flag collectives (not per step).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
-from .config import Config
-from .parallel.state import rank_grid
-from .pipeline.split import stage_chunks
+from .config import DTYPES, Config, chunk_param_numels
+from .layout import Layout
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GRAD_BYTES = 4          # the grad buffer is fp32 in every dtype
 
 
 def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool) -> list[int]:
     """numel of each parameter of one chunk on one TP rank, in GPTModel's registration order."""
-    m, t = cfg.model, cfg.parallel.tp
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    kv_local = m.kv_heads // t if m.kv_heads % t == 0 else 1
-    qkv_rows = m.num_heads // t * d + 2 * kv_local * d
-    norm = [h, h] if m.norm == "layernorm" else [h]
-    bias = m.bias
-    out = []
-    if pre or (post and m.tie_embeddings):
-        out.append(m.padded_vocab(t) // t * h)
-    for _ in layer_ids:
-        out += norm
-        out += [qkv_rows * h] + ([qkv_rows] if bias else [])
-        out += [h * m.num_heads * d // t] + ([h] if bias else [])
-        out += norm
-        fc1 = (2 * f if m.gated else f) // t
-        out += [fc1 * h] + ([fc1] if bias else [])
-        out += [h * f // t] + ([h] if bias else [])
-    if post:
-        out += norm
-        if not m.tie_embeddings:
-            out.append(m.padded_vocab(t) // t * h)
-    return out
+    return chunk_param_numels(cfg.model, cfg.parallel.tp, len(layer_ids), pre, post)
 
 
 def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[int]:
@@ -117,30 +95,22 @@ def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[
     return sizes
 
 
-def _rank_coords(cfg: Config, world_size: int, rank: int) -> dict[str, int]:
-    p = cfg.parallel
-    sizes = {"tp": p.tp, "cp": p.cp, "ep": p.ep, "pp": p.pp, "dp": world_size // (p.tp * p.cp * p.ep * p.pp)}
-    grid = rank_grid(world_size, sizes, p.order)
-    return {axis: next(g.index(rank) for g in groups if rank in g) for axis, groups in grid.items()}
-
-
 def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
-    p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.cp * p.ep * p.pp), "mp": p.tp * p.cp * p.pp,
-            "world": world_size, "embedding": 2 if p.pp > 1 else 1, "cp": p.cp, "ep": p.ep}
+    layout = Layout.from_config(cfg, world_size)
+    return layout.sizes | {"mp": layout.tp * layout.cp * layout.pp, "world": world_size,
+                           "embedding": 2 if layout.pp > 1 else 1}
 
 
 def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tuple[str, str], int]:
     p, m, tr = cfg.parallel, cfg.model, cfg.train
-    sizes = group_sizes(cfg, world_size)
-    t, pp, vp, dp = p.tp, p.pp, p.vp, sizes["dp"]
-    sp = p.sequence_parallel and t > 1
-    s, b, h = tr.seq_len, tr.micro_batch_size, m.hidden_size
-    mb = tr.global_batch_size // (b * dp)
+    sizes, layout = group_sizes(cfg, world_size), Layout.from_config(cfg, world_size)
+    t, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
+    s, b, h = layout.seq_len, layout.micro_batch, m.hidden_size
+    mb = layout.num_microbatches
     N = s * b * h * e
     ce = 3 * s * b * 4                                      # row max [s, b] + stacked [2, s, b], fp32
     out: dict[tuple[str, str], int] = defaultdict(int)
-    chunks = stage_chunks(cfg, pp_rank)
+    chunks = layout.stage_chunks(m, pp_rank)
 
     # -------------------------------------------------------------- per microbatch: TP and PP
     for k, (ids, pre, post) in enumerate(chunks):
@@ -165,7 +135,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
                 ar = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
                 out[("all_reduce", "tp")] += mb * (ar * N + (ce if post else 0))
         c = k * pp + pp_rank                                # global chunk index
-        act = (s // t if sp else s) * b * h * e
+        act = math.prod(layout.activation_shape(m)) * e
         for is_boundary in (c > 0, c < pp * vp - 1):      # input side, output side
             if is_boundary:
                 out[("send", "pp")] += mb * act
@@ -209,9 +179,9 @@ def expected_comm_bytes(cfg: Config, world_size: int, dtype_bytes: int | None = 
                         rank: int | None = None) -> dict[tuple[str, str], int]:
     """Bytes per (kind, group) recorded in one training step: by `rank`'s counter, or summed over
     every rank of the world when rank is None. dtype_bytes defaults to train.dtype's."""
-    e = dtype_bytes if dtype_bytes is not None else DTYPE_BYTES[cfg.train.dtype]
+    e = dtype_bytes if dtype_bytes is not None else DTYPES[cfg.train.dtype].itemsize
     if rank is not None:
-        return _rank_bytes(cfg, world_size, e, _rank_coords(cfg, world_size, rank)["pp"])
+        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"])
     total: dict[tuple[str, str], int] = defaultdict(int)
     for r in range(world_size):
         for key, n in expected_comm_bytes(cfg, world_size, e, r).items():

@@ -1,9 +1,10 @@
 """Configuration: model, parallel layout and training, loaded from YAML with dotted overrides.
 
 Every field is validated when the config is loaded; a bad value raises ConfigError with a
-one-line message that names the field (`model.num_heads: ...`). Derived figures (parameter
-count, FLOPs per token, padded vocab) are computed here from the config alone, so the dry
-run, the planner and the model agree on them.
+one-line message that names the field (`model.num_heads: ...`); the rules of the parallel
+layout are `layout.Layout.validate`, which loading runs too. Derived figures (parameter
+count, FLOPs per token, padded vocab, dtypes) are computed here from the config alone, so the
+dry run, the planner and the model agree on them.
 """
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 
 
 class ConfigError(ValueError):
     """A config value is wrong. The message is one line and starts with the field's dotted name."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # train.dtype -> torch
+RECOMPUTE = ("none", "selective", "full")                                          # train.recompute
 
 
 @dataclass
@@ -59,6 +65,10 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
 
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """K/V heads on one TP rank: split by whole heads, or one (replicated) when fewer than tp."""
+        return self.kv_heads // tp if self.kv_heads >= tp else 1
+
     def padded_vocab(self, tp: int = 1) -> int:
         multiple = self.make_vocab_divisible_by * tp
         return int(math.ceil(self.vocab_size / multiple) * multiple)
@@ -71,18 +81,12 @@ class ParallelConfig:
     vp: int = 1                          # virtual pipeline stages (model chunks) per pp rank
     cp: int = 1
     ep: int = 1
-    world_size: int | None = None        # None = from the launcher; dp = world / (tp * cp * pp)
+    world_size: int | None = None        # None = from the launcher; dp = world / (tp * cp * pp) (layout.py)
     sequence_parallel: bool = False
     order: str = "tp-cp-ep-dp-pp"
     layers_per_stage: list | None = None  # explicit split: one count per pp * vp chunk
     distributed_optimizer: bool = True
     bucket_size_mb: float = 40.0
-
-    def dp(self, world_size: int | None = None) -> int:
-        world = world_size if world_size is not None else self.world_size
-        if world is None:
-            return 1
-        return world // (self.tp * self.cp * self.pp)
 
 
 @dataclass
@@ -114,7 +118,7 @@ class TrainConfig:
     save_interval: int = 0
     keep_checkpoints: int = 2
     peak_tflops: float = 989.0           # per device, for MFU
-    schedule: str = "1f1b"               # gpipe | 1f1b (interleaved when vp > 1)
+    schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
 
 
 @dataclass
@@ -236,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # ----------------------------------------------------------------------------- validation
 
-def _choice(name, value, options):
+def check_choice(name, value, options):
     if value not in options:
         raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {value!r}")
 
@@ -250,27 +254,17 @@ def validate(cfg: Config) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     for f in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
         _positive(f"model.{f}", getattr(m, f))
-    for f in ("tp", "pp", "vp", "cp", "ep"):
-        _positive(f"parallel.{f}", getattr(p, f))
-    _choice("model.mlp", m.mlp, ("swiglu", "geglu", "gelu"))
-    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
-    _choice("train.dtype", t.dtype, ("fp32", "bf16", "fp16"))
-    _choice("train.decay_style", t.decay_style, ("cosine", "linear", "polynomial", "constant"))
-    _choice("train.recompute", t.recompute, ("none", "selective", "full"))
-    _choice("train.schedule", t.schedule, ("gpipe", "1f1b"))
+    check_choice("model.mlp", m.mlp, ("swiglu", "geglu", "gelu"))
+    check_choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    check_choice("train.dtype", t.dtype, tuple(DTYPES))
+    check_choice("train.decay_style", t.decay_style, ("cosine", "linear", "polynomial", "constant"))
+    check_choice("train.recompute", t.recompute, RECOMPUTE)
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and m.num_kv_heads <= 0:
         raise ConfigError(f"model.num_kv_heads: expected a positive number, got {m.num_kv_heads}")
     if m.num_heads % m.kv_heads:
         raise ConfigError(f"model.num_kv_heads: {m.kv_heads} does not divide model.num_heads={m.num_heads}")
-    if m.num_heads % p.tp:
-        raise ConfigError(f"model.num_heads: {m.num_heads} is not divisible by parallel.tp={p.tp}")
-    kv = m.kv_heads
-    if kv % p.tp and p.tp % kv:
-        raise ConfigError(f"model.num_kv_heads: {kv} KV heads can be neither split nor replicated over parallel.tp={p.tp}")
-    if m.ffn_hidden_size % p.tp:
-        raise ConfigError(f"model.ffn_hidden_size: {m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
     if not 0.0 < m.rotary_fraction <= 1.0:
         raise ConfigError(f"model.rotary_fraction: expected 0 < fraction <= 1, got {m.rotary_fraction}")
     rot = int(m.head_dim * m.rotary_fraction)
@@ -284,45 +278,12 @@ def validate(cfg: Config) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.make_vocab_divisible_by", m.make_vocab_divisible_by)
-    if p.cp != 1 or p.ep != 1:
-        raise ConfigError("parallel.cp: context and expert parallelism are not implemented yet; use cp=1, ep=1")
-    dims = p.order.split("-")
-    if sorted(dims) != sorted(["tp", "cp", "ep", "dp", "pp"]):
-        raise ConfigError(f"parallel.order: expected a permutation of tp-cp-ep-dp-pp, got {p.order!r}")
-    if p.world_size is not None:
-        _positive("parallel.world_size", p.world_size)
-        if p.world_size % (p.tp * p.cp * p.pp):
-            raise ConfigError(f"parallel.world_size: {p.world_size} is not divisible by tp*cp*pp="
-                              f"{p.tp}*{p.cp}*{p.pp}={p.tp * p.cp * p.pp}")
-    chunks = p.pp * p.vp
-    if p.layers_per_stage is not None:
-        if len(p.layers_per_stage) != chunks or any(not isinstance(n, int) or n < 0 for n in p.layers_per_stage):
-            raise ConfigError(f"parallel.layers_per_stage: expected {chunks} non-negative integers (pp*vp), "
-                              f"got {p.layers_per_stage}")
-        if sum(p.layers_per_stage) != m.num_layers:
-            raise ConfigError(f"parallel.layers_per_stage: sums to {sum(p.layers_per_stage)}, "
-                              f"but model.num_layers={m.num_layers}")
-    elif m.num_layers < chunks:  # uneven splits are fine (the pipeline balances them); empty chunks are not
-        raise ConfigError(f"parallel.pp: {m.num_layers} layers are fewer than pp*vp={chunks} chunks")
-    if p.vp > 1 and p.pp == 1:
-        raise ConfigError("parallel.vp: virtual stages need parallel.pp > 1")
     if p.sequence_parallel and p.tp == 1:
         p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
-    _positive("train.seq_len", t.seq_len)
-    _positive("train.micro_batch_size", t.micro_batch_size)
-    _positive("train.global_batch_size", t.global_batch_size)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if p.sequence_parallel and t.seq_len % p.tp:
-        raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={p.tp} (sequence parallel)")
-    dp = p.dp()
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"micro_batch_size*dp={t.micro_batch_size}*{dp}")
-    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    if p.pp > 1 and microbatches < p.pp:
-        raise ConfigError(f"train.global_batch_size: gives {microbatches} microbatches per pipeline, "
-                          f"fewer than parallel.pp={p.pp}")
+    from .layout import Layout  # the layout's rules live beside this file, and read ModelConfig from it
+    Layout.from_config(cfg)
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
     if t.warmup < 0:
@@ -372,57 +333,48 @@ def vocab_padding_note(m: ModelConfig, tp: int) -> str | None:
 
 # ----------------------------------------------------------------------------- derived figures
 
-def layer_params(m: ModelConfig) -> int:
-    h, d = m.hidden_size, m.head_dim
-    qkv = h * (m.num_heads + 2 * m.kv_heads) * d
-    proj = m.num_heads * d * h
-    mlp = (3 if m.gated else 2) * h * m.ffn_hidden_size
-    norms = 2 * h * (2 if m.norm == "layernorm" else 1)
-    if m.bias:
-        qkv_b = (m.num_heads + 2 * m.kv_heads) * d
-        mlp_b = (2 if m.gated else 1) * m.ffn_hidden_size + h
-        norms += qkv_b + h + mlp_b
-    return qkv + proj + mlp + norms
+def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post: bool) -> list[int]:
+    """numel of each parameter of one model chunk on one TP rank, in GPTModel's registration order:
+    the one parameter count, which the per-layer, per-rank and whole-model counts sum.
+
+    Q, the output projection and the MLP are split over tp; K and V by whole heads, or one head
+    per rank when kv_heads < tp (replicated); norms and row-parallel biases are replicated. A chunk
+    with the embedding (pre, or post with tied embeddings) holds a [padded_vocab/tp, h] shard;
+    post adds the final norm and, untied, an LM-head shard of the same shape."""
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
+    fc1 = (2 * f if m.gated else f) // tp
+    norm = [h, h] if m.norm == "layernorm" else [h]
+    emb = m.padded_vocab(tp) // tp * h
+    layer = (norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias
+             + norm + [fc1 * h] + [fc1] * m.bias + [h * f // tp] + [h] * m.bias)
+    out = [emb] if pre or (post and m.tie_embeddings) else []
+    out += layer * num_layers
+    if post:
+        out += norm + ([] if m.tie_embeddings else [emb])
+    return out
 
 
-def embedding_params(m: ModelConfig, tp: int = 1) -> int:
-    return m.padded_vocab(tp) * m.hidden_size if tp > 1 else m.vocab_size * m.hidden_size
-
-
-def final_norm_params(m: ModelConfig) -> int:
-    return m.hidden_size * (2 if m.norm == "layernorm" else 1)
+def layer_params(m: ModelConfig, tp: int = 1) -> int:
+    """One transformer layer's parameters on one TP rank."""
+    return sum(chunk_param_numels(m, tp, 1, False, False))
 
 
 def count_params(m: ModelConfig) -> int:
     """Parameters of the unpadded, unsharded model (what a paper would quote)."""
-    emb = m.vocab_size * m.hidden_size
-    return m.num_layers * layer_params(m) + emb * (1 if m.tie_embeddings else 2) + final_norm_params(m)
+    padding = (m.padded_vocab(1) - m.vocab_size) * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return sum(chunk_param_numels(m, 1, m.num_layers, True, True)) - padding
+
+
+def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True) -> tuple[float, float]:
+    """Forward FLOPs per token of one transformer layer on one TP rank: (matmuls, attention scores
+    and values). causal: the masked half is skipped (flash attention), else all s^2 scores."""
+    h, d = m.hidden_size, m.head_dim
+    q, kv = m.num_heads // tp, m.kv_heads_per_rank(tp)
+    matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + (3 if m.gated else 2) * h * m.ffn_hidden_size // tp)
+    return matmul, 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
-    h, d = m.hidden_size, m.head_dim
-    per_layer = 2 * (h * (m.num_heads + 2 * m.kv_heads) * d + m.num_heads * d * h
-                     + (3 if m.gated else 2) * h * m.ffn_hidden_size)
-    attn = 2 * 2 * m.num_heads * d * seq_len / 2  # QK^T and PV over a causal half
-    logits = 2 * h * m.vocab_size
-    return 3.0 * (m.num_layers * (per_layer + attn) + logits)
-
-
-def split_layers(num_layers: int, chunks: int, explicit: list | None = None) -> list[list[int]]:
-    """Global layer ids of each model chunk (chunk c lives on pp rank c % pp)."""
-    if explicit is not None:
-        counts = list(explicit)
-    else:
-        base, extra = divmod(num_layers, chunks)
-        # the remainder goes to the middle chunks: the first and last also carry the embedding and the head
-        order = sorted(range(chunks), key=lambda c: (c in (0, chunks - 1), c))
-        counts = [base] * chunks
-        for c in order[:extra]:
-            counts[c] += 1
-    out, start = [], 0
-    for n in counts:
-        out.append(list(range(start, start + n)))
-        start += n
-    assert start == num_layers
-    return out
+    return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)

@@ -5,13 +5,14 @@ closed-form count from the config; nothing is allocated.
 
 Conventions
 -----------
-Parameters on a rank. Layers are split with `config.split_layers` into pp*vp chunks; pp rank
-r holds chunks r, r+pp, r+2pp, ... Each layer is sharded by tp: Q, the output projection and
-the MLP are split; K and V are split by whole heads when kv_heads % tp == 0, otherwise each
-rank holds the one KV head its query heads use (replicated over tp/kv_heads ranks); norm
-weights and the row-parallel biases are replicated. The first stage also holds the embedding
-shard [padded_vocab/tp, h]; the last stage holds the final norm and the LM-head shard
-(untied), or, when tied and pp > 1, its own copy of the embedding shard.
+Parameters on a rank. Layers are split into pp*vp chunks by `Layout.chunk_layers`, the split
+the model is built with; pp rank r holds chunks r, r+pp, r+2pp, ... Each chunk's parameters
+are `config.chunk_param_numels`: Q, the output projection and the MLP are split over tp; K and V
+by whole heads when kv_heads % tp == 0, otherwise each rank holds the one KV head its query
+heads use (replicated over tp/kv_heads ranks); norm weights and the row-parallel biases are
+replicated. The first stage also holds the embedding shard [padded_vocab/tp, h]; the last stage
+holds the final norm and the LM-head shard (untied), or, when tied and pp > 1, its own copy of
+the embedding shard.
 
 Bytes per parameter. fp32: weights 4, grads 4, Adam m and v 8. bf16/fp16: weights 2, fp32
 grad-accumulation buffer 4, optimizer = fp32 main weights + m + v = 12. The optimizer states
@@ -23,76 +24,22 @@ adapted to GQA and gated MLPs) and `memory_per_rank` for the pipeline in-flight 
 """
 from __future__ import annotations
 
-from .config import ConfigError, ModelConfig, layer_params, split_layers
+from .config import DTYPES, RECOMPUTE, ModelConfig, check_choice, chunk_param_numels, layer_params
+from .layout import Layout
 
 
-def _fail(field: str, msg: str):
-    raise ConfigError(f"{field}: {msg}")
-
-
-def check_layout(m: ModelConfig, tp: int, pp: int, vp: int, dp: int, seq_len: int, micro_batch: int,
-                 num_microbatches: int, dtype: str = "bf16", recompute: str = "none") -> None:
-    """One-line errors that name the argument, for layouts the engine could not run."""
-    for name, v in (("tp", tp), ("pp", pp), ("vp", vp), ("dp", dp), ("seq_len", seq_len),
-                    ("micro_batch", micro_batch), ("num_microbatches", num_microbatches)):
-        if not isinstance(v, int) or v <= 0:
-            _fail(name, f"expected a positive integer, got {v!r}")
-    if m.num_heads % tp:
-        _fail("tp", f"{tp} does not divide model.num_heads={m.num_heads}")
-    if m.kv_heads % tp and tp % m.kv_heads:
-        _fail("tp", f"{tp} neither divides nor is a multiple of model.num_kv_heads={m.kv_heads}")
-    if m.ffn_hidden_size % tp:
-        _fail("tp", f"{tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    if m.num_layers < pp * vp:
-        _fail("pp", f"{m.num_layers} layers are fewer than pp*vp={pp * vp} chunks")
-    if vp > 1 and pp == 1:
-        _fail("vp", "virtual stages need pp > 1")
-    if dtype not in ("fp32", "bf16", "fp16"):
-        _fail("dtype", f"expected fp32, bf16 or fp16, got {dtype!r}")
-    if recompute not in ("none", "selective", "full"):
-        _fail("recompute", f"expected none, selective or full, got {recompute!r}")
-
-
-def kv_heads_per_rank(m: ModelConfig, tp: int) -> int:
-    return m.kv_heads // tp if m.kv_heads >= tp else 1
-
-
-def layer_params_per_rank(m: ModelConfig, tp: int) -> int:
-    """One transformer layer's parameters on one TP rank (with KV replication when kv_heads < tp)."""
-    if tp == 1:
-        return layer_params(m)
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    q, kv = m.num_heads // tp, kv_heads_per_rank(m, tp)
-    n = h * (q + 2 * kv) * d + q * d * h + (3 if m.gated else 2) * h * f // tp
-    n += 2 * h * (2 if m.norm == "layernorm" else 1)
-    if m.bias:
-        n += (q + 2 * kv) * d + h + (2 if m.gated else 1) * f // tp + h
-    return n
-
-
-def stage_layers(m: ModelConfig, pp: int, vp: int, layers_per_stage: list | None = None) -> list[int]:
-    """Number of transformer layers held by each pp rank (summed over its vp chunks)."""
-    chunks = split_layers(m.num_layers, pp * vp, layers_per_stage)
-    return [sum(len(chunks[c]) for c in range(r, pp * vp, pp)) for r in range(pp)]
-
-
-def params_per_rank(m: ModelConfig, tp: int, pp: int, vp: int = 1,
-                    layers_per_stage: list | None = None) -> list[int]:
-    """Parameters held by each pp rank (one TP shard)."""
-    emb = m.padded_vocab(tp) // tp * m.hidden_size
-    final_norm = m.hidden_size * (2 if m.norm == "layernorm" else 1)
-    per_layer = layer_params_per_rank(m, tp)
-    out = [n * per_layer for n in stage_layers(m, pp, vp, layers_per_stage)]
-    out[0] += emb
-    out[-1] += final_norm
-    if not m.tie_embeddings or pp > 1:   # untied head, or the last stage's copy of the tied embedding
-        out[-1] += emb
+def params_per_rank(m: ModelConfig, layout: Layout) -> list[int]:
+    """Parameters held by each pp rank (one TP shard), summed over its chunks."""
+    out, per_layer = [0] * layout.pp, layer_params(m, layout.tp)
+    for rank, ids, pre, post in layout.all_chunks(m):   # chunk_param_numels is linear in the layers
+        out[rank] += len(ids) * per_layer + (sum(chunk_param_numels(m, layout.tp, 0, pre, post)) if pre or post else 0)
     return out
 
 
 def bytes_per_param(dtype: str, dp: int, distributed_optimizer: bool) -> dict:
     """(weights, grads, optimizer) bytes per parameter; optimizer already divided by dp if sharded."""
-    w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 4, 12)
+    w = DTYPES[dtype].itemsize
+    g, o = 4, (8 if w == 4 else 12)        # fp32 grads always; fp32 main weights only when w < 4
     return {"weights": w, "grads": g, "optimizer": o / dp if distributed_optimizer else float(o)}
 
 
@@ -121,8 +68,8 @@ def layer_activation_terms(m: ModelConfig, tp: int, seq_len: int, micro_batch: i
     every 16-bit term; dropout masks stay 1 byte (bool). Biases change none of these counts.
     """
     s, b, h, d, f = seq_len, micro_batch, m.hidden_size, m.head_dim, m.ffn_hidden_size
-    e = 4 if dtype == "fp32" else 2
-    a_r, kv_r = m.num_heads // tp, kv_heads_per_rank(m, tp)
+    e = DTYPES[dtype].itemsize
+    a_r, kv_r = m.num_heads // tp, m.kv_heads_per_rank(tp)
     rep = s * b * h / (tp if sequence_parallel else 1)         # one replicated [s, b, h] element count
     hd, ad = m.hidden_dropout > 0, m.attention_dropout > 0
     t = {
@@ -171,11 +118,11 @@ def in_flight(pp: int, vp: int, num_microbatches: int, rank: int) -> float:
     return min(chunks, num_microbatches * vp) / vp
 
 
-def memory_per_rank(model_cfg: ModelConfig, tp: int, pp: int, vp: int, dp: int, seq_len: int, micro_batch: int,
-                    num_microbatches: int, dtype: str = "bf16", distributed_optimizer: bool = True,
-                    sequence_parallel: bool = True, recompute: str = "none", recompute_num_layers: int | None = None,
-                    flash: bool = True, layers_per_stage: list | None = None) -> dict:
-    """Bytes on the most loaded GPU: weights, grads, optimizer, activations, total, params_on_rank.
+def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distributed_optimizer: bool = True,
+                    recompute: str = "none", recompute_num_layers: int | None = None, flash: bool = True) -> dict:
+    """Bytes on the most loaded GPU of `layout`: weights, grads, optimizer, activations, total,
+    params_on_rank; also params_per_rank (every pp rank), pp_rank (the most loaded), in_flight,
+    layers and the activation terms.
 
     Activations of pp rank r = in_flight(r) x (its layers' per-microbatch bytes), where with full
     recompute `recompute_num_layers` layers per chunk (None = all) keep only their input and the
@@ -184,15 +131,16 @@ def memory_per_rank(model_cfg: ModelConfig, tp: int, pp: int, vp: int, dp: int, 
     in-flight microbatch (the embedding output itself is layer 0's input, already counted); the
     last stage adds, for the one microbatch whose loss is live, the final-norm input, the LM-head
     input and the fp32 logits s*b*padded_vocab/t*4 kept by the vocab-parallel cross-entropy.
-    Also returned: pp_rank (which rank is the most loaded), in_flight, layers, per-term details.
     """
-    m = model_cfg
-    check_layout(m, tp, pp, vp, dp, seq_len, micro_batch, num_microbatches, dtype, recompute)
-    sp = sequence_parallel and tp > 1
-    e = 4 if dtype == "fp32" else 2
+    layout.validate(m)
+    check_choice("train.dtype", dtype, tuple(DTYPES))
+    check_choice("train.recompute", recompute, RECOMPUTE)
+    tp, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
+    seq_len, micro_batch, num_microbatches = layout.seq_len, layout.micro_batch, layout.num_microbatches
+    e = DTYPES[dtype].itemsize
     per_param = bytes_per_param(dtype, dp, distributed_optimizer)
-    params = params_per_rank(m, tp, pp, vp, layers_per_stage)
-    layers = stage_layers(m, pp, vp, layers_per_stage)
+    params = params_per_rank(m, layout)
+    layers = layout.stage_layers(m)
     full = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, "none")
     stored = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, recompute)
     rep = seq_len * micro_batch * m.hidden_size / (tp if sp else 1)
@@ -216,6 +164,7 @@ def memory_per_rank(model_cfg: ModelConfig, tp: int, pp: int, vp: int, dp: int, 
         if best is None or total > best["total"]:
             best = {"weights": float(weights), "grads": float(grads), "optimizer": float(optimizer),
                     "activations": float(sum(act.values())), "total": float(total),
-                    "params_on_rank": params[r], "pp_rank": r, "in_flight": flight, "layers": n_layers,
+                    "params_on_rank": params[r], "params_per_rank": params, "pp_rank": r, "in_flight": flight,
+                    "layers": n_layers, "layers_per_rank": layers,
                     "activation_detail": {k: float(v) for k, v in act.items()}}
     return best

@@ -31,8 +31,9 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, count_params, flops_per_token, load_config
-from .memory import kv_heads_per_rank, memory_per_rank, stage_layers
+from .config import DTYPES, RECOMPUTE, ConfigError, ModelConfig, count_params, flops_per_token, layer_flops, load_config
+from .layout import Layout
+from .memory import memory_per_rank
 
 
 @dataclass
@@ -60,8 +61,9 @@ def a100_selene() -> Cluster:
     return Cluster(name="A100-SXM-80GB", peak_tflops=312.0, hbm_tbps=2.039, nvlink_gbps=600.0, network_gbps=200.0)
 
 
-@dataclass
-class Layout:
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search: a layout (on a world of tp*pp*dp GPUs) and a recompute choice."""
     tp: int
     pp: int
     vp: int
@@ -70,6 +72,11 @@ class Layout:
     sp: bool
     recompute: str
     num_microbatches: int
+
+    def layout(self, seq_len: int) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, vp=self.vp, world_size=self.tp * self.pp * self.dp, sp=self.sp,
+                      seq_len=seq_len, micro_batch=self.micro_batch,
+                      global_batch=self.micro_batch * self.num_microbatches * self.dp)
 
 
 def paper_flops(m: ModelConfig, batch: int, seq_len: int) -> float:
@@ -88,7 +95,7 @@ def _ring_bw(c: Cluster, size: int, stride: int) -> float:
     return min(nvlink, per_node * c.network_gbps / 8 * 1e9 * c.link_eff)
 
 
-def _layer_costs(m: ModelConfig, L: Layout, s: int, e: int, flash: bool, c: Cluster) -> dict:
+def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: Cluster) -> dict:
     """Seconds for one layer and one microbatch on one rank, forward only (backward = 2x).
 
     Memory-bound bytes per token: replicated over TP (/t with SP) two norms (read + write h)
@@ -98,9 +105,8 @@ def _layer_costs(m: ModelConfig, L: Layout, s: int, e: int, flash: bool, c: Clus
     Flash attention FLOPs skip the causal half and run at gemm_eff like the GEMMs."""
     t, b = L.tp, L.micro_batch
     h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s * b
-    a_r, kv_r = m.num_heads // t, kv_heads_per_rank(m, t)
-    gemm = 2 * tok * (h * (a_r + 2 * kv_r) * d + a_r * d * h + (3 if m.gated else 2) * h * f / t)
-    attn = 4 * tok * a_r * d * (s / 2 if flash else s)         # flash skips the masked half
+    a_r, kv_r = m.num_heads // t, m.kv_heads_per_rank(t)
+    gemm, attn = (tok * x for x in layer_flops(m, s, t, causal=flash))   # flash skips the masked half
     rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
     shard = tok * e * (2 * (a_r + kv_r) * d * m.rotary_fraction + (3 if m.gated else 2) * f / t)
     core = 0.0 if flash else tok * a_r * s * (4 * e + (2 * e + 1 if m.attention_dropout > 0 else 0))
@@ -112,13 +118,13 @@ def _layer_costs(m: ModelConfig, L: Layout, s: int, e: int, flash: bool, c: Clus
             "comm": comm, "flops": gemm + attn}
 
 
-def predict(m: ModelConfig, L: Layout, seq_len: int, cluster: Cluster, dtype: str = "bf16", flash: bool = True,
+def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype: str = "bf16", flash: bool = True,
             distributed_optimizer: bool = True) -> dict:
     """Memory and step time of one layout; see the module docstring for the model."""
     c, s, t, pp, vp = cluster, seq_len, L.tp, L.pp, L.vp
-    e = 4 if dtype == "fp32" else 2
-    mem = memory_per_rank(m, t, pp, vp, L.dp, s, L.micro_batch, L.num_microbatches, dtype, distributed_optimizer,
-                          L.sp, L.recompute, None, flash)
+    e = DTYPES[dtype].itemsize
+    layout = L.layout(s)
+    mem = memory_per_rank(m, layout, dtype, distributed_optimizer, L.recompute, None, flash)
     lc = _layer_costs(m, L, s, e, flash, c)
     tok, h, vpad = s * L.micro_batch, m.hidden_size, m.padded_vocab(t)
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff
@@ -133,7 +139,7 @@ def predict(m: ModelConfig, L: Layout, seq_len: int, cluster: Cluster, dtype: st
     head_flops = 3 * 2 * tok * h * vpad / t
 
     ranks = []
-    for r, n in enumerate(stage_layers(m, pp, vp)):
+    for r, n in enumerate(mem["layers_per_rank"]):
         parts = {"compute": n * 3 * (lc["gemm"] + lc["attn"]), "memory_bound": n * 3 * (lc["mem"] + lc["core_mem"]),
                  "tp_comm": n * 2 * lc["comm"], "recompute": n * rc, "pp_p2p": p2p}
         flops = n * 3 * lc["flops"] + (n * lc["flops"] * (L.recompute == "full"))
@@ -149,8 +155,7 @@ def predict(m: ModelConfig, L: Layout, seq_len: int, cluster: Cluster, dtype: st
     step = {k: v * L.num_microbatches for k, v in parts.items()}
     step["bubble"] = (pp - 1) / vp * t_mb
 
-    params = mem["params_on_rank"]
-    w = 4 if dtype == "fp32" else 2
+    params, w = mem["params_on_rank"], e
     d = L.dp
     if distributed_optimizer:
         dp_bytes = params * (d - 1) / d * (4 + w)
@@ -176,68 +181,41 @@ def predict(m: ModelConfig, L: Layout, seq_len: int, cluster: Cluster, dtype: st
             "step_time_s": step_time, "tokens_per_s": tokens / step_time,
             "memory_breakdown": {k: v / 2 ** 30 for k, v in mem.items()
                                  if k in ("weights", "grads", "optimizer", "activations", "total")}
-            | {"params_on_rank": mem["params_on_rank"], "pp_rank": mem["pp_rank"]},
+            | {k: mem[k] for k in ("params_on_rank", "params_per_rank", "pp_rank")},
             "time_breakdown": step}
 
 
 def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    return [k for k in range(1, n + 1) if n % k == 0] or [1]
 
 
 def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, cluster: Cluster,
                       tp: int | None = None, pp: int | None = None, vp: int | None = None,
                       micro_batch: int | None = None, sp: bool | None = None, recompute: str | None = None):
-    """Every layout the engine can run (a given argument fixes that dimension): tp | gpus_per_node
-    and the heads (KV heads split or replicated), pp | gpus/tp with pp <= layers (uneven splits
-    allowed), vp in 1,2,4,.. with at least one layer per chunk (the interleaved schedule runs any
-    microbatch count >= pp),
-    micro batch in 1,2,4,8, SP on/off for tp > 1, recompute none/selective/full."""
-    tps = [tp] if tp else [t for t in _divisors(cluster.gpus_per_node) if gpus % t == 0]
-    for t in tps:
-        if gpus % t or m.num_heads % t or m.ffn_hidden_size % t or (m.kv_heads % t and t % m.kv_heads):
-            continue
-        for p in [pp] if pp else _divisors(gpus // t):
-            if p > m.num_layers or gpus % (t * p):
-                continue
-            dp = gpus // (t * p)
-            vps = [vp] if vp else [1] + [v for v in (2, 4, 8, 16) if p > 1]
-            for v, mb, s, rc in itertools.product(vps, [micro_batch] if micro_batch else (1, 2, 4, 8),
+    """Every layout the engine can run (a given argument fixes that dimension): tp | gpus_per_node,
+    pp | gpus/tp, vp in 1,2,4,.., micro batch in 1,2,4,8, SP on/off for tp > 1, recompute none/
+    selective/full, each kept when `Layout.validate` (the rules the config and the engine apply)
+    accepts it. When none passes, the first candidate's ConfigError is raised: it names the field."""
+    first_error, found = None, False
+    for t in [tp] if tp is not None else _divisors(cluster.gpus_per_node):
+        for p in [pp] if pp is not None else _divisors(gpus // t if isinstance(t, int) and t > 0 else 1):
+            vps = [vp] if vp is not None else [1] + [v for v in (2, 4, 8, 16) if p > 1]
+            for v, mb, s, rc in itertools.product(vps, [micro_batch] if micro_batch is not None else (1, 2, 4, 8),
                                                   [sp] if sp is not None else (False, True),
-                                                  [recompute] if recompute else ("none", "selective", "full")):
-                if v > 1 and (p == 1 or m.num_layers < p * v):
+                                                  [recompute] if recompute is not None else RECOMPUTE):
+                if s and t == 1:                     # no SP at tp = 1 (the layout with SP off)
                     continue
-                if (s and (t == 1 or seq_len % t)) or global_batch % (mb * dp):
+                layout = Layout(tp=t, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len, micro_batch=mb,
+                                global_batch=global_batch)
+                try:
+                    layout.validate(m)
+                except ConfigError as e:
+                    first_error = first_error or e
                     continue
-                n_mb = global_batch // (mb * dp)
-                if p > 1 and n_mb < p:
-                    continue
-                yield Layout(t, p, v, dp, mb, s, rc, n_mb)
-
-
-def check_fixed(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, tp: int | None = None,
-                pp: int | None = None, vp: int | None = None, micro_batch: int | None = None,
-                sp: bool | None = None, recompute: str | None = None) -> None:
-    """One-line ConfigError naming the first fixed dimension that no layout could satisfy."""
-    for name, v in (("gpus", gpus), ("seq_len", seq_len), ("global_batch", global_batch), ("tp", tp), ("pp", pp),
-                    ("vp", vp), ("micro_batch", micro_batch)):
-        if v is not None and (not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
-    if tp:
-        for what, n in (("gpus", gpus), ("model.num_heads", m.num_heads), ("model.ffn_hidden_size", m.ffn_hidden_size)):
-            if n % tp:
-                raise ConfigError(f"tp: {tp} does not divide {what}={n}")
-        if m.kv_heads % tp and tp % m.kv_heads:
-            raise ConfigError(f"tp: {tp} neither divides nor is a multiple of model.num_kv_heads={m.kv_heads}")
-        if sp and seq_len % tp:
-            raise ConfigError(f"sp: seq_len={seq_len} is not divisible by tp={tp}")
-    if pp and (pp > m.num_layers or gpus % (pp * (tp or 1))):
-        raise ConfigError(f"pp: {pp} must be <= model.num_layers={m.num_layers} and tp*pp must divide gpus={gpus}")
-    if vp and vp > 1 and (not pp or pp == 1 or m.num_layers < pp * vp):
-        raise ConfigError(f"vp: {vp} needs pp > 1 and model.num_layers={m.num_layers} >= pp*vp")
-    if tp and pp and micro_batch and global_batch % (micro_batch * gpus // (tp * pp)):
-        raise ConfigError(f"micro_batch: global_batch={global_batch} is not divisible by micro_batch*dp")
-    if recompute is not None and recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"recompute: expected none, selective or full, got {recompute!r}")
+                found = True
+                yield Candidate(t, p, v, layout.dp, mb, layout.sp, rc, layout.num_microbatches)
+    if not found and first_error is not None:
+        raise first_error
 
 
 def rank_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, cluster: Cluster | None = None,
@@ -245,7 +223,6 @@ def rank_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, clu
     """(layouts that fit, best first; the non-fitting layout with the least memory, or None).
     `fixed` takes enumerate_layouts' tp, pp, vp, micro_batch, sp, recompute."""
     c = cluster or Cluster()
-    check_fixed(m, gpus, seq_len, global_batch, **fixed)
     fits, closest = [], None
     for L in enumerate_layouts(m, gpus, seq_len, global_batch, c, **fixed):
         p = predict(m, L, seq_len, c)
@@ -306,9 +283,9 @@ def validate_narayanan2021(cluster: Cluster | None = None) -> list[dict]:
     out = []
     for row in narayanan2021_rows():
         m = gpt3_style(row["hidden"], row["layers"], row["heads"])
-        dp = row["gpus"] // (row["tp"] * row["pp"])
-        L = Layout(row["tp"], row["pp"], row["vp"], dp, row["micro_batch"], False, "full",
-                   row["batch"] // (row["micro_batch"] * dp))
+        lay = Layout(tp=row["tp"], pp=row["pp"], world_size=row["gpus"], micro_batch=row["micro_batch"],
+                     global_batch=row["batch"])
+        L = Candidate(row["tp"], row["pp"], row["vp"], lay.dp, row["micro_batch"], False, "full", lay.num_microbatches)
         p = predict(m, L, 2048, c, dtype="fp16", flash=False, distributed_optimizer=False)
         tflops = paper_flops(m, row["batch"], 2048) / p["step_time_s"] / row["gpus"] / 1e12
         out.append(row | {"predicted": tflops, "error": tflops / row["tflops"] - 1,

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint.train_state import TrainState
-from .config import Config, flops_per_token
+from .config import DTYPES, Config, flops_per_token
 from .data.blend import BlendedDataset, blend_parts
 from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
 from .faults import fault_point
+from .layout import Layout
 from .metrics_log import Logger
 from .optim import build_optimizer
 from .optim.schedule import lr_at
@@ -32,26 +33,24 @@ from .parallel.state import ParallelState, init_distributed
 from .pipeline.engine import PipelineEngine
 from .pipeline.split import build_stage, describe_split
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str, data_path: str | None = None, load: str | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         p, t = cfg.parallel, cfg.train
-        self.ps = ParallelState.create(tp=p.tp, pp=p.pp, order=p.order)
+        self.ps = ParallelState.create(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, order=p.order)
+        self.layout = Layout.from_config(cfg, self.ps.world_size)
         self.is_logger = self.ps.rank == 0
         self.tracker = seed_everything(t.seed, self.ps.tp.rank, self.ps.pp.rank, self.ps.device)
         self.dtype = DTYPES[t.dtype]
         if self.is_logger:
             print(describe_split(cfg), flush=True)
-        self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype)
+        self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
+                                  layout=self.layout)
         self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
-        seq = t.seq_len // p.tp if p.sequence_parallel else t.seq_len
-        self.engine = PipelineEngine(self.chunks, self.ps, cfg, (seq, t.micro_batch_size, cfg.model.hidden_size),
-                                     self.dtype)
+        self.engine = PipelineEngine(self.chunks, self.ps, cfg, self.layout.activation_shape(cfg.model), self.dtype)
         self.dp = self.ps.dp.size
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.num_microbatches = self.layout.num_microbatches
         self.state = TrainState()          # step, consumed samples, RNG streams: what a resume restores
         self._build_data(data_path)
         if load:

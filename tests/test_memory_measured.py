@@ -9,6 +9,7 @@ import torch._dynamo  # noqa: F401  torch.optim.Optimizer imports it lazily: onc
 
 from dist import spawn
 from megagpt.config import ParallelConfig
+from megagpt.layout import Layout
 from megagpt.model.gpt import build_model
 from megagpt.optim import DTYPES, build_optimizer
 from megagpt.parallel.state import ParallelState
@@ -65,9 +66,9 @@ def test_agrees_with_the_analytic_memory_model(d, dtype, distributed):
     memory = pytest.importorskip("megagpt.memory", reason="megagpt/memory.py (the analytic model) is not there yet")
     mcfg, tcfg = model_cfg(), train_cfg(d, dtype=dtype)
     measured = measure(d, dtype, distributed)[0]
-    model = memory.memory_per_rank(mcfg, tp=1, pp=1, vp=1, dp=d, seq_len=tcfg.seq_len,
-                                   micro_batch=tcfg.micro_batch_size, num_microbatches=2, dtype=dtype,
-                                   distributed_optimizer=distributed, sequence_parallel=False)
+    layout = Layout(world_size=d, seq_len=tcfg.seq_len, micro_batch=tcfg.micro_batch_size,
+                    global_batch=2 * tcfg.micro_batch_size * d)
+    model = memory.memory_per_rank(mcfg, layout, dtype=dtype, distributed_optimizer=distributed)
     for key in ("weights", "grads", "optimizer"):
         assert measured[key] == pytest.approx(model[key], rel=0.10), \
             f"{key}: measured {measured[key]} B, memory_per_rank {model[key]:.0f} B"

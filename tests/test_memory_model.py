@@ -4,8 +4,9 @@ import dataclasses
 import pytest
 
 from megagpt.config import ConfigError, ModelConfig, count_params, layer_params
+from megagpt.layout import Layout
 from megagpt.memory import (bytes_per_param, in_flight, layer_activation_bytes, layer_activation_terms,
-                            layer_params_per_rank, memory_per_rank, params_per_rank, stage_layers)
+                            memory_per_rank, params_per_rank)
 
 
 def gpt(**kw):
@@ -22,6 +23,20 @@ def llama(**kw):
 
 
 S, B = 2048, 2
+
+
+def memory(m, tp, pp, vp, dp, seq_len, micro_batch, num_microbatches, sequence_parallel=True, **kw):
+    layout = Layout(tp=tp, pp=pp, vp=vp, world_size=tp * pp * dp, sp=sequence_parallel, seq_len=seq_len,
+                    micro_batch=micro_batch, global_batch=micro_batch * num_microbatches * dp)
+    return memory_per_rank(m, layout, **kw)
+
+
+def per_rank(m, tp, pp, vp=1):
+    return params_per_rank(m, Layout(tp=tp, pp=pp, vp=vp, world_size=tp * pp, seq_len=S, global_batch=pp))
+
+
+def stage_layers(m, pp, vp):
+    return Layout(pp=pp, vp=vp, world_size=pp, seq_len=S, global_batch=pp).stage_layers(m)
 
 
 def test_bytes_per_param_mixed_precision_is_6_plus_12_over_d():
@@ -73,7 +88,7 @@ def test_kv_heads_replicated_when_fewer_than_tp():
     assert t["kv"] == 2 * 2 * S * B * 1 * m.head_dim        # one KV head per rank
     h, d = m.hidden_size, m.head_dim
     per_rank = h * (4 + 2) * d + 4 * d * h + 3 * h * m.ffn_hidden_size // 8 + h * 2
-    assert layer_params_per_rank(m, 8) == per_rank
+    assert layer_params(m, 8) == per_rank
 
 
 def test_fp32_activations_double():
@@ -87,17 +102,17 @@ def test_fp32_activations_double():
 
 def test_params_per_rank_sum_to_the_model():
     m = llama()                                            # 32000 is a multiple of 128: no padding at tp=1
-    assert params_per_rank(m, 1, 1) == [count_params(m)]
+    assert per_rank(m, 1, 1) == [count_params(m)]
     norms = 2 * m.hidden_size
     for tp in (2, 4, 8):
-        assert layer_params_per_rank(m, tp) == (layer_params(m) - norms) // tp + norms
-    parts = params_per_rank(m, 1, 4)
+        assert layer_params(m, tp) == (layer_params(m) - norms) // tp + norms
+    parts = per_rank(m, 1, 4)
     assert sum(parts) == count_params(m)
     assert parts[0] - parts[1] == m.vocab_size * m.hidden_size              # embedding on the first stage
     assert parts[3] - parts[1] == m.vocab_size * m.hidden_size + norms // 2  # head + final norm on the last
     tied = dataclasses.replace(m, tie_embeddings=True)
-    assert params_per_rank(tied, 1, 1) == [count_params(tied)]
-    assert sum(params_per_rank(tied, 1, 2)) == count_params(tied) + m.vocab_size * m.hidden_size  # last stage's copy
+    assert per_rank(tied, 1, 1) == [count_params(tied)]
+    assert sum(per_rank(tied, 1, 2)) == count_params(tied) + m.vocab_size * m.hidden_size  # last stage's copy
 
 
 def test_uneven_split_and_interleaving():
@@ -119,7 +134,7 @@ def test_in_flight():
 def test_memory_per_rank_totals_and_stages():
     m = llama()
     tp, pp, dp = 2, 4, 8
-    r = memory_per_rank(m, tp, pp, 1, dp, S, 1, 16)
+    r = memory(m, tp, pp, 1, dp, S, 1, 16)
     p = r["params_on_rank"]
     assert r["weights"] == 2 * p and r["grads"] == 4 * p and r["optimizer"] == pytest.approx(12 * p / dp)
     assert r["total"] == pytest.approx(r["weights"] + r["grads"] + r["optimizer"] + r["activations"])
@@ -127,36 +142,37 @@ def test_memory_per_rank_totals_and_stages():
     per_layer = layer_activation_bytes(m, tp, S, 1, True)
     assert r["pp_rank"] == 0 and r["activations"] == pytest.approx(4 * 8 * per_layer)
     # one stage: the head's fp32 logits and its inputs are added
-    one = memory_per_rank(m, tp, 1, 1, dp, S, 1, 16)
+    one = memory(m, tp, 1, 1, dp, S, 1, 16)
     logits = 4 * S * m.padded_vocab(tp) / tp
     assert one["activation_detail"]["head"] == pytest.approx(2 * 2 * S * m.hidden_size / tp + logits)
     assert one["activations"] == pytest.approx(32 * per_layer + one["activation_detail"]["head"])
-    no_dist = memory_per_rank(m, tp, pp, 1, dp, S, 1, 16, distributed_optimizer=False)
+    no_dist = memory(m, tp, pp, 1, dp, S, 1, 16, distributed_optimizer=False)
     assert no_dist["optimizer"] == 12 * no_dist["params_on_rank"]
 
 
 def test_full_recompute_keeps_inputs_plus_one_working_layer():
     m = llama()
-    r = memory_per_rank(m, 8, 1, 1, 1, S, 1, 4, recompute="full")
+    r = memory(m, 8, 1, 1, 1, S, 1, 4, recompute="full")
     inp, full = 2 * S * m.hidden_size / 8, layer_activation_bytes(m, 8, S, 1, True)
     assert r["activation_detail"]["layers"] == pytest.approx(32 * inp)
     assert r["activation_detail"]["recompute_working"] == pytest.approx(full)
-    part = memory_per_rank(m, 8, 1, 1, 1, S, 1, 4, recompute="full", recompute_num_layers=10)
+    part = memory(m, 8, 1, 1, 1, S, 1, 4, recompute="full", recompute_num_layers=10)
     assert part["activation_detail"]["layers"] == pytest.approx(10 * inp + 22 * full)
 
 
 def test_sequence_parallel_saves_memory():
     m = llama()
-    on = memory_per_rank(m, 8, 1, 1, 1, S, 1, 4, sequence_parallel=True)
-    off = memory_per_rank(m, 8, 1, 1, 1, S, 1, 4, sequence_parallel=False)
+    on = memory(m, 8, 1, 1, 1, S, 1, 4, sequence_parallel=True)
+    off = memory(m, 8, 1, 1, 1, S, 1, 4, sequence_parallel=False)
     assert on["activations"] < off["activations"] and on["weights"] == off["weights"]
 
 
-@pytest.mark.parametrize("kw,field", [(dict(tp=3), "tp:"), (dict(pp=64), "pp:"), (dict(vp=2), "vp:"),
-                                      (dict(dtype="int8"), "dtype:"), (dict(recompute="some"), "recompute:"),
-                                      (dict(micro_batch=0), "micro_batch:")])
+@pytest.mark.parametrize("kw,field", [(dict(tp=3), "model.num_heads:"), (dict(pp=64), "parallel.pp:"),
+                                      (dict(vp=2), "parallel.vp:"), (dict(dtype="int8"), "train.dtype:"),
+                                      (dict(recompute="some"), "train.recompute:"),
+                                      (dict(micro_batch=0), "train.micro_batch_size:")])
 def test_one_line_errors_name_the_field(kw, field):
     args = dict(tp=1, pp=1, vp=1, dp=1, seq_len=S, micro_batch=1, num_microbatches=4) | kw
     with pytest.raises(ConfigError) as e:
-        memory_per_rank(llama(), **args)
+        memory(llama(), **args)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)

@@ -18,8 +18,8 @@ from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.engine import PipelineEngine, forward_only_schedule
 from megagpt.pipeline.p2p import activation_shape
 from megagpt.pipeline.schedule import Op, build_schedule, check_no_deadlock, simulate
-from megagpt.pipeline.split import (balanced_counts, build_stage, check_layout, chunk_layers, describe_split,
-                                    stage_chunks, sync_tied_embedding_grads)
+from megagpt.layout import Layout, balanced_counts
+from megagpt.pipeline.split import build_stage, chunk_layers, describe_split, stage_chunks, sync_tied_embedding_grads
 
 SEED, B, S = 7, 2, 8
 
@@ -297,7 +297,7 @@ def _raw_cfg(num_layers=4, pp=2, vp=1, split=None, schedule="1f1b", tp=1, sp=Fal
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(num_layers=3, pp=2, vp=2), "parallel.vp"),                 # too few layers for the chunks
+    (dict(num_layers=3, pp=2, vp=2), "parallel.pp"),                 # too few layers for the chunks
     (dict(num_layers=4, pp=2, vp=1, split=[1, 1, 2]), "parallel.layers_per_stage"),
     (dict(num_layers=4, pp=2, vp=1, split=[1, 2]), "parallel.layers_per_stage"),
     (dict(num_layers=4, pp=2, vp=1, split=[5, -1]), "parallel.layers_per_stage"),
@@ -308,21 +308,29 @@ def _raw_cfg(num_layers=4, pp=2, vp=1, split=None, schedule="1f1b", tp=1, sp=Fal
 ])
 def test_bad_layouts_fail_before_running(kwargs, field):
     cfg = _raw_cfg(**kwargs)
-    for fn in (check_layout, chunk_layers, describe_split, lambda c: stage_chunks(c, 0),
+    for fn in (Layout.from_config, chunk_layers, describe_split, lambda c: stage_chunks(c, 0),
                lambda c: build_stage(c, ParallelState.virtual(tp=c.parallel.tp, pp=c.parallel.pp), 0)):
         with pytest.raises(ConfigError) as e:
             fn(cfg)
         assert str(e.value).startswith(field) and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="^train.global_batch_size"):
-        check_layout(_raw_cfg(), num_microbatches=1)
+    one_microbatch = _raw_cfg()
+    one_microbatch.train.global_batch_size = 2
+    with pytest.raises(ConfigError, match="^train.global_batch_size: gives 1 microbatches"):
+        Layout.from_config(one_microbatch)
 
 
-def test_gpipe_with_vp_passes_config_but_not_the_pipeline():
+def test_config_and_engine_treat_schedules_alike():
+    """One validator: gpipe with vp > 1 fails when the config loads, as in the engine; interleaved
+    (1f1b over vp chunks) loads, as the engine runs it."""
     raw = {"model": dict(num_layers=8, hidden_size=32, num_heads=4, ffn_hidden_size=64, vocab_size=97, max_seq_len=16),
            "parallel": dict(pp=2, vp=2), "train": dict(seq_len=8, global_batch_size=4, schedule="gpipe")}
+    with pytest.raises(ConfigError, match="^train.schedule: gpipe has no interleaved variant"):
+        config_from_dict(raw)
+    raw["train"]["schedule"] = "interleaved"
     cfg = config_from_dict(raw)
-    with pytest.raises(ConfigError, match="^train.schedule"):
-        check_layout(cfg)
+    with pytest.raises(ConfigError, match="^train.schedule: gpipe"):
+        Layout.from_config(cfg, schedule="gpipe")        # what PipelineEngine(..., schedule_kind="gpipe") runs
+    assert Layout.from_config(cfg).schedule == "interleaved"
 
 
 def test_balanced_split():

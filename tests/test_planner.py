@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megagpt.config import ConfigError, count_params
-from megagpt.planner import (Cluster, Layout, a100_selene, choose_layout, enumerate_layouts, flagship, gpt3_style,
+from megagpt.planner import (Cluster, Candidate, a100_selene, choose_layout, enumerate_layouts, flagship, gpt3_style,
                              gpt4plus_70b, narayanan2021_rows, paper_flops, predict, rank_layouts,
                              validate_narayanan2021)
 
@@ -45,8 +45,8 @@ def test_executed_flops_equal_the_paper_formula():
     for row in narayanan2021_rows()[:6]:
         m = gpt3_style(row["hidden"], row["layers"], row["heads"])
         dp = row["gpus"] // (row["tp"] * row["pp"])
-        L = Layout(row["tp"], row["pp"], row["vp"], dp, row["micro_batch"], False, "full",
-                   row["batch"] // (row["micro_batch"] * dp))
+        L = Candidate(row["tp"], row["pp"], row["vp"], dp, row["micro_batch"], False, "full",
+                      row["batch"] // (row["micro_batch"] * dp))
         p = predict(m, L, 2048, c, dtype="fp16", flash=False, distributed_optimizer=False)
         executed = p["hw_tflops_per_gpu"] * 1e12 * p["step_time_s"] * row["gpus"]
         assert executed == pytest.approx(paper_flops(m, row["batch"], 2048), rel=1e-9)
@@ -54,7 +54,7 @@ def test_executed_flops_equal_the_paper_formula():
 
 def test_time_model_directions():
     m, c = gpt4plus_70b(), Cluster()
-    base = Layout(8, 8, 1, 1, 1, True, "none", 16)
+    base = Candidate(8, 8, 1, 1, 1, True, "none", 16)
     t = lambda **kw: predict(m, dataclasses.replace(base, **kw), 4096, c)
     p = t()
     tb = p["time_breakdown"]
@@ -74,8 +74,8 @@ def test_time_model_directions():
 def test_interleaving_shrinks_the_bubble():
     m = gpt3_style(4096, 32, 32)
     c = Cluster()
-    one = predict(m, Layout(8, 4, 1, 1, 1, True, "none", 8), 2048, c)
-    two = predict(m, Layout(8, 4, 2, 1, 1, True, "none", 8), 2048, c)
+    one = predict(m, Candidate(8, 4, 1, 1, 1, True, "none", 8), 2048, c)
+    two = predict(m, Candidate(8, 4, 2, 1, 1, True, "none", 8), 2048, c)
     assert two["time_breakdown"]["bubble"] < 0.6 * one["time_breakdown"]["bubble"]
     assert two["memory_breakdown"]["activations"] > one["memory_breakdown"]["activations"]
 
@@ -101,7 +101,7 @@ def test_choose_layout_70b():
     fits, _ = rank_layouts(m, 64, 8192, 1024)
     assert [p["step_time_s"] for p in fits] == sorted(p["step_time_s"] for p in fits)
     assert not choose_layout(m, 8, 8192, 1024)["fits"]   # 70B x 18 bytes cannot fit 8 x 80 GiB
-    with pytest.raises(ConfigError, match=r"^tp: 3 "):
+    with pytest.raises(ConfigError, match=r"^model.num_heads: 80 is not divisible by parallel.tp=3$"):
         rank_layouts(m, 64, 8192, 1024, tp=3)
 
 
@@ -134,4 +134,4 @@ def test_cli_refuses_a_fixed_layout_that_does_not_fit():
 
 def test_cli_bad_argument_is_one_line():
     r = run_cli("--gpus", "64", "--tp", "3")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "tp:" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "parallel.tp=3" in r.stderr

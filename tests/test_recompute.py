@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dist import batch, spawn, tiny_model_cfg
-from megagpt.activations import SavedTensorMeter
+from megagpt.activation_meter import SavedTensorMeter
 from megagpt.memory import layer_activation_terms
 from megagpt.model.gpt import build_model
 from megagpt.parallel.layers import finalize_tp_grads

@@ -32,11 +32,11 @@ import shutil
 
 import torch
 
+from ..config import DTYPES as TRAIN_DTYPES
 from ..config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate
-from ..model.gpt import GPTModel
+from ..layout import Layout
 from ..parallel.layers import ShardSpec
-from ..parallel.state import ParallelState
-from ..pipeline.split import stage_chunks
+from ..pipeline.split import meta_stage
 from .format import VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, rank_params
 from .hf import (ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names, megagpt_to_hf, to_hf_config,
                  write_hf_tokenizer)
@@ -47,7 +47,7 @@ from .store import (clean_stale, find_checkpoint, publish, read_manifest, step_d
                     write_manifest)
 from .train_state import TrainState
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: v for k, v in TRAIN_DTYPES.items() if k in ("fp32", "bf16")}   # what --dtype accepts
 OPTIM_KEYS = ("main", "exp_avg", "exp_avg_sq")
 
 
@@ -59,9 +59,8 @@ def _known(cls, fields: dict):
 
 
 def _global_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    with torch.device("meta"):
-        model = GPTModel(cfg, ParallelState.virtual(), device="meta")
-    return {n: tuple(p.global_shape) for n, p in model.named_parameters()}
+    """Global shape of every parameter: the one-rank model built on the meta device."""
+    return {n: tuple(p.global_shape) for chunk in meta_stage(Config(model=cfg)) for n, p in chunk.named_parameters()}
 
 
 class MegagptSource:
@@ -242,20 +241,17 @@ def _target_config(source, tp: int, pp: int, vp: int) -> Config:
 
 def _target_ranks(cfg: Config) -> list[dict]:
     """Per target rank: its coordinates and {name: (global shape, ShardSpec, written)}, from meta chunks."""
-    p, out = cfg.parallel, []
-    for pp_rank in range(p.pp):
-        for tp_rank in range(p.tp):
-            ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank)
-            with torch.device("meta"):
-                chunks = [GPTModel(cfg.model, ps, sequence_parallel=p.sequence_parallel, layer_ids=ids,
-                                   pre_process=pre, post_process=post, device="meta")
-                          for ids, pre, post in stage_chunks(cfg, pp_rank)]
-            params = {}
-            for name, param, written in rank_params(chunks):
-                params.setdefault(name, (tuple(param.global_shape), param.tp_spec, written))
-            # order tp-cp-ep-dp-pp with cp = ep = dp = 1: tp varies fastest
-            out.append({"rank": pp_rank * p.tp + tp_rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ps": ps,
-                        "params": params})
+    # the batch is the run's business, not the layout's: check the layout with one that fits any pp
+    train = dataclasses.replace(cfg.train, global_batch_size=cfg.train.micro_batch_size * cfg.parallel.pp)
+    layout, out = Layout.from_config(dataclasses.replace(cfg, train=train)), []
+    for rank in range(layout.world_size):         # dp = 1: one rank per (tp, pp) coordinate
+        coords = layout.rank_coords(rank)
+        chunks = meta_stage(cfg, coords["tp"], coords["pp"], layout)
+        params = {}
+        for name, param, written in rank_params(chunks):
+            params.setdefault(name, (tuple(param.global_shape), param.tp_spec, written))
+        out.append({"rank": rank, "tp_rank": coords["tp"], "pp_rank": coords["pp"], "ps": chunks[0].ps,
+                    "params": params})
     return out
 
 

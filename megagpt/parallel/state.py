@@ -2,7 +2,8 @@
 
 The world is a grid with one axis per parallel dimension. The order string ("tp-cp-ep-dp-pp")
 lists the axes from fastest- to slowest-varying rank, so TP ranks are adjacent and share a node.
-A group along axis X is the set of ranks that differ only in their X coordinate.
+A group along axis X is the set of ranks that differ only in their X coordinate; the grid is
+`layout.rank_grid`, the same rule that gives `Layout.rank_coords`.
 
 The object is handed to whatever needs it (nanotron style); there are no module globals.
 Each group is wrapped in `Group`, which runs the collectives, short-circuits when the group
@@ -11,7 +12,6 @@ bytes it moves in a `CommCounter` for the accounting tests.
 """
 from __future__ import annotations
 
-import itertools
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,35 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-AXES = ("tp", "cp", "ep", "dp", "pp")
-
-
-def rank_grid(world_size: int, sizes: dict[str, int], order: str) -> dict[str, list[list[int]]]:
-    """Pure function: for each axis, the list of rank groups along it.
-
-    rank = sum_i coord[axis_i] * stride_i, with strides growing in `order`'s order.
-    """
-    axes = order.split("-")
-    product = 1
-    for a in axes:
-        product *= sizes.get(a, 1)
-    if product != world_size:
-        raise ValueError(f"parallel layout: {'*'.join(f'{a}{sizes.get(a, 1)}' for a in axes)} = {product} "
-                         f"ranks, but the world size is {world_size}")
-    strides, s = {}, 1
-    for a in axes:
-        strides[a] = s
-        s *= sizes.get(a, 1)
-    groups = {}
-    for axis in axes:
-        others = [a for a in axes if a != axis]
-        out = []
-        for coords in itertools.product(*(range(sizes.get(a, 1)) for a in others)):
-            base = sum(c * strides[a] for a, c in zip(others, coords))
-            out.append([base + i * strides[axis] for i in range(sizes.get(axis, 1))])
-        groups[axis] = sorted(out)
-    return groups
-
+from ..layout import AXES, rank_grid  # noqa: F401  (rank_grid: the order string's grid, re-exported)
 
 class CommCounter:
     """Bytes moved per (kind, group name). `bytes` is what the caller handed to the collective."""

@@ -35,11 +35,11 @@ from typing import Callable
 import torch
 
 from ..config import Config, ConfigError
+from ..layout import Layout
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
 from .p2p import P2P
 from .schedule import Op, build_schedule, comm_batches
-from .split import check_layout
 
 
 def forward_only_schedule(pp: int, vp: int, m: int, early_recv: bool = False) -> list[list[Op]]:
@@ -67,7 +67,7 @@ class PipelineEngine:
             raise ValueError(f"wait_p2p must be 'deferred' or 'batch', got {wait_p2p!r}")
         self.wait_p2p = wait_p2p
         self.kind = schedule_kind or cfg.train.schedule
-        check_layout(cfg, schedule=self.kind)
+        self.layout = Layout.from_config(cfg, schedule=self.kind)
         if ps.pp.size != cfg.parallel.pp:
             raise ConfigError(f"parallel.pp: the config says {cfg.parallel.pp}, the process groups have {ps.pp.size}")
         if len(chunks) != cfg.parallel.vp:
@@ -99,7 +99,8 @@ class PipelineEngine:
         """This rank's op list (cached: the schedule depends only on the layout and m)."""
         key = (num_microbatches, forward_only)
         if key not in self._schedules:
-            check_layout(self.cfg, num_microbatches, self.kind)
+            layout = self.layout
+            layout.replace(global_batch=num_microbatches * layout.micro_batch * layout.dp).validate(self.cfg.model)
             pp, vp, m = self.pp, self.vp, num_microbatches
             schedules = (forward_only_schedule(pp, vp, m, self.early_recv) if forward_only
                          else build_schedule(self.kind, pp, vp, m, self.early_recv))

@@ -16,14 +16,13 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..layout import Layout
 from ..parallel.state import CommCounter, Group
 
 
 def activation_shape(cfg: Config) -> tuple[int, int, int]:
     """The shape of what crosses a stage boundary: [s/tp, b, h] with sequence parallelism, else [s, b, h]."""
-    p, t = cfg.parallel, cfg.train
-    sp = p.sequence_parallel and p.tp > 1
-    return (t.seq_len // p.tp if sp else t.seq_len, t.micro_batch_size, cfg.model.hidden_size)
+    return Layout.from_config(cfg).activation_shape(cfg.model)
 
 
 class P2P:
