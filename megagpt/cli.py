@@ -78,7 +78,7 @@ def plan_layout(probe: Config, world: int, layout_given: bool) -> list[str]:
     breakdown if it cannot fit."""
     from .planner import choose_layout, rank_layouts
     if world < 1:  # named as the field it becomes, not as the planner's argument
-        raise ConfigError(f"parallel.world_size: expected a positive number, got {world}")
+        raise ConfigError(f"parallel.world_size: expected a positive integer, got {world}")
     t, p = probe.train, probe.parallel
     if not layout_given:
         best = choose_layout(probe.model, world, t.seq_len, t.global_batch_size)

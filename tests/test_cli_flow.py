@@ -17,6 +17,7 @@ from megagpt import cli
 from megagpt.config import ConfigError, load_config
 from megagpt.data.blend import blend_parts
 from megagpt.data.indexed import DataError, IndexedDatasetBuilder, fit_model_vocab
+from megagpt.layout import Layout
 from megagpt.planner import choose_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_planner_choice_is_in_the_config_and_args_stay_untouched():
 def test_flags_win_over_overrides_and_world_defaults_to_the_layout():
     cfg = resolve(["--pp", "2", "parallel.pp=4", "--train-iters", "7", "--seed", "3"])
     assert (cfg.parallel.pp, cfg.train.train_iters, cfg.train.seed) == (2, 7, 3)
-    assert cfg.parallel.world_size == 2 and cfg.parallel.dp() == 1     # dry run told no world: tp*pp
+    assert cfg.parallel.world_size == 2 and Layout.from_config(cfg).dp == 1     # dry run told no world: tp*pp
 
 
 def test_trainer_receives_the_resolved_config(monkeypatch, tmp_path):
@@ -68,7 +69,7 @@ def test_trainer_receives_the_resolved_config(monkeypatch, tmp_path):
     assert cli.main(["--config", TINY, "--tp", "2", "--train-iters", "3", "--run-dir", str(tmp_path),
                      "train.lr=5e-4"]) == 0
     cfg = seen["cfg"]
-    assert (cfg.parallel.tp, cfg.parallel.dp(), cfg.train.train_iters, cfg.train.lr, seen["run_dir"], seen["load"]) \
+    assert (cfg.parallel.tp, Layout.from_config(cfg).dp, cfg.train.train_iters, cfg.train.lr, seen["run_dir"], seen["load"]) \
         == (2, 2, 3, 5e-4, str(tmp_path), None)
 
 
@@ -102,7 +103,7 @@ def test_nonsense_numbers_fail_in_one_line(argv, field, monkeypatch, capsys):
 def test_nonsense_world_size_is_named(main_kw, capsys):
     assert cli.main(["--dry-run", "--world-size", "0"], **{"default_config": TINY, **main_kw}) == 2
     assert capsys.readouterr().err.strip() == \
-        "error: parallel.world_size: expected a positive number, got 0 (from --world-size)"
+        "error: parallel.world_size: expected a positive integer, got 0 (from --world-size)"
 
 
 def test_zero_intervals_still_mean_never():
