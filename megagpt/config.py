@@ -77,6 +77,7 @@ class ParallelConfig:
     layers_per_stage: list | None = None  # explicit split: one count per pp * vp chunk
     distributed_optimizer: bool = True
     bucket_size_mb: float = 40.0
+    overlap_param_gather: bool = True     # ZeRO-1: the params' all-gather overlaps the next forward
 
     def dp(self, world_size: int | None = None) -> int:
         world = world_size if world_size is not None else self.world_size

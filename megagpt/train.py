@@ -133,6 +133,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
+        self.optimizer.finish_param_sync()
         for c in self.chunks:
             c.eval()
         total = 0.0
@@ -205,6 +206,7 @@ class Trainer:
             history.append(rec)
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
+        self.optimizer.finish_param_sync()      # the trained weights, whole, for whoever reads them next
         log.close()
         return history
 

@@ -76,6 +76,7 @@ def fp16_worker(rank, world):
         main_before = opt.update.main_flat.clone()
         moments_before = opt.update.exp_avg.clone()
         stats = opt.step(lr_at(step, tcfg))
+        opt.finish_param_sync()
         own_finite = all(torch.isfinite(v).all() for v in opt.owned)
         out.append({"stats": stats, "own_finite": bool(own_finite), "steps": opt.steps,
                     "params_same": all(torch.equal(a, p) for a, p in zip(before, model.parameters())),

@@ -165,6 +165,8 @@ def save_checkpoint(run_dir: str, step: int, chunks, ps, cfg=None, extra: dict |
     state_for_checkpoint(), or that dict itself, or None. Returns the step directory.
     `before_publish` (rank 0, after every shard is written): a test hook to kill the save midway.
     A failure on any rank raises CheckpointError on every rank and leaves the last good one as it was."""
+    if hasattr(optimizer, "finish_param_sync"):
+        optimizer.finish_param_sync()      # the weights of the last step may still be in flight
     model_cfg = _model_cfg(cfg, chunks)
     nonce = _shared_nonce(ps)
     tmp_dir = os.path.join(run_dir, f"{step_dir_name(step)}.tmp-{nonce}")

@@ -102,8 +102,10 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = self.final_norm(x)
-        weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        logits = parallel_lm_logits(x, weight, self.tp, self.sp)            # [s, b, V/tp]
+        if self.cfg.tie_embeddings:
+            logits = parallel_lm_logits(x, self.embedding.weight, self.tp, self.sp)   # [s, b, V/tp]
+        else:  # the same matmul, called as a module so that its forward hooks run
+            logits = self.lm_head(x)                                                  # [s, b, V/tp]
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp, self.cfg.vocab_size).t()  # [b, s]

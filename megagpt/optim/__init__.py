@@ -13,6 +13,11 @@ One step: finish the DP reduction (buckets started from backward hooks) -> compl
 gradients (SP norms, replicated KV rows) and sum the tied embedding over the first and last stage
 -> unscale and check for inf/NaN (fp16) -> global grad norm and clipping -> AdamW on the fp32
 main params this rank owns -> the updated weights back into the model (all-gather over DP).
+
+With parallel.overlap_param_gather (the distributed optimizer, dp > 1) step() only launches the
+all-gathers, one per bucket, first layers first; each module's forward pre-hook waits on its own
+buckets, so the gathers overlap the next forward. Anything else that reads the weights first
+calls `finish_param_sync()`.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class Optimizer:
         if wrong:
             raise ValueError(f"build_optimizer: train.dtype={train_cfg.dtype} but {wrong[0][0]} is "
                              f"{wrong[0][1]}; build the model with dtype={want}")
-        names = {id(p): n for c in named for n, p in c}
+        self.names = names = {id(p): n for c in named for n, p in c}
         tied_params = [p for c in named for n, p in c if self.tied and n == "embedding.weight"]
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
@@ -60,6 +65,24 @@ class Optimizer:
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views(tied_params)
         self.steps = 0                          # updates applied (skipped steps do not count)
+        self.overlap = parallel_cfg.overlap_param_gather and self.distributed and ps.dp.size > 1
+        self._hooks = self._register_gather_waits() if self.overlap else []
+
+    def _register_gather_waits(self) -> list:
+        """A forward pre-hook on every module that owns parameters: before it first runs after a
+        step, finish the all-gathers of its buckets and of every bucket launched before them (in
+        launch order; collectives on one group complete in that order anyway). So each chunk's first
+        module waits on its own buckets, and a parameter read by a later module of its chunk (the
+        tied LM head on the last stage) is in by then."""
+        hooks, bucket_of = [], self.buffer.bucket_of
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                mine = [bucket_of[id(p)].index for p in module.parameters(recurse=False) if id(p) in bucket_of]
+                if mine:
+                    first = min(mine)
+                    hooks.append(module.register_forward_pre_hook(
+                        lambda _m, _args, first=first: self.update.wait_from(first) if self.update.pending else None))
+        return hooks
 
     def _norm_views(self, tied_params) -> list[torch.Tensor]:
         """The pieces of the buffer this rank counts in the global norm (see clip.py)."""
@@ -76,7 +99,12 @@ class Optimizer:
 
     # ------------------------------------------------------------------ the loop's calls
     def zero_grad(self) -> None:
-        self.buffer.zero()
+        self.buffer.zero(skip=set(self.update.pending))
+
+    def finish_param_sync(self) -> None:
+        """Finish the parameter all-gathers still in flight from the last step. Whatever reads the
+        weights outside a forward (evaluation, checkpoints, tests, the end of training) calls this."""
+        self.update.wait_from(0)
 
     def set_sync(self, flag: bool) -> None:
         self.buffer.set_sync(flag)
@@ -105,6 +133,11 @@ class Optimizer:
                         self.ps.embedding.all_reduce(p.main_grad)
 
     def step(self, lr: float) -> dict:
+        if self.update.pending:     # their bytes took gradients: some param was read outside its module
+            names = [self.names[id(p)] for i in sorted(self.update.pending)
+                     for p in self.buffer.buckets[i].params]
+            raise RuntimeError(f"parallel.overlap_param_gather: no forward pre-hook waited on the weights of "
+                               f"{names[:3]}; read them through their module's forward, or set it to false")
         self.buffer.finish_grad_sync()
         self.finalize_grads()
         if self.scaler.dynamic:
@@ -117,7 +150,9 @@ class Optimizer:
         clip_(self.owned, self.cfg.clip_grad, norm)
         self.steps += 1
         self.update.step(lr, self.steps)
-        self.update.gather_params()
+        self.update.start_param_gather()        # waited on by the next forward's pre-hooks
+        if not self.overlap:
+            self.finish_param_sync()
         return {"grad_norm": norm, "skipped": False, "loss_scale": self.scaler.scale}
 
     # ------------------------------------------------------------------ checkpoints and accounting

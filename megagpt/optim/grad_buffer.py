@@ -16,6 +16,10 @@ distributed optimizer DP rank r owns shard r of every bucket and the reduction i
 that leaves the sum in that shard (the other shards keep stale local values); otherwise it is an
 all-reduce and every rank owns the whole bucket. Gradients are summed, not averaged: the training
 loop divides the loss by the global token count, so the sum is the global mean.
+
+After the update the reduced gradients are spent, so the distributed optimizer all-gathers each
+bucket's updated weights into that bucket's own bytes (see adamw.py); `zero(skip=...)` leaves the
+buckets whose gather is still in flight, and the optimizer zeroes each once it has copied it out.
 """
 from __future__ import annotations
 
@@ -159,9 +163,16 @@ class GradBuffer:
         finally:
             self.sync = previous
 
-    def zero(self) -> None:
+    def zero(self, skip=()) -> None:
+        """Zero the gradients. skip: indices of buckets whose bytes still carry a parameter all-gather
+        (the optimizer zeroes each of those itself once it has copied the weights out)."""
         self._wait_and_reset()                 # never zero memory a collective is still reading
-        self.data.zero_()
+        if not skip:
+            self.data.zero_()
+            return
+        for b in self.buckets:                 # the buckets tile the buffer
+            if b.index not in skip:
+                b.data.zero_()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
