@@ -22,8 +22,8 @@ import torch.distributed as dist
 from .config import Config, flops_per_token
 from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
-from .optim import build_optimizer
-from .optim.schedule import lr_at
+from .optim.optimizer import build_optimizer
+from .optim.lr import lr_at
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, init_distributed
 from .pipeline.engine import PipelineEngine

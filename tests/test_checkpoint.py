@@ -15,7 +15,7 @@ from megagpt.checkpoint.sharded import CheckpointError, load_checkpoint, load_op
 from megagpt.checkpoint.store import digest, find_checkpoint
 from megagpt.config import ParallelConfig, TrainConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.parallel.state import ParallelState
 
 CFG = tiny_model_cfg(num_kv_heads=2)         # vocab 1001 padded per tp: 1001 (tp1), 1002 (tp2), 1004 (tp4)

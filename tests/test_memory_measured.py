@@ -10,7 +10,7 @@ import torch._dynamo  # noqa: F401  torch.optim.Optimizer imports it lazily: onc
 from dist import spawn
 from megagpt.config import ParallelConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import DTYPES, build_optimizer
+from megagpt.optim.optimizer import DTYPES, build_optimizer
 from megagpt.parallel.state import ParallelState
 from test_optim_dp import model_cfg, run_steps, train_cfg
 

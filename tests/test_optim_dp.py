@@ -24,7 +24,8 @@ import torch.distributed as dist
 from dist import assert_close_rel, batch, gather_full, spawn, tiny_model_cfg
 from megagpt.config import ParallelConfig, TrainConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import DTYPES, build_optimizer, lr_at
+from megagpt.optim.lr import lr_at
+from megagpt.optim.optimizer import DTYPES, build_optimizer
 from megagpt.parallel.state import ParallelState
 
 GLOBAL_BATCH, SEQ, STEPS, MICRO = 8, 16, 5, 2

@@ -12,7 +12,7 @@ import torch
 from dist import spawn
 from megagpt.config import Config, ParallelConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.parallel.state import ParallelState
 from test_optim_dp import MICRO, SEQ, engine_step, model_cfg, run_steps, train_cfg
 

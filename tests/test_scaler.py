@@ -4,7 +4,8 @@ import torch
 from dist import spawn
 from megagpt.config import ParallelConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer, lr_at
+from megagpt.optim.lr import lr_at
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.optim.scaler import LossScaler
 from megagpt.parallel.state import ParallelState
 from test_optim_dp import GLOBAL_BATCH, MICRO, data, model_cfg, train_cfg
