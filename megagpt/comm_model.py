@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .config import Config
+from .optim.grad_buffer import plan_buckets
 from .parallel.state import rank_grid
 from .pipeline.split import stage_chunks
 
@@ -89,32 +90,13 @@ def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool
 
 
 def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[int]:
-    """Padded sizes (elements) of GradBuffer's buckets on one rank: the same plan as GradBuffer."""
+    """Padded sizes (elements) of GradBuffer's buckets on one rank: GradBuffer's own plan."""
     bucket_elems = max(1, int(cfg.parallel.bucket_size_mb * 2 ** 20) // GRAD_BYTES)
-    sizes = []
-
-    def close(numels):
-        if numels:
-            n = sum(numels)
-            sizes.append(-(-n // dp) * dp)
-
-    for ids, pre, post in reversed(chunks):
-        numels = _chunk_param_numels(cfg, ids, pre, post)
-        has_embedding = pre or (post and cfg.model.tie_embeddings)
-        current, size = [], 0
-        for i in reversed(range(len(numels))):
-            if tied_alone and has_embedding and i == 0:   # the embedding is registered first
-                close(current)
-                close([numels[i]])
-                current, size = [], 0
-                continue
-            current.append(numels[i])
-            size += numels[i]
-            if size >= bucket_elems:
-                close(current)
-                current, size = [], 0
-        close(current)
-    return sizes
+    numels = [_chunk_param_numels(cfg, ids, pre, post) for ids, pre, post in chunks]
+    # the tied embedding (registered first in its chunk) sits alone
+    alone = [{0} if tied_alone and (pre or (post and cfg.model.tie_embeddings)) else set()
+             for _, pre, post in chunks]
+    return [end - start for _, _, start, end in plan_buckets(numels, bucket_elems, dp, alone)]
 
 
 def _rank_coords(cfg: Config, world_size: int, rank: int) -> dict[str, int]:
