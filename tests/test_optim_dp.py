@@ -99,7 +99,7 @@ def run_steps(model, opt, ps, tcfg, steps, start=0, on_microbatch=None):
 
 
 def full_params(model, ps) -> dict:
-    return {n: gather_full(p.detach().float(), p.tp_spec, ps.tp) for n, p in model.named_parameters()}
+    return {n: gather_full(p.detach().float(), p.meta.spec, ps.tp) for n, p in model.named_parameters()}
 
 
 def dp_worker(rank, world, mcfg, tcfg, pcfg):

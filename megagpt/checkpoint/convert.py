@@ -58,7 +58,7 @@ def _known(cls, fields: dict):
 def _global_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     with torch.device("meta"):
         model = GPTModel(cfg, ParallelState.virtual(), device="meta")
-    return {n: tuple(p.global_shape) for n, p in model.named_parameters()}
+    return {n: tuple(p.meta.global_shape) for n, p in model.named_parameters()}
 
 
 class MegagptSource:
@@ -282,7 +282,7 @@ def _target_ranks(cfg: Config) -> list[dict]:
                           for ids, pre, post in stage_chunks(cfg, pp_rank)]
             params = {}
             for name, param, written in _params(chunks):
-                params.setdefault(name, (tuple(param.global_shape), param.tp_spec, written))
+                params.setdefault(name, (tuple(param.meta.global_shape), param.meta.spec, written))
             # order tp-cp-ep-dp-pp with cp = ep = dp = 1: tp varies fastest
             out.append({"rank": pp_rank * p.tp + tp_rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ps": ps,
                         "params": params})

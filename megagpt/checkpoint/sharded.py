@@ -51,14 +51,14 @@ def _params(chunks) -> list[tuple[str, torch.nn.Parameter, bool]]:
     out, seen = [], set()
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            copy = name == "embedding.weight" and not getattr(chunk, "pre_process", True)
+            copy = p.meta.tied_copy
             out.append((name, p, name not in seen and not copy))
             seen.add(name)
     return out
 
 
 def _tp_meta(p, ps) -> dict:
-    spec = p.tp_spec
+    spec = p.meta.spec
     return {"dim": spec.dim, "parts": [list(part) for part in spec.parts], "rank": ps.tp.rank, "size": ps.tp.size}
 
 
@@ -118,7 +118,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
         params.setdefault(name, (p, written))
         if written and ps.dp.rank == 0:
             tensors[name] = p.detach().contiguous().cpu()
-            entries[name] = {"global_shape": list(p.global_shape), "dtype": str(p.dtype).removeprefix("torch."),
+            entries[name] = {"global_shape": list(p.meta.global_shape), "dtype": str(p.dtype).removeprefix("torch."),
                              "tp": _tp_meta(p, ps)}
             if name in VOCAB_PADDED:
                 entries[name]["vocab_rows"] = model_cfg.vocab_size
@@ -139,7 +139,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
             if t.numel() != end - start:
                 raise CheckpointError(f"optimizer state {key}.{k}: {t.numel()} elements for range [{start}, {end})")
             tensors[f"optim/{key}/{k}"] = t.detach().reshape(-1).contiguous().cpu()
-        optim[key] = {"start": start, "end": end, "keys": keys, "global_shape": list(p.global_shape),
+        optim[key] = {"start": start, "end": end, "keys": keys, "global_shape": list(p.meta.global_shape),
                       "tp": _tp_meta(p, ps)}
         if key in VOCAB_PADDED:
             optim[key]["vocab_rows"] = model_cfg.vocab_size
@@ -368,8 +368,8 @@ def load_checkpoint(path: str, chunks, ps, cfg=None, optimizer=None, verify: boo
     layouts = {}
     for name, p, _ in _params(chunks):
         full, vocab = reader.param(name)
-        p.copy_(p.tp_spec.shard(_fit(name, full, vocab, p.global_shape), ps.tp.rank, ps.tp.size))
-        layouts[name] = (tuple(p.global_shape), p.tp_spec, ps.tp.rank, ps.tp.size)
+        p.copy_(p.meta.spec.shard(_fit(name, full, vocab, p.meta.global_shape), ps.tp.rank, ps.tp.size))
+        layouts[name] = (tuple(p.meta.global_shape), p.meta.spec, ps.tp.rank, ps.tp.size)
     if optimizer is not None:
         current = optimizer.state_for_checkpoint()          # for the ranges this rank now owns
         ranges = {k: (v["start"], v["end"]) for k, v in current.items() if isinstance(v, dict) and "start" in v}

@@ -11,7 +11,7 @@
 
 One step: finish the DP reduction (buckets started from backward hooks) -> complete the TP-partial
 gradients (SP norms, replicated KV rows) and sum the tied embedding over the first and last stage
--> unscale and check for inf/NaN (fp16) -> global grad norm and clipping -> AdamW on the fp32
+(finalize.py) -> unscale and check for inf/NaN (fp16) -> global grad norm and clipping -> AdamW on the fp32
 main params this rank owns -> the updated weights back into the model (all-gather over DP).
 
 With parallel.overlap_param_gather (the distributed optimizer, dp > 1) step() only launches the
@@ -25,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, ParallelConfig, TrainConfig
-from ..parallel.layers import finalize_tp_grads
+from ..parallel.layers import meta_of
 from ..parallel.state import ParallelState
 from .adamw import PlainAdamW, ShardedAdamW
 from .clip import clip_, counted_ranges, global_norm, intersect
+from .finalize import finalize_grads
 from .grad_buffer import GradBuffer
 from .scaler import LossScaler
 
@@ -40,10 +41,10 @@ SCALAR_KEYS = ("step", "loss_scale", "growth_tracker")   # the non-parameter key
 
 class Optimizer:
     def __init__(self, chunks: list[nn.Module], ps: ParallelState, train_cfg: TrainConfig,
-                 parallel_cfg: ParallelConfig, model_cfg: ModelConfig):
+                 parallel_cfg: ParallelConfig, model_cfg: ModelConfig | None = None):
+        """model_cfg: unused (what the optimizer needs of the model is in each parameter's ParamMeta)."""
         self.chunks, self.ps, self.cfg = list(chunks), ps, train_cfg
         self.distributed = parallel_cfg.distributed_optimizer
-        self.tied = model_cfg.tie_embeddings and ps.pp.size > 1
         named = [[(n, p) for n, p in c.named_parameters() if p.requires_grad] for c in self.chunks]
         want = DTYPES[train_cfg.dtype]
         wrong = [(n, p.dtype) for c in named for n, p in c if p.dtype != want]
@@ -51,7 +52,8 @@ class Optimizer:
             raise ValueError(f"build_optimizer: train.dtype={train_cfg.dtype} but {wrong[0][0]} is "
                              f"{wrong[0][1]}; build the model with dtype={want}")
         self.names = names = {id(p): n for c in named for n, p in c}
-        tied_params = [p for c in named for n, p in c if self.tied and n == "embedding.weight"]
+        # a tied parameter's copies on other stages must have the same shards: each sits alone
+        tied_params = [p for c in named for _, p in c if meta_of(p).tied and ps.embedding.size > 1]
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
                                  own_bucket=tied_params, device=ps.device)
@@ -62,7 +64,7 @@ class Optimizer:
         self.world = ps.world
         self.norm_group = self.world if self.distributed else ps.mp
         self.owned = self.buffer.owned_views()
-        self.norm_views = self._norm_views(tied_params)
+        self.norm_views = self._norm_views()
         self.steps = 0                          # updates applied (skipped steps do not count)
         self.overlap = parallel_cfg.overlap_param_gather and self.distributed and ps.dp.size > 1
         self._hooks = self._register_gather_waits() if self.overlap else []
@@ -83,15 +85,14 @@ class Optimizer:
                         lambda _m, _args, first=first: self.update.wait_from(first) if self.update.pending else None))
         return hooks
 
-    def _norm_views(self, tied_params) -> list[torch.Tensor]:
+    def _norm_views(self) -> list[torch.Tensor]:
         """The pieces of the buffer this rank counts in the global norm (see clip.py)."""
-        copies = {id(p) for p in tied_params} if not self.ps.is_first_stage else set()  # last stage's copy
         views = []
         for b in self.buffer.buckets:
             lo, hi = self.buffer.owned_range(b)
             for p in b.params:
                 start, _ = self.buffer.param_range[id(p)]
-                ranges = counted_ranges(p, self.ps.tp, skip=id(p) in copies)
+                ranges = counted_ranges(p, self.ps.tp)
                 for a, z in intersect(ranges, lo - start, hi - start):
                     views.append(self.buffer.data[start + a:start + z])
         return views
@@ -118,19 +119,6 @@ class Optimizer:
     def loss_scale(self) -> float:
         return self.scaler.scale
 
-    def finalize_grads(self) -> None:
-        """After the DP sync: the TP-partial gradients, then the tied embedding over first+last stage.
-        With the distributed optimizer only the owned shard is right after the reduce-scatter; TP
-        peers (and the two embedding stages, whose embedding sits alone in a bucket) share the same
-        layout, so summing whole tensors still leaves the owned part right."""
-        for chunk in self.chunks:
-            finalize_tp_grads(chunk, self.ps.tp, grad_of=lambda p: getattr(p, "main_grad", None))
-        if self.tied and (self.ps.is_first_stage or self.ps.is_last_stage):
-            for chunk in self.chunks:
-                for name, p in chunk.named_parameters():
-                    if name == "embedding.weight" and hasattr(p, "main_grad"):
-                        self.ps.embedding.all_reduce(p.main_grad)
-
     def step(self, lr: float) -> dict:
         if self.update.pending:     # their bytes took gradients: some param was read outside its module
             names = [self.names[id(p)] for i in sorted(self.update.pending)
@@ -138,7 +126,7 @@ class Optimizer:
             raise RuntimeError(f"parallel.overlap_param_gather: no forward pre-hook waited on the weights of "
                                f"{names[:3]}; read them through their module's forward, or set it to false")
         self.buffer.finish_grad_sync()
-        self.finalize_grads()
+        finalize_grads(self.chunks, self.ps)
         if self.scaler.dynamic:
             self.scaler.unscale_(self.owned)
             found_inf = self.scaler.found_inf(self.owned, self.world, self.buffer.data.device)

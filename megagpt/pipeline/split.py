@@ -1,4 +1,4 @@
-"""Which layers each pipeline chunk holds, building this rank's chunks, and the tied-embedding sync.
+"""Which layers each pipeline chunk holds, and building this rank's chunks.
 
 The model is cut into pp*vp chunks of consecutive layers. Global chunk c lives on pp rank
 c % pp as local chunk c // pp (the layout of `schedule.py`), so local chunk k of rank r is
@@ -147,7 +147,7 @@ def describe_split(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- building and syncing
+# ----------------------------------------------------------------------------- building
 
 def build_stage(cfg: Config, ps: ParallelState, seed: int, tracker=None, dtype=torch.float32) -> list[GPTModel]:
     """This rank's model chunks, local chunk order. Weights are drawn per (seed, global name), so
@@ -160,17 +160,3 @@ def build_stage(cfg: Config, ps: ParallelState, seed: int, tracker=None, dtype=t
                         recompute_num_layers=t.recompute_num_layers, tracker=tracker,
                         device=ps.device, dtype=dtype)
             for ids, pre, post in stage_chunks(cfg, ps.pp.rank)]
-
-
-def sync_tied_embedding_grads(chunks: list[GPTModel], ps: ParallelState, grad_of=lambda p: p.grad) -> None:
-    """With tied embeddings and pp > 1, the first stage's embedding and the last stage's copy (its
-    LM head) are one parameter: sum their gradients over ps.embedding, so both copies take the same
-    step and stay equal. Call it on every rank after backward (other ranks do nothing); `grad_of`
-    picks where the gradient lives (p.grad, or the optimizer's fp32 p.main_grad)."""
-    if not chunks or not chunks[0].cfg.tie_embeddings or ps.pp.size == 1 or ps.embedding.size == 1:
-        return
-    tied = [c.embedding.weight for c in chunks if hasattr(c, "embedding")]
-    if len(tied) != 1 or grad_of(tied[0]) is None:
-        raise RuntimeError(f"tied embeddings: expected one embedding copy with a gradient on pp rank "
-                           f"{ps.pp.rank}, found {len(tied)} copies")
-    ps.embedding.all_reduce(grad_of(tied[0]))
