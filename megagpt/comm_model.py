@@ -33,7 +33,7 @@ N = s*b*h*e, one [s, b, h] activation. Per microbatch and model chunk, on every 
     activation forward and one gradient backward per microbatch.
 
 Once per step (Optimizer.step), gradients are fp32 (the grad buffer) whatever the dtype:
-  - TP-partial gradients (finalize_tp_grads), per chunk: with SP one all_reduce (tp) of every
+  - TP-partial gradients (optim/finalize.py), per chunk: with SP one all_reduce (tp) of every
     norm weight/bias and row-parallel bias, concatenated; when KV heads are replicated over TP
     (kv_heads < t) one all_reduce (tp) of [kv_heads, d, h] for K and for V (and [kv_heads, d]
     for their biases) per layer;

@@ -83,7 +83,8 @@ def engine_worker(rank, world, cfg):
         engine = PipelineEngine(chunks, ps, cfg, (seq, t.micro_batch_size, cfg.model.hidden_size), torch.float32)
         norms, losses, at_chunk_start = [], [], {}
         for k, c in enumerate(chunks):    # the buckets still pending when each chunk's first forward starts
-            c.register_forward_pre_hook(lambda *_, k=k: [at_chunk_start.setdefault(k, set(opt.update.pending))] and None)
+            c.register_forward_pre_hook(
+                lambda *_, k=k: [at_chunk_start.setdefault(k, set(opt.update.pending))] and None)
         for step in range(STEPS):
             at_chunk_start.clear()
             per_mb, stats = engine_step(engine, opt, ps, cfg, step)
@@ -93,7 +94,8 @@ def engine_worker(rank, world, cfg):
         own = [{b.index for b in opt.buffer.buckets if any(id(q) in {id(x) for x in c.parameters()}
                                                            for q in b.params)} for c in chunks]
         out[overlap] = {"params": [q.detach().clone() for c in chunks for q in c.parameters()],
-                        "norms": norms, "losses": losses, "starts": [at_chunk_start[k] for k in range(len(chunks))], "own": own}
+                        "norms": norms, "losses": losses, "own": own,
+                        "starts": [at_chunk_start[k] for k in range(len(chunks))]}
     off, on = out[False], out[True]
     return {"same": all(torch.equal(a, b) for a, b in zip(on["params"], off["params"])),
             "norms": (off["norms"], on["norms"]), "losses": (off["losses"], on["losses"]),
