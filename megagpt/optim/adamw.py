@@ -119,6 +119,7 @@ class ShardedAdamW:
     def start_param_gather(self) -> None:
         """Launch one async all-gather per bucket of its owned shard, cast to the model dtype, in the
         order the next forward needs them: the last bucket (the first layers) first."""
+        self.wait_from(0)                      # never two gathers into one bucket's bytes
         for b, segs in reversed(list(zip(self.buffer.buckets, self.by_bucket))):
             region = self._bucket_bytes(b)                                   # [end - start]
             lo, hi = (x - b.start for x in self.buffer.owned_range(b))
