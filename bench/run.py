@@ -259,7 +259,7 @@ class StepClock:
         groups = {id(g): g for g in [*ps.groups.values(), ps.embedding, opt.world]}.values()
         for g in groups:                     # the logged loss's all-reduce is one of these (ps.world)
             for name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_reduce_async",
-                         "reduce_scatter_async"):
+                         "all_gather_async", "reduce_scatter_async"):
                 self.wrap(g, name, "comm_wait", g.name)
         self.wrap(opt.buffer, "finish_grad_sync", "comm_wait")   # waits for the DP buckets
         self.wrap(opt, "step", "optimizer")

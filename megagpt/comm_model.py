@@ -33,7 +33,7 @@ N = s*b*h*e, one [s, b, h] activation. Per microbatch and model chunk, on every 
     activation forward and one gradient backward per microbatch.
 
 Once per step (Optimizer.step), gradients are fp32 (the grad buffer) whatever the dtype:
-  - TP-partial gradients (finalize_tp_grads), per chunk: with SP one all_reduce (tp) of every
+  - TP-partial gradients (optim/finalize.py), per chunk: with SP one all_reduce (tp) of every
     norm weight/bias and row-parallel bias, concatenated; when KV heads are replicated over TP
     (kv_heads < t) one all_reduce (tp) of [kv_heads, d, h] for K and for V (and [kv_heads, d]
     for their biases) per layer;
@@ -57,6 +57,7 @@ from collections import defaultdict
 
 from .config import DTYPES, Config, chunk_param_numels
 from .layout import Layout
+from .optim.grad_buffer import plan_buckets
 
 GRAD_BYTES = 4          # the grad buffer is fp32 in every dtype
 
@@ -67,32 +68,13 @@ def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool
 
 
 def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[int]:
-    """Padded sizes (elements) of GradBuffer's buckets on one rank: the same plan as GradBuffer."""
+    """Padded sizes (elements) of GradBuffer's buckets on one rank: GradBuffer's own plan."""
     bucket_elems = max(1, int(cfg.parallel.bucket_size_mb * 2 ** 20) // GRAD_BYTES)
-    sizes = []
-
-    def close(numels):
-        if numels:
-            n = sum(numels)
-            sizes.append(-(-n // dp) * dp)
-
-    for ids, pre, post in reversed(chunks):
-        numels = _chunk_param_numels(cfg, ids, pre, post)
-        has_embedding = pre or (post and cfg.model.tie_embeddings)
-        current, size = [], 0
-        for i in reversed(range(len(numels))):
-            if tied_alone and has_embedding and i == 0:   # the embedding is registered first
-                close(current)
-                close([numels[i]])
-                current, size = [], 0
-                continue
-            current.append(numels[i])
-            size += numels[i]
-            if size >= bucket_elems:
-                close(current)
-                current, size = [], 0
-        close(current)
-    return sizes
+    numels = [_chunk_param_numels(cfg, ids, pre, post) for ids, pre, post in chunks]
+    # the tied embedding (registered first in its chunk) sits alone
+    alone = [{0} if tied_alone and (pre or (post and cfg.model.tie_embeddings)) else set()
+             for _, pre, post in chunks]
+    return [end - start for _, _, start, end in plan_buckets(numels, bucket_elems, dp, alone)]
 
 
 def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:

@@ -87,6 +87,7 @@ class ParallelConfig:
     layers_per_stage: list | None = None  # explicit split: one count per pp * vp chunk
     distributed_optimizer: bool = True
     bucket_size_mb: float = 40.0
+    overlap_param_gather: bool = True     # ZeRO-1: the params' all-gather overlaps the next forward
 
 
 @dataclass

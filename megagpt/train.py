@@ -26,8 +26,8 @@ from .data.synthetic import SyntheticDataset
 from .faults import fault_point
 from .layout import Layout
 from .metrics_log import Logger
-from .optim import build_optimizer
-from .optim.schedule import lr_at
+from .optim.lr import lr_at
+from .optim.optimizer import build_optimizer
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, init_distributed
 from .pipeline.engine import PipelineEngine
@@ -135,6 +135,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
+        self.optimizer.finish_param_sync()
         for c in self.chunks:
             c.eval()
         total = 0.0
@@ -194,6 +195,7 @@ class Trainer:
             history.append(rec)
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
+        self.optimizer.finish_param_sync()      # the trained weights, whole, for whoever reads them next
         log.close()
         return history
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from megagpt.config import ModelConfig
 from megagpt.model.gpt import build_model
-from megagpt.parallel.layers import finalize_tp_grads
+from megagpt.optim.finalize import finalize_grads
 from megagpt.parallel.spawn import RankError, spawn  # noqa: F401  (re-exported for tests)
 from megagpt.parallel.state import ParallelState
 
@@ -41,7 +41,7 @@ def gather_full(t: torch.Tensor, spec, tp) -> torch.Tensor:
 
 
 def full_grads(model, tp) -> dict:
-    return {n: gather_full(p.grad, p.tp_spec, tp) for n, p in model.named_parameters()}
+    return {n: gather_full(p.grad, p.meta.spec, tp) for n, p in model.named_parameters()}
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = ""):
@@ -57,6 +57,6 @@ def tp_worker(rank, world, cfg, tp, sp, tokens, labels):
     model = build_model(cfg, ps, sequence_parallel=sp)
     loss = model(tokens, labels).mean()
     loss.backward()
-    finalize_tp_grads(model, ps.tp)
+    finalize_grads([model], ps, grad_of=lambda p: p.grad)
     grads = full_grads(model, ps.tp)
     return {"loss": loss.detach(), "grads": grads} if rank == 0 else None

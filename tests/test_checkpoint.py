@@ -15,7 +15,7 @@ from megagpt.checkpoint.sharded import CheckpointError, load_checkpoint, load_op
 from megagpt.checkpoint.store import digest, find_checkpoint
 from megagpt.config import ParallelConfig, TrainConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.parallel.state import ParallelState
 
 CFG = tiny_model_cfg(num_kv_heads=2)         # vocab 1001 padded per tp: 1001 (tp1), 1002 (tp2), 1004 (tp4)
@@ -33,7 +33,7 @@ def _global_state(model, opt, ps) -> dict:
     """Every param and optimizer tensor as a global tensor, vocab rows trimmed: the layout-free truth."""
     out = {}
     for name, p in model.named_parameters():
-        out[name] = gather_full(p.detach(), p.tp_spec, ps.tp)
+        out[name] = gather_full(p.detach(), p.meta.spec, ps.tp)
     state = opt.state_for_checkpoint()
     for name, p in model.named_parameters():
         e = state.get(name)                           # a DP rank may own none of a param
@@ -43,7 +43,7 @@ def _global_state(model, opt, ps) -> dict:
                 flat[e["start"]:e["end"]] = e[key]
             if ps.dp.size > 1:                        # DP shards tile the local tensor: summing joins them
                 dist.all_reduce(flat, group=ps.dp.pg)
-            out[f"{name}/{key}"] = gather_full(flat.view(p.shape), p.tp_spec, ps.tp)
+            out[f"{name}/{key}"] = gather_full(flat.view(p.shape), p.meta.spec, ps.tp)
     out = {k: v[:V] if k.split("/")[0] in ("embedding.weight", "lm_head.weight") else v for k, v in out.items()}
     return {**out, "step": state["step"]}
 
@@ -67,7 +67,7 @@ def _train_and_save(rank, world, run_dir):
 def _load_and_report(rank, world, path, tp):
     ps, model, opt = _setup(tp=tp, seed=99)           # a different init: everything must come from the file
     extra = load_checkpoint(path, [model], ps, None, opt)
-    emb = gather_full(model.embedding.weight.detach(), model.embedding.weight.tp_spec, ps.tp)
+    emb = gather_full(model.embedding.weight.detach(), model.embedding.weight.meta.spec, ps.tp)
     return {"state": _global_state(model, opt, ps), "extra_rank": extra["rank"], "padding": emb[V:]}
 
 
@@ -301,7 +301,7 @@ def test_pp2_tied_embedding_loads_under_pp1(tmp_path):
     assert set(got) == set(expected)
     for name, t in expected.items():
         assert torch.equal(got[name], t), name
-    specs = {n: (tuple(p.global_shape), p.tp_spec, 0, 1) for n, p in got.items()}
+    specs = {n: (tuple(p.meta.global_shape), p.meta.spec, 0, 1) for n, p in got.items()}
     state = load_optimizer_state(str(tmp_path), specs, {n: (0, p.numel()) for n, p in got.items()})
     saved = {**last["optim"], **first["optim"]}
     assert state["step"] == 7

@@ -177,7 +177,7 @@ def test_reshard_is_bit_exact(request, tmp_path, source, tp, pp, vp):
     params = dict(got.named_parameters())
     for name, p in ref.named_parameters():
         assert torch.equal(params[name], p), name
-    specs = {n: (tuple(p.global_shape), p.tp_spec, 0, 1) for n, p in params.items()}
+    specs = {n: (tuple(p.meta.global_shape), p.meta.spec, 0, 1) for n, p in params.items()}
     ranges = {n: (0, p.numel()) for n, p in params.items()}
     a = load_optimizer_state(run_dir, specs, ranges)
     b = load_optimizer_state(str(out), specs, ranges)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megagpt.config import ModelConfig, ParallelConfig, TrainConfig
 from megagpt.model.attention import _flash_attn_func, core_attention
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.parallel.spawn import free_port
 from megagpt.parallel.state import ParallelState
 

@@ -4,7 +4,7 @@ import torch
 
 from dist import batch, full_grads, spawn, tiny_model_cfg
 from megagpt.model.gpt import build_model
-from megagpt.parallel.layers import finalize_tp_grads
+from megagpt.optim.finalize import finalize_grads
 from megagpt.parallel.random import dropout, seed_everything
 from megagpt.parallel.state import ParallelState
 
@@ -18,7 +18,7 @@ def _worker(rank, world, cfg, sp, seed, tokens, labels):
     model.final_norm.register_forward_pre_hook(lambda m, i: hidden.update(h=i[0].detach().clone()))
     loss = model(tokens, labels).mean()
     loss.backward()
-    finalize_tp_grads(model, ps.tp)
+    finalize_grads([model], ps, grad_of=lambda p: p.grad)
     # the rule, drawn directly: replicated regions share masks, sharded regions do not
     x = torch.ones(64, 4)
     replicated_mask = dropout(x, 0.5, True, tracker, sharded=False) == 0

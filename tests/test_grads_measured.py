@@ -51,7 +51,7 @@ def reduced_grads(chunks, opt, ps) -> tuple[dict, dict]:
             own = owners[k][off:off + n]
             counts[f"{i}/{name}"] = (own.min().item(), own.max().item())
             local = (values[k][off:off + n] / own.clamp(min=1)).view(p.shape)   # the mean of identical copies
-            grads[f"{i}/{name}"] = gather_full(local, p.tp_spec, ps.tp)
+            grads[f"{i}/{name}"] = gather_full(local, p.meta.spec, ps.tp)
     return grads, counts
 
 
@@ -69,6 +69,7 @@ def grads_worker(rank, world, cfg):
         return update(*args, **kwargs)
     opt.update.step = measured_update
     norms = engine_steps(chunks, opt, ps, cfg)
+    opt.finish_param_sync()
     params = {n: v for c in chunks for n, v in full_params(c, ps).items()}
     out = {"grads": [g for g, _ in captured], "owners": captured[0][1], "norms": norms, "params": params}
     return out if ps.dp.rank == 0 and ps.tp.rank == 0 else None

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from megagpt.config import TrainConfig
-from megagpt.optim.schedule import lr_at, warmup_steps
+from megagpt.optim.lr import lr_at, warmup_steps
 
 
 def cfg(**over) -> TrainConfig:

@@ -11,7 +11,7 @@ from dist import spawn
 from megagpt.config import ParallelConfig
 from megagpt.layout import Layout
 from megagpt.model.gpt import build_model
-from megagpt.optim import DTYPES, build_optimizer
+from megagpt.optim.optimizer import DTYPES, build_optimizer
 from megagpt.parallel.state import ParallelState
 from test_optim_dp import model_cfg, run_steps, train_cfg
 

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from dist import assert_close_rel, batch, gather_full, spawn, tiny_model_cfg
 from megagpt.config import ParallelConfig, TrainConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import DTYPES, build_optimizer, lr_at
+from megagpt.optim.lr import lr_at
+from megagpt.optim.optimizer import DTYPES, build_optimizer
 from megagpt.parallel.state import ParallelState
 
 GLOBAL_BATCH, SEQ, STEPS, MICRO = 8, 16, 5, 2
@@ -100,7 +101,7 @@ def run_steps(model, opt, ps, tcfg, steps, start=0, on_microbatch=None):
 
 
 def full_params(model, ps) -> dict:
-    return {n: gather_full(p.detach().float(), p.tp_spec, ps.tp) for n, p in model.named_parameters()}
+    return {n: gather_full(p.detach().float(), p.meta.spec, ps.tp) for n, p in model.named_parameters()}
 
 
 def dp_worker(rank, world, mcfg, tcfg, pcfg):
@@ -109,6 +110,7 @@ def dp_worker(rank, world, mcfg, tcfg, pcfg):
                         dtype=DTYPES[tcfg.dtype])
     opt = build_optimizer([model], ps, tcfg, pcfg, mcfg)
     norms, losses, _ = run_steps(model, opt, ps, tcfg, STEPS)
+    opt.finish_param_sync()
     out = {"params": full_params(model, ps), "norms": norms, "losses": losses,
            "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
            "main_dtypes": sorted({str(s.main.dtype) for s in getattr(opt.update, "segments", [])}),
@@ -220,6 +222,8 @@ def ckpt_worker(rank, world):
     opt2 = build_optimizer([model2], ps, tcfg, pcfg, mcfg)
     opt2.load_from_checkpoint(state)
     run_steps(model2, opt2, ps, tcfg, 2, start=3)
+    opt.finish_param_sync()
+    opt2.finish_param_sync()
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     ranges = {n: (e["start"], e["end"]) for n, e in state.items() if isinstance(e, dict)}
     return {"same": same, "ranges": ranges, "step": state["step"],
@@ -237,6 +241,20 @@ def test_checkpoint_roundtrip_and_ranges_cover_each_param_once():
 
 # ------------------------------------------------------------------ DP x TP x PP through the pipeline engine
 
+def engine_step(engine, opt, ps, cfg, step):
+    """One training step of this rank's share of global batch `step` through the engine:
+    (per-microbatch loss sums, the optimizer's stats)."""
+    tokens, labels = data(cfg.model)[step]
+    rows = GLOBAL_BATCH // ps.dp.size
+    mine = slice(ps.dp.rank * rows, (ps.dp.rank + 1) * rows)
+    mbs = list(zip(tokens[mine].chunk(MICRO), labels[mine].chunk(MICRO)))
+    opt.zero_grad()
+    opt.set_sync(False)
+    per_mb = engine.forward_backward(lambda i: mbs[i], MICRO, opt.loss_scale / tokens.numel(),
+                                     before_last_backward=lambda: opt.set_sync(True))
+    return per_mb, opt.step(lr_at(step, cfg.train))
+
+
 def engine_worker(rank, world, cfg):
     """The same run through the pipeline engine's 1F1B schedule: the training loop's own path."""
     from megagpt.pipeline.split import build_stage
@@ -245,6 +263,7 @@ def engine_worker(rank, world, cfg):
     chunks = build_stage(cfg, ps, seed=t.seed)
     opt = build_optimizer(chunks, ps, t, p, cfg.model)
     norms = engine_steps(chunks, opt, ps, cfg)
+    opt.finish_param_sync()
     params = {n: v for c in chunks for n, v in full_params(c, ps).items()}
     return {"params": params, "norms": norms} if ps.dp.rank == 0 and ps.tp.rank == 0 else None
 
@@ -255,18 +274,7 @@ def engine_steps(chunks, opt, ps, cfg) -> list:
     p, t = cfg.parallel, cfg.train
     seq = SEQ // p.tp if p.sequence_parallel else SEQ
     engine = PipelineEngine(chunks, ps, cfg, (seq, t.micro_batch_size, cfg.model.hidden_size), torch.float32)
-    norms = []
-    for step in range(STEPS):
-        tokens, labels = data(cfg.model)[step]
-        rows = GLOBAL_BATCH // ps.dp.size
-        mine = slice(ps.dp.rank * rows, (ps.dp.rank + 1) * rows)
-        mbs = list(zip(tokens[mine].chunk(MICRO), labels[mine].chunk(MICRO)))
-        opt.zero_grad()
-        opt.set_sync(False)
-        engine.forward_backward(lambda i: mbs[i], MICRO, opt.loss_scale / tokens.numel(),
-                                before_last_backward=lambda: opt.set_sync(True))
-        norms.append(opt.step(lr_at(step, t))["grad_norm"])
-    return norms
+    return [engine_step(engine, opt, ps, cfg, step)[1]["grad_norm"] for step in range(STEPS)]
 
 
 # (tp, pp, vp, layers): DP2xTP2xPP2 with SP (world 8), and DP2xPP2 interleaved with 2 chunks per rank

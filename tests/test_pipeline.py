@@ -13,13 +13,13 @@ import torch
 from dist import assert_close_rel, gather_full, spawn
 from megagpt.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig, config_from_dict
 from megagpt.model.gpt import build_model
-from megagpt.parallel.layers import finalize_tp_grads
+from megagpt.optim.finalize import finalize_grads
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.engine import PipelineEngine, forward_only_schedule
 from megagpt.pipeline.p2p import activation_shape
 from megagpt.pipeline.schedule import Op, build_schedule, check_no_deadlock, simulate
 from megagpt.layout import Layout, balanced_counts
-from megagpt.pipeline.split import build_stage, chunk_layers, describe_split, stage_chunks, sync_tied_embedding_grads
+from megagpt.pipeline.split import build_stage, chunk_layers, describe_split, stage_chunks
 
 SEED, B, S = 7, 2, 8
 
@@ -137,10 +137,8 @@ def _pipeline_worker(rank, world, tp, sp, group_cases):
                                              before_last_backward=lambda: called.append(len(engine.trace)))
         p2p_bytes = dict(ps.counter.summary())
         trace = [(o.kind, o.microbatch, o.chunk, o.peer) for o in engine.trace]
-        for c in chunks:
-            finalize_tp_grads(c, ps.tp)
-        sync_tied_embedding_grads(chunks, ps)
-        grads = {n: gather_full(p.grad, p.tp_spec, ps.tp) for c in chunks for n, p in c.named_parameters()}
+        finalize_grads(chunks, ps, grad_of=lambda p: p.grad)      # what Optimizer.step runs
+        grads = {n: gather_full(p.grad, p.meta.spec, ps.tp) for c in chunks for n, p in c.named_parameters()}
         eval_losses = engine.forward_backward(get_microbatch, m, scale, forward_only=True)
         eval_trace = [(o.kind, o.microbatch, o.chunk, o.peer) for o in engine.trace]
         try:  # fewer microbatches than stages: refused on every rank before any communication
@@ -369,4 +367,4 @@ def test_pp1_is_a_plain_loop_and_matches_one_process():
     assert_close_rel(torch.stack(losses), ref_sums, name="loss sums")
     for n, p in chunks[0].named_parameters():
         assert_close_rel(p.grad, ref_grads[n], name=n)
-    sync_tied_embedding_grads(chunks, ps)  # nothing to do with one stage, and it must not fail
+    finalize_grads(chunks, ps, grad_of=lambda p: p.grad)  # nothing to sync with one stage; must not fail

@@ -8,7 +8,7 @@ from dist import batch, spawn, tiny_model_cfg
 from megagpt.activation_meter import SavedTensorMeter
 from megagpt.memory import layer_activation_terms
 from megagpt.model.gpt import build_model
-from megagpt.parallel.layers import finalize_tp_grads
+from megagpt.optim.finalize import finalize_grads
 from megagpt.parallel.random import checkpoint, seed_everything
 from megagpt.parallel.state import ParallelState
 
@@ -30,7 +30,7 @@ def run_modes(ps: ParallelState, sp: bool) -> dict:
         with SavedTensorMeter(exclude=model.parameters()) as meter:
             loss = model(tokens, labels).mean()
         loss.backward()
-        finalize_tp_grads(model, ps.tp)
+        finalize_grads([model], ps, grad_of=lambda p: p.grad)
         out[mode] = {"loss": loss.detach(), "bytes": meter.bytes,
                      "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
         if mode == "none":

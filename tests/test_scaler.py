@@ -4,7 +4,8 @@ import torch
 from dist import spawn
 from megagpt.config import ParallelConfig
 from megagpt.model.gpt import build_model
-from megagpt.optim import build_optimizer, lr_at
+from megagpt.optim.lr import lr_at
+from megagpt.optim.optimizer import build_optimizer
 from megagpt.optim.scaler import LossScaler
 from megagpt.parallel.state import ParallelState
 from test_optim_dp import GLOBAL_BATCH, MICRO, data, model_cfg, train_cfg
@@ -76,6 +77,7 @@ def fp16_worker(rank, world):
         main_before = opt.update.main_flat.clone()
         moments_before = opt.update.exp_avg.clone()
         stats = opt.step(lr_at(step, tcfg))
+        opt.finish_param_sync()
         own_finite = all(torch.isfinite(v).all() for v in opt.owned)
         out.append({"stats": stats, "own_finite": bool(own_finite), "steps": opt.steps,
                     "params_same": all(torch.equal(a, p) for a, p in zip(before, model.parameters())),

@@ -57,11 +57,11 @@ def _layers_worker(rank, world, sp):
     row = RowParallelLinear(out_f, h, tp, sp, bias=True)
     emb = VocabParallelEmbedding(vocab, h, tp, sp)
     with torch.no_grad():
-        col.weight.copy_(col.weight.tp_spec.shard(ref_col.weight, tp.rank, tp.size))
-        col.bias.copy_(col.bias.tp_spec.shard(ref_col.bias, tp.rank, tp.size))
-        row.weight.copy_(row.weight.tp_spec.shard(ref_row.weight, tp.rank, tp.size))
+        col.weight.copy_(col.weight.meta.spec.shard(ref_col.weight, tp.rank, tp.size))
+        col.bias.copy_(col.bias.meta.spec.shard(ref_col.bias, tp.rank, tp.size))
+        row.weight.copy_(row.weight.meta.spec.shard(ref_row.weight, tp.rank, tp.size))
         row.bias.copy_(ref_row.bias)
-        emb.weight.copy_(emb.weight.tp_spec.shard(ref_emb.weight, tp.rank, tp.size))
+        emb.weight.copy_(emb.weight.meta.spec.shard(ref_emb.weight, tp.rank, tp.size))
     # reference: embedding -> linear -> linear, summed
     ref_out = ref_row(ref_col(ref_emb(tokens.t()) + x))
     ref_out.square().sum().backward()
@@ -74,8 +74,8 @@ def _layers_worker(rank, world, sp):
         dist.all_reduce(row.bias.grad, group=tp.pg)
     res = {"y": full_y.detach(), "ref_y": ref_out.detach()}
     for name, mod, ref in (("col", col, ref_col), ("row", row, ref_row), ("emb", emb, ref_emb)):
-        res[name + ".weight"] = (gather_full(mod.weight.grad, mod.weight.tp_spec, tp), ref.weight.grad)
-    res["col.bias"] = (gather_full(col.bias.grad, col.bias.tp_spec, tp), ref_col.bias.grad)
+        res[name + ".weight"] = (gather_full(mod.weight.grad, mod.weight.meta.spec, tp), ref.weight.grad)
+    res["col.bias"] = (gather_full(col.bias.grad, col.bias.meta.spec, tp), ref_col.bias.grad)
     res["row.bias"] = (row.bias.grad.clone(), ref_row.bias.grad)
     return res
 

@@ -37,7 +37,7 @@ from megagpt.checkpoint.hf import to_hf_config  # noqa: E402
 from megagpt.config import ModelConfig, ParallelConfig, TrainConfig, count_params, flops_per_token  # noqa: E402
 from megagpt.model.attention import _flash_attn_func  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
-from megagpt.optim import build_optimizer  # noqa: E402
+from megagpt.optim.optimizer import build_optimizer  # noqa: E402
 from megagpt.parallel.state import ParallelState  # noqa: E402
 
 # ~1.03B parameters: GQA (16 query heads of 128, 4 KV heads), SwiGLU, untied, vocab a multiple of 128

@@ -60,7 +60,7 @@ def _known(cls, fields: dict):
 
 def _global_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Global shape of every parameter: the one-rank model built on the meta device."""
-    return {n: tuple(p.global_shape) for chunk in meta_stage(Config(model=cfg)) for n, p in chunk.named_parameters()}
+    return {n: tuple(p.meta.global_shape) for chunk in meta_stage(Config(model=cfg)) for n, p in chunk.named_parameters()}
 
 
 class MegagptSource:
@@ -249,7 +249,7 @@ def _target_ranks(cfg: Config) -> list[dict]:
         chunks = meta_stage(cfg, coords["tp"], coords["pp"], layout)
         params = {}
         for name, param, written in rank_params(chunks):
-            params.setdefault(name, (tuple(param.global_shape), param.tp_spec, written))
+            params.setdefault(name, (tuple(param.meta.global_shape), param.meta.spec, written))
         out.append({"rank": rank, "tp_rank": coords["tp"], "pp_rank": coords["pp"], "ps": chunks[0].ps,
                     "params": params})
     return out

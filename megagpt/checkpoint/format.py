@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig
-from ..parallel.layers import ShardSpec
+from ..parallel.layers import ShardSpec, meta_of
 from . import regions
 from .st_writer import SafetensorsWriter
 from .store import FORMAT, CheckpointError, inside, rank_file, read_json, read_manifest, verify_file, write_json
@@ -151,7 +151,7 @@ def rank_params(chunks) -> list[tuple[str, torch.nn.Parameter, bool]]:
     out, seen = [], set()
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            copy = name == "embedding.weight" and not getattr(chunk, "pre_process", True)
+            copy = meta_of(p).tied_copy
             out.append((name, p, name not in seen and not copy))
             seen.add(name)
     return out

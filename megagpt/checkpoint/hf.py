@@ -341,9 +341,10 @@ def load_hf_into_model(model, get_tensor: GetTensor, hf_config: dict | None = No
     params = dict(model.named_parameters())
     for name, full in iter_hf_to_megagpt(get_tensor, model.cfg, tp.size, hf_config=hf_config, names=list(params)):
         p = params[name]
-        if tuple(full.shape) != tuple(p.global_shape):
-            raise ConversionError(f"{name}: converted shape {tuple(full.shape)} != model's {tuple(p.global_shape)}")
-        p.copy_(p.tp_spec.shard(full, tp.rank, tp.size))
+        shape = tuple(p.meta.global_shape)
+        if tuple(full.shape) != shape:
+            raise ConversionError(f"{name}: converted shape {tuple(full.shape)} != model's {shape}")
+        p.copy_(p.meta.spec.shard(full, tp.rank, tp.size))
 
 
 # ----------------------------------------------------------------------------- files

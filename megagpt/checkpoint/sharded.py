@@ -75,9 +75,9 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
     for name, (p, written) in params.items():
         if not written:
             continue                                          # the tied copy: the first stage's is kept
-        tp = TPPiece.of(p.tp_spec, ps.tp.rank, ps.tp.size)
+        tp = TPPiece.of(p.meta.spec, ps.tp.rank, ps.tp.size)
         if ps.dp.rank == 0:
-            writer.add_param(name, p.dtype, p.global_shape, tp)
+            writer.add_param(name, p.dtype, p.meta.global_shape, tp)
             tensors.append((name, p))
         value = state.get(name)
         if isinstance(value, dict) and "start" in value:
@@ -88,7 +88,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
                     raise CheckpointError(f"optimizer state {name}.{k}: {value[k].numel()} elements for range "
                                           f"[{start}, {end})")
             dtype = value[keys[0]].dtype if keys else torch.float32
-            writer.add_optim(name, start, end, keys, p.global_shape, tp, dtype)
+            writer.add_optim(name, start, end, keys, p.meta.global_shape, tp, dtype)
             tensors += [(f"optim/{name}/{k}", value[k].reshape(-1)) for k in keys]
     for key, t in tensors:
         writer.write(key, t)
@@ -105,6 +105,8 @@ def save_checkpoint(run_dir: str, step: int, chunks, ps, cfg=None, extra: dict |
     state_for_checkpoint(), or that dict itself, or None. Returns the step directory.
     `before_publish` (rank 0, after every shard is written): a test hook to kill the save midway.
     A failure on any rank raises CheckpointError on every rank and leaves the last good one as it was."""
+    if hasattr(optimizer, "finish_param_sync"):
+        optimizer.finish_param_sync()      # the weights of the last step may still be in flight
     model_cfg = _model_cfg(cfg, chunks)
     nonce = _shared_nonce(ps)
     tmp_dir = os.path.join(run_dir, f"{step_dir_name(step)}.tmp-{nonce}")
@@ -205,7 +207,7 @@ def load_checkpoint(path: str, chunks, ps, cfg=None, optimizer=None, verify: boo
         reader.check_config(_model_cfg(cfg, chunks))
         layouts = {}
         for name, p, _ in rank_params(chunks):
-            layouts[name] = (tuple(p.global_shape), p.tp_spec, ps.tp.rank, ps.tp.size)
+            layouts[name] = (tuple(p.meta.global_shape), p.meta.spec, ps.tp.rank, ps.tp.size)
             p.copy_(reader.read_param(name, *layouts[name]))
         if optimizer is not None:
             optimizer.load_from_checkpoint(_optimizer_state(reader, layouts, optimizer.owned_ranges()))

@@ -8,6 +8,7 @@ Activations are [s, b, h]; with sequence parallelism each TP rank holds [s/tp, b
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,12 @@ class GPTModel(nn.Module):
         h = cfg.hidden_size
         kw = dict(device=device, dtype=dtype)
         # The tied output layer reads the embedding; a last stage without the embedding keeps a copy,
-        # whose gradient is summed with the first stage's (see pipeline's tied-embedding sync).
+        # whose gradient is summed with the first stage's (optim/finalize.py).
         if pre_process or (post_process and cfg.tie_embeddings):
             self.embedding = VocabParallelEmbedding(self.padded_vocab, h, tp, self.sp, **kw)
+            if cfg.tie_embeddings:
+                w = self.embedding.weight
+                w.meta = replace(w.meta, tied="embedding", tied_copy=not pre_process)
         self.layers = nn.ModuleDict({
             str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", **kw) for i in self.layer_ids})
         if post_process:
@@ -61,16 +65,17 @@ class GPTModel(nn.Module):
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
+            meta = p.meta
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
-                full = torch.ones(p.global_shape)
+                full = torch.ones(meta.global_shape)
             elif name.endswith("bias"):
-                full = torch.zeros(p.global_shape)
+                full = torch.zeros(meta.global_shape)
             else:
                 digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
                 std = init_std_for(name, cfg.init_std, cfg.num_layers, cfg.scaled_init)
-                full = torch.empty(p.global_shape).normal_(0.0, std, generator=gen)
-            p.copy_(p.tp_spec.shard(full, self.tp.rank, self.tp.size))
+                full = torch.empty(meta.global_shape).normal_(0.0, std, generator=gen)
+            p.copy_(meta.spec.shard(full, self.tp.rank, self.tp.size))
 
     # ------------------------------------------------------------------ forward
     def _rope(self, s: int, device, dtype):
@@ -102,8 +107,10 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = self.final_norm(x)
-        weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        logits = parallel_lm_logits(x, weight, self.tp, self.sp)            # [s, b, V/tp]
+        if self.cfg.tie_embeddings:
+            logits = parallel_lm_logits(x, self.embedding.weight, self.tp, self.sp)   # [s, b, V/tp]
+        else:  # the same matmul, called as a module so that its forward hooks run
+            logits = self.lm_head(x)                                                  # [s, b, V/tp]
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp, self.cfg.vocab_size).t()  # [b, s]

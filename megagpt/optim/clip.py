@@ -1,10 +1,11 @@
 """Global gradient norm over TP, PP and DP, each element of the global model counted once, and clipping.
 
 Which gradient elements a rank counts:
-  - TP: a parameter replicated over TP (tp_spec.dim None: norms, row-parallel biases) on tp rank 0
+  - TP: a parameter replicated over TP (meta.spec.dim None: norms, row-parallel biases) on tp rank 0
     only; a sharded one everywhere, except segments replicated over several TP ranks (the K/V rows
     when there are fewer KV heads than TP ranks), counted on the first replica of each head only;
-  - PP: the tied embedding's copy on the last stage is not counted (the first stage counts it);
+  - PP: a tied parameter's extra copy (meta.tied_copy: the embedding's on the last stage) is not
+    counted (the first stage counts it);
   - DP: with the distributed optimizer each DP rank counts the shard it owns (the squares are then
     summed over the world); with the plain optimizer every DP rank holds everything, so the sum
     runs over one model replica only (the model-parallel group).
@@ -16,15 +17,16 @@ import math
 import torch
 import torch.nn as nn
 
-from ..parallel.layers import REPLICATED
+from ..parallel.layers import meta_of
 from ..parallel.state import Group
 
 
-def counted_ranges(p: nn.Parameter, tp: Group, skip: bool = False) -> list[tuple[int, int]]:
+def counted_ranges(p: nn.Parameter, tp: Group) -> list[tuple[int, int]]:
     """Flat [lo, hi) ranges of p's local tensor that this TP rank counts (before DP ownership)."""
     n = p.numel()
-    spec = getattr(p, "tp_spec", REPLICATED)
-    if skip:
+    meta = meta_of(p)
+    spec = meta.spec
+    if meta.tied_copy:
         return []
     if tp.size == 1:
         return [(0, n)]

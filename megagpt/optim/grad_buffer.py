@@ -16,6 +16,10 @@ distributed optimizer DP rank r owns shard r of every bucket and the reduction i
 that leaves the sum in that shard (the other shards keep stale local values); otherwise it is an
 all-reduce and every rank owns the whole bucket. Gradients are summed, not averaged: the training
 loop divides the loss by the global token count, so the sum is the global mean.
+
+After the update the reduced gradients are spent, so the distributed optimizer all-gathers each
+bucket's updated weights into that bucket's own bytes (see adamw.py); `zero(skip=...)` leaves the
+buckets whose gather is still in flight, and the optimizer zeroes each once it has copied it out.
 """
 from __future__ import annotations
 
@@ -26,6 +30,41 @@ import torch
 import torch.nn as nn
 
 from ..parallel.state import Group
+
+
+def plan_buckets(chunk_numels: list[list[int]], bucket_elems: int, dp: int,
+                 alone: list[set[int]] | None = None) -> list[tuple[int, list[int], int, int]]:
+    """The bucket plan, from sizes alone (the grad buffer and comm_model both use it).
+
+    chunk_numels: each model chunk's parameter sizes in registration order; alone: per chunk, the
+    indices of parameters that sit in a bucket of their own. Parameters are laid out last chunk first,
+    last parameter first (the order backward produces them); a bucket closes once it holds
+    bucket_elems or more, never spans two chunks, and is padded to a multiple of dp. Returns the
+    buckets in buffer order: (chunk, parameter indices in buffer order, start, end)."""
+    buckets, offset = [], 0
+
+    def close(c, indices):
+        nonlocal offset
+        if indices:
+            size = sum(chunk_numels[c][i] for i in indices)
+            buckets.append((c, list(indices), offset, offset + -(-size // dp) * dp))   # padded
+            offset = buckets[-1][3]
+
+    for c in reversed(range(len(chunk_numels))):
+        current, size = [], 0
+        for i in reversed(range(len(chunk_numels[c]))):
+            if alone and i in alone[c]:
+                close(c, current)
+                close(c, [i])
+                current, size = [], 0
+                continue
+            current.append(i)
+            size += chunk_numels[c][i]
+            if size >= bucket_elems:
+                close(c, current)
+                current, size = [], 0
+        close(c, current)
+    return buckets
 
 
 @dataclass
@@ -55,34 +94,16 @@ class GradBuffer:
         # 1. plan: buffer offsets of every param and the bucket boundaries
         self.param_range: dict[int, tuple[int, int]] = {}      # id(p) -> [start, end) in the buffer
         self.buckets: list[Bucket] = []
+        numels = [[p.numel() for p in params] for params in chunk_params]
+        lone = [{i for i, p in enumerate(params) if id(p) in alone} for params in chunk_params]
         offset = 0
-
-        def close(params):
-            nonlocal offset
-            if not params:
-                return
-            start, size = offset, sum(p.numel() for p in params)
+        for c, indices, start, offset in plan_buckets(numels, bucket_elems, dp.size, lone):
+            params = [chunk_params[c][i] for i in indices]
+            at = start
             for p in params:
-                self.param_range[id(p)] = (offset, offset + p.numel())
-                offset += p.numel()
-            padded = -(-size // dp.size) * dp.size                 # round up to a multiple of dp
-            offset = start + padded
-            self.buckets.append(Bucket(len(self.buckets), start, offset, list(params)))
-
-        for params in reversed(chunk_params):
-            current, size = [], 0
-            for p in reversed(params):
-                if id(p) in alone:
-                    close(current)
-                    close([p])
-                    current, size = [], 0
-                    continue
-                current.append(p)
-                size += p.numel()
-                if size >= bucket_elems:
-                    close(current)
-                    current, size = [], 0
-            close(current)
+                self.param_range[id(p)] = (at, at + p.numel())
+                at += p.numel()
+            self.buckets.append(Bucket(len(self.buckets), start, offset, params))
 
         # 2. allocate the buffer and hand out the views
         device = device or (chunk_params[0][0].device if chunk_params and chunk_params[0] else None)
@@ -159,9 +180,16 @@ class GradBuffer:
         finally:
             self.sync = previous
 
-    def zero(self) -> None:
+    def zero(self, skip=()) -> None:
+        """Zero the gradients. skip: indices of buckets whose bytes still carry a parameter all-gather
+        (the optimizer zeroes each of those itself once it has copied the weights out)."""
         self._wait_and_reset()                 # never zero memory a collective is still reading
-        self.data.zero_()
+        if not skip:
+            self.data.zero_()
+            return
+        for b in self.buckets:                 # the buckets tile the buffer
+            if b.index not in skip:
+                b.data.zero_()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

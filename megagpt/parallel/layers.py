@@ -1,11 +1,8 @@
-"""Tensor-parallel layers and the ShardSpec that says how each parameter is split over TP.
+"""Tensor-parallel layers, the ShardSpec that says how each parameter is split over TP, and ParamMeta.
 
-Every parameter carries:
-  - `p.global_shape`: the shape of the whole, unsharded tensor (what a checkpoint stores);
-  - `p.tp_spec`: a ShardSpec, the pure map between the global tensor and this rank's piece;
-  - `p.sequence_parallel`: True when the parameter is replicated over TP but applied to
-    sequence shards, so each rank's gradient is partial and must be summed over TP.
-With these three, checkpoints, conversion and resharding never need to know the model.
+Every parameter carries `p.meta`, a ParamMeta: its global shape, its ShardSpec, its
+sequence-parallel flag and its tied group (see ParamMeta). With it, checkpoints, conversion,
+resharding, gradient finalisation and the grad norm never need to know the model.
 """
 from __future__ import annotations
 
@@ -97,12 +94,28 @@ def split_spec(dim: int, length: int) -> ShardSpec:
 REPLICATED = ShardSpec()
 
 
+@dataclass(frozen=True)
+class ParamMeta:
+    """What every parameter carries as `p.meta` (attached where it is created: make_param, GPTModel)."""
+    global_shape: tuple                 # the whole, unsharded tensor (what a checkpoint stores)
+    spec: ShardSpec = REPLICATED        # the map between the global tensor and this TP rank's piece
+    sequence_parallel: bool = False     # replicated over TP but applied to sequence shards: its
+                                        # gradient is partial on each TP rank and summed over TP
+    tied: str | None = None             # tied group: its copies on other pipeline stages are one
+                                        # parameter ("embedding": the word embedding and the LM head)
+    tied_copy: bool = False             # this is a stage's extra copy of a tied parameter: never
+                                        # saved, not counted in the grad norm (its owner counts)
+
+
+def meta_of(p: torch.Tensor) -> ParamMeta:
+    """p.meta, or what a plain tensor is: replicated, its own shape, untied."""
+    return getattr(p, "meta", None) or ParamMeta(tuple(p.shape))
+
+
 def make_param(shape_global: tuple, spec: ShardSpec, tp_size: int, device=None, dtype=None,
                sequence_parallel: bool = False) -> nn.Parameter:
     p = nn.Parameter(torch.empty(spec.local_shape(shape_global, tp_size), device=device, dtype=dtype))
-    p.global_shape = tuple(shape_global)
-    p.tp_spec = spec
-    p.sequence_parallel = sequence_parallel
+    p.meta = ParamMeta(tuple(shape_global), spec, sequence_parallel)
     return p
 
 
@@ -168,43 +181,6 @@ def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, tp: Group, sequenc
     """The output layer as a column-parallel matmul with a given (possibly tied) weight [V/tp, h]."""
     x = gather_from_sp(x, tp) if sequence_parallel else copy_to_tp(x, tp)          # [s, b, h]
     return F.linear(x, weight)                                                      # [s, b, V/tp]
-
-
-def finalize_tp_grads(module: nn.Module, tp: Group, grad_of=lambda p: p.grad) -> None:
-    """After backward: complete the gradients that TP left partial.
-
-    1. Parameters replicated over TP but applied to sequence shards (norm weights under SP).
-    `grad_of` picks where the gradient lives (p.grad, or the optimizer's fp32 p.main_grad).
-    2. K/V rows replicated over TP ranks (fewer KV heads than TP ranks): each replica only saw
-       its own query heads, so the replicas' gradients are summed. One all-reduce per parameter:
-       each rank writes its piece into its head's slot of a zero buffer, and the sum is read back.
-    """
-    if tp.size == 1:
-        return
-    partial = [grad_of(p) for p in module.parameters()
-               if grad_of(p) is not None and getattr(p, "sequence_parallel", False)]
-    if partial:
-        flat = torch.cat([g.reshape(-1) for g in partial])
-        tp.all_reduce(flat)
-        offset = 0
-        for g in partial:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for p in module.parameters():
-        spec, grad = getattr(p, "tp_spec", REPLICATED), grad_of(p)
-        if grad is None or spec.dim is None:
-            continue
-        local_offset = 0
-        for idx, ((_, heads), (_, n)) in enumerate(zip(spec.parts, spec._slices(tp.rank, tp.size))):
-            replicas = spec.replicas(idx, tp.size)
-            if replicas > 1:
-                head = tp.rank // replicas                       # the KV head this rank's queries use
-                piece = grad.narrow(spec.dim, local_offset, n)
-                slots = torch.zeros((heads,) + tuple(piece.shape), dtype=piece.dtype, device=piece.device)
-                slots[head] = piece
-                tp.all_reduce(slots)
-                piece.copy_(slots[head])
-            local_offset += n
 
 
 def init_std_for(name: str, std: float, num_layers: int, scaled: bool) -> float:

@@ -114,6 +114,20 @@ class Group:
         rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return rs(out, t, group=self.pg, async_op=True)
 
+    def all_gather_async(self, out: torch.Tensor, t: torch.Tensor):
+        """Start a gather of flat t [n] from every rank into out [size*n], rank order (t may be
+        out's own slice [rank*n, (rank+1)*n): in place). Counted like all_gather."""
+        if out.numel() != t.numel() * self.size:  # gloo aborts uncatchably on a mismatch: check first
+            raise ValueError(f"all_gather on group {self.name}: output of {out.numel()} elements is not "
+                             f"{self.size} x input of {t.numel()}")
+        if self.size == 1:
+            if out.data_ptr() != t.data_ptr():
+                out.copy_(t)
+            return None
+        self._count("all_gather", t)
+        ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return ag(out, t, group=self.pg, async_op=True)
+
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         if self.size == 1:
             return t

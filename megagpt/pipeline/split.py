@@ -1,4 +1,4 @@
-"""Which layers each pipeline chunk holds, building this rank's chunks, and the tied-embedding sync.
+"""Which layers each pipeline chunk holds, and building this rank's chunks.
 
 The model is cut into pp*vp chunks of consecutive layers by `layout.Layout.chunk_layers` (the
 balanced rule, which counts the LM head; see layout.py). Global chunk c lives on pp rank c % pp
@@ -51,7 +51,7 @@ def describe_split(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- building and syncing
+# ----------------------------------------------------------------------------- building
 
 def build_stage(cfg: Config, ps: ParallelState, seed: int, tracker=None, dtype=torch.float32,
                 layout: Layout | None = None) -> list[GPTModel]:
@@ -74,16 +74,3 @@ def meta_stage(cfg: Config, tp_rank: int = 0, pp_rank: int = 0, layout: Layout |
     ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank)
     return build_stage(cfg, ps, seed=0, layout=layout)
 
-
-def sync_tied_embedding_grads(chunks: list[GPTModel], ps: ParallelState, grad_of=lambda p: p.grad) -> None:
-    """With tied embeddings and pp > 1, the first stage's embedding and the last stage's copy (its
-    LM head) are one parameter: sum their gradients over ps.embedding, so both copies take the same
-    step and stay equal. Call it on every rank after backward (other ranks do nothing); `grad_of`
-    picks where the gradient lives (p.grad, or the optimizer's fp32 p.main_grad)."""
-    if not chunks or not chunks[0].cfg.tie_embeddings or ps.pp.size == 1 or ps.embedding.size == 1:
-        return
-    tied = [c.embedding.weight for c in chunks if hasattr(c, "embedding")]
-    if len(tied) != 1 or grad_of(tied[0]) is None:
-        raise RuntimeError(f"tied embeddings: expected one embedding copy with a gradient on pp rank "
-                           f"{ps.pp.rank}, found {len(tied)} copies")
-    ps.embedding.all_reduce(grad_of(tied[0]))

@@ -81,6 +81,7 @@ class ShardedAdamW:
                 s.exp_avg, s.exp_avg_sq = self.exp_avg[off:off + k], self.exp_avg_sq[off:off + k]
                 off += k
         self.grads = [buffer.data[s.buf_lo:s.buf_lo + s.hi - s.lo] for s in self.segments]
+        self.pending: dict[int, object] = {}     # bucket index -> all-gather handle, not yet copied out
 
     @torch.no_grad()
     def step(self, lr: float, step: int) -> None:
@@ -104,23 +105,46 @@ class ShardedAdamW:
         torch._foreach_add_(denom, cfg.adam_eps)
         torch._foreach_addcdiv_(main, m, denom, value=-step_size)
 
+    # ------------------------------------------------------------------ the updated weights back to every rank
+    def _bucket_bytes(self, b) -> torch.Tensor:
+        """Bucket b's own bytes in the grad buffer, read as the model dtype: [end - start] elements
+        (the first half of the bucket's fp32 bytes for bf16/fp16). Its gradients are spent once
+        the update has run, so the all-gather lands there and needs no memory of its own."""
+        flat = self.buffer.data if self.param_dtype == self.buffer.data.dtype else \
+            self.buffer.data.view(torch.uint8).view(self.param_dtype)
+        ratio = self.buffer.data.element_size() // flat.element_size()
+        return flat[b.start * ratio:b.start * ratio + b.end - b.start]
+
     @torch.no_grad()
-    def gather_params(self) -> None:
-        """Every bucket's owned shard, cast to the model dtype, all-gathered into every rank's params."""
-        if self.dp.size == 1:        # each shard is its whole bucket: copy in place, no bucket-sized staging
-            if self.main_flat is not None:                  # (fp32 main params are the params themselves)
-                for s in self.segments:
-                    s.param.detach().view(-1)[s.lo:s.hi].copy_(s.main)
-            return
-        for b, segs in zip(self.buffer.buckets, self.by_bucket):
-            lo, hi = self.buffer.owned_range(b)
-            shard = torch.zeros(hi - lo, dtype=self.param_dtype, device=self.buffer.data.device)   # [n]
+    def start_param_gather(self) -> None:
+        """Launch one async all-gather per bucket of its owned shard, cast to the model dtype, in the
+        order the next forward needs them: the last bucket (the first layers) first."""
+        self.wait_from(0)                      # never two gathers into one bucket's bytes
+        for b, segs in reversed(list(zip(self.buffer.buckets, self.by_bucket))):
+            region = self._bucket_bytes(b)                                   # [end - start]
+            lo, hi = (x - b.start for x in self.buffer.owned_range(b))
             for s in segs:
-                shard[s.buf_lo - lo:s.buf_lo - lo + s.hi - s.lo].copy_(s.main)
-            full = self.dp.all_gather(shard)                                 # [dp * n] = the bucket
+                region[s.buf_lo - b.start:s.buf_lo - b.start + s.hi - s.lo].copy_(s.main)
+            self.pending[b.index] = self.dp.all_gather_async(region, region[lo:hi])   # in place
+
+    @torch.no_grad()
+    def wait_from(self, first: int) -> None:
+        """Finish the pending gathers of buckets first.. (those launched no later than bucket
+        `first`), in launch order: copy each into its params, then zero its bytes for the gradients."""
+        for index in sorted((i for i in self.pending if i >= first), reverse=True):
+            handle, b = self.pending.pop(index), self.buffer.buckets[index]
+            if handle is not None:
+                handle.wait()
+            region = self._bucket_bytes(b)
             for p in b.params:
                 ps, pe = self.buffer.param_range[id(p)]
-                p.detach().view(-1).copy_(full[ps - b.start:pe - b.start])
+                p.detach().view(-1).copy_(region[ps - b.start:pe - b.start])
+            self.buffer.data[b.start:b.end].zero_()
+
+    def gather_params(self) -> None:
+        """The synchronous form: launch every bucket's gather and finish them all."""
+        self.start_param_gather()
+        self.wait_from(0)
 
     def owned_ranges(self) -> dict[str, tuple[int, int]]:
         return {s.name: (s.lo, s.hi) for s in self.segments}
@@ -175,6 +199,12 @@ class PlainAdamW:
         for m, p in zip(self.mains, self.params):
             if m is not p:
                 p.copy_(m)
+
+    start_param_gather = gather_params          # every rank holds everything: nothing to overlap
+    pending: dict = {}
+
+    def wait_from(self, first: int) -> None:
+        pass
 
     def owned_ranges(self) -> dict[str, tuple[int, int]]:
         return {name: (0, m.numel()) for name, m in zip(self.names, self.mains)}
