@@ -60,7 +60,10 @@ class Runner:
         return self._p2p[shape]
 
     def new_caches(self, batch: int, max_len: int, pad: torch.Tensor) -> list[KVCache]:
-        return [KVCache(c, batch, max_len, pad) for c in self.chunks]
+        caches = [KVCache(c, batch, max_len, pad) for c in self.chunks]
+        for c in caches:
+            c.last_only = True
+        return caches
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor | None:

@@ -9,7 +9,8 @@ to itself, which keeps its softmax finite, and no real token ever reads it.
 
 The model reads it like a single-device model: `GPTModel.forward(x, cache=cache)` takes each row's
 RoPE angles from `rope`, gives each layer `layer(i)`, whose `update` stores the new keys and values
-and returns all of them with the step's `mask`, and calls `advance` after its layers.
+and returns all of them with the step's `mask`, and calls `advance` after its layers. With `last_only` the last stage computes the
+logits of the last slot only (what generation samples from; a prefill then skips P-1 rows of the LM head).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class KVCache:
         dtype, device = dtype or p.dtype, device or p.device
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.padded = bool(self.pad.any())
+        self.last_only = False              # True: the model computes logits of the last slot only (generation)
         self.k, self.v = {}, {}
         for i, layer in chunk.layers.items():
             att = layer.attention
@@ -63,9 +66,12 @@ class KVCache:
             raise ValueError(f"generation: {self.length + s} positions exceed the cache's {self.max_len}")
         slots = torch.arange(self.length, self.length + s, device=self.pad.device)         # [s]
         pos = (slots[None, :] - self.pad[:, None]).clamp(min=0)                             # [b, s]
-        keys = torch.arange(self.length + s, device=self.pad.device)                        # [T]
-        real = (keys[None, None, :] >= self.pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
-        self.mask = (real | (keys[None, None, :] == slots[None, :, None]))[:, None]         # [b, 1, s, T]
+        if not self.padded and (s == 1 or self.length == 0):
+            self.mask = None                                  # all keys visible, or plain causal: SDPA's fast paths
+        else:
+            keys = torch.arange(self.length + s, device=self.pad.device)                    # [T]
+            real = (keys[None, None, :] >= self.pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+            self.mask = (real | (keys[None, None, :] == slots[None, :, None]))[:, None]     # [b, 1, s, T]
         return cos[pos.t(), 0], sin[pos.t(), 0]                                             # [s, b, 1, r]
 
     def layer(self, layer_id: int) -> _LayerView:
@@ -82,7 +88,7 @@ class KVCache:
         the prefilled prompt: the prompt is run once and its keys/values serve all n continuations."""
         out = KVCache.__new__(KVCache)
         out.batch, out.max_len, out.length, out.mask = self.batch * n, self.max_len, self.length, None
-        out.pad = self.pad.repeat_interleave(n)
+        out.pad, out.padded, out.last_only = self.pad.repeat_interleave(n), self.padded, self.last_only
         out.k = {i: t.repeat_interleave(n, dim=0) for i, t in self.k.items()}
         out.v = {i: t.repeat_interleave(n, dim=0) for i, t in self.v.items()}
         return out

@@ -38,10 +38,11 @@ def core_attention(q, k, v, dropout_p: float, use_flash: bool) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def masked_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
-    """Inference core over a KV cache: q [b, s, nq, d], k/v [b, T, nkv, d], mask [b, 1, s, T] (True = attend)
-    -> [b, s, nq, d]."""
+def masked_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Inference core over a KV cache: q [b, s, nq, d], k/v [b, T, nkv, d], mask [b, 1, s, T] (True = attend),
+    or None when no row is padded and either s = 1 (every key is visible) or T = s (plain causal) -> [b, s, nq, d]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None and q.shape[1] > 1,
                                          enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 

@@ -110,6 +110,8 @@ class GPTModel(nn.Module):
             cache.advance(s)
         if not self.post_process:
             return x
+        if cache is not None and cache.last_only:
+            x = x[-1:]                                                       # [1, b, h]: the slot to sample from
         x = self.final_norm(x)
         weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
         logits = parallel_lm_logits(x, weight, self.tp, self.sp)            # [s, b, V/tp]
