@@ -9,7 +9,7 @@ from megagpt.kv_cache import KVCache
 from megagpt.model.gpt import build_model
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.split import build_stage
-from megagpt.sampling import Sampling, filter_logits
+from megagpt.sampling import Sampling, filter_logits, penalize
 from dist import spawn
 
 MODEL = dict(vocab_size=211, max_seq_len=48, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4,
@@ -70,6 +70,29 @@ def test_seeded_sampling_matches_recompute_and_repeats():
     assert a == generate_ids(model, [PROMPTS[1]], 16, SAMPLED)[0]
     other = Sampling(**{**SAMPLED.__dict__, "seed": 12})
     assert a != generate_ids(model, [PROMPTS[1]], 16, other)[0]
+
+
+def test_rope_positions_per_row_and_mask():
+    """RoPE is shift-invariant, so outputs cannot show a wrong offset: read the positions back directly."""
+    model = _model()
+    cache = KVCache(model, 2, 6, torch.tensor([2, 0]))
+    table = torch.arange(6, dtype=torch.float32)[:, None, None, None].expand(6, 1, 1, 3)   # value = position
+    cos, _ = cache.rope(table, table, 4)
+    assert cos[:, :, 0, 0].t().tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]                  # row 0: 2 pad slots first
+    assert cache.mask[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert cache.mask[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    cache.advance(4)
+    cos, _ = cache.rope(table, table, 1)
+    assert cos[0, :, 0, 0].tolist() == [2, 4] and cache.mask[:, 0, 0].int().tolist() == [[0, 0, 1, 1, 1], [1] * 5]
+
+
+def test_repetition_penalty_is_transformers_rule():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 2, 3, 4], [5, 5, 6, 7], [0, 9, 10, 49]])
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    theirs = transformers.RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone())
+    assert torch.equal(penalize(logits, seen, 1.7), theirs)
 
 
 def test_filters():
@@ -157,12 +180,13 @@ def test_transformers_generate_gives_the_same_greedy_tokens():
     assert not missing.unexpected_keys and not missing.missing_keys
     hf.eval()
     steps = 16
-    ours = generate_ids(model, PROMPTS, steps)
     ids, pad = torch.zeros(3, 9, dtype=torch.long), torch.tensor([5, 0, 8])
     mask = torch.ones_like(ids)
     for i, p in enumerate(PROMPTS):
         ids[i, pad[i]:] = torch.tensor(p)
         mask[i, :pad[i]] = 0
-    theirs = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
-                         pad_token_id=0, eos_token_id=None)
-    assert theirs[:, 9:].tolist() == ours
+    for penalty in (1.0, 1.3):            # transformers' repetition penalty: the same rule, the same tokens
+        ours = generate_ids(model, PROMPTS, steps, Sampling(repetition_penalty=penalty))
+        theirs = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+                             pad_token_id=0, eos_token_id=None, repetition_penalty=penalty)
+        assert theirs[:, 9:].tolist() == ours, f"repetition_penalty={penalty}"
