@@ -20,8 +20,9 @@ from .pipeline.split import build_stage, check_layout
 def inference_config(model_cfg, tp: int, pp: int, world_size: int) -> Config:
     """The layout tp x pp (dp = the rest of the world) for this model, validated: a layout the checkpoint
     cannot be resharded to (heads, KV heads, FFN not divisible by tp; fewer layers than pp) is a ConfigError."""
+    dp = max(1, world_size // (tp * pp))          # the batch size only has to fit the layout; generation sets its own
     cfg = Config(model=model_cfg, parallel=ParallelConfig(tp=tp, pp=pp, world_size=world_size),
-                 train=TrainConfig(seq_len=model_cfg.max_seq_len, micro_batch_size=1, global_batch_size=pp))
+                 train=TrainConfig(seq_len=model_cfg.max_seq_len, micro_batch_size=1, global_batch_size=pp * dp))
     validate(cfg)
     check_layout(cfg)
     return cfg

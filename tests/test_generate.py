@@ -190,3 +190,28 @@ def test_transformers_generate_gives_the_same_greedy_tokens():
         theirs = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
                              pad_token_id=0, eos_token_id=None, repetition_penalty=penalty)
         assert theirs[:, 9:].tolist() == ours, f"repetition_penalty={penalty}"
+
+
+# ----------------------------------------------------------------------------- self-consistency
+
+def test_majority_vote_and_regex():
+    from megagpt.self_consistency import majority_vote, regex_extractor
+    assert majority_vote(["3", "4", "3", None]) == ("3", 0.5, {"3": 2, "4": 1})
+    assert majority_vote(["4", "3"])[0] == "4" and majority_vote([None, None]) == (None, 0.0, {})
+    extract = regex_extractor(r"A: *(\d+)", lambda ids: " ".join(f"A: {i}" for i in ids))
+    assert extract([7, 12]) == "12" and regex_extractor(r"\d+", lambda ids: "none")([1]) is None
+    with pytest.raises(ValueError, match="^answer regex: '\\(' does not compile"):
+        regex_extractor("(", str)
+
+
+def test_self_consistency_prefills_once():
+    from megagpt.self_consistency import self_consistency
+    model = _model()
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(args[0].shape[1]), with_kwargs=True)
+    vote = self_consistency(model, PROMPTS[1], 6, 5, SAMPLED, lambda ids: str(ids[0] % 3))
+    hook.remove()
+    assert widths == [len(PROMPTS[1])] + [1] * 4                     # one prefill of the prompt, then decode steps
+    assert vote.chains == generate_ids(model, [PROMPTS[1]], 5, SAMPLED, num_samples=6)
+    assert vote.answers == [str(c[0] % 3) for c in vote.chains]
+    assert vote.agreement == vote.counts[vote.answer] / 6 and sum(vote.counts.values()) == 6

@@ -83,11 +83,11 @@ def _rank_worker(rank, world, run_dir, tp, pp):
             generate_ids(chunks, [PROMPT, PROMPT[:2]], 8, Sampling(**SAMPLED), ps=ps)]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_ranks_reshard_on_load(ckpt, tp, pp):
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)])   # the last: DP2, two replicas
+def test_ranks_reshard_on_load(ckpt, tp, pp, world):
     want = [generate_ids(ckpt["ref"], [PROMPT, PROMPT[:2]], 8),
             generate_ids(ckpt["ref"], [PROMPT, PROMPT[:2]], 8, Sampling(**SAMPLED))]
-    for rank, got in enumerate(spawn(tp * pp, _rank_worker, ckpt["run"], tp, pp, timeout=120)):
+    for rank, got in enumerate(spawn(world, _rank_worker, ckpt["run"], tp, pp, timeout=120)):
         assert got == want, f"rank {rank}"
 
 
@@ -117,3 +117,16 @@ def test_one_line_errors(ckpt, capsys, argv, message):
     assert tool.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"generate: {message}") and err.count("\n") == 1, err
+
+
+def test_self_consistency_flag(ckpt, capsys):
+    from megagpt.self_consistency import regex_extractor, self_consistency
+    sampling = Sampling(do_sample=True, temperature=1.0, seed=2)
+    extract = regex_extractor(r"(\w)\W*$", Tokenizer.load(ckpt["tok"]).decode)     # the last word character
+    want = self_consistency(ckpt["ref"], PROMPT, 8, 6, sampling, extract)
+    assert tool.main(["--load", ckpt["run"], "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6",
+                      "--temperature", "1.0", "--seed", "2", "--no-eod", "--self-consistency", "8",
+                      "--answer-regex", r"(\w)\W*$"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 9 and want.answer is not None
+    assert lines[-1] == f"answer: {want.answer}  agreement {want.agreement:.2f} ({want.counts})"
