@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dist import spawn
 from megagpt.checkpoint.sharded import save_checkpoint
@@ -130,3 +129,15 @@ def test_self_consistency_flag(ckpt, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 9 and want.answer is not None
     assert lines[-1] == f"answer: {want.answer}  agreement {want.agreement:.2f} ({want.counts})"
+
+
+def test_stop_string(ckpt, capsys):
+    tok = Tokenizer.load(ckpt["tok"])
+    prompt = tok.encode("to be or")
+    free = generate_ids(ckpt["ref"], [prompt], 12)[0]
+    cut = next(i for i in range(1, len(free)) if tok.decode(free[:i]).strip())   # first token with visible text
+    stop_text = tok.decode(free[:cut + 1])[-1]
+    want = next(free[:i] for i in range(1, len(free) + 1) if stop_text in tok.decode(free[:i]))
+    got = _ids(capsys, ["--load", ckpt["run"], "--prompt", "to be or", "--max-new-tokens", "12", "--print-ids",
+                        "--no-eod", "--stop", stop_text])
+    assert got == want and len(got) < len(free)
