@@ -12,6 +12,8 @@
              wait and the loss all-reduce ("comm wait"), the pipeline's F/B ops ("compute") and the
              optimizer step, each timed exclusively (a nested call's time belongs to the inner
              category); "bookkeeping" is the rest of the step (schedule loop, data, zeroing).
+4. generate: KV-cache decoding against full recompute and against transformers' generate at 512
+             tokens of context (bench/generate_bench.py); alone with `--only generate`.
 
 The machine is shared: every comparison interleaves its contenders, round by round, and reports
 the median of the per-round ratios. Wall time gives tokens/s; process CPU time is reported next
@@ -407,7 +409,7 @@ def print_scaling(res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, 10M peer only (a smoke run)")
-    ap.add_argument("--only", choices=("peer", "scaling"))
+    ap.add_argument("--only", choices=("peer", "scaling", "generate"))
     ap.add_argument("--profile", metavar="SIZE", choices=list(PEER_SIZES),
                     help="only profile megagpt against HF at this size (forward + backward) and print the ops")
     ap.add_argument("--recompute", default="none", choices=("none", "full"), help="with --profile")
@@ -422,6 +424,16 @@ def main(argv=None) -> int:
     load = [load_average()]
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__, "threads_per_process": 1}, "peer": [], "scaling": {}}
+    if args.only == "generate":                 # alone: KV cache vs recompute vs transformers (bench/generate_bench.py)
+        from generate_bench import print_generate, run_generate
+        res = run_generate(rounds=1 if args.quick else 3)
+        print_generate(res)
+        if args.out == ap.get_default("out"):
+            args.out = os.path.join(ROOT, "bench", "out", "generate.json")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return 0
     if args.only != "scaling":
         for size, spec in PEER_SIZES.items():
             if args.quick and size != "10M":
@@ -431,6 +443,9 @@ def main(argv=None) -> int:
         res["machine"]["transformers"] = transformers.__version__
     if args.only != "peer":
         res["scaling"] = run_scaling(rounds=1 if args.quick else 3, steps=2)
+    if args.only is None:
+        from generate_bench import run_generate
+        res["generate"] = run_generate(rounds=1 if args.quick else 3)
     load.append(load_average())
     res["machine"]["load_avg"] = [round(x, 1) for x in load[0][:1] + load[1][:1]]
     res["machine"]["bench_seconds"] = round(time.perf_counter() - t0, 1)
@@ -438,6 +453,9 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print_tables(res)
+    if "generate" in res:
+        from generate_bench import print_generate
+        print_generate(res["generate"])
     print(f"\nresults: {args.out}  ({res['machine']['bench_seconds']:.0f} s)")
     return 0
 

@@ -38,6 +38,15 @@ def core_attention(q, k, v, dropout_p: float, use_flash: bool) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def masked_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Inference core over a KV cache: q [b, s, nq, d], k/v [b, T, nkv, d], mask [b, 1, s, T] (True = attend),
+    or None when no row is padded and either s = 1 (every key is visible) or T = s (plain causal) -> [b, s, nq, d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None and q.shape[1] > 1,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
                  selective_recompute: bool = False, device=None, dtype=None):
@@ -58,7 +67,9 @@ class Attention(nn.Module):
                 return core_attention(q, k, v, p, self.cfg.use_flash_attn)
         return core_attention(q, k, v, p, self.cfg.use_flash_attn)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """cache: None in training; in generation this layer's view of a `KVCache` (megagpt/kv_cache.py),
+        which stores this rank's KV heads and returns them with the mask over padding and the future."""
         qkv = self.qkv(x)                                         # [s, b, (nq_l + 2 nkv_l) d]
         s, b, _ = qkv.shape
         d = self.head_dim
@@ -67,7 +78,10 @@ class Attention(nn.Module):
         k = apply_rope(k.view(s, b, self.nkv_local, d), cos, sin, self.cfg.rope_interleaved)
         v = v.view(s, b, self.nkv_local, d)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))          # [b, s, heads, d]
-        if self.selective_recompute and self.training:
+        if cache is not None:
+            k, v = cache.update(k, v)                             # [b, T, nkv_l, d], T = cached + s
+            out = masked_attention(q, k, v, cache.mask)
+        elif self.selective_recompute and self.training:
             out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
         else:
             out = self._core(q, k, v)

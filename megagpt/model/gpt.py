@@ -91,21 +91,32 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
         Returns per-token losses [b, s] (fp32) when labels are given on the last stage, logits
-        [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere."""
+        [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere.
+        cache: a `KVCache` of this chunk's layers (generation): x holds the s tokens after the cached
+        ones, RoPE takes each row's positions from the cache, which then advances by s."""
         if self.pre_process:
             x = self.embed(x)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
-        cos, sin = self._rope(s, x.device, torch.float32)
+        if cache is not None:
+            cos, sin = cache.rope(*self._rope(cache.max_len, x.device, torch.float32), s)  # [s, b, 1, rot/2]
+        else:
+            cos, sin = self._rope(s, x.device, torch.float32)
         for i, layer in self.layers.items():
-            if int(i) in self.full_recompute_ids and self.training:
+            if cache is not None:
+                x = layer(x, cos, sin, cache.layer(int(i)))
+            elif int(i) in self.full_recompute_ids and self.training:
                 x = checkpoint(layer, self.tracker, x, cos, sin)
             else:
                 x = layer(x, cos, sin)
+        if cache is not None:
+            cache.advance(s)
         if not self.post_process:
             return x
+        if cache is not None and cache.last_only:
+            x = x[-1:]                                                       # [1, b, h]: the slot to sample from
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = parallel_lm_logits(x, self.embedding.weight, self.tp, self.sp)   # [s, b, V/tp]
