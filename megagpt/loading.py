@@ -14,7 +14,7 @@ from .checkpoint.sharded import load_checkpoint
 from .checkpoint.store import CheckpointError
 from .config import Config, ConfigError, ParallelConfig, TrainConfig, validate
 from .parallel.state import ParallelState, init_distributed
-from .pipeline.split import build_stage, check_layout
+from .pipeline.split import build_stage
 
 
 def inference_config(model_cfg, tp: int, pp: int, world_size: int) -> Config:
@@ -24,7 +24,6 @@ def inference_config(model_cfg, tp: int, pp: int, world_size: int) -> Config:
     cfg = Config(model=model_cfg, parallel=ParallelConfig(tp=tp, pp=pp, world_size=world_size),
                  train=TrainConfig(seq_len=model_cfg.max_seq_len, micro_batch_size=1, global_batch_size=pp * dp))
     validate(cfg)
-    check_layout(cfg)
     return cfg
 
 
