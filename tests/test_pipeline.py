@@ -17,7 +17,8 @@ from megagpt.optim.finalize import finalize_grads
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.engine import PipelineEngine, forward_only_schedule
 from megagpt.pipeline.p2p import activation_shape
-from megagpt.pipeline.schedule import Op, build_schedule, check_no_deadlock, simulate
+from megagpt.pipeline.schedule import Op, build_schedule
+from megagpt.pipeline.simulate import check_no_deadlock, simulate
 from megagpt.layout import Layout, balanced_counts
 from megagpt.pipeline.split import build_stage, chunk_layers, describe_split, stage_chunks
 

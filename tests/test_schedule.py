@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from megagpt.pipeline.schedule import (
-    Op, ScheduleError, build_schedule, check_no_deadlock, comm_batches, gpipe, interleaved_1f1b,
-    interleaved_groups, one_f_one_b, render, simulate,
+    Op, ScheduleError, build_schedule, comm_batches, gpipe, interleaved_1f1b, interleaved_groups, one_f_one_b,
 )
+from megagpt.pipeline.simulate import check_no_deadlock, render, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,8 @@ import sys
 
 from megagpt.parallel.spawn import RankError
 from megagpt.pipeline.bubble import measure_bubble
-from megagpt.pipeline.schedule import ScheduleError, build_schedule, render, simulate
+from megagpt.pipeline.schedule import ScheduleError, build_schedule
+from megagpt.pipeline.simulate import render, simulate
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
 """Measure the pipeline bubble on the real engine: pp forked ranks over gloo, chunks that only sleep.
 
 The chunks stand in for model chunks: a forward sleeps t_f/vp and a backward t_b/vp (t_f, t_b
-are a whole stage's times, as in `schedule.simulate`), so the compute is known exactly and what
+are a whole stage's times, as in `simulate.simulate`), so the compute is known exactly and what
 the measurement shows is the executor itself: its order, its p2p and where it waits. Everything
 else is the training path: `PipelineEngine`, its schedule, its non-blocking p2p over gloo.
 
@@ -25,7 +25,8 @@ from ..config import config_from_dict
 from ..parallel.spawn import spawn
 from ..parallel.state import ParallelState
 from .engine import PipelineEngine
-from .schedule import build_schedule, simulate
+from .schedule import build_schedule
+from .simulate import simulate
 
 HIDDEN, SEQ, MICRO = 8, 4, 1                   # what crosses a boundary: a [4, 1, 8] fp32 tensor
 

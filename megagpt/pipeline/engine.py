@@ -4,7 +4,7 @@ The schedule is data, so the executor is one loop over it: F runs a chunk's forw
 backward, and each run of consecutive comm ops is posted as one non-blocking p2p batch. A
 receive is waited on only right before the F or B that consumes it, and sends only once they
 are done (or at the end), so a rank never idles for a tensor it does not need yet; this is the
-behaviour `schedule.simulate` models, and `check_no_deadlock` proves it terminates.
+behaviour `simulate.simulate` models, and `check_no_deadlock` proves it terminates.
 Every buffer is keyed by (microbatch, local chunk), as the ops are:
   _recv_act   RECV_F -> F     (buffer, works) of the chunk's input activation [s/tp, b, h]
   _send_act   F -> SEND_F     the chunk's output activation                    [s/tp, b, h]
@@ -13,7 +13,7 @@ Every buffer is keyed by (microbatch, local chunk), as the ops are:
   _send_grad  B -> SEND_B     the gradient of the chunk's input
   _sending                    (tensor, works) of posted sends, kept alive until they complete
 Each entry is popped by its consumer, so what is held at any time is what the schedule has in
-flight: the measured activation memory follows `schedule.simulate`'s peak_inflight.
+flight: the measured activation memory follows `simulate.simulate`'s peak_inflight.
 
 Timing: `timeline` holds (op, start, end, waited) per compute op of the last call
 (time.perf_counter seconds; waited is the part of [start, end] spent waiting for its input),

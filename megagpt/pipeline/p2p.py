@@ -5,7 +5,7 @@ gradient, of the training dtype, so both ends know its shape and dtype from the 
 receive allocates its buffer up front, with no shape handshake. One run of consecutive comm
 ops of the schedule is posted as one `batch_isend_irecv` (one NCCL group) and NOT waited on
 here: the engine waits on a receive right before the op that consumes it, and on sends at the
-end, so a rank never idles for a message it does not need yet. `schedule.check_no_deadlock`
+end, so a rank never idles for a message it does not need yet. `simulate.check_no_deadlock`
 proves per layout that these semantics terminate, under NCCL's in-order group completion too.
 Messages between two ranks are matched in issue order, whatever they carry, which is why the
 schedule keeps sends and receives in order.
