@@ -13,13 +13,18 @@ T_F, T_B, TOL = 0.06, 0.12, 0.03
 PAIRS = [(2, 4), (2, 5), (4, 8), (4, 6)]          # (p, m): m = 5 and 6 are not multiples of p
 
 
-def measured(p, v, m, wait_p2p="deferred"):
-    """Best of 2 timed runs; one more try of 3 if it misses: noise on a shared machine only adds
-    time, so a miss twice over is the engine's, not the machine's."""
-    got = measure_bubble(p, v, m, T_F, T_B, wait_p2p=wait_p2p, repeats=2)
-    if abs(got["measured"] - got["ideal"]) > TOL and wait_p2p == "deferred":
-        got = measure_bubble(p, v, m, T_F, T_B, wait_p2p=wait_p2p, repeats=3)
-    return got
+def measured(p, v, m, wait_p2p="deferred", attempts=3):
+    """Best of 2 timed runs, tried again (up to `attempts` times) while it misses: noise on a shared
+    machine only adds time (a late wake-up, a descheduled rank), so a miss every time is the
+    engine's, not the machine's. Each attempt forks fresh ranks."""
+    best = None
+    for _ in range(attempts):
+        got = measure_bubble(p, v, m, T_F, T_B, wait_p2p=wait_p2p, repeats=2)
+        if best is None or got["measured"] < best["measured"]:
+            best = got
+        if abs(best["measured"] - best["ideal"]) <= TOL or wait_p2p != "deferred":
+            break
+    return best
 
 
 @pytest.mark.parametrize("p,m", PAIRS)
