@@ -277,11 +277,34 @@ def test_bad_bodies_and_chat_fields(server):
         _client(server).completions.create(model=NAME, prompt="to be", top_p=2.0)
 
 
-def test_startup_errors(ckpt, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, SERVE, "--load", str(tmp_path / "nothing")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr == f"serve: --load: {tmp_path / 'nothing'}: no such checkpoint directory\n"
+def test_startup_errors(ckpt, tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import serve as tool
+    assert tool.main(["--load", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err == f"serve: --load: {tmp_path / 'nothing'}: no such checkpoint directory\n"
+    assert tool.main(["--load", ckpt["run"], "--max-n", "0"]) == 2
+    assert capsys.readouterr().err == "serve: --max-n: expected a positive integer, got 0\n"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert tool.main(["--load", ckpt["run"], "--tp", "2"]) == 2
+    assert capsys.readouterr().err.startswith("serve: --tp/--pp: the server runs one replica, so the world size 4 "
+                                              "must equal tp*pp=2*1")
+
+
+def test_streamed_text_adds_up():
+    """RowText holds back a partial UTF-8 character and a tail that may begin a stop string, so the pieces
+    are always a prefix of the final text, which ends before the stop string."""
+    from megagpt.serving import RowText
+    data = "caf\u00e9 na\u00efve STO  STOP after".encode()             # multi-byte characters, a false start
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")   # noqa: E731 -- one id per byte
+    for stops, want in ((["STOP"], "caf\u00e9 na\u00efve STO  "), ([], data.decode()), (["\u00e9 n"], "caf")):
+        row, pieces = RowText(decode, stops, end_ids=set()), []
+        for b in data:
+            pieces.append(row.push(b))
+            assert "\ufffd" not in "".join(pieces) and want.startswith("".join(pieces))
+            if any(s in decode(row.ids) for s in stops):
+                break
+        pieces.append(row.close("stop"))
+        assert "".join(pieces) == row.text() == want
 
 
 def test_tp2_followers_in_lockstep(ckpt):

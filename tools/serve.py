@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -60,8 +61,9 @@ def check_args(args) -> None:
     if world > 1 and world != args.tp * args.pp:
         raise ValueError(f"--tp/--pp: the server runs one replica, so the world size {world} must equal "
                          f"tp*pp={args.tp}*{args.pp}; start one server per replica")
-    import fastapi  # noqa: F401 -- one line now rather than a traceback after loading the model
-    import uvicorn  # noqa: F401
+    for module in ("fastapi", "uvicorn"):                 # one line now rather than a traceback after loading
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"no module named {module!r}")
 
 
 def _quiet_exit(server_class):
