@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench gpu-bench clean
+.PHONY: install test demo serve-demo bench gpu-bench clean
 
 install: .venv/.installed
 
@@ -20,6 +20,9 @@ test: install
 
 demo: install
 	$(PY) examples/demo.py
+
+serve-demo: install
+	$(PY) examples/serve_demo.py
 
 bench: install
 	$(PY) bench/run.py

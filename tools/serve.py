@@ -90,6 +90,10 @@ def run(args) -> int:
         raise ValueError("--tokenizer: the checkpoint has no tokenizer; the server needs one (pass --tokenizer FILE)")
     engine = Engine(chunks, ps, tok, eod, heartbeat_s=args.heartbeat, max_queue=args.max_queue)
     if ps.rank != 0:
+        # a follower leaves when rank 0 says stop (it does on its own SIGINT/SIGTERM, which torchrun and a
+        # terminal's Ctrl-C also send here); quitting first would break rank 0's last broadcast
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         engine.follow()
         return 0
     import uvicorn
