@@ -15,6 +15,7 @@ the non-streaming text.
 """
 
 import asyncio
+import collections
 import json
 import queue
 import threading
@@ -34,12 +35,14 @@ class RowText:
         self.decode, self.stop, self.end_ids = decode, stop, end_ids
         self.ids: list[int] = []
         self.sent = 0                     # characters already streamed
+        self.hit = False                  # a stop string has appeared
         self.finish: str | None = None
 
     def text(self) -> str:
         ids = self.ids[:-1] if self.ids and self.ids[-1] in self.end_ids else self.ids
         t = self.decode(ids)
         cuts = [t.find(s) for s in self.stop if s in t]
+        self.hit = bool(cuts)
         return t[:min(cuts)] if cuts else t
 
     def push(self, token: int) -> str:
@@ -64,26 +67,45 @@ class RowText:
 
 
 class Job:
-    """A request on rank 0: its checked fields, and the events the engine thread sends to its handler."""
+    """A request on rank 0: its checked fields, its choices' text, and the events the engine thread sends
+    to its handler ("delta", index, text, finish_reason), then ("done", results, usage) or ("error", line)."""
 
-    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None):
         self.req, self.loop = req, loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
+        self.cancelled = False            # set by the handler when its client has gone
+        self.over = False                 # the engine is done with it
+        self.rows: list[RowText] = []
+
+    @property
+    def width(self) -> int:               # rows it adds to a batch
+        return len(self.req.prompts) * self.req.n
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.loop is None:
+            self.events.put_nowait(event)
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    """Runs generation commands on every rank of one replica; rank 0 also owns the queue of jobs."""
+    """Runs generation commands on every rank of one replica; rank 0 also owns the queue of jobs.
 
-    def __init__(self, chunks, ps, tok, eod_id: int | None, heartbeat_s: float = 5.0, max_queue: int = 64):
+    Greedy requests waiting together run as one batch (their prompts left-padded into one `stream`
+    call; rows are independent, so each gets the tokens it would get alone) as long as they share the
+    repetition penalty and ignore_eos, fit in `max_batch` rows, and their longest prompt plus their
+    largest max_tokens fits the context. A sampled request runs alone: its seeded draws must not depend
+    on what else is queued. Stop strings, stop ids and each request's max_tokens are applied on rank 0,
+    which ends the step loop, on every rank at once, when no row of the batch still needs a token."""
+
+    def __init__(self, chunks, ps, tok, eod_id: int | None, heartbeat_s: float = 5.0, max_queue: int = 64,
+                 max_batch: int = 16):
         self.chunks, self.ps, self.tok, self.eod_id = chunks, ps, tok, eod_id
         self.context, self.vocab = chunks[0].cfg.max_seq_len, chunks[0].cfg.vocab_size
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.max_batch = heartbeat_s, max_batch
         self.jobs: queue.Queue = queue.Queue(max_queue)
-        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0, "busy_s": 0.0}
+        self.backlog: collections.deque = collections.deque()          # taken from the queue, not yet run
+        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "batches": 0, "tokens": 0, "busy_s": 0.0}
         self.thread: threading.Thread | None = None
 
     # -- lockstep: rank 0 decides, every rank does the same
@@ -105,18 +127,14 @@ class Engine:
             return flag
         return bool(self.ps.world.broadcast(torch.tensor([flag], device=self.ps.device), 0))
 
-    def execute(self, cmd: dict, on_step=None, cancelled=None) -> None:
-        """Run one generation command (every rank, same cmd). on_step(tokens [B], done [B]) on rank 0."""
-        stop_ids, stops, decode = set(cmd["stop_ids"]), cmd["stop"], self.tok.decode
-
-        def stop(ids: list[int]) -> bool:
-            return ids[-1] in stop_ids or (bool(stops) and any(s in decode(ids) for s in stops))
+    def execute(self, cmd: dict, on_step=None) -> None:
+        """Run one generation command (every rank, same cmd). On rank 0, on_step(tokens [B], done [B]) says
+        whether to go on; its answer ends the loop on every rank at the same step."""
         steps = stream(self.chunks, cmd["prompts"], cmd["max_tokens"], Sampling(**cmd["sampling"]), ps=self.ps,
-                       eod_id=None if cmd.get("ignore_eos") else self.eod_id, stop=stop, num_samples=cmd["n"])
+                       eod_id=None if cmd["ignore_eos"] else self.eod_id, num_samples=cmd["n"])
         for tok, done in steps:
-            if on_step is not None:
-                on_step(tok.tolist(), done.tolist())
-            if self._agree(cancelled is not None and cancelled()):
+            go_on = on_step(tok.tolist(), done.tolist()) if on_step is not None else True
+            if not self._agree(go_on):
                 steps.close()
                 return
 
@@ -149,51 +167,101 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            try:
-                job = self.jobs.get(timeout=self.heartbeat_s)
-            except queue.Empty:
-                self._command({"op": "idle"})
-                continue
-            if job is None:
+            batch = self.next_batch()
+            if batch is None:
                 self._command({"op": "stop"})
                 return
-            if job.cancelled:
-                self.stats["cancelled"] += 1
-                continue
             t0 = time.perf_counter()
             try:
-                self._run(job)
-            except Exception as e:  # noqa: BLE001 -- reported to its client; the server goes on
-                self.stats["failed"] += 1
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
+                self.run_batch(batch)
+            except Exception as e:  # noqa: BLE001 -- reported to its clients; the server goes on
+                self.stats["failed"] += len(batch)
+                for job in batch:
+                    job.emit("error", f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
             self.stats["busy_s"] += time.perf_counter() - t0
 
-    def _run(self, job: Job) -> None:
-        req = job.req
-        cmd = self._command({"op": "generate", **req.command()})
-        end_ids = set(req.stop_ids) | ({self.eod_id} if self.eod_id is not None and not req.ignore_eos else set())
-        rows = [RowText(self.tok.decode, req.stop, end_ids) for _ in range(len(req.prompts) * req.n)]
+    def next_batch(self) -> list[Job] | None:
+        """The next jobs to run together (waiting for one, with heartbeats while idle); None: stop."""
+        while True:
+            while len(self.backlog) < self.jobs.maxsize:
+                try:
+                    self.backlog.append(self.jobs.get(timeout=self.heartbeat_s) if not self.backlog else
+                                        self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            if not self.backlog:
+                self._command({"op": "idle"})
+                continue
+            head = self.backlog.popleft()
+            if head is None:
+                return None
+            if not head.cancelled:
+                break
+            self.stats["cancelled"] += 1
+        batch, req = [head], head.req
+        if req.sampling.do_sample:
+            return batch
+        key = (req.sampling.repetition_penalty, req.ignore_eos)
+        rows, longest, most = head.width, max(map(len, req.prompts)), req.max_tokens
+        for job in list(self.backlog):
+            if job is None:
+                break
+            r = job.req
+            if r.sampling.do_sample or (r.sampling.repetition_penalty, r.ignore_eos) != key or job.cancelled:
+                continue
+            wide, long_, many = rows + job.width, max(longest, *map(len, r.prompts)), max(most, r.max_tokens)
+            if wide <= self.max_batch and long_ + many <= self.context:
+                batch.append(job)
+                self.backlog.remove(job)
+                rows, longest, most = wide, long_, many
+        return batch
 
-        def on_step(tokens, done):
-            for r, row in enumerate(rows):
-                if row.finish is None:
-                    text = row.push(tokens[r])
-                    if done[r]:
-                        text += row.close("stop")
-                    if text or row.finish:
-                        job.emit("delta", r, text, row.finish)
-        self.execute(cmd, on_step, lambda: job.cancelled)
+    def run_batch(self, jobs: list[Job]) -> None:
+        """Run jobs as one command; each job's events go out as its rows finish."""
+        alone, first = len(jobs) == 1, jobs[0].req
+        prompts, owner = [], []                                  # one row per choice: (job, choice index)
+        for job in jobs:
+            req = job.req
+            ends = set(req.stop_ids) | ({self.eod_id} if self.eod_id is not None and not req.ignore_eos else set())
+            job.rows = [RowText(self.tok.decode, req.stop, ends) for _ in range(job.width)]
+            owner += [(job, i) for i in range(job.width)]
+            prompts += req.prompts if alone else [p for p in req.prompts for _ in range(req.n)]
+        cmd = self._command({"op": "generate", "prompts": prompts, "max_tokens": max(j.req.max_tokens for j in jobs),
+                             "sampling": first.sampling.__dict__, "n": first.n if alone else 1,
+                             "ignore_eos": first.ignore_eos})
+        self.stats["batches"] += 1
+
+        def on_step(tokens, done) -> bool:
+            for r, (job, i) in enumerate(owner):
+                row = job.rows[i]
+                if job.over or row.finish is not None:
+                    continue
+                text = row.push(tokens[r])
+                reason = "stop" if done[r] or tokens[r] in job.req.stop_ids or row.hit else \
+                    "length" if len(row.ids) >= job.req.max_tokens else None
+                if reason:
+                    text += row.close(reason)
+                if text or reason:
+                    job.emit("delta", i, text, reason)
+            for job in jobs:
+                if not job.over and (job.cancelled or all(row.finish for row in job.rows)):
+                    self._finish(job)
+            return not all(job.over for job in jobs)
+        self.execute(cmd, on_step)
+        for job in jobs:                     # (every row has finished by now: max_tokens fit the steps)
+            if not job.over:
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.over = True
         if job.cancelled:
             self.stats["cancelled"] += 1
             return
-        for r, row in enumerate(rows):
-            if row.finish is None:
-                job.emit("delta", r, row.close("length"), "length")
-        generated = sum(len(row.ids) for row in rows)
+        generated = sum(len(row.ids) for row in job.rows)
         self.stats["served"] += 1
         self.stats["tokens"] += generated
-        results = [{"text": row.text(), "finish_reason": row.finish, "ids": row.ids} for row in rows]
-        job.emit("done", results, usage(sum(len(p) for p in req.prompts), generated))
+        results = [{"text": row.text(), "finish_reason": row.finish or "length", "ids": row.ids} for row in job.rows]
+        job.emit("done", results, usage(sum(len(p) for p in job.req.prompts), generated))
 
 
 def _sse(obj) -> str:

@@ -307,6 +307,48 @@ def test_streamed_text_adds_up():
         assert "".join(pieces) == row.text() == want
 
 
+def _request(ckpt, body):
+    from megagpt.openai_api import parse_request
+    return parse_request("completion", {"model": NAME, **body}, ckpt["tok"], model=NAME, context=256, vocab=300,
+                         max_n=16)
+
+
+def test_greedy_requests_batch_and_match_alone(ckpt):
+    """The engine in-process: waiting greedy requests with different prompts, lengths, max_tokens, stop
+    strings and n run as one batch, and each gets what megagpt's generate gives it alone; a sampled request
+    and one with another repetition penalty wait for their own turn."""
+    from megagpt.parallel.state import ParallelState
+    from megagpt.serving import Engine
+    tok = ckpt["tok"]
+    stop = _stop_string(ckpt, tok.encode("to be or"))
+    bodies = [dict(prompt="to be or", max_tokens=30, temperature=0, stop=[stop]),
+              dict(prompt=[[9, 8, 7, 6, 5, 4, 3], [1]], max_tokens=5, temperature=0, ignore_eos=False),
+              dict(prompt="question", max_tokens=12, temperature=0, n=2),
+              dict(prompt="that is", max_tokens=6, temperature=0.7, seed=3),         # sampled: alone
+              dict(prompt="be", max_tokens=7, temperature=0, repetition_penalty=1.3)]  # another penalty
+    engine = Engine(ckpt["chunks"], ParallelState.single(), tok, ckpt["eod"], max_batch=8)
+    jobs = [engine.submit(_request(ckpt, b), None) for b in bodies]
+    batches = []
+    while engine.backlog or not engine.jobs.empty():
+        batches.append(engine.next_batch())
+        engine.run_batch(batches[-1])
+    assert [[jobs.index(j) for j in b] for b in batches] == [[0, 1, 2], [3], [4]]
+    for job, body in zip(jobs, bodies):
+        req = job.req
+        deltas = {}
+        while True:
+            kind, *rest = job.events.get_nowait()
+            if kind == "done":
+                break
+            deltas[rest[0]] = deltas.get(rest[0], "") + rest[1]
+        want = [w for p in req.prompts for w in _want(ckpt, p, req.max_tokens, req.sampling if req.sampling.do_sample
+                                                       else Sampling(repetition_penalty=req.sampling.repetition_penalty),
+                                                       n=req.n, stop=req.stop)]
+        assert [(r["ids"], r["text"]) for r in rest[0]] == want, body
+        assert [deltas[i] for i in range(len(want))] == [t for _, t in want]
+    assert jobs[0].rows[0].finish == "stop" and stop not in jobs[0].rows[0].text()     # the stop string cut it
+
+
 def test_tp2_followers_in_lockstep(ckpt):
     """Two ranks (TP2, the checkpoint resharded on load) serve the one-process tokens, also when requests
     arrive together; stopping rank 0 stops the follower too."""

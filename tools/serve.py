@@ -44,13 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="0: a free port (printed on the first line)")
     p.add_argument("--model-name", help="the model id clients send (default: the --load directory's name)")
     p.add_argument("--max-n", type=int, default=16, help="most rows (prompts x n) in one request")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows in one batch of greedy requests")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 503")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between idle commands to followers")
     return p.parse_args(argv)
 
 
 def check_args(args) -> None:
-    for name in ("max_n", "max_queue"):
+    for name in ("max_n", "max_batch", "max_queue"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
@@ -88,7 +89,8 @@ def run(args) -> int:
     chunks, ps, tok, eod = load_for_generation(args.load, args.tp, args.pp, args.tokenizer)
     if tok is None:
         raise ValueError("--tokenizer: the checkpoint has no tokenizer; the server needs one (pass --tokenizer FILE)")
-    engine = Engine(chunks, ps, tok, eod, heartbeat_s=args.heartbeat, max_queue=args.max_queue)
+    engine = Engine(chunks, ps, tok, eod, heartbeat_s=args.heartbeat, max_queue=args.max_queue,
+                    max_batch=args.max_batch)
     if ps.rank != 0:
         # a follower leaves when rank 0 says stop (it does on its own SIGINT/SIGTERM, which torchrun and a
         # terminal's Ctrl-C also send here); quitting first would break rank 0's last broadcast
