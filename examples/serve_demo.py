@@ -6,8 +6,8 @@ replies and the measured tokens/s (a table, then one JSON line).
 
 Without a trained checkpoint it serves a tiny random-weight model made here: the replies are noise, the
 point is the API and the speed. tokens/s counts generated tokens (the server's usage) over wall time:
-sequential requests one at a time, then `--clients` at once (the server queues them, so the aggregate
-rate is about the sequential one: one replica serves one request at a time).
+greedy requests one at a time, then `--clients` at once (greedy requests waiting together run as one
+batch, so the aggregate rate rises with the clients).
 """
 from __future__ import annotations
 
