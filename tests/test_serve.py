@@ -1,8 +1,8 @@
 """tools/serve.py: the real server (uvicorn in a subprocess on a free port) called with the official openai
 client and with plain HTTP (httpx). Replies equal megagpt's generate for the same prompt (token ids and
 text), streaming adds up to the non-streaming reply, 16 concurrent clients all get their own correct reply,
-a client killed mid-stream does not wedge the server, bad requests get a 4xx with one line, and a TP2
-server (two ranks in lockstep) serves the one-process tokens."""
+a client killed mid-stream does not wedge the server, bad requests get a 4xx with one line, and a TP2 x PP2
+server (four ranks in lockstep) serves the one-process tokens."""
 import concurrent.futures
 import json
 import os
@@ -53,7 +53,7 @@ def ckpt(tmp_path_factory):
     return {"run": run_dir, "chunks": chunks, "tok": tok, "eod": eod}
 
 
-def _start(ckpt, world: int = 1, tp: int = 1):
+def _start(ckpt, world: int = 1, tp: int = 1, pp: int = 1):
     """The server's ranks as subprocesses (rank 0 on a free port); returns (base url, processes)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -63,7 +63,7 @@ def _start(ckpt, world: int = 1, tp: int = 1):
             env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, SERVE, "--load", ckpt["run"], "--port", "0", "--model-name",
-                                       NAME, "--tp", str(tp), "--heartbeat", "1"],
+                                       NAME, "--tp", str(tp), "--pp", str(pp), "--heartbeat", "1"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     first = []
     reader = threading.Thread(target=lambda: first.append(procs[0].stdout.readline()), daemon=True)
@@ -349,10 +349,10 @@ def test_greedy_requests_batch_and_match_alone(ckpt):
     assert jobs[0].rows[0].finish == "stop" and stop not in jobs[0].rows[0].text()     # the stop string cut it
 
 
-def test_tp2_followers_in_lockstep(ckpt):
-    """Two ranks (TP2, the checkpoint resharded on load) serve the one-process tokens, also when requests
-    arrive together; stopping rank 0 stops the follower too."""
-    url, procs = _start(ckpt, world=2, tp=2)
+def test_tp2_pp2_followers_in_lockstep(ckpt):
+    """Four ranks (TP2 x PP2, the checkpoint resharded on load) serve the one-process tokens, also when
+    requests arrive together (batched or queued); stopping rank 0 stops the followers too."""
+    url, procs = _start(ckpt, world=4, tp=2, pp=2)
     try:
         sampled = dict(temperature=0.9, top_p=0.95, seed=7)
         bodies = [dict(prompt=[3, 141, 59, 26, 5], max_tokens=8, temperature=0),
@@ -375,4 +375,4 @@ def test_tp2_followers_in_lockstep(ckpt):
         assert "".join(texts) == ckpt["tok"].decode(wants[0][0])
     finally:
         codes = _stop(procs)
-    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    assert codes == [0] * 4, [p.stderr.read()[-2000:] for p in procs]
