@@ -72,8 +72,8 @@ def chat_template(tok, messages: list[dict]) -> tuple[list[int], list[str], list
 
 # -- field checks: each raises APIError(400, "<field>: expected ..., got ...")
 def _bad(name: str, expected: str, value) -> APIError:
-    return APIError(400, f"{name}: expected {expected}, got {str(value)[:60]!r}" if isinstance(value, str)
-                    else f"{name}: expected {expected}, got {str(value)[:60]}", param=name)
+    shown = repr(value[:60]) if isinstance(value, str) else str(value)[:60]
+    return APIError(400, f"{name}: expected {expected}, got {shown}", param=name)
 
 
 def _number(body: dict, name: str, default, ok, expected: str):
@@ -177,7 +177,10 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
     longest = max(len(p) for p in prompts)
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _int({name: limit}, name, default_max, lambda v: v >= 1, "a positive integer")
-    if max_tokens is None:
+    if max_tokens is None:                                       # chat without a limit: the rest of the context
+        if longest >= context:
+            raise APIError(400, f"messages: the prompt's {longest} tokens leave no room in the model's context of "
+                           f"{context} tokens (nothing is truncated)", param="messages", code="context_length_exceeded")
         max_tokens = context - longest
     if longest + max_tokens > context:
         raise APIError(400, f"{name}: the prompt's {longest} tokens + {name}={max_tokens} exceed the model's "

@@ -269,7 +269,9 @@ def test_bad_bodies_and_chat_fields(server):
     r = httpx.post(server + "/completions", content=b"{not json", timeout=TIMEOUT)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: expected a JSON object")
     for messages, message in [(None, "messages: missing"), ([], "messages: expected a non-empty list"),
-                              ([{"role": "robot", "content": "hi"}], "messages[0]: expected {\"role\": one of")]:
+                              ([{"role": "robot", "content": "hi"}], "messages[0]: expected {\"role\": one of"),
+                              ([{"role": "user", "content": TEXT * 30}], "messages: the prompt's"),
+                              ([{"role": "user", "content": [{"type": "image"}]}], "messages[0].content: expected")]:
         body = {"model": NAME, **({} if messages is None else {"messages": messages})}
         r = httpx.post(server + "/chat/completions", json=body, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
