@@ -107,6 +107,7 @@ class Engine:
         self.backlog: collections.deque = collections.deque()          # taken from the queue, not yet run
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "batches": 0, "tokens": 0, "busy_s": 0.0}
         self.thread: threading.Thread | None = None
+        self.dead: str | None = None                                    # why the engine thread stopped
 
     # -- lockstep: rank 0 decides, every rank does the same
     def _command(self, cmd: dict | None) -> dict:
@@ -158,6 +159,8 @@ class Engine:
             self.thread.join()
 
     def submit(self, req: GenRequest, loop) -> Job:
+        if self.dead:
+            raise APIError(503, self.dead)
         job = Job(req, loop)
         try:
             self.jobs.put_nowait(job)
@@ -166,19 +169,33 @@ class Engine:
         return job
 
     def _loop(self) -> None:
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                self._command({"op": "stop"})
-                return
-            t0 = time.perf_counter()
-            try:
-                self.run_batch(batch)
-            except Exception as e:  # noqa: BLE001 -- reported to its clients; the server goes on
-                self.stats["failed"] += len(batch)
-                for job in batch:
-                    job.emit("error", f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
-            self.stats["busy_s"] += time.perf_counter() - t0
+        try:
+            while True:
+                batch = self.next_batch()
+                if batch is None:
+                    self._command({"op": "stop"})
+                    return
+                t0 = time.perf_counter()
+                self.run_guarded(batch)
+                self.stats["busy_s"] += time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 -- the ranks may be out of step: refuse what comes next
+            self.dead = f"engine stopped: {type(e).__name__}: {e}".splitlines()[0]
+            while self.backlog or not self.jobs.empty():
+                job = self.backlog.popleft() if self.backlog else self.jobs.get_nowait()
+                if job is not None:
+                    job.emit("error", self.dead)
+
+    def run_guarded(self, batch: list[Job]) -> None:
+        """run_batch; an error goes to the batch's clients. One process goes on; ranks that may have left
+        a collective half done do not (the error is raised again)."""
+        try:
+            self.run_batch(batch)
+        except Exception as e:
+            self.stats["failed"] += len(batch)
+            for job in batch:
+                job.emit("error", f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
+            if self.ps.world.size > 1:
+                raise
 
     def next_batch(self) -> list[Job] | None:
         """The next jobs to run together (waiting for one, with heartbeats while idle); None: stop."""
@@ -277,7 +294,8 @@ def make_app(engine: Engine, model: str, max_n: int = 16):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model, "queued": engine.jobs.qsize(), **engine.stats}
+        body = {"status": engine.dead or "ok", "model": model, "queued": engine.jobs.qsize(), **engine.stats}
+        return JSONResponse(body, status_code=503 if engine.dead else 200)
 
     @app.get("/v1/models")
     async def models():

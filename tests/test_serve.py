@@ -351,6 +351,21 @@ def test_greedy_requests_batch_and_match_alone(ckpt):
     assert jobs[0].rows[0].finish == "stop" and stop not in jobs[0].rows[0].text()     # the stop string cut it
 
 
+def test_failed_generation_reaches_its_client_and_the_server_goes_on(ckpt):
+    from megagpt.parallel.state import ParallelState
+    from megagpt.serving import Engine
+    engine = Engine(ckpt["chunks"], ParallelState.single(), ckpt["tok"], ckpt["eod"])
+    broken = _request(ckpt, dict(prompt=[1, 2], max_tokens=3, temperature=0))
+    broken.prompts = [[1, 10 ** 6]]                              # past the checks: the embedding fails
+    jobs = [engine.submit(broken, None), engine.submit(_request(ckpt, dict(prompt=[1, 2], max_tokens=3,
+                                                                            temperature=0.5)), None)]
+    for _ in jobs:
+        engine.run_guarded(engine.next_batch())
+    kind, message = jobs[0].events.get_nowait()
+    assert kind == "error" and message.startswith("generation failed: IndexError") and "\n" not in message
+    assert jobs[1].events.get_nowait()[0] == "delta" and engine.stats["failed"] == 1 and engine.dead is None
+
+
 def test_tp2_pp2_followers_in_lockstep(ckpt):
     """Four ranks (TP2 x PP2, the checkpoint resharded on load) serve the one-process tokens, also when
     requests arrive together (batched or queued); stopping rank 0 stops the followers too."""
