@@ -184,7 +184,8 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
         max_tokens = context - longest
     if longest + max_tokens > context:
         raise APIError(400, f"{name}: the prompt's {longest} tokens + {name}={max_tokens} exceed the model's "
-                       f"context of {context} tokens (nothing is truncated)", param=name, code="context_length_exceeded")
+                       f"context of {context} tokens (nothing is truncated)", param=name,
+                       code="context_length_exceeded")
     temperature = _number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0")
     top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _int(body, "top_k", 0, lambda v: v >= 0, "a non-negative integer")
