@@ -343,7 +343,8 @@ def test_greedy_requests_batch_and_match_alone(ckpt):
             if kind == "done":
                 break
             deltas[rest[0]] = deltas.get(rest[0], "") + rest[1]
-        sampling = req.sampling if req.sampling.do_sample else Sampling(repetition_penalty=req.sampling.repetition_penalty)
+        sampling = req.sampling if req.sampling.do_sample else \
+            Sampling(repetition_penalty=req.sampling.repetition_penalty)
         want = [w for p in req.prompts for w in _want(ckpt, p, req.max_tokens, sampling, n=req.n, stop=req.stop)]
         assert [(r["ids"], r["text"]) for r in rest[0]] == want, body
         assert [deltas[i] for i in range(len(want))] == [t for _, t in want]
