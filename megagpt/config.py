@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # train.dtype -> torch
 RECOMPUTE = ("none", "selective", "full")                                          # train.recompute
+DP_MODES = ("ddp", "zero1", "zero2", "zero3")                                      # train.dp_mode
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     peak_tflops: float = 989.0           # per device, for MFU
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
+    dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
 
 
 @dataclass
@@ -241,6 +243,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # ----------------------------------------------------------------------------- validation
 
+def dp_mode(t: TrainConfig, p: ParallelConfig) -> str:
+    """The data-parallel mode that runs: train.dp_mode, except that parallel.distributed_optimizer
+    false (its older spelling of ddp) means ddp."""
+    return t.dp_mode if p.distributed_optimizer else "ddp"
+
+
 def check_choice(name, value, options):
     if value not in options:
         raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {value!r}")
@@ -260,6 +268,13 @@ def validate(cfg: Config) -> None:
     check_choice("train.dtype", t.dtype, tuple(DTYPES))
     check_choice("train.decay_style", t.decay_style, ("cosine", "linear", "polynomial", "constant"))
     check_choice("train.recompute", t.recompute, RECOMPUTE)
+    check_choice("train.dp_mode", t.dp_mode, DP_MODES)
+    if t.dp_mode in ("zero2", "zero3") and not p.distributed_optimizer:
+        raise ConfigError(f"train.dp_mode: {t.dp_mode} shards the optimizer state, but parallel.distributed_optimizer "
+                          f"is false (use dp_mode ddp, or set it true)")
+    if t.dp_mode == "zero3" and (p.cp > 1 or p.ep > 1):
+        raise ConfigError(f"train.dp_mode: zero3 is not supported with parallel.cp={p.cp}, parallel.ep={p.ep} "
+                          f"(it composes with tp and pp only)")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and m.num_kv_heads <= 0:
