@@ -55,13 +55,17 @@ def test_zero_matches_serial_adamw(mode, dp, tp, sp, odd):
 
 
 # (mode, tp, pp, recompute)
-PIPE = [("zero2", 2, 2, "none"), ("zero3", 2, 2, "none"), ("zero3", 1, 2, "full")]
+PIPE = [("zero2", 2, 2, "none", "1f1b"), ("zero3", 2, 2, "none", "1f1b"), ("zero3", 1, 2, "full", "1f1b"),
+        ("zero3", 1, 2, "none", "gpipe")]
 
 
-@pytest.mark.parametrize("mode,tp,pp,recompute", PIPE, ids=[f"{m}-dp2-tp{t}-pp{p}-{r}" for m, t, p, r in PIPE])
-def test_zero_with_pipeline_engine_tied(mode, tp, pp, recompute):
+@pytest.mark.parametrize("mode,tp,pp,recompute,schedule", PIPE,
+                         ids=[f"{m}-dp2-tp{t}-pp{p}-{r}-{s}" for m, t, p, r, s in PIPE])
+def test_zero_with_pipeline_engine_tied(mode, tp, pp, recompute, schedule):
+    """gpipe: every forward before the first backward, so the last stage's root (final norm, the tied
+    head) must stay whole through all the backwards."""
     mcfg = model_cfg(tie_embeddings=True, num_layers=2)
-    cfg = Config(model=mcfg, train=train_cfg(2, dp_mode=mode, recompute=recompute),
+    cfg = Config(model=mcfg, train=train_cfg(2, dp_mode=mode, recompute=recompute, schedule=schedule),
                  parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=tp > 1, bucket_size_mb=1.0,
                                          world_size=2 * tp * pp))
     ref = serial_reference(True, 2)

@@ -10,8 +10,10 @@ keeps is its slice of the flat (`pshard`, [size/d]; in fp32 it is the fp32 main 
 The life of a unit over one microbatch:
   forward pre-hook      all-gather it (or wait on its prefetch) in the param dtype, then start the
                         next layer's gather (prefetch);
-  forward post-hook     reshard, and hook the output's gradient; the root unit stays whole until its
-                        backward is over (it runs first in forward and last in backward);
+  forward post-hook     reshard, and hook the output's gradient; a root unit (used first in forward
+                        and last in backward) stays whole until the backward of every microbatch
+                        whose forward gathered it is over: once per microbatch on a pipeline's last
+                        stage, once per step where several forwards run before the first backward;
   output gradient hook  before the layer's backward: gather it again, prefetch the layer before;
   gradients             each param's gradient goes into the unit's fp32 flat (zero.py); when all are
                         in, the unit's reduce-scatter starts and the unit is resharded.
@@ -66,7 +68,7 @@ class Zero3Optimizer(ShardedOptimizer):
                 s, e = g.ranges[id(p)]
                 full[s:e].copy_(p.detach().reshape(-1))
                 p.data = full[s:e].view(p.shape)
-            g.full, g.gather_handle = full, None
+            g.full, g.gather_handle, g.live = full, None, 0
             g.pshard = g.main if g.main.dtype == self.param_dtype else full[g.lo:g.hi].clone()   # [size/d]
             self._reshard(g)
 
@@ -98,14 +100,25 @@ class Zero3Optimizer(ShardedOptimizer):
         g.state = "sharded"
 
     def _group_done(self, g: FlatGroup) -> None:
+        if self.kind[g.index][0] == "root":
+            g.live -= 1
+            if g.live > 0:                                # another microbatch's backward still needs it
+                return
         self._reshard(g)
+
+    def _root_forward(self, roots) -> None:
+        """A chunk's forward: its root units whole until every microbatch in flight has done its backward."""
+        self._need_all(roots)
+        if torch.is_grad_enabled() and not _in_backward():
+            for g in roots:
+                g.live += 1
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> list:
         hooks = []
         for c in self.chunks:
             roots = [g for g, (kind, m) in zip(self.groups, self.kind) if kind == "root" and m is c]
-            hooks.append(c.register_forward_pre_hook(lambda _m, _a, roots=roots: self._need_all(roots)))
+            hooks.append(c.register_forward_pre_hook(lambda _m, _a, roots=roots: self._root_forward(roots)))
             blocks = {id(b) for b in (c.layers.values() if hasattr(c, "layers") else [])}
             layers = [(g, m) for g, (kind, m) in zip(self.groups, self.kind) if kind == "layer" and id(m) in blocks]
             for i, (g, module) in enumerate(layers):     # prefetch within the chunk, in forward order
@@ -144,6 +157,7 @@ class Zero3Optimizer(ShardedOptimizer):
             if g.pshard is not g.main:
                 g.pshard.copy_(g.main)
             self._reshard(g)
+            g.live = 0
 
     def finish_param_sync(self) -> None:
         """Every unit whole (checkpoints, evaluation, tests): each is resharded again by its next
