@@ -103,6 +103,8 @@ class ShardedOptimizer:
         self.steps = 0
         self.in_flight: list[FlatGroup] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for g in self.groups for p in g.params]
+        # the last reduction of a backward is finished by the next forward: its flat is not held through it
+        self._hooks += [c.register_forward_pre_hook(lambda *_: self._drain()) for c in self.chunks]
 
     def _buckets(self, parallel_cfg) -> list[list[nn.Parameter]]:
         """zero2's groups: the grad buffer's bucket plan (a tied embedding alone, as for zero1)."""

@@ -67,8 +67,8 @@ class Zero3Optimizer(ShardedOptimizer):
             for p in g.params:
                 s, e = g.ranges[id(p)]
                 full[s:e].copy_(p.detach().reshape(-1))
-                p.data = full[s:e].view(p.shape)
-            g.full, g.gather_handle, g.live = full, None, 0
+            self._bind(g, full)
+            g.gather_handle, g.live = None, 0
             g.pshard = g.main if g.main.dtype == self.param_dtype else full[g.lo:g.hi].clone()   # [size/d]
             self._reshard(g)
 
@@ -92,10 +92,20 @@ class Zero3Optimizer(ShardedOptimizer):
         for g in groups:
             self._need(g)
 
+    @staticmethod
+    def _bind(g: FlatGroup, full: torch.Tensor) -> None:
+        """The params of g become views of `full`."""
+        g.full = full
+        for p in g.params:
+            s, e = g.ranges[id(p)]
+            p.data = full[s:e].view(p.shape)
+
     def _reshard(self, g: FlatGroup) -> None:
         if getattr(g, "state", None) == "gathering" and g.gather_handle is not None:
             g.gather_handle.wait()
         g.gather_handle = None
+        if not g.full.untyped_storage().resizable():      # a checkpoint's writer shared it with numpy
+            self._bind(g, torch.empty_like(g.full))
         g.full.untyped_storage().resize_(0)
         g.state = "sharded"
 
