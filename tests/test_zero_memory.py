@@ -87,3 +87,26 @@ def test_checkpoint_across_modes_and_dp_sizes(tmp_path):
     for mode, d in (("zero1", 1), ("zero2", 4), ("zero3", 4)):
         got = spawn(d, ckpt_worker, mode, run_dir, False)[0]
         compare_params(got, ref, model_cfg().vocab_size)
+
+
+def test_planner_and_dry_run_know_each_mode():
+    """The flagship on 1024 GPUs (TP8 PP4 DP32): the dry run follows train.dp_mode (weights + grads +
+    optimizer per parameter: zero1 6 + 12/d, zero2 2 + 16/d, zero3 18/d plus the gathered units); the
+    planner's memory shrinks and its DP time grows from zero1 to zero2 to zero3."""
+    from megagpt.config import load_config
+    from megagpt.dryrun import dry_run
+    from megagpt.planner import Candidate, Cluster, predict
+    dry = {}
+    for mode in ("zero1", "zero2", "zero3"):
+        c = load_config("examples/configs/gpt4plus-70b.yaml", ["parallel.tp=8", "parallel.pp=4", f"train.dp_mode={mode}"],
+                        world_size=1024)
+        dry[mode] = dry_run(c, 1024)["bytes_per_rank"]
+    psi, d = dry["zero1"]["params_on_rank"], 32
+    state = {m: (b["weights"] + b["grads"] + b["optimizer"]) / psi for m, b in dry.items()}
+    assert abs(state["zero1"] - (6 + 12 / d)) < 1e-9 and abs(state["zero2"] - (2 + 16 / d)) < 1e-9, state
+    assert 18 / d < state["zero3"] < 18 / d + 2 * 0.2, state          # + root and two layers whole, in bf16
+    L = Candidate(8, 4, 1, d, 1, True, "full", c.train.global_batch_size // d)
+    got = {m: predict(c.model, L, 4096, Cluster(), dp_mode=m) for m in ("zero1", "zero2", "zero3")}
+    mem = [got[m]["memory_breakdown"]["total"] for m in ("zero1", "zero2", "zero3")]
+    dp_time = [got[m]["time_breakdown"]["dp_comm"] for m in ("zero1", "zero2", "zero3")]
+    assert mem == sorted(mem, reverse=True) and dp_time == sorted(dp_time), (mem, dp_time)
