@@ -130,6 +130,8 @@ class DataConfig:
     blend: list | None = None            # [weight, prefix, weight, prefix, ...]
     split: list = field(default_factory=lambda: [98, 1, 1])
     tokenizer: str | None = None         # tokenizer.json, for generation and conversion
+    curriculum: list | None = None       # [[step, w_1, ..., w_k], ...]: blend weights, linear between (data/curriculum.py)
+    seq_len_warmup: list | None = None   # [start_length, steps]: sequence length grows to train.seq_len
 
 
 @dataclass
@@ -307,6 +309,27 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+    _validate_curriculum(cfg)
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    from .data.curriculum import check_curriculum, check_seq_len_warmup
+    d, p = cfg.data, cfg.parallel
+    try:
+        if d.curriculum is not None:
+            if not d.blend:
+                raise ValueError("data.curriculum: needs data.blend (the datasets whose weights it schedules)")
+            check_curriculum(d.curriculum, len(d.blend) // 2)
+        if d.seq_len_warmup is not None:
+            check_seq_len_warmup(d.seq_len_warmup, cfg.train.seq_len)
+            if p.pp > 1:
+                raise ValueError(f"data.seq_len_warmup: needs parallel.pp=1 (the pipeline's activation shape is "
+                                 f"fixed), got pp={p.pp}")
+            if d.seq_len_warmup[0] % (p.tp * p.cp) or cfg.train.seq_len % (p.tp * p.cp):
+                raise ValueError(f"data.seq_len_warmup: start {d.seq_len_warmup[0]} must be a multiple of "
+                                 f"tp*cp={p.tp * p.cp}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # (section.field, the smallest valid value) of counts, intervals (0 = never) and rates
