@@ -56,19 +56,21 @@ def test_zero_matches_serial_adamw(mode, dp, tp, sp, odd):
 
 # (mode, tp, pp, recompute)
 PIPE = [("zero2", 2, 2, "none", "1f1b"), ("zero3", 2, 2, "none", "1f1b"), ("zero3", 1, 2, "full", "1f1b"),
-        ("zero3", 1, 2, "none", "gpipe")]
+        ("zero3", 1, 2, "none", "gpipe"), ("zero3", 1, 2, "none", "interleaved")]
 
 
 @pytest.mark.parametrize("mode,tp,pp,recompute,schedule", PIPE,
                          ids=[f"{m}-dp2-tp{t}-pp{p}-{r}-{s}" for m, t, p, r, s in PIPE])
 def test_zero_with_pipeline_engine_tied(mode, tp, pp, recompute, schedule):
     """gpipe: every forward before the first backward, so the last stage's root (final norm, the tied
-    head) must stay whole through all the backwards."""
-    mcfg = model_cfg(tie_embeddings=True, num_layers=2)
-    cfg = Config(model=mcfg, train=train_cfg(2, dp_mode=mode, recompute=recompute, schedule=schedule),
-                 parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=tp > 1, bucket_size_mb=1.0,
+    head) must stay whole through all the backwards. interleaved: vp=2, 4 layers, two chunks per rank."""
+    vp, layers = (2, 4) if schedule == "interleaved" else (1, 2)
+    mcfg = model_cfg(tie_embeddings=True, num_layers=layers)
+    cfg = Config(model=mcfg, train=train_cfg(2, dp_mode=mode, recompute=recompute,
+                                             schedule="1f1b" if schedule == "interleaved" else schedule),
+                 parallel=ParallelConfig(tp=tp, pp=pp, vp=vp, sequence_parallel=tp > 1, bucket_size_mb=1.0,
                                          world_size=2 * tp * pp))
-    ref = serial_reference(True, 2)
+    ref = serial_reference(True, layers)
     res = [r for r in spawn(2 * tp * pp, engine_worker, cfg, timeout=300) if r is not None]
     assert len(res) == pp
     for r in res:
@@ -111,3 +113,14 @@ def test_trainer_resume_across_modes(tmp_path):
                 assert got[s] == full[s], (mode, s, got[s], full[s])
             else:
                 assert abs(got[s] - full[s]) <= 1e-5 * full[s], (mode, s, got[s], full[s])
+
+
+def test_ddp_mode_is_the_plain_optimizer():
+    """train.dp_mode=ddp is what parallel.distributed_optimizer=false was (and still is)."""
+    from megagpt.optim.adamw import PlainAdamW, ShardedAdamW
+    mcfg = model_cfg()
+    for tcfg, pcfg, want in [(train_cfg(1, dp_mode="ddp"), ParallelConfig(), PlainAdamW),
+                             (train_cfg(1), ParallelConfig(distributed_optimizer=False), PlainAdamW),
+                             (train_cfg(1), ParallelConfig(), ShardedAdamW)]:
+        opt = build_optimizer([build_model(mcfg)], ParallelState.single(), tcfg, pcfg, mcfg)
+        assert type(opt.update) is want
