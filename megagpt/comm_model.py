@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .config import DTYPES, Config, chunk_param_numels
+from .config import DTYPES, Config, chunk_param_numels, dp_mode
 from .layout import Layout
 from .optim.grad_buffer import plan_buckets
 
@@ -75,6 +75,44 @@ def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[
     alone = [{0} if tied_alone and (pre or (post and cfg.model.tie_embeddings)) else set()
              for _, pre, post in chunks]
     return [end - start for _, _, start, end in plan_buckets(numels, bucket_elems, dp, alone)]
+
+
+def _root_gathers(kind: str, pp: int, vp: int, m: int, rank: int, chunk: int) -> int:
+    """How often zero3 gathers a chunk's root unit in one step: each time a forward finds no microbatch
+    of that chunk in flight (the unit is resharded when the last in-flight backward is done)."""
+    from .pipeline.schedule import _compute_order
+    live, gathers = 0, 0
+    for op in _compute_order(kind, pp, vp, m, rank):
+        if op.chunk == chunk:
+            gathers += op.kind == "F" and live == 0
+            live += 1 if op.kind == "F" else -1
+    return gathers
+
+
+def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str,
+                 pp_rank: int) -> list[tuple[int, int]]:
+    """(padded size, all-gathers per step) of each flat group of optim/zero.py (zero2: the buckets, one
+    gather after the step) or zero3.py (units: each layer gathered twice per microbatch, the root and a
+    tied embedding of its own as _root_gathers says)."""
+    layout = Layout.from_config(cfg)
+    mb = layout.num_microbatches
+    if mode == "zero2":
+        return [(size, 1) for size in _bucket_sizes(cfg, chunks, tied_alone, dp)]
+    pad = lambda n: -(-n // dp) * dp                                   # noqa: E731
+    out = []
+    for k, (ids, pre, post) in enumerate(chunks):
+        roots = _root_gathers(cfg.train.schedule, layout.pp, layout.vp, mb, pp_rank, k)
+        numels = _chunk_param_numels(cfg, ids, pre, post)
+        per_layer = len(_chunk_param_numels(cfg, ids[:1], False, False)) if ids else 0
+        first = 1 if pre or (post and cfg.model.tie_embeddings) else 0
+        layers = numels[first:first + per_layer * len(ids)]
+        root = numels[:first] + numels[first + per_layer * len(ids):]
+        if tied_alone and first:
+            out.append((pad(root.pop(0)), roots))
+        if root:
+            out.append((pad(sum(root)), roots))
+        out += [(pad(sum(layers[i * per_layer:(i + 1) * per_layer])), 2 * mb) for i in range(len(ids))]
+    return out
 
 
 def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
@@ -124,6 +162,8 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
                 out[("recv", "pp")] += mb * act
 
     # -------------------------------------------------------------- once per step: the optimizer
+    mode = dp_mode(tr, p)
+    per_group = mode in ("zero2", "zero3")        # TP-partial grads finished per group and microbatch
     if t > 1:
         for ids, pre, post in chunks:
             norm = (2 if m.norm == "layernorm" else 1) * h
@@ -131,23 +171,29 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
             if sp:
                 partial = len(ids) * (2 * norm + (2 * h if m.bias else 0)) + (norm if post else 0)
             if partial:
-                out[("all_reduce", "tp")] += partial * GRAD_BYTES
+                out[("all_reduce", "tp")] += (mb if per_group else 1) * partial * GRAD_BYTES
             if m.kv_heads % t:                              # KV heads replicated over TP ranks
                 kv, d = m.kv_heads, m.head_dim
                 per_layer = 2 * kv * d * h + (2 * kv * d if m.bias else 0)
-                out[("all_reduce", "tp")] += len(ids) * per_layer * GRAD_BYTES
+                out[("all_reduce", "tp")] += (mb if per_group else 1) * len(ids) * per_layer * GRAD_BYTES
     tied = m.tie_embeddings and pp > 1
     if tied:
         holders = sum(1 for ids, pre, post in chunks if pre or post)
-        out[("all_reduce", "embedding")] += holders * m.padded_vocab(t) // t * h * GRAD_BYTES
-    if dp > 1:
+        emb = m.padded_vocab(t) // t * h
+        emb = -(-emb // dp) if per_group else emb           # zero2/3 sum the owned shard only
+        out[("all_reduce", "embedding")] += holders * emb * GRAD_BYTES
+    if dp > 1 and per_group:
+        for size, gathers in _zero_groups(cfg, chunks, tied, dp, mode, pp_rank):
+            out[("reduce_scatter", "dp")] += mb * size * GRAD_BYTES
+            out[("all_gather", "dp")] += gathers * size // dp * e
+    elif dp > 1:
         for size in _bucket_sizes(cfg, chunks, tied, dp):
             if p.distributed_optimizer:
                 out[("reduce_scatter", "dp")] += size * GRAD_BYTES
                 out[("all_gather", "dp")] += size // dp * e
             else:
                 out[("all_reduce", "dp")] += size * GRAD_BYTES
-    norm_group = "world" if p.distributed_optimizer else "mp"
+    norm_group = "mp" if mode == "ddp" else "world"
     if sizes[norm_group] > 1:
         out[("all_reduce", norm_group)] += 8                # one fp64: the sum of squares
     if tr.dtype == "fp16" and world_size > 1:

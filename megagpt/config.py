@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # train.dtype -> torch
 RECOMPUTE = ("none", "selective", "full")                                          # train.recompute
+DP_MODES = ("ddp", "zero1", "zero2", "zero3")                                      # train.dp_mode
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     peak_tflops: float = 989.0           # per device, for MFU
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
+    dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
 
 
 @dataclass
@@ -128,6 +130,8 @@ class DataConfig:
     blend: list | None = None            # [weight, prefix, weight, prefix, ...]
     split: list = field(default_factory=lambda: [98, 1, 1])
     tokenizer: str | None = None         # tokenizer.json, for generation and conversion
+    curriculum: list | None = None       # [[step, w_1, ..., w_k], ...]: blend weights, linear between (data/curriculum.py)
+    seq_len_warmup: list | None = None   # [start_length, steps]: sequence length grows to train.seq_len
 
 
 @dataclass
@@ -241,6 +245,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # ----------------------------------------------------------------------------- validation
 
+def dp_mode(t: TrainConfig, p: ParallelConfig) -> str:
+    """The data-parallel mode that runs: train.dp_mode, except that parallel.distributed_optimizer
+    false (its older spelling of ddp) means ddp."""
+    return t.dp_mode if p.distributed_optimizer else "ddp"
+
+
 def check_choice(name, value, options):
     if value not in options:
         raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {value!r}")
@@ -260,6 +270,13 @@ def validate(cfg: Config) -> None:
     check_choice("train.dtype", t.dtype, tuple(DTYPES))
     check_choice("train.decay_style", t.decay_style, ("cosine", "linear", "polynomial", "constant"))
     check_choice("train.recompute", t.recompute, RECOMPUTE)
+    check_choice("train.dp_mode", t.dp_mode, DP_MODES)
+    if t.dp_mode in ("zero2", "zero3") and not p.distributed_optimizer:
+        raise ConfigError(f"train.dp_mode: {t.dp_mode} shards the optimizer state, but parallel.distributed_optimizer "
+                          f"is false (use dp_mode ddp, or set it true)")
+    if t.dp_mode == "zero3" and (p.cp > 1 or p.ep > 1):
+        raise ConfigError(f"train.dp_mode: zero3 is not supported with parallel.cp={p.cp}, parallel.ep={p.ep} "
+                          f"(it composes with tp and pp only)")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and m.num_kv_heads <= 0:
@@ -292,6 +309,27 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+    _validate_curriculum(cfg)
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    from .data.curriculum import check_curriculum, check_seq_len_warmup
+    d, p = cfg.data, cfg.parallel
+    try:
+        if d.curriculum is not None:
+            if not d.blend:
+                raise ValueError("data.curriculum: needs data.blend (the datasets whose weights it schedules)")
+            check_curriculum(d.curriculum, len(d.blend) // 2)
+        if d.seq_len_warmup is not None:
+            check_seq_len_warmup(d.seq_len_warmup, cfg.train.seq_len)
+            if p.pp > 1:
+                raise ValueError(f"data.seq_len_warmup: needs parallel.pp=1 (the pipeline's activation shape is "
+                                 f"fixed), got pp={p.pp}")
+            if d.seq_len_warmup[0] % (p.tp * p.cp) or cfg.train.seq_len % (p.tp * p.cp):
+                raise ValueError(f"data.seq_len_warmup: start {d.seq_len_warmup[0]} must be a multiple of "
+                                 f"tp*cp={p.tp * p.cp}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # (section.field, the smallest valid value) of counts, intervals (0 = never) and rates

@@ -6,7 +6,7 @@ analytic memory model (which the planner uses), config.count_params and a materi
 """
 from __future__ import annotations
 
-from .config import Config, count_params, vocab_padding_note
+from .config import Config, count_params, dp_mode, vocab_padding_note
 from .layout import Layout
 from .memory import memory_per_rank
 from .pipeline.split import meta_stage, stage_chunks  # noqa: F401  (stage_chunks re-exported)
@@ -36,5 +36,6 @@ def dry_run(cfg: Config, world_size: int) -> dict:
         "split": [ids for r in range(p.pp) for ids, _, _ in layout.stage_chunks(m, r)],
         # the analytic memory model (weights, grads, optimizer, activations) of the most loaded rank
         "bytes_per_rank": memory_per_rank(m, layout, dtype=t.dtype, distributed_optimizer=p.distributed_optimizer,
-                                          recompute=t.recompute, recompute_num_layers=t.recompute_num_layers),
+                                          recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
+                                          dp_mode=dp_mode(t, p)),
     }

@@ -36,11 +36,17 @@ def params_per_rank(m: ModelConfig, layout: Layout) -> list[int]:
     return out
 
 
-def bytes_per_param(dtype: str, dp: int, distributed_optimizer: bool) -> dict:
-    """(weights, grads, optimizer) bytes per parameter; optimizer already divided by dp if sharded."""
+def bytes_per_param(dtype: str, dp: int, distributed_optimizer: bool, dp_mode: str | None = None) -> dict:
+    """(weights, grads, optimizer) bytes per parameter; optimizer already divided by dp if sharded.
+    dp_mode (train.dp_mode; None: zero1 or ddp as distributed_optimizer says): zero2 also shards the
+    fp32 grads (4/d), zero3 the weights too (e/d; plus the units being gathered, not counted here).
+    bf16: zero1 6 + 12/d, zero2 2 + 16/d, zero3 18/d; fp32: 8 + 8/d, 4 + 12/d, 16/d."""
     w = DTYPES[dtype].itemsize
     g, o = 4, (8 if w == 4 else 12)        # fp32 grads always; fp32 main weights only when w < 4
-    return {"weights": w, "grads": g, "optimizer": o / dp if distributed_optimizer else float(o)}
+    mode = dp_mode or ("zero1" if distributed_optimizer else "ddp")
+    return {"weights": w / dp if mode == "zero3" else float(w),
+            "grads": g / dp if mode in ("zero2", "zero3") else float(g),
+            "optimizer": float(o) if mode == "ddp" else o / dp}
 
 
 def layer_activation_terms(m: ModelConfig, tp: int, seq_len: int, micro_batch: int,
@@ -119,7 +125,8 @@ def in_flight(pp: int, vp: int, num_microbatches: int, rank: int) -> float:
 
 
 def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distributed_optimizer: bool = True,
-                    recompute: str = "none", recompute_num_layers: int | None = None, flash: bool = True) -> dict:
+                    recompute: str = "none", recompute_num_layers: int | None = None, flash: bool = True,
+                    dp_mode: str | None = None) -> dict:
     """Bytes on the most loaded GPU of `layout`: weights, grads, optimizer, activations, total,
     params_on_rank; also params_per_rank (every pp rank), pp_rank (the most loaded), in_flight,
     layers and the activation terms.
@@ -131,6 +138,8 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
     in-flight microbatch (the embedding output itself is layer 0's input, already counted); the
     last stage adds, for the one microbatch whose loss is live, the final-norm input, the LM-head
     input and the fp32 logits s*b*padded_vocab/t*4 kept by the vocab-parallel cross-entropy.
+    dp_mode zero3 (optim/zero3.py) adds the gathered units to the weights: two layers (the one running
+    and the one prefetched) and the stage's root (embedding, final norm, head), whole, in the dtype.
     """
     layout.validate(m)
     check_choice("train.dtype", dtype, tuple(DTYPES))
@@ -138,7 +147,7 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
     tp, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
     seq_len, micro_batch, num_microbatches = layout.seq_len, layout.micro_batch, layout.num_microbatches
     e = DTYPES[dtype].itemsize
-    per_param = bytes_per_param(dtype, dp, distributed_optimizer)
+    per_param = bytes_per_param(dtype, dp, distributed_optimizer, dp_mode)
     params = params_per_rank(m, layout)
     layers = layout.stage_layers(m)
     full = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, "none")
@@ -159,6 +168,9 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
                "embedding": flight * rep if r == 0 and m.hidden_dropout > 0 else 0.0,
                "head": 2 * e * rep + logits if r == pp - 1 else 0.0}
         weights, grads = params[r] * per_param["weights"], params[r] * per_param["grads"]
+        if dp_mode == "zero3" and dp > 1:
+            root = params[r] - n_layers * layer_params(m, tp)
+            weights += (min(2, n_layers) * layer_params(m, tp) + root) * e
         optimizer = params[r] * per_param["optimizer"]
         total = weights + grads + optimizer + sum(act.values())
         if best is None or total > best["total"]:

@@ -119,12 +119,15 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
 
 
 def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype: str = "bf16", flash: bool = True,
-            distributed_optimizer: bool = True) -> dict:
-    """Memory and step time of one layout; see the module docstring for the model."""
+            distributed_optimizer: bool = True, dp_mode: str | None = None) -> dict:
+    """Memory and step time of one layout; see the module docstring for the model. dp_mode (train.dp_mode;
+    None: zero1, or ddp without the distributed optimizer): zero2 reduce-scatters the fp32 grads on every
+    microbatch, zero3 also all-gathers the weights twice per microbatch (memory: memory_per_rank's)."""
     c, s, t, pp, vp = cluster, seq_len, L.tp, L.pp, L.vp
     e = DTYPES[dtype].itemsize
     layout = L.layout(s)
-    mem = memory_per_rank(m, layout, dtype, distributed_optimizer, L.recompute, None, flash)
+    mode = dp_mode or ("zero1" if distributed_optimizer else "ddp")
+    mem = memory_per_rank(m, layout, dtype, mode != "ddp", L.recompute, None, flash, dp_mode=mode)
     lc = _layer_costs(m, L, s, e, flash, c)
     tok, h, vpad = s * L.micro_batch, m.hidden_size, m.padded_vocab(t)
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff
@@ -157,12 +160,11 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
 
     params, w = mem["params_on_rank"], e
     d = L.dp
-    if distributed_optimizer:
-        dp_bytes = params * (d - 1) / d * (4 + w)
-    else:
-        dp_bytes = params * 2 * (d - 1) / d * 4
+    per_mb = L.num_microbatches
+    dp_bytes = params * (d - 1) / d * {"ddp": 2 * 4, "zero1": 4 + w, "zero2": 4 * per_mb + w,
+                                       "zero3": (4 + 2 * w) * per_mb}[mode]
     step["dp_comm"] = (1 - c.dp_overlap) * dp_bytes / _ring_bw(c, d, t) if d > 1 else 0.0
-    step["optimizer"] = params / (d if distributed_optimizer else 1) * 30 / byte_s
+    step["optimizer"] = params / (1 if mode == "ddp" else d) * 30 / byte_s
     step["embedding_sync"] = 0.0
     if m.tie_embeddings and pp > 1:   # tied embedding grads all-reduced between the first and last stage
         step["embedding_sync"] = vpad / t * h * 4 / (c.network_gbps / 8 * 1e9 * c.link_eff)
@@ -219,13 +221,13 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
 
 
 def rank_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, cluster: Cluster | None = None,
-                 **fixed) -> tuple[list[dict], dict | None]:
+                 dp_mode: str | None = None, **fixed) -> tuple[list[dict], dict | None]:
     """(layouts that fit, best first; the non-fitting layout with the least memory, or None).
-    `fixed` takes enumerate_layouts' tp, pp, vp, micro_batch, sp, recompute."""
+    `fixed` takes enumerate_layouts' tp, pp, vp, micro_batch, sp, recompute; dp_mode is predict's."""
     c = cluster or Cluster()
     fits, closest = [], None
     for L in enumerate_layouts(m, gpus, seq_len, global_batch, c, **fixed):
-        p = predict(m, L, seq_len, c)
+        p = predict(m, L, seq_len, c, dp_mode=dp_mode)
         if p["fits"]:
             fits.append(p)
         elif closest is None or p["memory_gb"] < closest["memory_gb"]:

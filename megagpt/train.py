@@ -15,12 +15,14 @@ import os
 import resource
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .checkpoint.train_state import TrainState
 from .config import DTYPES, Config, flops_per_token
 from .data.blend import BlendedDataset, blend_parts
+from .data.curriculum import curriculum_assignment, seq_len_at
 from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
 from .faults import fault_point
@@ -75,11 +77,15 @@ class Trainer:
         from .data.indexed import fit_model_vocab
         total = sum(weights)
         fit_model_vocab(prefixes, self.cfg.model.vocab_size)  # every rank checks the files first: all fail alike
+        knots = self.cfg.data.curriculum
+        order = curriculum_assignment(knots, t.global_batch_size, n_train) if knots else None
+        need = (np.bincount(order[0], minlength=len(prefixes)) if knots else
+                [int(n_train * w / total) for w in weights])
         def build():  # each part gets its weighted share plus slack: the blend keeps the weights exactly
             return [build_train_valid_test(
-                prefix, seq_len=t.seq_len, num_samples=(int(n_train * w / total) + 2, int(n_valid * w / total) + 2, 0),
+                prefix, seq_len=t.seq_len, num_samples=(int(n) + 2, int(n_valid * w / total) + 2, 0),
                 split=self.cfg.data.split, seed=t.seed)
-                for w, prefix in zip(weights, prefixes)]
+                for w, n, prefix in zip(weights, need, prefixes)]
         # rank 0 builds the sample-index caches first; the others then load them instead of racing
         parts = build() if self.ps.rank == 0 else None
         dist.barrier()
@@ -88,10 +94,10 @@ class Trainer:
         if len(parts) == 1:
             self.train_data, self.valid_data = parts[0][0], parts[0][1]
         else:
-            self.train_data = BlendedDataset([p[0] for p in parts], weights, n_train)
+            self.train_data = BlendedDataset([p[0] for p in parts], weights, n_train, assignment=order)
             self.valid_data = BlendedDataset([p[1] for p in parts], weights, n_valid)
 
-    def _microbatch_fn(self, dataset, first_sample: int):
+    def _microbatch_fn(self, dataset, first_sample: int, length: int | None = None):
         """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples,
         and only the first stage (tokens) and the last (labels) read at all."""
         sampler = MicroBatchSampler(len(dataset), first_sample, self.cfg.train.micro_batch_size,
@@ -102,35 +108,38 @@ class Trainer:
             if not self.needs_data:
                 return None, None
             tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
+            if length is not None and length < tokens.shape[1]:           # seq-length warm-up: the first tokens
+                tokens, labels = tokens[:, :length].contiguous(), labels[:, :length].contiguous()
             return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
                     labels.to(self.ps.device) if self.ps.is_last_stage else None)
         return get
 
     # ------------------------------------------------------------------ one step
-    def _global_loss(self, per_mb: list) -> float:
+    def _global_loss(self, per_mb: list, length: int | None = None) -> float:
         """Sum of token losses on the last stage's TP rank 0 of each DP replica -> the global mean."""
         t = self.cfg.train
         total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)  # nccl reduces device tensors
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
             total += torch.stack([x.double() for x in per_mb]).sum() if per_mb else 0.0  # no host sync per microbatch
         self.ps.world.all_reduce(total)
-        return total.item() / (t.global_batch_size * t.seq_len)
+        return total.item() / (t.global_batch_size * (length or t.seq_len))
 
     def train_step(self) -> dict:
         t = self.cfg.train
-        tokens = t.global_batch_size * t.seq_len
+        length = seq_len_at(self.step, t.seq_len, self.cfg.data.seq_len_warmup, self.layout.tp * self.layout.cp)
+        tokens = t.global_batch_size * length
         lr = lr_at(self.step, t)
         self.optimizer.zero_grad()
         self.optimizer.set_sync(False)
         loss_scale = self.optimizer.loss_scale / tokens
         per_mb = self.engine.forward_backward(
-            self._microbatch_fn(self.train_data, self.consumed_samples), self.num_microbatches, loss_scale,
+            self._microbatch_fn(self.train_data, self.consumed_samples, length), self.num_microbatches, loss_scale,
             before_last_backward=lambda: self.optimizer.set_sync(True))
         self._maybe_fault("step")
         stats = self.optimizer.step(lr)
         self.consumed_samples += t.global_batch_size
         self.step += 1
-        return {"loss": self._global_loss(per_mb), "lr": lr, **stats}
+        return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -203,6 +203,8 @@ def load_checkpoint(path: str, chunks, ps, cfg=None, optimizer=None, verify: boo
     stats: a dict that receives the Reader's "bytes_read" (tensor data) and "bytes_hashed" (verify).
     Each tensor is read as the slices of the saved pieces that this rank's piece needs, and copied in
     place: memory grows by one tensor, never by a copy of the weights or of the optimizer state."""
+    if hasattr(optimizer, "finish_param_sync"):
+        optimizer.finish_param_sync()          # zero3: the weights whole before they are written
     with Reader(find_checkpoint(path), verify) as reader:
         reader.check_config(_model_cfg(cfg, chunks))
         layouts = {}

@@ -54,7 +54,8 @@ def blend_parts(blend: list | None, path: str | None) -> tuple[list[float], list
 class BlendedDataset:
     """`size` samples drawn from `datasets` in proportion to `weights` (normalized here)."""
 
-    def __init__(self, datasets: Sequence, weights: Sequence[float], size: int):
+    def __init__(self, datasets: Sequence, weights: Sequence[float], size: int, assignment=None):
+        """assignment: (dataset_index, dataset_sample_index) to use instead of the weights' (a curriculum)."""
         if len(datasets) == 0 or len(datasets) != len(weights):
             raise DataError(f"blend: {len(datasets)} datasets but {len(weights)} weights")
         w = np.asarray(weights, dtype=np.float64)
@@ -66,7 +67,8 @@ class BlendedDataset:
         self.datasets = list(datasets)
         self.weights = (w / w.sum()).tolist()
         self.size = size
-        self.dataset_index, self.dataset_sample_index = blend_assignment(self.weights, size)
+        self.dataset_index, self.dataset_sample_index = \
+            assignment if assignment is not None else blend_assignment(self.weights, size)
         needed = np.bincount(self.dataset_index, minlength=len(datasets))
         for d, (ds, n) in enumerate(zip(self.datasets, needed)):
             if len(ds) < n:

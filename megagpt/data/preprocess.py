@@ -17,6 +17,7 @@ written to PREFIX.stats.json.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import gzip
 import json
@@ -30,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from megagpt.data.clean import FilterConfig, NearDupIndex, check_document, exact_key, minhash
+from megagpt.data.harmful import RULES as HARM_RULES, HarmConfig, check_harm_batch
 from megagpt.data.indexed import DataError, IndexedDatasetBuilder, best_dtype
 from megagpt.data.tokenizer import Tokenizer
 
@@ -162,22 +164,25 @@ class _Pass1:
     near_dedup: bool
     shingle_size: int
     num_perm: int
+    harm: HarmConfig | None = None       # None: no harmful-content stage
 
 
 def _analyse_batch(texts: list[str], s: _Pass1) -> list[tuple]:
-    """Per document: (rule that removes it or None, exact digest, MinHash values or None)."""
+    """Per document: (rule that removes it or None, exact digest, MinHash values or None, harm score)."""
     out = []
-    for text in texts:
-        if not text.strip():
-            out.append(("empty", None, None))
-            continue
-        reason = check_document(text, s.filter_config) if s.filter_config else None
+    reasons = [("empty" if not text.strip() else check_document(text, s.filter_config) if s.filter_config else None,
+                0.0) for text in texts]
+    if s.harm is not None:                    # the harm stage, batched, on what the quality rules kept
+        todo = [i for i, (reason, _) in enumerate(reasons) if reason is None]
+        for i, verdict in zip(todo, check_harm_batch([texts[i] for i in todo], s.harm)):
+            reasons[i] = verdict
+    for text, (reason, score) in zip(texts, reasons):
         if reason:
-            out.append((reason, None, None))
+            out.append((reason, None, None, score))
             continue
         key = exact_key(text) if s.dedup else None
         sig = minhash(text, s.shingle_size, s.num_perm).hashvalues if s.near_dedup else None
-        out.append((None, key, sig))
+        out.append((None, key, sig, 0.0))
     return out
 
 
@@ -227,7 +232,8 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable[tuple], in_flight: int) -> 
 
 def _filter_and_dedup(pool, inputs: list[str], json_key: str, split_text: str, settings: _Pass1,
                       near_index: NearDupIndex | None, kept_path: str, removed: dict,
-                      batch_size: int, in_flight: int, progress: bool) -> tuple[int, int]:
+                      batch_size: int, in_flight: int, progress: bool,
+                      harm_sample: list | None = None) -> tuple[int, int]:
     """Pass 1: decide each document in input order, write the kept ones to `kept_path`.
 
     Workers compute the filter verdict and the dedup keys; the dedup state (digest set, LSH)
@@ -242,7 +248,7 @@ def _filter_and_dedup(pool, inputs: list[str], json_key: str, split_text: str, s
     with open(kept_path, "w", encoding="utf-8") as kept, \
             tqdm(desc="filter+dedup", unit="doc", file=sys.stderr, disable=not progress) as bar:
         for (batch, _), results in _ordered_map(pool, _analyse_batch, tasks, in_flight):
-            for text, (reason, key, sig) in zip(batch, results):
+            for text, (reason, key, sig, score) in zip(batch, results):
                 docs_in += 1
                 if reason is None and key is not None:
                     if key in exact_seen:
@@ -252,6 +258,8 @@ def _filter_and_dedup(pool, inputs: list[str], json_key: str, split_text: str, s
                     reason = "near_dup"
                 if reason is not None:
                     removed[reason] += 1
+                    if reason in HARM_RULES and harm_sample is not None and len(harm_sample) < settings.harm.sample_size:
+                        harm_sample.append({"doc": docs_in - 1, "rule": reason, "score": round(score, 4), "text": text})
                     continue
                 kept.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 docs_kept += 1
@@ -285,13 +293,15 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
                do_filter: bool = True, filter_config: FilterConfig | None = None,
                dedup: bool = True, near_dedup: bool = True, near_dup_threshold: float = 0.8,
                shingle_size: int = 5, num_perm: int = 128, batch_size: int = 256,
-               progress: bool = True, report: bool = True) -> dict:
+               progress: bool = True, report: bool = True, harm: HarmConfig | None = None) -> dict:
     """Build OUTPUT_PREFIX.bin/.idx from the inputs; returns the stats (also in .stats.json).
 
     Exactly one of `vocab_size` (train a BPE, saved as tokenizer.json next to the output) and
     `tokenizer` (path of a tokenizer.json) must be given. `dedup=False` turns off both exact
     and near dedup; `near_dedup=False` only the latter. `split_text` cuts plain-text files into
-    documents: "file" (one each), "paragraph" or "lines:N" (see SPLIT_TEXT_HELP).
+    documents: "file" (one each), "paragraph" or "lines:N" (see SPLIT_TEXT_HELP). `harm`: the
+    harmful-content stage (harmful.py), after the quality rules; its removed documents are sampled to
+    OUTPUT_PREFIX.harmful_sample.jsonl.
     """
     start = time.time()
     # Everything that can be wrong with the arguments fails here, before any work.
@@ -308,13 +318,15 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     near_index = NearDupIndex(near_dup_threshold, num_perm) if dedup and near_dedup else None
     cfg = (filter_config or FilterConfig()) if do_filter else None
-    settings = _Pass1(cfg, dedup, near_index is not None, shingle_size, num_perm)
+    settings = _Pass1(cfg, dedup, near_index is not None, shingle_size, num_perm, harm)
 
     output_prefix = str(output_prefix)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     kept_path = output_prefix + ".kept.jsonl.tmp"
-    removed = dict.fromkeys(["empty"] + (cfg.rule_names() if cfg else []) + ["exact_dup", "near_dup"], 0)
+    removed = dict.fromkeys(["empty"] + (cfg.rule_names() if cfg else []) + (list(HARM_RULES) if harm else [])
+                            + ["exact_dup", "near_dup"], 0)
+    harm_sample = [] if harm else None
     in_flight = 2 * workers      # tasks queued ahead: keeps workers busy, memory bounded
     # spawn, not fork: the parent may hold threads (torch, tokenizers) that fork would copy.
     pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
@@ -322,7 +334,7 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
     builder = None
     try:
         docs_in, docs_kept = _filter_and_dedup(pool, inputs, json_key, split_text, settings, near_index,
-                                               kept_path, removed, batch_size, in_flight, progress)
+                                               kept_path, removed, batch_size, in_flight, progress, harm_sample)
         near_index = None    # free the LSH before tokenizing
         if docs_kept == 0:
             raise DataError(f"{', '.join(inputs)}: no documents left of {docs_in} after filtering "
@@ -362,6 +374,13 @@ def preprocess(inputs: Iterable[str] | str, output_prefix: str, *, vocab_size: i
         "near_dup_threshold": near_dup_threshold, "shingle_size": shingle_size,
         "num_perm": num_perm, "workers": workers, "seconds": round(time.time() - start, 2),
     }
+    if harm is not None:
+        sample_path = output_prefix + ".harmful_sample.jsonl"
+        with open(sample_path, "w", encoding="utf-8") as f:
+            for row in harm_sample:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stats.update(harm_config={k: v for k, v in dataclasses.asdict(harm).items() if k != "patterns"}
+                     | {"patterns": len(harm.patterns)}, harmful_sample=sample_path)
     stats_path = output_prefix + ".stats.json"
     with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2, ensure_ascii=False)

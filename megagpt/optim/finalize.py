@@ -45,11 +45,11 @@ def finalize_grads(chunks: list[nn.Module], ps: ParallelState, grad_of=main_grad
             groups[tied].all_reduce(grad_of(p))
 
 
-def finalize_tp_grads(module: nn.Module, tp: Group, grad_of=main_grad) -> None:
-    """The TP half of finalize_grads, for one module (see the module docstring)."""
+def finalize_tp_grads(module: nn.Module | list, tp: Group, grad_of=main_grad) -> None:
+    """The TP half of finalize_grads, for one module or a list of params (see the module docstring)."""
     if tp.size == 1:
         return
-    params = [(p, meta_of(p), grad_of(p)) for p in module.parameters()]
+    params = [(p, meta_of(p), grad_of(p)) for p in (module.parameters() if isinstance(module, nn.Module) else module)]
     partial = [g for _, meta, g in params if g is not None and meta.sequence_parallel]
     if partial:
         flat = torch.cat([g.reshape(-1) for g in partial])

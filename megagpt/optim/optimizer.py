@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, ParallelConfig, TrainConfig
+from ..config import ModelConfig, ParallelConfig, TrainConfig, dp_mode
 from ..parallel.layers import meta_of
 from ..parallel.state import ParallelState
 from .adamw import PlainAdamW, ShardedAdamW
@@ -44,7 +44,7 @@ class Optimizer:
                  parallel_cfg: ParallelConfig, model_cfg: ModelConfig | None = None):
         """model_cfg: unused (what the optimizer needs of the model is in each parameter's ParamMeta)."""
         self.chunks, self.ps, self.cfg = list(chunks), ps, train_cfg
-        self.distributed = parallel_cfg.distributed_optimizer
+        self.distributed = dp_mode(train_cfg, parallel_cfg) != "ddp"
         named = [[(n, p) for n, p in c.named_parameters() if p.requires_grad] for c in self.chunks]
         want = DTYPES[train_cfg.dtype]
         wrong = [(n, p.dtype) for c in named for n, p in c if p.dtype != want]
@@ -172,4 +172,12 @@ class Optimizer:
 
 def build_optimizer(chunks: list[nn.Module], ps: ParallelState, train_cfg: TrainConfig,
                     parallel_cfg: ParallelConfig, model_cfg: ModelConfig) -> Optimizer:
+    """train.dp_mode picks the class: ddp and zero1 this one, zero2 zero.py's, zero3 zero3.py's."""
+    mode = dp_mode(train_cfg, parallel_cfg)
+    if mode == "zero2":
+        from .zero import ShardedOptimizer
+        return ShardedOptimizer(chunks, ps, train_cfg, parallel_cfg)
+    if mode == "zero3":
+        from .zero3 import Zero3Optimizer
+        return Zero3Optimizer(chunks, ps, train_cfg, parallel_cfg)
     return Optimizer(chunks, ps, train_cfg, parallel_cfg, model_cfg)

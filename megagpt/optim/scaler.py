@@ -38,6 +38,16 @@ class LossScaler:
         world.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def unscale_and_check(self, grads: list[torch.Tensor], world: Group, device) -> bool:
+        """The step's scaler part: unscale, check every rank for inf/NaN, update the scale.
+        True when the step must be skipped. A no-op (False) unless dynamic."""
+        if not self.dynamic:
+            return False
+        self.unscale_(grads)
+        found = self.found_inf(grads, world, device)
+        self.update(found)
+        return found
+
     def update(self, found_inf: bool) -> None:
         if not self.dynamic:
             return
