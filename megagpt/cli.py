@@ -17,7 +17,7 @@ from .data.blend import blend_parts
 from .data.indexed import DataError, fit_model_vocab
 
 # flag -> the config field it sets; a flag wins over a dotted override of the same field
-FLAGS = (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"), ("train_iters", "train.train_iters"),
+FLAGS = (("tp", "parallel.tp"), ("cp", "parallel.cp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"), ("train_iters", "train.train_iters"),
          ("seed", "train.seed"), ("save_interval", "train.save_interval"), ("data", "data.path"))
 
 
@@ -25,6 +25,7 @@ def parse_args(argv=None, default_config: str | None = None):
     ap = argparse.ArgumentParser(description="megagpt pretraining")
     ap.add_argument("--config", default=default_config, help="YAML config")
     ap.add_argument("--tp", type=int)
+    ap.add_argument("--cp", type=int, help="context parallelism: each sequence split over cp ranks (zigzag)")
     ap.add_argument("--pp", type=int)
     ap.add_argument("--vp", type=int)
     ap.add_argument("--world-size", type=int, help="dry run: the world to plan for (default: from the launcher)")
@@ -51,7 +52,7 @@ def resolve_config(args, world: int | None, use_planner: bool = False) -> Config
         overrides += plan_layout(probe, world, layout_given=args.tp is not None or args.pp is not None)
         probe = load_config(args.config, overrides)
     if world is None:
-        world = probe.parallel.tp * probe.parallel.pp
+        world = probe.parallel.tp * probe.parallel.cp * probe.parallel.pp
     return load_config(args.config, overrides, world_size=world)
 
 

@@ -28,6 +28,7 @@ from .layout import Layout
 from .metrics_log import Logger
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
+from .parallel.context import zigzag_shard
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, init_distributed
 from .pipeline.engine import PipelineEngine
@@ -93,7 +94,8 @@ class Trainer:
 
     def _microbatch_fn(self, dataset, first_sample: int):
         """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples,
-        and only the first stage (tokens) and the last (labels) read at all."""
+        and only the first stage (tokens) and the last (labels) read at all. CP ranks read the same
+        samples and keep their zigzag pair of chunks of each sequence (parallel/context.py)."""
         sampler = MicroBatchSampler(len(dataset), first_sample, self.cfg.train.micro_batch_size,
                                     self.ps.dp.rank, self.dp)
         indices = list(itertools.islice(sampler, self.num_microbatches))
@@ -101,14 +103,16 @@ class Trainer:
         def get(i):
             if not self.needs_data:
                 return None, None
-            tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
+            tokens, labels = (zigzag_shard(t, 1, self.ps.cp.size, self.ps.cp.rank)   # [b, s/cp] each
+                              for t in make_batch(dataset, indices[i]))
             return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
                     labels.to(self.ps.device) if self.ps.is_last_stage else None)
         return get
 
     # ------------------------------------------------------------------ one step
     def _global_loss(self, per_mb: list) -> float:
-        """Sum of token losses on the last stage's TP rank 0 of each DP replica -> the global mean."""
+        """Sum of token losses on the last stage's TP rank 0 of each DP replica and CP rank (each holds
+        its own tokens' sum) -> the global mean over every token of the global batch."""
         t = self.cfg.train
         total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)  # nccl reduces device tensors
         if self.ps.is_last_stage and self.ps.tp.rank == 0:

@@ -3,7 +3,9 @@
 The fused QKV weight's global layout is [Q (nq*d rows); K (nkv*d); V (nkv*d)], the layout of HF's
 q_proj/k_proj/v_proj stacked. TP rank r holds [Q_r; K_r; V_r]: whole query heads, and the KV heads
 those queries use (split when nkv % tp == 0, replicated over tp/nkv ranks when nkv < tp).
-The core runs through flash-attn when it imports on CUDA, else F.scaled_dot_product_attention.
+The core runs through flash-attn when it imports on CUDA, else F.scaled_dot_product_attention;
+under context parallelism (a CP group of more than one rank) through ring attention
+(parallel/context.py), each rank holding its zigzag pair of sequence chunks.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..parallel.context import ring_attention
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
 from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
 from ..parallel.state import Group
@@ -49,8 +52,9 @@ def masked_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
-                 selective_recompute: bool = False, device=None, dtype=None):
+                 selective_recompute: bool = False, device=None, dtype=None, cp: Group | None = None):
         super().__init__()
+        self.cp = cp if cp is not None and cp.size > 1 else None
         h, d, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.kv_heads
         self.head_dim, self.tracker, self.cfg = d, tracker, cfg
         self.nq_local = nq // tp.size
@@ -61,6 +65,8 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
 
     def _core(self, q, k, v):
+        if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
+            return ring_attention(q, k, v, self.cp)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP

@@ -14,11 +14,11 @@ from .norm import Norm
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
-                 selective_recompute: bool = False, device=None, dtype=None):
+                 selective_recompute: bool = False, device=None, dtype=None, cp: Group | None = None):
         super().__init__()
         self.cfg, self.tracker, self.sp = cfg, tracker, sequence_parallel
         self.norm1 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
-        self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype)
+        self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype, cp)
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
 

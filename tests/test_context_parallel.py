@@ -1,0 +1,100 @@
+"""Context parallelism: zigzag sharding, ring attention against dense causal SDPA, and whole-model
+layouts with CP against one process (loss and every gradient, fp32, 1e-5 relative to each tensor's scale)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megagpt.config import ConfigError, load_config
+from megagpt.layout import Layout
+from megagpt.parallel.context import ring_attention, zigzag_index, zigzag_shard, zigzag_unshard
+from megagpt.parallel.state import ParallelState
+from tests.dist import assert_close_rel, spawn
+
+RTOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- zigzag
+
+def test_zigzag_index_and_round_trip():
+    assert zigzag_index(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert zigzag_index(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert zigzag_index(8, 4, 1).tolist() == [1, 6]
+    for cp in (1, 2, 4):
+        ids = torch.cat([zigzag_index(32, cp, r) for r in range(cp)])
+        assert sorted(ids.tolist()) == list(range(32))            # every position held exactly once
+    x = torch.randn(3, 24, 5)
+    mask = torch.rand(3, 24) > 0.3                                 # a loss mask is cut like the tokens
+    for cp in (2, 3):
+        pieces = [zigzag_shard(x, 1, cp, r) for r in range(cp)]
+        assert pieces[0].shape == (3, 24 // cp, 5)
+        assert torch.equal(zigzag_unshard(pieces, 1), x)
+        assert torch.equal(zigzag_unshard([zigzag_shard(mask, 1, cp, r) for r in range(cp)], 1), mask)
+    with pytest.raises(ValueError, match="not divisible by 2\\*cp=4"):
+        zigzag_index(10, 2, 0)
+
+
+# ----------------------------------------------------------------------------- ring attention vs dense
+
+def _dense(q, k, v):
+    """q [b, s, nq, d], k/v [b, s, nkv, d] -> causal SDPA [b, s, nq, d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _ring_worker(rank, world, q, k, v, dout):
+    ps = ParallelState.create(cp=world)
+    cp = ps.cp
+    local = [zigzag_shard(t, 1, cp.size, cp.rank).clone().requires_grad_(True) for t in (q, k, v)]
+    out = ring_attention(*local, cp)
+    out.backward(zigzag_shard(dout, 1, cp.size, cp.rank))
+    return {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad,
+            "bytes": dict(ps.counter.summary())}
+
+
+@pytest.mark.parametrize("cp,nkv", [(2, 2), (4, 1)])
+def test_ring_attention_matches_dense(cp, nkv):
+    g = torch.Generator().manual_seed(cp)
+    b, s, nq, d = 2, 32, 4, 8
+    q, dout = torch.randn(b, s, nq, d, generator=g), torch.randn(b, s, nq, d, generator=g)
+    k, v = torch.randn(b, s, nkv, d, generator=g), torch.randn(b, s, nkv, d, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = _dense(*leaves)
+    ref.backward(dout)
+    res = spawn(cp, _ring_worker, q, k, v, dout)
+    for key, want in (("out", ref.detach()), ("dq", leaves[0].grad), ("dk", leaves[1].grad), ("dv", leaves[2].grad)):
+        got = zigzag_unshard([r[key] for r in res], 1)
+        assert_close_rel(got, want, RTOL, f"cp{cp} {key}")
+    # every rank sends (cp-1) K/V blocks forward, (cp-1) again and cp fp32 dK/dV blocks backward
+    kv_block = 2 * b * (s // cp) * nkv * d * 4
+    want_bytes = (2 * (cp - 1) + cp) * kv_block
+    for r in res:
+        assert r["bytes"] == {"cp/recv": want_bytes, "cp/send": want_bytes}
+
+
+def test_ring_attention_one_rank_is_dense():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 2, 4, generator=g, requires_grad=True) for _ in range(3))
+    out = ring_attention(q, k, v, ParallelState.single().cp)
+    assert_close_rel(out, _dense(q, k, v), RTOL, "cp1")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_layouts_are_one_line_errors():
+    def check(overrides, world, match):
+        with pytest.raises(ConfigError, match=match) as e:
+            load_config(None, ["model.max_seq_len=64", "train.seq_len=30", "model.num_heads=4",
+                               "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2"] + overrides,
+                        world_size=world)
+        assert "\n" not in str(e.value)
+    check(["parallel.cp=2"], 2, r"train.seq_len: 30 is not divisible by 2\*parallel.cp=4")
+    check(["parallel.cp=3", "train.seq_len=24"], 4, r"parallel.world_size: 4 is not divisible by tp\*cp\*pp")
+    check(["parallel.cp=2", "train.seq_len=32", "model.hidden_dropout=0.1"], 2, "model.hidden_dropout: dropout")
+    check(["parallel.cp=2", "train.seq_len=32", "model.attention_dropout=0.1"], 2, "model.attention_dropout")
+    check(["parallel.cp=2", "parallel.tp=3", "train.seq_len=32", "model.num_heads=3", "model.hidden_size=36",
+           "model.ffn_hidden_size=36", "parallel.sequence_parallel=true"], 6, r"train.seq_len: 32/cp=16")
+    layout = Layout(cp=2, tp=2, sp=True, seq_len=64, world_size=8)
+    assert layout.dp == 2 and layout.activation_shape(load_config(None, []).model)[0] == 16
