@@ -98,3 +98,112 @@ def test_bad_layouts_are_one_line_errors():
            "model.ffn_hidden_size=36", "parallel.sequence_parallel=true"], 6, r"train.seq_len: 32/cp=16")
     layout = Layout(cp=2, tp=2, sp=True, seq_len=64, world_size=8)
     assert layout.dp == 2 and layout.activation_shape(load_config(None, []).model)[0] == 16
+
+
+# ----------------------------------------------------------------------------- whole model, trainer path
+
+def _raw(parallel=None, model=None, train=None, dp=1) -> dict:
+    m = dict(vocab_size=1024, max_seq_len=64, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+             ffn_hidden_size=96, make_vocab_divisible_by=8, init_std=0.05)
+    t = dict(seq_len=32, micro_batch_size=1, global_batch_size=4, train_iters=2, eval_interval=0, save_interval=0,
+             warmup=0, lr=1e-3, dtype="fp32", adam_eps=1e-3)  # eps above the grads: the update is ~linear in
+    p = dict(distributed_optimizer=False)                          # them, so params compare as well as grads do
+    return {"model": {**m, **(model or {})}, "parallel": {**p, **(parallel or {})}, "train": {**t, **(train or {})}}
+
+
+CASES = {  # name: (world, raw config); dp is what remains of the world
+    "cp2": (2, _raw(dict(cp=2))),
+    "cp4": (4, _raw(dict(cp=4))),
+    "cp2-tp2-sp-mqa-selective": (4, _raw(dict(cp=2, tp=2, sequence_parallel=True), dict(num_kv_heads=1),
+                                         dict(recompute="selective"))),
+    "cp2-pp2-tied-full-recompute": (4, _raw(dict(cp=2, pp=2), dict(tie_embeddings=True), dict(recompute="full"))),
+    "cp2-dp2-zero1": (4, _raw(dict(cp=2, distributed_optimizer=True, bucket_size_mb=0.05))),
+    "cp2-tp2-sp-pp2": (8, _raw(dict(cp=2, tp=2, pp=2, sequence_parallel=True))),
+}
+
+
+def _trainer_worker(rank, world, raw, run_dir):
+    import contextlib
+    import io
+
+    from comm_intercept import CommInterceptor, group_names
+    from megagpt.config import config_from_dict
+    from megagpt.optim.finalize import finalize_grads
+    from megagpt.train import Trainer
+    from tests.dist import gather_full
+    cfg = config_from_dict(raw, world)
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr = Trainer(cfg, run_dir)
+    ps, opt, t = tr.ps, tr.optimizer, cfg.train
+    main = ps.cp.rank == 0 and ps.dp.rank == 0 and ps.tp.rank == 0   # one writer per pipeline stage
+    out = {"grads": {}, "params": {}}
+    if not opt.distributed:  # the whole reduced gradient sits in every rank's main_grad
+        opt.zero_grad()
+        opt.set_sync(False)
+        per_mb = tr.engine.forward_backward(tr._microbatch_fn(tr.train_data, 0), tr.num_microbatches,
+                                            1.0 / (t.global_batch_size * t.seq_len),
+                                            before_last_backward=lambda: opt.set_sync(True))
+        opt.buffer.finish_grad_sync()
+        finalize_grads(tr.chunks, ps)
+        out["loss0"] = tr._global_loss(per_mb)
+        grads = {n: gather_full(p.main_grad, p.meta.spec, ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
+        out["grads"] = grads if main else {}
+    losses = []
+    for _ in range(t.train_iters):
+        ps.counter.reset()
+        with CommInterceptor(group_names(ps)) as seen:
+            losses.append(tr.train_step()["loss"])
+        assert (dict(seen.records), dict(seen.calls)) == (dict(ps.counter.records), dict(ps.counter.calls)), \
+            f"torch.distributed saw {dict(seen.records)}, the counter {dict(ps.counter.records)}"
+    opt.finish_param_sync()
+    params = {n: gather_full(p, p.meta.spec, ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
+    out.update(losses=losses, params=params if main else {},
+               comm=[[k, g, n] for (k, g), n in sorted(ps.counter.records.items())])
+    return out
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    """The one-process run of the same model, data and steps, per model config (the plain and the
+    distributed optimizer agree at dp = 1; recompute changes no number)."""
+    cache = {}
+
+    def run(model: dict):
+        key = repr(sorted(model.items()))
+        if key not in cache:
+            raw = _raw(model={k: v for k, v in model.items()})
+            cache[key] = spawn(1, _trainer_worker, raw, str(tmp_path_factory.mktemp("serial")))[0]
+        return cache[key]
+    return run
+
+
+def _merged(results, key):
+    out = {}
+    for r in results:
+        out.update(r[key])
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_matches_one_process(case, serial, tmp_path):
+    from megagpt.comm_model import expected_comm_bytes
+    from megagpt.config import config_from_dict
+    world, raw = CASES[case]
+    serial = serial(raw["model"])
+    res = spawn(world, _trainer_worker, raw, str(tmp_path), timeout=240)
+    if not raw["parallel"]["distributed_optimizer"]:
+        assert abs(res[0]["loss0"] - serial["loss0"]) <= RTOL * abs(serial["loss0"])
+        grads = _merged(res, "grads")
+        assert sorted(grads) == sorted(serial["grads"])
+        for name, want in serial["grads"].items():
+            assert_close_rel(grads[name], want, RTOL, f"{case} grad {name}")
+    for got, want in zip(res[0]["losses"], serial["losses"]):
+        assert abs(got - want) <= RTOL * abs(want), (case, res[0]["losses"], serial["losses"])
+    params = _merged(res, "params")
+    for name, want in serial["params"].items():       # after two AdamW steps: 1e-5 of each tensor's scale
+        assert_close_rel(params[name], want, RTOL, f"{case} param {name}")
+    cfg = config_from_dict(raw, world)
+    for rank, r in enumerate(res):                     # the step's bytes equal the comm model, per rank
+        measured = {(k, g): n for k, g, n in r["comm"]}
+        assert measured == expected_comm_bytes(cfg, world, rank=rank), f"{case} rank {rank}"
+        assert measured.get(("send", "cp"), 0) > 0

@@ -114,8 +114,8 @@ def test_rank_coords_are_the_process_groups_grid(order):
             assert group.index(rank) == coords[axis], (rank, axis)
 
 
-@pytest.mark.parametrize("field", ["cp", "ep"])
-def test_context_and_expert_parallel_are_refused_in_one_line(field):
+@pytest.mark.parametrize("field", ["ep"])   # cp: tests/test_context_parallel.py
+def test_expert_parallel_is_refused_in_one_line(field):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [f"parallel.{field}=2"], world_size=2)
     assert str(e.value).startswith(f"parallel.{field}: ") and "not supported yet" in str(e.value)

@@ -154,7 +154,7 @@ class ParallelState:
         counter = CommCounter()
         groups = {a: Group(a, [0], 0, None, counter) for a in AXES}
         groups["mp"] = Group("mp", [0], 0, None, counter)
-        groups["dp_cp"] = Group("dp_cp", [0], 0, None, counter)
+        groups["dp_cp"] = groups["dp"]
         return cls(1, 0, {a: 1 for a in AXES}, "-".join(AXES), groups, counter, torch.device(device))
 
     @classmethod
@@ -167,7 +167,8 @@ class ParallelState:
         coords = {"tp": tp_rank, "cp": cp_rank, "ep": 0, "dp": dp_rank, "pp": pp_rank}
         groups = {a: Group(a, list(range(sizes[a])), coords[a], None, counter) for a in AXES}
         groups["mp"] = Group("mp", list(range(tp * cp * pp)), (pp_rank * cp + cp_rank) * tp + tp_rank, None, counter)
-        groups["dp_cp"] = Group("dp_cp", list(range(dp * cp)), dp_rank * cp + cp_rank, None, counter)
+        groups["dp_cp"] = groups["dp"] if cp == 1 else \
+            Group("dp_cp", list(range(dp * cp)), dp_rank * cp + cp_rank, None, counter)
         return cls(tp * cp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
 
     @classmethod
@@ -189,8 +190,9 @@ class ParallelState:
         mp_groups = _merge(grid, ["tp", "cp", "pp"], world)
         groups["mp"] = cls._make("mp", mp_groups, rank, counter)
         # dp x cp: the ranks holding the same parameters (replicated over CP), which reduce gradients
-        # and shard the distributed optimizer between them
-        groups["dp_cp"] = cls._make("dp_cp", _merge(grid, ["dp", "cp"], world), rank, counter)
+        # and shard the distributed optimizer between them (the dp group itself when cp = 1)
+        groups["dp_cp"] = groups["dp"] if cp == 1 else cls._make("dp_cp", _merge(grid, ["dp", "cp"], world),
+                                                                  rank, counter)
         # first and last pipeline stage share the word embedding when it is tied
         emb_groups = [sorted({g[0], g[-1]}) for g in grid["pp"]]
         embedding = cls._make("embedding", emb_groups, rank, counter)
