@@ -38,8 +38,8 @@ def _planned(path, tp, pp, vp, dp, sp):
     """The planner's one candidate for this layout (its enumeration with every dimension fixed)."""
     cfg = load_config(path)
     t = cfg.train
-    return list(enumerate_layouts(cfg.model, tp * pp * dp, t.seq_len, t.global_batch_size, Cluster(), tp=tp, pp=pp,
-                                  vp=vp, micro_batch=t.micro_batch_size, sp=sp, recompute=t.recompute))
+    return list(enumerate_layouts(cfg.model, tp * pp * dp, t.seq_len, t.global_batch_size, Cluster(), tp=tp, cp=1,
+                                  pp=pp, vp=vp, micro_batch=t.micro_batch_size, sp=sp, recompute=t.recompute))
 
 
 def _built(cfg, pp_rank, tp_rank, device):
