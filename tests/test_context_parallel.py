@@ -255,3 +255,66 @@ def test_measured_activation_memory_per_rank_halves_at_cp2():
     two = spawn(2, _meter_worker, cfg, tokens, labels)
     assert two[0] == two[1]
     assert 0.45 < two[0] / one < 0.55, (one, two)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _ckpt_worker(rank, world, raw, run_dir, load, iters):
+    import contextlib
+    import io
+
+    from megagpt.config import config_from_dict
+    from tests.dist import gather_full
+    from megagpt.train import Trainer
+    raw = {**raw, "train": {**raw["train"], "train_iters": iters, "save_interval": 1}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr = Trainer(config_from_dict(raw, world), run_dir, load=load)
+        hist = tr.run()
+    ps = tr.ps
+    params = {n: gather_full(p, p.meta.spec, ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
+    return {"losses": [h["loss"] for h in hist], "params": params if rank == 0 else {}}
+
+
+def _saved_tensors(step_dir):
+    """Every tensor of a checkpoint by key (params under their names, optimizer state under optim/...),
+    the ranges of all rank files put back together per key; a parameter must be written by one rank."""
+    import glob
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    out = {}
+    for path in sorted(glob.glob(os.path.join(step_dir, "rank_*.safetensors"))):
+        meta = json.load(open(path.replace(".safetensors", ".json")))
+        for key, t in load_file(path).items():
+            name = key.split("/")[1] if key.startswith("optim/") else key
+            start = meta["optim"][name]["start"] if key.startswith("optim/") else 0
+            full = out.setdefault(key, {})
+            assert key.startswith("optim/") or not full, f"{key} written by two ranks"
+            for i, x in enumerate(t.reshape(-1).tolist()):
+                full[start + i] = x
+    return {k: torch.tensor([v[i] for i in sorted(v)]) for k, v in out.items()}
+
+
+def test_cp_never_changes_a_checkpoint(tmp_path):
+    """A checkpoint saved at CP2 (ZeRO over dp x cp) holds the tensors a CP1 run saves (to 1e-5), and
+    resuming either one at either CP gives the same next step."""
+    import os
+    raw = _raw(dict(distributed_optimizer=True))
+    runs = {cp: str(tmp_path / f"cp{cp}") for cp in (1, 2)}
+    for cp, run_dir in runs.items():
+        spawn(cp, _ckpt_worker, {**raw, "parallel": {**raw["parallel"], "cp": cp}}, run_dir, None, 1)
+    saved = {cp: _saved_tensors(os.path.join(d, "step_00000001")) for cp, d in runs.items()}
+    assert sorted(saved[1]) == sorted(saved[2])
+    for key, want in saved[1].items():
+        assert_close_rel(saved[2][key], want, RTOL, f"saved {key}")
+    resumed = {}
+    for saved_cp, run_dir in runs.items():
+        for cp in (1, 2):
+            resumed[saved_cp, cp] = spawn(cp, _ckpt_worker, {**raw, "parallel": {**raw["parallel"], "cp": cp}},
+                                          str(tmp_path / f"resume{saved_cp}{cp}"), run_dir, 2)[0]
+    ref = resumed[1, 1]
+    for key, got in resumed.items():
+        assert len(got["losses"]) == 1 and abs(got["losses"][0] - ref["losses"][0]) <= RTOL * ref["losses"][0], key
+        for name, want in ref["params"].items():
+            assert_close_rel(got["params"][name], want, RTOL, f"resume {key} {name}")
