@@ -318,3 +318,28 @@ def test_cp_never_changes_a_checkpoint(tmp_path):
         assert len(got["losses"]) == 1 and abs(got["losses"][0] - ref["losses"][0]) <= RTOL * ref["losses"][0], key
         for name, want in ref["params"].items():
             assert_close_rel(got["params"][name], want, RTOL, f"resume {key} {name}")
+
+
+def test_dry_run_with_cp():
+    """`--dry-run --cp`: the layout carries cp, activations are this rank's s/cp tokens' (the memory
+    model), weights do not shrink; a cp that does not divide the world is one line, exit 2."""
+    import contextlib
+    import io
+    import json
+
+    from megagpt.cli import main
+
+    def dry(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--dry-run", "--json", "--tp", "8", "--pp", "4", "--vp", "1", "--world-size", "1024",
+                         "train.seq_len=32768", "train.global_batch_size=256", "train.recompute=full", *args],
+                        default_config="examples/configs/gpt4plus-70b.yaml", use_planner=True)
+        return code, out.getvalue(), err.getvalue()
+    outs = {cp: dry("--cp", str(cp)) for cp in (1, 4)}
+    r = {cp: json.loads(o[1].strip().splitlines()[-1]) for cp, o in outs.items()}
+    assert r[4]["layout"]["cp"] == 4 and r[4]["layout"]["dp"] == 1024 // (8 * 4 * 4) and "cp=4" in outs[4][1]
+    b1, b4 = r[1]["bytes_per_rank"], r[4]["bytes_per_rank"]
+    assert b4["weights"] == b1["weights"] and b4["activations"] < b1["activations"] / 3
+    code, _, err = dry("--cp", "3")
+    assert code == 2 and err.count("\n") == 1 and "parallel.cp" in err, err
