@@ -44,18 +44,20 @@ def _dense(q, k, v):
     return out.transpose(1, 2)
 
 
-def _ring_worker(rank, world, q, k, v, dout):
+def _ring_worker(rank, world, q, k, v, dout, kernel):
     ps = ParallelState.create(cp=world)
     cp = ps.cp
     local = [zigzag_shard(t, 1, cp.size, cp.rank).clone().requires_grad_(True) for t in (q, k, v)]
-    out = ring_attention(*local, cp)
+    out = ring_attention(*local, cp, kernel=kernel)
     out.backward(zigzag_shard(dout, 1, cp.size, cp.rank))
     return {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad,
             "bytes": dict(ps.counter.summary())}
 
 
-@pytest.mark.parametrize("cp,nkv", [(2, 2), (4, 1)])
-def test_ring_attention_matches_dense(cp, nkv):
+@pytest.mark.parametrize("cp,nkv,kernel", [(2, 2, "math"), (4, 1, "math"), (2, 2, "cpu_fused"), (4, 1, "cpu_fused")])
+def test_ring_attention_matches_dense(cp, nkv, kernel):
+    """Output and dq, dk, dv of every rank, unsharded, equal dense causal SDPA on the whole sequence
+    (GQA and MQA), for the math kernel and torch's fused CPU kernel."""
     g = torch.Generator().manual_seed(cp)
     b, s, nq, d = 2, 32, 4, 8
     q, dout = torch.randn(b, s, nq, d, generator=g), torch.randn(b, s, nq, d, generator=g)
@@ -63,10 +65,10 @@ def test_ring_attention_matches_dense(cp, nkv):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = _dense(*leaves)
     ref.backward(dout)
-    res = spawn(cp, _ring_worker, q, k, v, dout)
+    res = spawn(cp, _ring_worker, q, k, v, dout, kernel)
     for key, want in (("out", ref.detach()), ("dq", leaves[0].grad), ("dk", leaves[1].grad), ("dv", leaves[2].grad)):
         got = zigzag_unshard([r[key] for r in res], 1)
-        assert_close_rel(got, want, RTOL, f"cp{cp} {key}")
+        assert_close_rel(got, want, RTOL, f"cp{cp} {kernel} {key}")
     # every rank sends (cp-1) K/V blocks forward, (cp-1) again and cp fp32 dK/dV blocks backward
     kv_block = 2 * b * (s // cp) * nkv * d * 4
     want_bytes = (2 * (cp - 1) + cp) * kv_block
@@ -74,11 +76,14 @@ def test_ring_attention_matches_dense(cp, nkv):
         assert r["bytes"] == {"cp/recv": want_bytes, "cp/send": want_bytes}
 
 
-def test_ring_attention_one_rank_is_dense():
+@pytest.mark.parametrize("kernel", ["math", "cpu_fused"])
+def test_ring_attention_one_rank_is_dense(kernel):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 12, 2, 4, generator=g, requires_grad=True) for _ in range(3))
-    out = ring_attention(q, k, v, ParallelState.single().cp)
+    out = ring_attention(q, k, v, ParallelState.single().cp, kernel=kernel)
     assert_close_rel(out, _dense(q, k, v), RTOL, "cp1")
+    with pytest.raises(ValueError, match="the flash kernel needs flash-attn, CUDA"):
+        ring_attention(q, k, v, ParallelState.single().cp, kernel="flash")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -25,8 +25,10 @@ Bytes per call and rank (counted in the CP group's CommCounter as send and recv,
 comm_model.cp_ring_bytes is the formula): forward (cp-1) K/V blocks [2, b, s/cp, nkv, d] in the
 input dtype; backward (cp-1) K/V blocks again plus cp dK/dV blocks in fp32.
 
-Kernels: the pure-PyTorch block (`_torch_block_fwd/_bwd`, any device, fp32 math) and, on CUDA
-with flash-attn importable and a 16-bit dtype, flash-attn's forward/backward that return the lse.
+Kernels (`_kernels`), each a block forward returning (out, lse) and a backward taking the final
+out and lse: flash-attn's on CUDA with a 16-bit dtype when it imports; torch's fused CPU flash
+kernel (aten._scaled_dot_product_flash_attention_for_cpu and its backward) on the CPU; and the
+math kernel (`_torch_block_fwd/_bwd`: matmuls in fp32 on any device, the reference).
 """
 from __future__ import annotations
 
@@ -118,15 +120,60 @@ def _flash_kernels():
                                        return_softmax=False)[:2]
         return out.float(), lse.float()                          # [b, sq, nq, d], [b, nq, sq]
 
-    def bwd(dout, q, k, v, out, lse, causal, scale):
+    def bwd(dout, q, k, v, out, lse, delta, causal, scale):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, scale, causal, -1, -1, 0.0, None, False)
+        _flash_attn_backward(dout, q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, scale, causal, -1, -1, 0.0,
+                             None, False)
         return dq.float(), dk.float(), dv.float()
     return fwd, bwd
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kernels() is not None
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, s, nkv, d] -> [b, nq, s, d]: each KV head repeated for its query heads (SDPA's enable_gqa)."""
+    return x.repeat_interleave(groups, dim=2).transpose(1, 2)
+
+
+def _cpu_fused_fwd(q, k, v, causal: bool, scale: float):
+    """torch's fused CPU flash kernel (it returns the lse): out [b, sq, nq, d] fp32, lse [b, nq, sq] fp32."""
+    g = q.shape[2] // k.shape[2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), _expand(k, g), _expand(v, g), 0.0, causal, scale=scale)
+    return out.transpose(1, 2).float(), lse.float()
+
+
+def _cpu_fused_bwd(dout, q, k, v, out, lse, delta, causal: bool, scale: float):
+    """Its backward, given the final out and lse: dq [b, sq, nq, d], dk, dv [b, sk, nkv, d], fp32."""
+    b, sk, nkv, d = k.shape
+    g = q.shape[2] // nkv
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2).contiguous(), q.transpose(1, 2), _expand(k, g), _expand(v, g),
+        out.transpose(1, 2).contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+    def fold(x):  # [b, nq, sk, d] -> summed over each KV head's query heads [b, sk, nkv, d]
+        return x.transpose(1, 2).reshape(b, sk, nkv, g, d).sum(3).float()
+    return dq.transpose(1, 2).float(), fold(dk), fold(dv)
+
+
+def _math_bwd(dout, q, k, v, out, lse, delta, causal: bool, scale: float):
+    return _torch_block_bwd(dout, q, k, v, lse, delta, causal, scale)
+
+
+KERNELS = ("auto", "flash", "cpu_fused", "math")
+
+
+def _kernels(q: torch.Tensor, kernel: str):
+    """(block forward, block backward) for q's device and dtype: flash-attn on CUDA in 16 bits when it
+    imports, torch's fused CPU flash kernel on the CPU, else the math kernel (any device, fp32 math)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"ring attention: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    flash = _flash_kernels() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel == "flash" or (kernel == "auto" and flash is not None):
+        if flash is None:
+            raise ValueError("ring attention: the flash kernel needs flash-attn, CUDA and a 16-bit dtype")
+        return flash
+    cpu = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and q.device.type == "cpu"
+    if kernel == "cpu_fused" or (kernel == "auto" and cpu):
+        return _cpu_fused_fwd, _cpu_fused_bwd
+    return _torch_block_fwd, _math_bwd
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -165,11 +212,10 @@ def _merge(out, lse, o, lse_o):
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group: Group, scale: float):
+    def forward(ctx, q, k, v, group: Group, scale: float, kernel: str):
         """q [b, 2c, nq, d], k/v [b, 2c, nkv, d] (this rank's zigzag pair of chunks) -> [b, 2c, nq, d]."""
         cp, r, c = group.size, group.rank, q.shape[1] // 2
-        flash = _use_flash(q)
-        block = _flash_kernels()[0] if flash else _torch_block_fwd
+        block, block_bwd = _kernels(q, kernel)
         ring = _Ring(group) if cp > 1 else None
         kv = torch.stack([k, v]).contiguous()                    # [2, b, 2c, nkv, d]: one message per hop
         out = lse = None
@@ -190,7 +236,7 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.flash = group, scale, flash
+        ctx.group, ctx.scale, ctx.block_bwd = group, scale, block_bwd
         return out
 
     @staticmethod
@@ -200,14 +246,10 @@ class RingAttention(torch.autograd.Function):
         cp, r, c = group.size, group.rank, q.shape[1] // 2
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # [b, nq, 2c]
-        if ctx.flash:
-            fbwd = _flash_kernels()[1]
+        bwd = ctx.block_bwd
 
-            def block(dO, q_, k_, v_, o_, l_, d_, causal):
-                return fbwd(dO, q_, k_, v_, o_, l_.contiguous(), causal, scale)
-        else:
-            def block(dO, q_, k_, v_, o_, l_, d_, causal):
-                return _torch_block_bwd(dO, q_, k_, v_, l_, d_, causal, scale)
+        def block(dO, q_, k_, v_, o_, l_, d_, causal):
+            return bwd(dO, q_, k_, v_, o_, l_, d_, causal, scale)
         ring = _Ring(group) if cp > 1 else None
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
@@ -243,13 +285,13 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt
         if ring is not None:
             _wait(dkv_works)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, kernel: str = "auto") -> torch.Tensor:
     """Causal attention over the whole sequence of a CP group, each rank holding its zigzag pair:
-    q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] -> [b, s/cp, nq, d]."""
+    q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] -> [b, s/cp, nq, d]. kernel: see KERNELS / `_kernels`."""
     if q.shape[1] % 2:
         raise ValueError(f"ring attention: the local sequence {q.shape[1]} is not two equal zigzag chunks")
-    return RingAttention.apply(q, k, v, group, q.shape[-1] ** -0.5 if scale is None else scale)
+    return RingAttention.apply(q, k, v, group, q.shape[-1] ** -0.5 if scale is None else scale, kernel)
