@@ -37,18 +37,21 @@ def test_zigzag_index_and_round_trip():
 
 # ----------------------------------------------------------------------------- ring attention vs dense
 
-def _dense(q, k, v):
-    """q [b, s, nq, d], k/v [b, s, nkv, d] -> causal SDPA [b, s, nq, d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+def _dense(q, k, v, window=None):
+    """q [b, s, nq, d], k/v [b, s, nkv, d] -> causal SDPA [b, s, nq, d]; a window as a dense bool mask
+    written here from its definition (key j visible to query i iff i - window < j <= i)."""
+    i = torch.arange(q.shape[1])
+    mask = None if window is None else (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
-def _ring_worker(rank, world, q, k, v, dout, kernel):
+def _ring_worker(rank, world, q, k, v, dout, kernel, window=None):
     ps = ParallelState.create(cp=world)
     cp = ps.cp
     local = [zigzag_shard(t, 1, cp.size, cp.rank).clone().requires_grad_(True) for t in (q, k, v)]
-    out = ring_attention(*local, cp, kernel=kernel)
+    out = ring_attention(*local, cp, kernel=kernel, window=window)
     out.backward(zigzag_shard(dout, 1, cp.size, cp.rank))
     return {"out": out.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad,
             "bytes": dict(ps.counter.summary())}
@@ -76,6 +79,58 @@ def test_ring_attention_matches_dense(cp, nkv, kernel):
         assert r["bytes"] == {"cp/recv": want_bytes, "cp/send": want_bytes}
 
 
+@pytest.mark.parametrize("cp,window,kernel", [(2, 3, "auto"), (2, 13, "auto"), (4, 6, "auto"), (4, 20, "math"),
+                                               (2, 32, "auto")])
+def test_ring_sliding_window_matches_the_dense_mask(cp, window, kernel):
+    """A window inside a chunk (3 < s/2cp), across chunks, and as wide as the sequence: exact, and the
+    ring still sends every K/V block (a window never changes the bytes)."""
+    g = torch.Generator().manual_seed(window)
+    b, s, nq, nkv, d = 1, 32, 4, 2, 8
+    q, dout = torch.randn(b, s, nq, d, generator=g), torch.randn(b, s, nq, d, generator=g)
+    k, v = torch.randn(b, s, nkv, d, generator=g), torch.randn(b, s, nkv, d, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = _dense(*leaves, window)
+    ref.backward(dout)
+    if window < s:                                                 # the window changes the result
+        assert not torch.allclose(ref, _dense(q, k, v), atol=1e-3)
+    res = spawn(cp, _ring_worker, q, k, v, dout, kernel, window)
+    for key, want in (("out", ref.detach()), ("dq", leaves[0].grad), ("dk", leaves[1].grad), ("dv", leaves[2].grad)):
+        assert_close_rel(zigzag_unshard([r[key] for r in res], 1), want, RTOL, f"cp{cp} window {window} {key}")
+    kv_block = 2 * b * (s // cp) * nkv * d * 4
+    assert all(r["bytes"]["cp/send"] == (2 * (cp - 1) + cp) * kv_block for r in res)
+
+
+def test_sliding_window_kv_cache_matches_recompute():
+    """Generation with a window: cached decoding (the band over cache slots, left padding included)
+    gives the logits of full recompute."""
+    from megagpt.generate import generate_recompute
+    from megagpt.kv_cache import KVCache
+    from megagpt.model.gpt import build_model
+    from tests.dist import tiny_model_cfg
+    model = build_model(tiny_model_cfg(attention_window=4, use_flash_attn=False), seed=7).eval()
+    prompt = torch.tensor([[5, 17, 99, 3, 8, 1], [0, 0, 42, 7, 7, 8]])
+    pad = torch.tensor([0, 2])
+    ref, ref_logits = generate_recompute(model, prompt[:1, :4], 6)          # 10 tokens: the window of 4 matters
+    cache = KVCache(model, 1, 10)
+    with torch.no_grad():
+        got = [model.gather_logits(model(prompt[:1, :4], cache=cache))[:, -1]]
+        for t in range(5):
+            got.append(model.gather_logits(model(ref[:, 4 + t:5 + t], cache=cache))[:, -1])
+    for a, e in zip(got, ref_logits):
+        assert_close_rel(a, e, RTOL, "window cache")
+    # left padding: row 1 alone (no pad) against row 1 padded by 2 in a batch, one prefill + steps
+    alone = KVCache(model, 1, 8)
+    padded = KVCache(model, 2, 8, pad)
+    with torch.no_grad():
+        a = model.gather_logits(model(prompt[1:, 2:], cache=alone))[:, -1]
+        b = model.gather_logits(model(prompt, cache=padded))[1:, -1]
+        assert_close_rel(b, a, RTOL, "window cache, padded")
+        nxt = torch.tensor([[9], [9]])
+        a = model.gather_logits(model(nxt[1:], cache=alone))[:, -1]
+        b = model.gather_logits(model(nxt, cache=padded))[1:, -1]
+        assert_close_rel(b, a, RTOL, "window cache, padded step")
+
+
 @pytest.mark.parametrize("kernel", ["math", "cpu_fused"])
 def test_ring_attention_one_rank_is_dense(kernel):
     g = torch.Generator().manual_seed(0)
@@ -101,6 +156,12 @@ def test_bad_layouts_are_one_line_errors():
     check(["parallel.cp=2", "train.seq_len=32", "model.attention_dropout=0.1"], 2, "model.attention_dropout")
     check(["parallel.cp=2", "parallel.tp=3", "train.seq_len=32", "model.num_heads=3", "model.hidden_size=36",
            "model.ffn_hidden_size=36", "parallel.sequence_parallel=true"], 6, r"train.seq_len: 32/cp=16")
+    check(["train.seq_len=32", "model.attention_window=40"], 1,
+          r"model.attention_window: expected 1 <= window <= train.seq_len=32, got 40")
+    check(["train.seq_len=32", "model.attention_window=0"], 1, r"model.attention_window: expected 1 <= window")
+    from megagpt.checkpoint.hf import ConversionError, to_hf_config
+    with pytest.raises(ConversionError, match="model.attention_window: Llama attends to the whole context"):
+        to_hf_config(load_config(None, ["model.attention_window=16", "train.seq_len=32"]).model)
     layout = Layout(cp=2, tp=2, sp=True, seq_len=64, world_size=8)
     assert layout.dp == 2 and layout.activation_shape(load_config(None, []).model)[0] == 16
 
@@ -124,6 +185,8 @@ CASES = {  # name: (world, raw config); dp is what remains of the world
     "cp2-pp2-tied-full-recompute": (4, _raw(dict(cp=2, pp=2), dict(tie_embeddings=True), dict(recompute="full"))),
     "cp2-dp2-zero1": (4, _raw(dict(cp=2, distributed_optimizer=True, bucket_size_mb=0.05))),
     "cp2-tp2-sp-pp2": (8, _raw(dict(cp=2, tp=2, pp=2, sequence_parallel=True))),
+    "cp2-window": (2, _raw(dict(cp=2), dict(attention_window=5))),          # cuts blocks, hides whole ones
+    "cp4-window-selective": (4, _raw(dict(cp=4), dict(attention_window=11), dict(recompute="selective"))),
 }
 
 
@@ -314,10 +377,9 @@ def test_cp_never_changes_a_checkpoint(tmp_path):
     for key, want in saved[1].items():
         assert_close_rel(saved[2][key], want, RTOL, f"saved {key}")
     resumed = {}
-    for saved_cp, run_dir in runs.items():
-        for cp in (1, 2):
-            resumed[saved_cp, cp] = spawn(cp, _ckpt_worker, {**raw, "parallel": {**raw["parallel"], "cp": cp}},
-                                          str(tmp_path / f"resume{saved_cp}{cp}"), run_dir, 2)[0]
+    for saved_cp, cp in ((1, 1), (1, 2), (2, 1)):   # (2, 2) is CP's own resume, as any layout's
+        resumed[saved_cp, cp] = spawn(cp, _ckpt_worker, {**raw, "parallel": {**raw["parallel"], "cp": cp}},
+                                      str(tmp_path / f"resume{saved_cp}{cp}"), runs[saved_cp], 2)[0]
     ref = resumed[1, 1]
     for key, got in resumed.items():
         assert len(got["losses"]) == 1 and abs(got["losses"][0] - ref["losses"][0]) <= RTOL * ref["losses"][0], key

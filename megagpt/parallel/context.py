@@ -75,30 +75,41 @@ def _heads(x: torch.Tensor, nkv: int) -> torch.Tensor:
     return x.float().permute(0, 2, 1, 3).reshape(b, nkv, n // nkv, s, d)
 
 
-def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    """q [b, sq, nq, d], k [b, sk, nkv, d] -> scores [b, nkv, g, sq, sk] fp32, future masked to -inf."""
+def band_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[len(qpos), len(kpos)] bool, True where a query at global position qpos may see a key at kpos:
+    causal, and with a sliding window only the `window` positions ending at the query's own."""
+    diff = qpos[:, None] - kpos[None, :]
+    return (diff >= 0) & (diff < window) if window is not None else diff >= 0
+
+
+def _scores(q, k, mask, scale: float) -> torch.Tensor:
+    """q [b, sq, nq, d], k [b, sk, nkv, d] -> scores [b, nkv, g, sq, sk] fp32, masked to -inf.
+    mask: None (all visible), "causal" (sq == sk, the future hidden) or a bool [sq, sk] (True = visible)."""
     s = _heads(q, k.shape[2]) @ _heads(k, k.shape[2]).transpose(-1, -2) * scale
-    if causal:
+    if isinstance(mask, str):
         sq, sk = s.shape[-2:]
         s.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
+    elif mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
     return s
 
 
-def _torch_block_fwd(q, k, v, causal: bool, scale: float):
-    """-> out [b, sq, nq, d] fp32, lse [b, nq, sq] fp32."""
+def _torch_block_fwd(q, k, v, mask, scale: float):
+    """-> out [b, sq, nq, d] fp32, lse [b, nq, sq] fp32 (-inf, with a zero output, for a row that sees nothing)."""
     b, sq, nq, d = q.shape
-    s = _scores(q, k, causal, scale)                             # [b, nkv, g, sq, sk]
+    s = _scores(q, k, mask, scale)                               # [b, nkv, g, sq, sk]
     lse = s.logsumexp(-1)                                        # [b, nkv, g, sq]
-    out = (s - lse.unsqueeze(-1)).exp_() @ _heads(v, v.shape[2])  # [b, nkv, g, sq, d]
+    safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    out = (s - safe.unsqueeze(-1)).exp_() @ _heads(v, v.shape[2])  # [b, nkv, g, sq, d]
     return out.reshape(b, nq, sq, d).permute(0, 2, 1, 3), lse.reshape(b, nq, sq)
 
 
-def _torch_block_bwd(dout, q, k, v, lse, delta, causal: bool, scale: float):
+def _torch_block_bwd(dout, q, k, v, lse, delta, mask, scale: float):
     """dout [b, sq, nq, d]; lse, delta [b, nq, sq] (final ones) -> dq [b, sq, nq, d], dk, dv [b, sk, nkv, d], fp32."""
     b, sq, nq, d = q.shape
     nkv = k.shape[2]
     g = nq // nkv
-    p = (_scores(q, k, causal, scale) - lse.reshape(b, nkv, g, sq, 1)).exp_()   # [b, nkv, g, sq, sk]
+    p = (_scores(q, k, mask, scale) - lse.reshape(b, nkv, g, sq, 1)).exp_()   # [b, nkv, g, sq, sk]
     do = _heads(dout, nkv)                                       # [b, nkv, g, sq, d]
     dv = (p.transpose(-1, -2) @ do).sum(2)                       # [b, nkv, sk, d]
     ds = p.mul_(do @ _heads(v, nkv).transpose(-1, -2) - delta.reshape(b, nkv, g, sq, 1))
@@ -153,8 +164,22 @@ def _cpu_fused_bwd(dout, q, k, v, out, lse, delta, causal: bool, scale: float):
     return dq.transpose(1, 2).float(), fold(dk), fold(dv)
 
 
-def _math_bwd(dout, q, k, v, out, lse, delta, causal: bool, scale: float):
-    return _torch_block_bwd(dout, q, k, v, lse, delta, causal, scale)
+def _math_bwd(dout, q, k, v, out, lse, delta, mask, scale: float):
+    return _torch_block_bwd(dout, q, k, v, lse, delta, mask, scale)
+
+
+def _masked(fwd, bwd):
+    """A fused kernel's pair taking the ring's masks: None / "causal" go to the kernel, an explicit
+    bool mask (a sliding window's band) to the math kernel."""
+    def f(q, k, v, mask, scale):
+        return _torch_block_fwd(q, k, v, mask, scale) if torch.is_tensor(mask) else fwd(q, k, v, mask is not None,
+                                                                                          scale)
+
+    def b(dout, q, k, v, out, lse, delta, mask, scale):
+        if torch.is_tensor(mask):
+            return _torch_block_bwd(dout, q, k, v, lse, delta, mask, scale)
+        return bwd(dout, q, k, v, out, lse, delta, mask is not None, scale)
+    return f, b
 
 
 KERNELS = ("auto", "flash", "cpu_fused", "math")
@@ -169,10 +194,10 @@ def _kernels(q: torch.Tensor, kernel: str):
     if kernel == "flash" or (kernel == "auto" and flash is not None):
         if flash is None:
             raise ValueError("ring attention: the flash kernel needs flash-attn, CUDA and a 16-bit dtype")
-        return flash
+        return _masked(*flash)
     cpu = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and q.device.type == "cpu"
     if kernel == "cpu_fused" or (kernel == "auto" and cpu):
-        return _cpu_fused_fwd, _cpu_fused_bwd
+        return _masked(_cpu_fused_fwd, _cpu_fused_bwd)
     return _torch_block_fwd, _math_bwd
 
 
@@ -210,9 +235,30 @@ def _merge(out, lse, o, lse_o):
     lse.copy_(new)
 
 
+def _plan(cp: int, r: int, j: int, c: int, window: int | None):
+    """What rank r computes with the K/V of rank j: (query rows, key rows, mask) or None when no
+    query sees any key. Without a window: the zigzag rule of the module docstring; with one, the
+    band of global positions on top (an explicit mask where it cuts a block, the block skipped
+    where it hides it all)."""
+    if j == r:
+        qs, ks, mask = slice(None), slice(None), "causal"
+    elif j < r:
+        qs, ks, mask = slice(None), slice(0, c), None
+    else:
+        qs, ks, mask = slice(c, None), slice(None), None
+    if window is None:
+        return qs, ks, mask
+    s = 2 * c * cp
+    qpos, kpos = zigzag_index(s, cp, r)[qs], zigzag_index(s, cp, j)[ks]
+    band = band_mask(qpos, kpos, window)
+    if not band.any():
+        return None
+    return qs, ks, (mask if torch.equal(band, band_mask(qpos, kpos, None)) else band)
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group: Group, scale: float, kernel: str):
+    def forward(ctx, q, k, v, group: Group, scale: float, kernel: str, window: int | None):
         """q [b, 2c, nq, d], k/v [b, 2c, nkv, d] (this rank's zigzag pair of chunks) -> [b, 2c, nq, d]."""
         cp, r, c = group.size, group.rank, q.shape[1] // 2
         block, block_bwd = _kernels(q, kernel)
@@ -223,20 +269,20 @@ class RingAttention(torch.autograd.Function):
             works = []
             if i + 1 < cp:
                 nxt, works = ring.post(kv)                       # overlaps this block's compute
-            j = (r - i) % cp
-            if i == 0:
-                out, lse = block(q, k, v, True, scale)
-                out, lse = out.contiguous(), lse.contiguous()
-            elif j < r:
-                _merge(out, lse, *block(q, kv[0, :, :c], kv[1, :, :c], False, scale))
-            else:
-                _merge(out[:, c:], lse[..., c:], *block(q[:, c:], kv[0], kv[1], False, scale))
+            plan = _plan(cp, r, (r - i) % cp, c, window)
+            if plan is not None:
+                qs, ks, mask = plan
+                o, l = block(q[:, qs], kv[0, :, ks], kv[1, :, ks], mask, scale)
+                if out is None:                                  # step 0: every query sees itself
+                    out, lse = o.contiguous(), l.contiguous()
+                else:
+                    _merge(out[:, qs], lse[..., qs], o, l)
             _wait(works)
             if works:
                 kv = nxt
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.block_bwd = group, scale, block_bwd
+        ctx.group, ctx.scale, ctx.block_bwd, ctx.window = group, scale, block_bwd, window
         return out
 
     @staticmethod
@@ -246,52 +292,39 @@ class RingAttention(torch.autograd.Function):
         cp, r, c = group.size, group.rank, q.shape[1] // 2
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # [b, nq, 2c]
-        bwd = ctx.block_bwd
-
-        def block(dO, q_, k_, v_, o_, l_, d_, causal):
-            return bwd(dO, q_, k_, v_, o_, l_, d_, causal, scale)
         ring = _Ring(group) if cp > 1 else None
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
-        dkv = dkv_works = None
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        dkv_works = []
         for i in range(cp):
             kv_works = []
             if i + 1 < cp:
                 nxt, kv_works = ring.post(kv)
-            j = (r - i) % cp
-            if i == 0:
-                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-                gq, gk, gv = block(dout, q, k, v, out, lse, delta, True)
-                dq += gq
-                dkv[0] += gk
-                dkv[1] += gv
-            else:
-                _wait(dkv_works)                                 # the accumulator for block j
-                if j < r:
-                    gq, gk, gv = block(dout, q, kv[0, :, :c], kv[1, :, :c], out, lse, delta, False)
-                    dq += gq
-                    dkv[0, :, :c] += gk
-                    dkv[1, :, :c] += gv
-                else:
-                    gq, gk, gv = block(dout[:, c:], q[:, c:], kv[0], kv[1], out[:, c:], lse[..., c:],
-                                       delta[..., c:], False)
-                    dq[:, c:] += gq
-                    dkv[0] += gk
-                    dkv[1] += gv
+            _wait(dkv_works)                                     # the accumulator for this K/V block
+            plan = _plan(cp, r, (r - i) % cp, c, ctx.window)
+            if plan is not None:
+                qs, ks, mask = plan
+                gq, gk, gv = ctx.block_bwd(dout[:, qs], q[:, qs], kv[0, :, ks], kv[1, :, ks], out[:, qs],
+                                           lse[..., qs], delta[..., qs], mask, scale)
+                dq[:, qs] += gq
+                dkv[0, :, ks] += gk
+                dkv[1, :, ks] += gv
             if ring is not None:                                 # on to the next holder (the owner after cp hops)
                 dkv, dkv_works = ring.post(dkv)
             _wait(kv_works)
             if kv_works:
                 kv = nxt
-        if ring is not None:
-            _wait(dkv_works)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        _wait(dkv_works)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group,
-                   scale: float | None = None, kernel: str = "auto") -> torch.Tensor:
+                   scale: float | None = None, kernel: str = "auto", window: int | None = None) -> torch.Tensor:
     """Causal attention over the whole sequence of a CP group, each rank holding its zigzag pair:
-    q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] -> [b, s/cp, nq, d]. kernel: see KERNELS / `_kernels`."""
+    q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] -> [b, s/cp, nq, d]. kernel: see KERNELS / `_kernels`;
+    window: a sliding window of that many tokens (`band_mask`), exact: blocks it cuts get an explicit
+    mask (math kernel), blocks it hides are skipped, and the K/V still make every hop."""
     if q.shape[1] % 2:
         raise ValueError(f"ring attention: the local sequence {q.shape[1]} is not two equal zigzag chunks")
-    return RingAttention.apply(q, k, v, group, q.shape[-1] ** -0.5 if scale is None else scale, kernel)
+    return RingAttention.apply(q, k, v, group, q.shape[-1] ** -0.5 if scale is None else scale, kernel, window)
