@@ -52,7 +52,8 @@ Context parallelism (cp = c > 1): every per-microbatch figure above is of this r
 "dp_cp", bucket padding to a multiple of dp*c); and ring attention (parallel/context.py) sends and
 receives, per layer and microbatch, (c-1) K/V blocks [2, b, s/c, nkv_local, d] x e forward, the same
 again backward plus c dK/dV blocks in fp32 (`cp_ring_bytes`), and the forward's once more for each
-layer whose attention is recomputed (full recompute, or selective: the core is rerun).
+layer whose attention is recomputed (full recompute, or selective: the core is rerun). A sliding
+window skips blocks but not hops: the bytes are the same.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
 checkpoint's success-flag collectives (not per step).
 """
