@@ -136,10 +136,12 @@ class Layout:
         if cp > 1 and self.seq_len % (2 * cp):
             raise ConfigError(f"train.seq_len: {self.seq_len} is not divisible by 2*parallel.cp={2 * cp} "
                               f"(context parallelism cuts it into 2*cp zigzag chunks)")
-        for field in ("hidden_dropout", "attention_dropout"):   # masks drawn per rank would not be the serial ones
-            if cp > 1 and getattr(m, field) > 0:
-                raise ConfigError(f"model.{field}: dropout is not supported with parallel.cp={cp} > 1 "
-                                  f"(got {getattr(m, field)}); set it to 0")
+        if cp > 1 and m.attention_dropout > 0:            # ring attention has no dropout
+            raise ConfigError(f"model.attention_dropout: attention dropout is not supported with parallel.cp={cp} "
+                              f"> 1 (got {m.attention_dropout}); set it to 0")
+        if cp > 1 and m.hidden_dropout > 0 and self.sp:   # SP shards draw per TP rank, which CP ranks would share
+            raise ConfigError(f"model.hidden_dropout: hidden dropout with parallel.cp={cp} needs "
+                              f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
         if self.sp and (self.seq_len // cp) % tp:
             raise ConfigError(f"train.seq_len: {self.seq_len}/cp={self.seq_len // cp} is not divisible by "
                               f"parallel.tp={tp} (sequence parallel)")

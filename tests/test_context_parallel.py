@@ -172,7 +172,8 @@ def test_bad_layouts_are_one_line_errors():
         assert "\n" not in str(e.value)
     check(["parallel.cp=2"], 2, r"train.seq_len: 30 is not divisible by 2\*parallel.cp=4")
     check(["parallel.cp=3", "train.seq_len=24"], 4, r"parallel.world_size: 4 is not divisible by tp\*cp\*pp")
-    check(["parallel.cp=2", "train.seq_len=32", "model.hidden_dropout=0.1"], 2, "model.hidden_dropout: dropout")
+    check(["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=32",
+           "model.hidden_dropout=0.1"], 4, "model.hidden_dropout: hidden dropout with parallel.cp=2 needs")
     check(["parallel.cp=2", "train.seq_len=32", "model.attention_dropout=0.1"], 2, "model.attention_dropout")
     check(["parallel.cp=2", "parallel.tp=3", "train.seq_len=32", "model.num_heads=3", "model.hidden_size=36",
            "model.ffn_hidden_size=36", "parallel.sequence_parallel=true"], 6, r"train.seq_len: 32/cp=16")
@@ -205,6 +206,8 @@ CASES = {  # name: (world, raw config); dp is what remains of the world
     "cp2-pp2-tied-full-recompute": (4, _raw(dict(cp=2, pp=2), dict(tie_embeddings=True), dict(recompute="full"))),
     "cp2-dp2-zero1": (4, _raw(dict(cp=2, distributed_optimizer=True, bucket_size_mb=0.05))),
     "cp2-tp2-sp-pp2": (8, _raw(dict(cp=2, tp=2, pp=2, sequence_parallel=True))),
+    # hidden dropout: each CP rank draws the whole sequence's mask and keeps its rows (parallel/random.py)
+    "cp2-tp2-dropout-full-recompute": (4, _raw(dict(cp=2, tp=2), dict(hidden_dropout=0.2), dict(recompute="full"))),
     "cp2-window": (2, _raw(dict(cp=2), dict(attention_window=5))),          # cuts blocks, hides whole ones
     "cp4-window-selective": (4, _raw(dict(cp=4), dict(attention_window=11), dict(recompute="selective"))),
 }

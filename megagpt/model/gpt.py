@@ -90,7 +90,7 @@ class GPTModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> [s(/tp), b, h]."""
         x = self.embedding(tokens)
-        return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp)
+        return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp, self.ps.cp)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
