@@ -14,6 +14,8 @@
              category); "bookkeeping" is the rest of the step (schedule loop, data, zeroing).
 4. generate: KV-cache decoding against full recompute and against transformers' generate at 512
              tokens of context (bench/generate_bench.py); alone with `--only generate`.
+5. cp:       context parallelism: CP2 ring attention against CP1 (SDPA and the same kernel) per step,
+             and activation bytes per rank at CP1/2/4 (bench/cp_bench.py); only with `--only cp`.
 
 The machine is shared: every comparison interleaves its contenders, round by round, and reports
 the median of the per-round ratios. Wall time gives tokens/s; process CPU time is reported next
@@ -409,7 +411,7 @@ def print_scaling(res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, 10M peer only (a smoke run)")
-    ap.add_argument("--only", choices=("peer", "scaling", "generate"))
+    ap.add_argument("--only", choices=("peer", "scaling", "generate", "cp"))
     ap.add_argument("--profile", metavar="SIZE", choices=list(PEER_SIZES),
                     help="only profile megagpt against HF at this size (forward + backward) and print the ops")
     ap.add_argument("--recompute", default="none", choices=("none", "full"), help="with --profile")
@@ -424,6 +426,17 @@ def main(argv=None) -> int:
     load = [load_average()]
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__, "threads_per_process": 1}, "peer": [], "scaling": {}}
+    if args.only == "cp":                       # alone: context parallelism (bench/cp_bench.py)
+        from cp_bench import print_cp, run_cp
+        res = run_cp(args.quick)
+        print_cp(res)
+        if args.out == ap.get_default("out"):
+            args.out = os.path.join(ROOT, "bench", "out", "cp.json")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res))
+        return 0
     if args.only == "generate":                 # alone: KV cache vs recompute vs transformers (bench/generate_bench.py)
         from generate_bench import print_generate, run_generate
         res = run_generate(rounds=1 if args.quick else 3)

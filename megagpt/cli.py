@@ -17,7 +17,7 @@ from .data.blend import blend_parts
 from .data.indexed import DataError, fit_model_vocab
 
 # flag -> the config field it sets; a flag wins over a dotted override of the same field
-FLAGS = (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"), ("train_iters", "train.train_iters"),
+FLAGS = (("tp", "parallel.tp"), ("cp", "parallel.cp"), ("pp", "parallel.pp"), ("vp", "parallel.vp"), ("train_iters", "train.train_iters"),
          ("seed", "train.seed"), ("save_interval", "train.save_interval"), ("data", "data.path"))
 
 
@@ -25,6 +25,7 @@ def parse_args(argv=None, default_config: str | None = None):
     ap = argparse.ArgumentParser(description="megagpt pretraining")
     ap.add_argument("--config", default=default_config, help="YAML config")
     ap.add_argument("--tp", type=int)
+    ap.add_argument("--cp", type=int, help="context parallelism: each sequence split over cp ranks (zigzag)")
     ap.add_argument("--pp", type=int)
     ap.add_argument("--vp", type=int)
     ap.add_argument("--world-size", type=int, help="dry run: the world to plan for (default: from the launcher)")
@@ -48,10 +49,11 @@ def resolve_config(args, world: int | None, use_planner: bool = False) -> Config
     overrides += data_vocab(args.config, overrides)
     probe = load_config(args.config, overrides)  # validated without the world
     if use_planner:
-        overrides += plan_layout(probe, world, layout_given=args.tp is not None or args.pp is not None)
+        overrides += plan_layout(probe, world, layout_given=any(getattr(args, k) is not None
+                                                                               for k in ("tp", "cp", "pp")))
         probe = load_config(args.config, overrides)
     if world is None:
-        world = probe.parallel.tp * probe.parallel.pp
+        world = probe.parallel.tp * probe.parallel.cp * probe.parallel.pp
     return load_config(args.config, overrides, world_size=world)
 
 
@@ -85,15 +87,16 @@ def plan_layout(probe: Config, world: int, layout_given: bool) -> list[str]:
         if not best["fits"]:
             raise ConfigError(f"parallel: no layout of {world} GPUs fits; the closest needs "
                               f"{best['memory_gb']:.1f} GB per GPU: {_breakdown(best)}")
-        print(f"planner: chose tp={best['tp']} pp={best['pp']} vp={best['vp']} dp={best['dp']} "
+        print(f"planner: chose tp={best['tp']} cp={best['cp']} pp={best['pp']} vp={best['vp']} dp={best['dp']} "
               f"sp={best['sp']} recompute={best['recompute']} micro_batch={best['micro_batch']} for {world} GPUs: "
               f"{best['memory_gb']:.1f} GB per GPU ({_breakdown(best)}), predicted MFU {100 * best['mfu']:.1f}%")
-        return [f"parallel.tp={best['tp']}", f"parallel.pp={best['pp']}", f"parallel.vp={best['vp']}",
+        return [f"parallel.tp={best['tp']}", f"parallel.cp={best['cp']}", f"parallel.pp={best['pp']}", f"parallel.vp={best['vp']}",
                 f"parallel.sequence_parallel={str(best['sp']).lower()}", f"train.recompute={best['recompute']}",
                 f"train.micro_batch_size={best['micro_batch']}"]
-    fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=p.tp, pp=p.pp, vp=p.vp)
+    fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=p.tp, cp=p.cp, pp=p.pp,
+                                 vp=p.vp)
     if not fits and closest is not None:
-        raise ConfigError(f"parallel: tp={p.tp} pp={p.pp} does not fit on {world} GPUs: "
+        raise ConfigError(f"parallel: tp={p.tp} cp={p.cp} pp={p.pp} does not fit on {world} GPUs: "
                           f"{closest['memory_gb']:.1f} GB per GPU ({_breakdown(closest)})")
     return []
 
@@ -141,7 +144,7 @@ def with_flag(message: str, args) -> str:
 
 def print_dry_run(r: dict) -> None:
     lay = r["layout"]
-    print(f"layout: tp={lay['tp']} pp={lay['pp']} vp={lay['vp']} dp={lay['dp']} world={lay['world_size']} "
+    print(f"layout: tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} vp={lay['vp']} dp={lay['dp']} world={lay['world_size']} "
           f"sp={lay['sequence_parallel']}")
     if r.get("vocab_padding"):
         print(f"note: {r['vocab_padding']}")

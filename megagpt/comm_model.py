@@ -47,6 +47,13 @@ Once per step (Optimizer.step), gradients are fp32 (the grad buffer) whatever th
   - fp16 only: the inf check, all_reduce of one fp32 over the world (the step is assumed not
     skipped: a skipped step does no norm and no all-gather).
   - the trainer's logged loss: all_reduce of one fp64 over the world (a Trainer step).
+Context parallelism (cp = c > 1): every per-microbatch figure above is of this rank's s/c tokens
+(N = s/c*b*h*e, the cross-entropy's 12*s/c*b); gradients are reduced over dp*c ranks (group
+"dp_cp", bucket padding to a multiple of dp*c); and ring attention (parallel/context.py) sends and
+receives, per layer and microbatch, (c-1) K/V blocks [2, b, s/c, nkv_local, d] x e forward, the same
+again backward plus c dK/dV blocks in fp32 (`cp_ring_bytes`), and the forward's once more for each
+layer whose attention is recomputed (full recompute, or selective: the core is rerun). A sliding
+window skips blocks but not hops: the bytes are the same.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
 checkpoint's success-flag collectives (not per step).
 """
@@ -118,14 +125,26 @@ def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str
 def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
     layout = Layout.from_config(cfg, world_size)
     return layout.sizes | {"mp": layout.tp * layout.cp * layout.pp, "world": world_size,
-                           "embedding": 2 if layout.pp > 1 else 1}
+                           "embedding": 2 if layout.pp > 1 else 1, "dp_cp": layout.dp * layout.cp}
+
+
+def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
+    """(forward, backward) bytes one rank sends (and as many it receives) in one layer's ring
+    attention for one microbatch: (cp-1) K/V blocks forward; (cp-1) K/V blocks and cp fp32 dK/dV
+    blocks backward. A K/V block is [2, b, s/cp, nkv_local, d]."""
+    c = layout.cp
+    if c == 1:
+        return 0, 0
+    nkv = m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1
+    block = 2 * layout.micro_batch * (layout.seq_len // c) * nkv * m.head_dim
+    return (c - 1) * block * e, (c - 1) * block * e + c * block * GRAD_BYTES
 
 
 def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tuple[str, str], int]:
     p, m, tr = cfg.parallel, cfg.model, cfg.train
     sizes, layout = group_sizes(cfg, world_size), Layout.from_config(cfg, world_size)
     t, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
-    s, b, h = layout.seq_len, layout.micro_batch, m.hidden_size
+    s, b, h = layout.seq_len // layout.cp, layout.micro_batch, m.hidden_size   # this rank's tokens
     mb = layout.num_microbatches
     N = s * b * h * e
     ce = 3 * s * b * 4                                      # row max [s, b] + stacked [2, s, b], fp32
@@ -154,6 +173,11 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
             else:
                 ar = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
                 out[("all_reduce", "tp")] += mb * (ar * N + (ce if post else 0))
+        ring_f, ring_b = cp_ring_bytes(layout, m, e)
+        reruns = n if tr.recompute == "selective" else n_rc  # attention forwards run again in backward
+        for kind in ("send", "recv"):
+            if ring_f:
+                out[(kind, "cp")] += mb * (n * (ring_f + ring_b) + reruns * ring_f)
         c = k * pp + pp_rank                                # global chunk index
         act = math.prod(layout.activation_shape(m)) * e
         for is_boundary in (c > 0, c < pp * vp - 1):      # input side, output side
@@ -182,17 +206,18 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
         emb = m.padded_vocab(t) // t * h
         emb = -(-emb // dp) if per_group else emb           # zero2/3 sum the owned shard only
         out[("all_reduce", "embedding")] += holders * emb * GRAD_BYTES
-    if dp > 1 and per_group:
-        for size, gathers in _zero_groups(cfg, chunks, tied, dp, mode, pp_rank):
-            out[("reduce_scatter", "dp")] += mb * size * GRAD_BYTES
-            out[("all_gather", "dp")] += gathers * size // dp * e
-    elif dp > 1:
-        for size in _bucket_sizes(cfg, chunks, tied, dp):
+    d, grads = dp * layout.cp, "dp" if layout.cp == 1 else "dp_cp"   # parameters are replicated over CP
+    if d > 1 and per_group:                             # (zero2/3 with cp > 1 are refused by Layout)
+        for size, gathers in _zero_groups(cfg, chunks, tied, d, mode, pp_rank):
+            out[("reduce_scatter", grads)] += mb * size * GRAD_BYTES
+            out[("all_gather", grads)] += gathers * size // d * e
+    elif d > 1:
+        for size in _bucket_sizes(cfg, chunks, tied, d):
             if p.distributed_optimizer:
-                out[("reduce_scatter", "dp")] += size * GRAD_BYTES
-                out[("all_gather", "dp")] += size // dp * e
+                out[("reduce_scatter", grads)] += size * GRAD_BYTES
+                out[("all_gather", grads)] += size // d * e
             else:
-                out[("all_reduce", "dp")] += size * GRAD_BYTES
+                out[("all_reduce", grads)] += size * GRAD_BYTES
     norm_group = "mp" if mode == "ddp" else "world"
     if sizes[norm_group] > 1:
         out[("all_reduce", norm_group)] += 8                # one fp64: the sum of squares

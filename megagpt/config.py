@@ -48,6 +48,7 @@ class ModelConfig:
     bias: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    attention_window: int | None = None  # sliding window: a token attends to the w tokens ending at itself
     init_std: float = 0.02
     scaled_init: bool = True             # output projections get std / sqrt(2 * num_layers)
     make_vocab_divisible_by: int = 128   # the padded vocab is a multiple of this times tp
@@ -300,6 +301,9 @@ def validate(cfg: Config) -> None:
         p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.attention_window is not None and not 1 <= m.attention_window <= t.seq_len:
+        raise ConfigError(f"model.attention_window: expected 1 <= window <= train.seq_len={t.seq_len}, got "
+                          f"{m.attention_window} (leave it unset for full causal attention)")
     from .layout import Layout  # the layout's rules live beside this file, and read ModelConfig from it
     Layout.from_config(cfg)
     if t.min_lr > t.lr:

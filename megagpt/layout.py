@@ -14,9 +14,11 @@ engine, the memory and communication models, the planner, the dry run and the co
 it, so they agree on which layers each chunk holds, how many microbatches run and what crosses a
 stage boundary.
 
-dp counts the ranks that hold the same model piece: dp = world / (tp * cp * pp). Context and
-expert parallelism are held at size 1 for now (anything else is refused in one line); expert
-parallelism will be carved out of dp * cp, as Megatron does, when it arrives.
+dp counts the ranks that hold the same model piece: dp = world / (tp * cp * pp). Context
+parallelism (cp) cuts every sequence into 2*cp zigzag chunks (parallel/context.py), so a rank holds
+seq_len/cp tokens, and parameters are replicated over cp: gradients are reduced, and the
+distributed optimizer sharded, over dp*cp. Expert parallelism is held at size 1 for now (anything
+else is refused in one line); it will be carved out of dp * cp, as Megatron does, when it arrives.
 
 The layer split (`chunk_layers`). The model is cut into pp*vp chunks of consecutive layers; global
 chunk c lives on pp rank c % pp as local chunk c // pp (the layout of `pipeline/schedule.py`).
@@ -97,10 +99,8 @@ class Layout:
                        ("parallel.pp", self.pp), ("parallel.vp", self.vp), ("parallel.world_size", self.world_size),
                        ("train.seq_len", self.seq_len), ("train.micro_batch_size", self.micro_batch),
                        ("train.global_batch_size", self.global_batch))
-        for name, what in (("cp", "context"), ("ep", "expert")):
-            if getattr(self, name) != 1:
-                raise ConfigError(f"parallel.{name}: {what} parallelism is not supported yet "
-                                  f"(got {getattr(self, name)}); use 1")
+        if self.ep != 1:
+            raise ConfigError(f"parallel.ep: expert parallelism is not supported yet (got {self.ep}); use 1")
         if sorted(self.order.split("-")) != sorted(AXES):
             raise ConfigError(f"parallel.order: expected a permutation of tp-cp-ep-dp-pp, got {self.order!r}")
         tp = self.tp
@@ -132,8 +132,19 @@ class Layout:
             raise ConfigError(f"train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule == "gpipe" and self.vp > 1:
             raise ConfigError("train.schedule: gpipe has no interleaved variant; use 1f1b with parallel.vp > 1")
-        if self.sp and self.seq_len % tp:
-            raise ConfigError(f"train.seq_len: {self.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)")
+        cp = self.cp
+        if cp > 1 and self.seq_len % (2 * cp):
+            raise ConfigError(f"train.seq_len: {self.seq_len} is not divisible by 2*parallel.cp={2 * cp} "
+                              f"(context parallelism cuts it into 2*cp zigzag chunks)")
+        if cp > 1 and m.attention_dropout > 0:            # ring attention has no dropout
+            raise ConfigError(f"model.attention_dropout: attention dropout is not supported with parallel.cp={cp} "
+                              f"> 1 (got {m.attention_dropout}); set it to 0")
+        if cp > 1 and m.hidden_dropout > 0 and self.sp:   # SP shards draw per TP rank, which CP ranks would share
+            raise ConfigError(f"model.hidden_dropout: hidden dropout with parallel.cp={cp} needs "
+                              f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
+        if self.sp and (self.seq_len // cp) % tp:
+            raise ConfigError(f"train.seq_len: {self.seq_len}/cp={self.seq_len // cp} is not divisible by "
+                              f"parallel.tp={tp} (sequence parallel)")
         if self.global_batch % (self.micro_batch * self.dp):
             raise ConfigError(f"train.global_batch_size: {self.global_batch} is not divisible by "
                               f"micro_batch_size*dp={self.micro_batch}*{self.dp}")
@@ -142,6 +153,10 @@ class Layout:
                               f"fewer than parallel.pp={self.pp}")
 
     # ------------------------------------------------------------------ derived figures
+    @property
+    def seq_multiple(self) -> int:
+        """What every sequence length must be a multiple of: 2*cp zigzag chunks, each cut by tp under SP."""
+        return (2 * self.cp if self.cp > 1 else 1) * self.tp
     @property
     def model_parallel(self) -> int:
         """Ranks that hold one model replica between them."""
@@ -165,8 +180,9 @@ class Layout:
         return {axis: rank // stride % self.sizes[axis] for axis, stride in _strides(self.sizes, self.order).items()}
 
     def activation_shape(self, m: ModelConfig) -> tuple[int, int, int]:
-        """What crosses a pipeline stage boundary: [s/tp, b, h] with sequence parallelism, else [s, b, h]."""
-        return (self.seq_len // self.tp if self.sp else self.seq_len, self.micro_batch, m.hidden_size)
+        """What crosses a pipeline stage boundary: [s/(cp*tp), b, h] with sequence parallelism, else [s/cp, b, h]."""
+        s = self.seq_len // self.cp
+        return (s // self.tp if self.sp else s, self.micro_batch, m.hidden_size)
 
     def head_cost(self, m: ModelConfig) -> float:
         """Forward FLOPs of the LM head per token, in layers (see the module docstring)."""

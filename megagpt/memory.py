@@ -21,6 +21,12 @@ without. Weights and grads are never sharded over dp.
 
 Activations: see `layer_activation_terms` for the term-by-term count (Korthikanti et al. 2022
 adapted to GQA and gated MLPs) and `memory_per_rank` for the pipeline in-flight factor.
+
+Context parallelism (cp > 1): a rank holds s/cp tokens, so every activation term (and the
+logits) is that of seq_len/cp; ring attention keeps no s^2 term whatever the kernel (it saves q,
+k, v, its output and the fp32 log-sum-exp, as flash attention does). Parameters are replicated
+over cp, so weights and grads do not shrink, and the distributed optimizer shards over dp*cp.
+Not counted: the ring's transient buffers (two K/V blocks, and in backward a dK/dV block in fp32).
 """
 from __future__ import annotations
 
@@ -147,7 +153,9 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
     tp, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
     seq_len, micro_batch, num_microbatches = layout.seq_len, layout.micro_batch, layout.num_microbatches
     e = DTYPES[dtype].itemsize
-    per_param = bytes_per_param(dtype, dp, distributed_optimizer, dp_mode)
+    cp = layout.cp
+    per_param = bytes_per_param(dtype, dp * cp, distributed_optimizer, dp_mode)   # shards span dp x cp
+    seq_len, flash = seq_len // cp, flash or cp > 1             # this rank's tokens; the ring keeps no s^2
     params = params_per_rank(m, layout)
     layers = layout.stage_layers(m)
     full = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, "none")

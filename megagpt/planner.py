@@ -17,9 +17,17 @@ Time model (per optimizer step, for the slowest pipeline rank; every constant li
     LM head (last) or embedding (first), so uneven splits and the head imbalance show.
   - recompute: full re-runs each layer's forward (compute, memory traffic and TP comm, i.e.
     4/3 of the layer's compute); selective re-runs the attention core.
+  - CP (context parallelism, cp = c): each rank runs s/c tokens of every sequence; GEMM, memory-bound
+    and TP terms are those of s/c tokens, attention FLOPs are 1/c of the sequence's (zigzag
+    balances them). The ring (parallel/context.py) sends per layer and microbatch c-1 K/V blocks
+    [2, b, s/c, kv_r, d] forward, and backward c-1 K/V blocks plus c dK/dV blocks in fp32
+    (comm_model.cp_ring_bytes); each hop overlaps one of the c equal attention blocks, so only
+    what a hop takes beyond its block (and the last dK/dV hop) is exposed. The ring's ranks are
+    tp apart. Ring attention keeps no s^2 term, as flash attention.
   - DP: distributed optimizer = reduce-scatter of fp32 grads + all-gather of the weights, each
     (d-1)/d of the rank's bytes (all-reduce of fp32 grads without it); `dp_overlap` (0.5) of it
-    is assumed hidden behind backward / next forward. Plus the Adam step at HBM bandwidth.
+    is assumed hidden behind backward / next forward. Plus the Adam step at HBM bandwidth. With CP
+    the gradients are reduced (and the optimizer sharded) over dp*cp ranks.
 Throughput is reported as model FLOPs (config.flops_per_token: 3x forward, causal attention,
 no recompute) per GPU, and MFU = that / peak. `paper_flops` is Megatron's 96Bslh^2(...) formula
 (which counts the recompute forward), used only for the Narayanan et al. 2021 validation.
@@ -72,10 +80,11 @@ class Candidate:
     sp: bool
     recompute: str
     num_microbatches: int
+    cp: int = 1
 
     def layout(self, seq_len: int) -> Layout:
-        return Layout(tp=self.tp, pp=self.pp, vp=self.vp, world_size=self.tp * self.pp * self.dp, sp=self.sp,
-                      seq_len=seq_len, micro_batch=self.micro_batch,
+        return Layout(tp=self.tp, cp=self.cp, pp=self.pp, vp=self.vp, world_size=self.tp * self.cp * self.pp * self.dp,
+                      sp=self.sp, seq_len=seq_len, micro_batch=self.micro_batch,
                       global_batch=self.micro_batch * self.num_microbatches * self.dp)
 
 
@@ -103,8 +112,8 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     and K (read + write) and the activation function (GELU 2f/t, SwiGLU 3f/t); without flash,
     per score element: write scores, softmax read + write, PV read (+ dropout read, write, mask).
     Flash attention FLOPs skip the causal half and run at gemm_eff like the GEMMs."""
-    t, b = L.tp, L.micro_batch
-    h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s * b
+    t, b, cp = L.tp, L.micro_batch, L.cp
+    h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s // cp * b      # this rank's tokens
     a_r, kv_r = m.num_heads // t, m.kv_heads_per_rank(t)
     gemm, attn = (tok * x for x in layer_flops(m, s, t, causal=flash))   # flash skips the masked half
     rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
@@ -114,8 +123,15 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     comm = 0.0
     if t > 1:
         comm = 4 * ((t - 1) / t * tok * h * e / _ring_bw(c, t, 1) + c.latency_us * 1e-6)
+    cp_fwd = cp_bwd = 0.0
+    if cp > 1:   # each hop hides behind one of the cp equal attention blocks (backward: 2x the compute)
+        bw, lat = _ring_bw(c, cp, t), c.latency_us * 1e-6
+        kv = 2 * tok * kv_r * d                                   # elements of one K/V block
+        step = attn / flop_s / cp
+        cp_fwd = (cp - 1) * max(0.0, kv * e / bw + lat - step)
+        cp_bwd = (cp - 1) * max(0.0, kv * (e + 4) / bw + 2 * lat - 2 * step) + kv * 4 / bw + lat
     return {"gemm": gemm / flop_s, "attn": attn / flop_s, "mem": (rep + shard) / byte_s, "core_mem": core / byte_s,
-            "comm": comm, "flops": gemm + attn}
+            "comm": comm, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "flops": gemm + attn}
 
 
 def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype: str = "bf16", flash: bool = True,
@@ -123,28 +139,29 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     """Memory and step time of one layout; see the module docstring for the model. dp_mode (train.dp_mode;
     None: zero1, or ddp without the distributed optimizer): zero2 reduce-scatters the fp32 grads on every
     microbatch, zero3 also all-gathers the weights twice per microbatch (memory: memory_per_rank's)."""
-    c, s, t, pp, vp = cluster, seq_len, L.tp, L.pp, L.vp
+    c, s, t, pp, vp, cp = cluster, seq_len, L.tp, L.pp, L.vp, L.cp
     e = DTYPES[dtype].itemsize
     layout = L.layout(s)
     mode = dp_mode or ("zero1" if distributed_optimizer else "ddp")
     mem = memory_per_rank(m, layout, dtype, mode != "ddp", L.recompute, None, flash, dp_mode=mode)
-    lc = _layer_costs(m, L, s, e, flash, c)
-    tok, h, vpad = s * L.micro_batch, m.hidden_size, m.padded_vocab(t)
+    lc = _layer_costs(m, L, s, e, flash or cp > 1, c)
+    tok, h, vpad = s // cp * L.micro_batch, m.hidden_size, m.padded_vocab(t)   # this rank's tokens
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff
     act_bytes = tok * h * e
     tp_bw = _ring_bw(c, t, 1)
     one_coll = (t - 1) / t * act_bytes / tp_bw + c.latency_us * 1e-6 if t > 1 else 0.0
-    pp_bw = c.nvlink_gbps / 2 * 1e9 * c.link_eff if t * L.dp * pp <= c.gpus_per_node \
+    pp_bw = c.nvlink_gbps / 2 * 1e9 * c.link_eff if t * cp * L.dp * pp <= c.gpus_per_node \
         else c.network_gbps / 8 * 1e9 * c.link_eff
     p2p = vp * 2 * (act_bytes / t / pp_bw + c.latency_us * 1e-6) if pp > 1 else 0.0
-    fwd = lc["gemm"] + lc["attn"] + lc["mem"] + lc["core_mem"] + lc["comm"]
-    rc = {"none": 0.0, "selective": lc["attn"] + lc["core_mem"], "full": fwd}[L.recompute]
+    fwd = lc["gemm"] + lc["attn"] + lc["mem"] + lc["core_mem"] + lc["comm"] + lc["cp_fwd"]
+    rc = {"none": 0.0, "selective": lc["attn"] + lc["core_mem"] + lc["cp_fwd"], "full": fwd}[L.recompute]
     head_flops = 3 * 2 * tok * h * vpad / t
 
     ranks = []
     for r, n in enumerate(mem["layers_per_rank"]):
         parts = {"compute": n * 3 * (lc["gemm"] + lc["attn"]), "memory_bound": n * 3 * (lc["mem"] + lc["core_mem"]),
-                 "tp_comm": n * 2 * lc["comm"], "recompute": n * rc, "pp_p2p": p2p}
+                 "tp_comm": n * 2 * lc["comm"], "cp_comm": n * (lc["cp_fwd"] + lc["cp_bwd"]),
+                 "recompute": n * rc, "pp_p2p": p2p}
         flops = n * 3 * lc["flops"] + (n * lc["flops"] * (L.recompute == "full"))
         if r == 0:
             parts["tp_comm"] += 2 * one_coll    # embedding: one all-reduce fwd, or RS fwd + AG bwd with SP
@@ -159,24 +176,24 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     step["bubble"] = (pp - 1) / vp * t_mb
 
     params, w = mem["params_on_rank"], e
-    d = L.dp
+    d, dc = L.dp, L.dp * cp         # gradients are reduced over dp x cp (parameters replicated over CP)
     per_mb = L.num_microbatches
-    dp_bytes = params * (d - 1) / d * {"ddp": 2 * 4, "zero1": 4 + w, "zero2": 4 * per_mb + w,
-                                       "zero3": (4 + 2 * w) * per_mb}[mode]
-    step["dp_comm"] = (1 - c.dp_overlap) * dp_bytes / _ring_bw(c, d, t) if d > 1 else 0.0
-    step["optimizer"] = params / (1 if mode == "ddp" else d) * 30 / byte_s
+    dp_bytes = params * (dc - 1) / dc * {"ddp": 2 * 4, "zero1": 4 + w, "zero2": 4 * per_mb + w,
+                                         "zero3": (4 + 2 * w) * per_mb}[mode]
+    step["dp_comm"] = (1 - c.dp_overlap) * dp_bytes / _ring_bw(c, dc, t) if dc > 1 else 0.0
+    step["optimizer"] = params / (1 if mode == "ddp" else dc) * 30 / byte_s
     step["embedding_sync"] = 0.0
     if m.tie_embeddings and pp > 1:   # tied embedding grads all-reduced between the first and last stage
         step["embedding_sync"] = vpad / t * h * 4 / (c.network_gbps / 8 * 1e9 * c.link_eff)
     step_time = sum(step.values())
 
-    gpus = t * pp * d
+    gpus = t * cp * pp * d
     global_batch = L.micro_batch * L.num_microbatches * d
     tokens = global_batch * s
     model_tflops = flops_per_token(m, s) * tokens / step_time / gpus / 1e12
-    hw_tflops = sum(x[2] for x in ranks) * t * d * L.num_microbatches / step_time / gpus / 1e12
+    hw_tflops = sum(x[2] for x in ranks) * t * cp * d * L.num_microbatches / step_time / gpus / 1e12
     hbm = c.hbm_gb * 2 ** 30
-    return {"tp": t, "pp": pp, "vp": vp, "dp": d, "sp": L.sp, "recompute": L.recompute,
+    return {"tp": t, "cp": cp, "pp": pp, "vp": vp, "dp": d, "sp": L.sp, "recompute": L.recompute,
             "micro_batch": L.micro_batch, "num_microbatches": L.num_microbatches,
             "memory_gb": mem["total"] / 2 ** 30, "fits": mem["total"] <= c.reserve * hbm,
             "tflops_per_gpu": model_tflops, "hw_tflops_per_gpu": hw_tflops, "mfu": model_tflops / c.peak_tflops,
@@ -191,23 +208,31 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0] or [1]
 
 
+CP_DEGREES = (1, 2, 4, 8, 16)
+
+
 def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, cluster: Cluster,
                       tp: int | None = None, pp: int | None = None, vp: int | None = None,
-                      micro_batch: int | None = None, sp: bool | None = None, recompute: str | None = None):
+                      micro_batch: int | None = None, sp: bool | None = None, recompute: str | None = None,
+                      cp: int | None = None):
     """Every layout the engine can run (a given argument fixes that dimension): tp | gpus_per_node,
-    pp | gpus/tp, vp in 1,2,4,.., micro batch in 1,2,4,8, SP on/off for tp > 1, recompute none/
+    cp in 1,2,4,8,16 dividing gpus/tp, pp | gpus/(tp*cp), vp in 1,2,4,.., micro batch in 1,2,4,8, SP on/off for tp > 1, recompute none/
     selective/full, each kept when `Layout.validate` (the rules the config and the engine apply)
     accepts it. When none passes, the first candidate's ConfigError is raised: it names the field."""
     first_error, found = None, False
-    for t in [tp] if tp is not None else _divisors(cluster.gpus_per_node):
-        for p in [pp] if pp is not None else _divisors(gpus // t if isinstance(t, int) and t > 0 else 1):
+    for t, k in itertools.product([tp] if tp is not None else _divisors(cluster.gpus_per_node),
+                                  [cp] if cp is not None else CP_DEGREES):
+        if cp is None and k > 1 and isinstance(t, int) and t > 0 and gpus % (t * k):   # cp=1 shows a bad tp
+            continue
+        tk = t * k if isinstance(t, int) and isinstance(k, int) and t > 0 and k > 0 else 1
+        for p in [pp] if pp is not None else _divisors(gpus // tk):
             vps = [vp] if vp is not None else [1] + [v for v in (2, 4, 8, 16) if p > 1]
             for v, mb, s, rc in itertools.product(vps, [micro_batch] if micro_batch is not None else (1, 2, 4, 8),
                                                   [sp] if sp is not None else (False, True),
                                                   [recompute] if recompute is not None else RECOMPUTE):
                 if s and t == 1:                     # no SP at tp = 1 (the layout with SP off)
                     continue
-                layout = Layout(tp=t, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len, micro_batch=mb,
+                layout = Layout(tp=t, cp=k, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len, micro_batch=mb,
                                 global_batch=global_batch)
                 try:
                     layout.validate(m)
@@ -215,7 +240,7 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
                     first_error = first_error or e
                     continue
                 found = True
-                yield Candidate(t, p, v, layout.dp, mb, layout.sp, rc, layout.num_microbatches)
+                yield Candidate(t, p, v, layout.dp, mb, layout.sp, rc, layout.num_microbatches, k)
     if not found and first_error is not None:
         raise first_error
 
@@ -223,7 +248,7 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
 def rank_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int, cluster: Cluster | None = None,
                  dp_mode: str | None = None, **fixed) -> tuple[list[dict], dict | None]:
     """(layouts that fit, best first; the non-fitting layout with the least memory, or None).
-    `fixed` takes enumerate_layouts' tp, pp, vp, micro_batch, sp, recompute; dp_mode is predict's."""
+    `fixed` takes enumerate_layouts' tp, cp, pp, vp, micro_batch, sp, recompute; dp_mode is predict's."""
     c = cluster or Cluster()
     fits, closest = [], None
     for L in enumerate_layouts(m, gpus, seq_len, global_batch, c, **fixed):

@@ -30,6 +30,7 @@ from .layout import Layout
 from .metrics_log import Logger
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
+from .parallel.context import zigzag_shard
 from .parallel.random import seed_everything
 from .parallel.state import ParallelState, init_distributed
 from .pipeline.engine import PipelineEngine
@@ -99,7 +100,8 @@ class Trainer:
 
     def _microbatch_fn(self, dataset, first_sample: int, length: int | None = None):
         """Microbatch i of the global batch starting at first_sample: DP ranks read disjoint samples,
-        and only the first stage (tokens) and the last (labels) read at all."""
+        and only the first stage (tokens) and the last (labels) read at all. CP ranks read the same
+        samples and keep their zigzag pair of chunks of each sequence (parallel/context.py)."""
         sampler = MicroBatchSampler(len(dataset), first_sample, self.cfg.train.micro_batch_size,
                                     self.ps.dp.rank, self.dp)
         indices = list(itertools.islice(sampler, self.num_microbatches))
@@ -110,13 +112,16 @@ class Trainer:
             tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
             if length is not None and length < tokens.shape[1]:           # seq-length warm-up: the first tokens
                 tokens, labels = tokens[:, :length].contiguous(), labels[:, :length].contiguous()
+            tokens, labels = (zigzag_shard(t, 1, self.ps.cp.size, self.ps.cp.rank)   # [b, s/cp] each
+                              for t in (tokens, labels))
             return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
                     labels.to(self.ps.device) if self.ps.is_last_stage else None)
         return get
 
     # ------------------------------------------------------------------ one step
     def _global_loss(self, per_mb: list, length: int | None = None) -> float:
-        """Sum of token losses on the last stage's TP rank 0 of each DP replica -> the global mean."""
+        """Sum of token losses on the last stage's TP rank 0 of each DP replica and CP rank (each holds
+        its own tokens' sum) -> the global mean over every token of the global batch."""
         t = self.cfg.train
         total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)  # nccl reduces device tensors
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
@@ -126,7 +131,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         t = self.cfg.train
-        length = seq_len_at(self.step, t.seq_len, self.cfg.data.seq_len_warmup, self.layout.tp * self.layout.cp)
+        length = seq_len_at(self.step, t.seq_len, self.cfg.data.seq_len_warmup, self.layout.seq_multiple)
         tokens = t.global_batch_size * length
         lr = lr_at(self.step, t)
         self.optimizer.zero_grad()

@@ -85,7 +85,7 @@ def test_enumeration_respects_the_rules():
     layouts = list(enumerate_layouts(m, 512, 8192, 1024, Cluster()))
     assert layouts
     for L in layouts:
-        assert L.tp * L.pp * L.dp == 512 and m.num_heads % L.tp == 0 and 8 % L.tp == 0
+        assert L.tp * L.cp * L.pp * L.dp == 512 and m.num_heads % L.tp == 0 and 8 % L.tp == 0
         assert L.micro_batch * L.num_microbatches * L.dp == 1024
         assert L.vp == 1 or (L.pp > 1 and m.num_layers >= L.pp * L.vp)   # uneven chunks are balanced
         assert L.pp == 1 or L.num_microbatches >= L.pp

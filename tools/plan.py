@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pick a parallel layout: rank every (tp, pp, vp, dp, micro batch, SP, recompute) that fits by
+"""Pick a parallel layout: rank every (tp, cp, pp, vp, dp, micro batch, SP, recompute) that fits by
 predicted throughput (see megagpt/planner.py for the time model and megagpt/memory.py for memory).
 
   python tools/plan.py --config examples/configs/gpt4plus-70b.yaml --gpus 1024 [--seq-len 8192]
@@ -25,19 +25,19 @@ from megagpt.planner import (Cluster, a100_selene, flagship, gpt4plus_70b, rank_
 
 def public(p: dict) -> dict:
     """The fields of a prediction that go into the JSON output."""
-    keys = ("tp", "pp", "vp", "dp", "sp", "recompute", "micro_batch", "num_microbatches", "memory_gb",
+    keys = ("tp", "cp", "pp", "vp", "dp", "sp", "recompute", "micro_batch", "num_microbatches", "memory_gb",
             "tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s", "memory_breakdown", "time_breakdown")
     return {k: p[k] for k in keys}
 
 
 def row_line(p: dict) -> str:
-    return (f"{p['tp']:>3} {p['pp']:>3} {p['vp']:>3} {p['dp']:>5} {'on' if p['sp'] else 'off':>3} {p['recompute']:>9} "
+    return (f"{p['tp']:>3} {p['cp']:>3} {p['pp']:>3} {p['vp']:>3} {p['dp']:>5} {'on' if p['sp'] else 'off':>3} {p['recompute']:>9} "
             f"{p['micro_batch']:>3} {p['num_microbatches']:>5} {p['memory_gb']:>7.1f} {p['tflops_per_gpu']:>7.1f} "
             f"{100 * p['mfu']:>5.1f} {p['step_time_s']:>9.3f} {p['tokens_per_s']:>11.0f}")
 
 
 def header() -> str:
-    return " tp  pp  vp    dp  sp recompute  mb    m  mem_GiB  TFLOP/s  MFU%    step_s    tokens/s"
+    return " tp  cp  pp  vp    dp  sp recompute  mb    m  mem_GiB  TFLOP/s  MFU%    step_s    tokens/s"
 
 
 def explain(p: dict, out=sys.stdout) -> None:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="the ranking as one JSON object on the last line")
     ap.add_argument("--explain", action="store_true", help="memory and time breakdown of the winner")
-    for k in ("tp", "pp", "vp", "micro-batch"):
+    for k in ("tp", "cp", "pp", "vp", "micro-batch"):
         ap.add_argument(f"--{k}", type=int, help="fix this dimension")
     ap.add_argument("--recompute", choices=("none", "selective", "full"))
     ap.add_argument("--sp", dest="sp", action="store_true", default=None)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(a, name)}")
         m = load_config(a.config).model if a.config else gpt4plus_70b()
         name = Path(a.config).stem if a.config else "gpt4plus-70b"
-        fixed = dict(tp=a.tp, pp=a.pp, vp=a.vp, micro_batch=a.micro_batch, sp=a.sp, recompute=a.recompute)
+        fixed = dict(tp=a.tp, cp=a.cp, pp=a.pp, vp=a.vp, micro_batch=a.micro_batch, sp=a.sp, recompute=a.recompute)
         fits, closest = rank_layouts(m, a.gpus, a.seq_len, a.global_batch, c, **fixed)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,6 +58,9 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     if cfg.rotary_fraction != 1.0:
         raise ConversionError(f"model.rotary_fraction: Llama rotates whole heads; {cfg.rotary_fraction} "
                               f"has no HF Llama equivalent")
+    if cfg.attention_window is not None:
+        raise ConversionError(f"model.attention_window: Llama attends to the whole context; a window of "
+                              f"{cfg.attention_window} has no HF Llama equivalent")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling != 1.0:
         rope = {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}

@@ -1,7 +1,7 @@
 """Sharded checkpoints: every rank writes its own pieces, any layout can read them back.
 
 Each rank writes `rank_XXXXX.safetensors` (its local params under their global names, written by
-DP rank 0 only since DP replicas are equal; its optimizer shard under `optim/<name>/<key>`, written
+DP and CP rank 0 only since DP and CP replicas are equal; its optimizer shard under `optim/<name>/<key>`, written
 by every rank) and `rank_XXXXX.json`; format.py holds their schema and the one Writer and Reader.
 Loading reads, for each tensor, only the slices of the saved pieces that this rank's piece needs
 (flat optimizer ranges -> this rank's flat range; TP pieces -> this rank's piece), so TP, PP, DP and
@@ -57,7 +57,7 @@ def _shared_nonce(ps) -> str:
 # ----------------------------------------------------------------------------- save
 
 def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg, extra, optimizer) -> None:
-    """This rank's files through the format's Writer: its params (DP rank 0 only: DP replicas are equal),
+    """This rank's files through the format's Writer: its params (DP and CP rank 0 only: the replicas are equal),
     then its optimizer ranges, each param followed by its optimizer state."""
     state = (optimizer.state_for_checkpoint(copy=False) if hasattr(optimizer, "state_for_checkpoint")
              else (optimizer or {}))                          # views: each is streamed to disk, never copied
@@ -76,7 +76,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
         if not written:
             continue                                          # the tied copy: the first stage's is kept
         tp = TPPiece.of(p.meta.spec, ps.tp.rank, ps.tp.size)
-        if ps.dp.rank == 0:
+        if ps.dp_cp.rank == 0:                                # replicated over DP and CP: written once
             writer.add_param(name, p.dtype, p.meta.global_shape, tp)
             tensors.append((name, p))
         value = state.get(name)

@@ -3,7 +3,9 @@
 The fused QKV weight's global layout is [Q (nq*d rows); K (nkv*d); V (nkv*d)], the layout of HF's
 q_proj/k_proj/v_proj stacked. TP rank r holds [Q_r; K_r; V_r]: whole query heads, and the KV heads
 those queries use (split when nkv % tp == 0, replicated over tp/nkv ranks when nkv < tp).
-The core runs through flash-attn when it imports on CUDA, else F.scaled_dot_product_attention.
+The core runs through flash-attn when it imports on CUDA, else F.scaled_dot_product_attention;
+under context parallelism (a CP group of more than one rank) through ring attention
+(parallel/context.py), each rank holding its zigzag pair of sequence chunks.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..parallel.context import band_mask, ring_attention
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
 from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
 from ..parallel.state import Group
@@ -26,14 +29,20 @@ def _flash_attn_func():
         return None
 
 
-def core_attention(q, k, v, dropout_p: float, use_flash: bool) -> torch.Tensor:
-    """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal."""
+def core_attention(q, k, v, dropout_p: float, use_flash: bool, window: int | None = None) -> torch.Tensor:
+    """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal; with a sliding window each query
+    sees the `window` keys ending at its own position (`band_mask`)."""
     if use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
-            return flash(q, k, v, dropout_p=dropout_p, causal=True)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         dropout_p=dropout_p, is_causal=True,
+            return flash(q, k, v, dropout_p=dropout_p, causal=True,
+                         window_size=(-1, -1) if window is None else (window - 1, 0))
+    mask = None
+    if window is not None:
+        pos = torch.arange(q.shape[1], device=q.device)
+        mask = band_mask(pos, pos, window)                        # [s, s]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         dropout_p=dropout_p, is_causal=mask is None,
                                          enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
@@ -49,8 +58,9 @@ def masked_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
-                 selective_recompute: bool = False, device=None, dtype=None):
+                 selective_recompute: bool = False, device=None, dtype=None, cp: Group | None = None):
         super().__init__()
+        self.cp = cp if cp is not None and cp.size > 1 else None
         h, d, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.kv_heads
         self.head_dim, self.tracker, self.cfg = d, tracker, cfg
         self.nq_local = nq // tp.size
@@ -61,11 +71,14 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
 
     def _core(self, q, k, v):
+        w = self.cfg.attention_window
+        if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
+            return ring_attention(q, k, v, self.cp, window=w)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
-                return core_attention(q, k, v, p, self.cfg.use_flash_attn)
-        return core_attention(q, k, v, p, self.cfg.use_flash_attn)
+                return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
+        return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         """cache: None in training; in generation this layer's view of a `KVCache` (megagpt/kv_cache.py),
@@ -80,7 +93,12 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))          # [b, s, heads, d]
         if cache is not None:
             k, v = cache.update(k, v)                             # [b, T, nkv_l, d], T = cached + s
-            out = masked_attention(q, k, v, cache.mask)
+            mask, w = cache.mask, self.cfg.attention_window
+            if w is not None:                                     # the window over cache slots: the s queries
+                T = k.shape[1]                                    # sit in the last s of T slots
+                band = band_mask(torch.arange(T - s, T, device=k.device), torch.arange(T, device=k.device), w)
+                mask = band if mask is None else mask & band      # [s, T] or [b, 1, s, T]
+            out = masked_attention(q, k, v, mask)
         elif self.selective_recompute and self.training:
             out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
         else:

@@ -14,17 +14,18 @@ from .norm import Norm
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
-                 selective_recompute: bool = False, device=None, dtype=None):
+                 selective_recompute: bool = False, device=None, dtype=None, cp: Group | None = None):
         super().__init__()
-        self.cfg, self.tracker, self.sp = cfg, tracker, sequence_parallel
+        self.cfg, self.tracker, self.sp, self.cp = cfg, tracker, sequence_parallel, cp
         self.norm1 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
-        self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype)
+        self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype, cp)
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         # x: [s/tp, b, h] with SP, else [s, b, h] replicated over TP
         p = self.cfg.hidden_dropout
-        x = x + dropout(self.attention(self.norm1(x), cos, sin, cache), p, self.training, self.tracker, self.sp)
-        x = x + dropout(self.mlp(self.norm2(x)), p, self.training, self.tracker, self.sp)
+        attn = self.attention(self.norm1(x), cos, sin, cache)
+        x = x + dropout(attn, p, self.training, self.tracker, self.sp, self.cp)
+        x = x + dropout(self.mlp(self.norm2(x)), p, self.training, self.tracker, self.sp, self.cp)
         return x

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..parallel.context import zigzag_shard
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
                                parallel_lm_logits)
@@ -49,7 +50,7 @@ class GPTModel(nn.Module):
                 w = self.embedding.weight
                 w.meta = replace(w.meta, tied="embedding", tied_copy=not pre_process)
         self.layers = nn.ModuleDict({
-            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", **kw) for i in self.layer_ids})
+            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw) for i in self.layer_ids})
         if post_process:
             self.final_norm = Norm(h, cfg.norm, cfg.norm_eps, self.sp, **kw)
             if not cfg.tie_embeddings:
@@ -89,7 +90,7 @@ class GPTModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> [s(/tp), b, h]."""
         x = self.embedding(tokens)
-        return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp)
+        return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp, self.ps.cp)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
@@ -102,8 +103,9 @@ class GPTModel(nn.Module):
         s = x.shape[0] * (self.tp.size if self.sp else 1)
         if cache is not None:
             cos, sin = cache.rope(*self._rope(cache.max_len, x.device, torch.float32), s)  # [s, b, 1, rot/2]
-        else:
-            cos, sin = self._rope(s, x.device, torch.float32)
+        else:  # under CP this rank holds s of the cp*s positions: its zigzag rows of the whole table
+            cp = self.ps.cp
+            cos, sin = (zigzag_shard(t, 0, cp.size, cp.rank) for t in self._rope(s * cp.size, x.device, torch.float32))
         for i, layer in self.layers.items():
             if cache is not None:
                 x = layer(x, cos, sin, cache.layer(int(i)))

@@ -54,11 +54,12 @@ class Optimizer:
         self.names = names = {id(p): n for c in named for n, p in c}
         # a tied parameter's copies on other stages must have the same shards: each sits alone
         tied_params = [p for c in named for _, p in c if meta_of(p).tied and ps.embedding.size > 1]
-        self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp,
+        # parameters are replicated over DP and CP: gradients are reduced (and ZeRO shards owned) over dp x cp
+        self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp_cp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
                                  own_bucket=tied_params, device=ps.device)
         rule = ShardedAdamW if self.distributed else PlainAdamW
-        self.update = rule(names, self.buffer, ps.dp, train_cfg)
+        self.update = rule(names, self.buffer, ps.dp_cp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,
                                  train_cfg.loss_scale_window, train_cfg.min_loss_scale)
         self.world = ps.world
@@ -66,7 +67,7 @@ class Optimizer:
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views()
         self.steps = 0                          # updates applied (skipped steps do not count)
-        self.overlap = parallel_cfg.overlap_param_gather and self.distributed and ps.dp.size > 1
+        self.overlap = parallel_cfg.overlap_param_gather and self.distributed and ps.dp_cp.size > 1
         self._hooks = self._register_gather_waits() if self.overlap else []
 
     def _register_gather_waits(self) -> list:
@@ -86,8 +87,11 @@ class Optimizer:
         return hooks
 
     def _norm_views(self) -> list[torch.Tensor]:
-        """The pieces of the buffer this rank counts in the global norm (see clip.py)."""
+        """The pieces of the buffer this rank counts in the global norm (see clip.py). Without the
+        distributed optimizer every CP rank holds the whole (reduced) gradient: CP rank 0 counts it."""
         views = []
+        if not self.distributed and self.ps.cp.rank > 0:
+            return views
         for b in self.buffer.buckets:
             lo, hi = self.buffer.owned_range(b)
             for p in b.params:

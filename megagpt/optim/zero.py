@@ -77,7 +77,7 @@ class ShardedOptimizer:
 
     def __init__(self, chunks: list[nn.Module], ps: ParallelState, train_cfg: TrainConfig, parallel_cfg,
                  param_lists: list[list[nn.Parameter]] | None = None):
-        self.chunks, self.ps, self.cfg, self.dp = list(chunks), ps, train_cfg, ps.dp
+        self.chunks, self.ps, self.cfg, self.dp = list(chunks), ps, train_cfg, ps.dp_cp   # params replicated over CP
         named = [(n, p) for c in self.chunks for n, p in c.named_parameters() if p.requires_grad]
         want = DTYPES[train_cfg.dtype]
         wrong = [(n, p.dtype) for n, p in named if p.dtype != want]

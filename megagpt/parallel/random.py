@@ -5,6 +5,9 @@ default generator, seeded the same on every TP rank, so every rank drops the sam
 A region whose tensor is sharded over TP (attention heads, or any [s/tp, b, h] SP shard) draws
 from the "tp-sharded" generator, seeded differently per TP rank, so the shards are independent.
 Pipeline stages get different seeds too (their layers are different layers).
+Context parallelism (a CP group of more than one rank holding the zigzag rows of a replicated
+region): every CP rank draws the mask of the whole sequence from the default generator, as one
+process would, and keeps its own rows, so CP training equals the one-process run with dropout too.
 """
 from __future__ import annotations
 
@@ -69,10 +72,16 @@ def seed_everything(seed: int, tp_rank: int = 0, pp_rank: int = 0, device="cpu")
     return tracker
 
 
-def dropout(x: torch.Tensor, p: float, training: bool, tracker: RNGTracker | None, sharded: bool) -> torch.Tensor:
-    """Dropout that draws from the right generator (see the module docstring)."""
+def dropout(x: torch.Tensor, p: float, training: bool, tracker: RNGTracker | None, sharded: bool,
+            cp=None) -> torch.Tensor:
+    """Dropout that draws from the right generator (see the module docstring). cp: the CP Group when
+    x [s/cp, ...] holds this rank's zigzag rows of a replicated region."""
     if p == 0.0 or not training:
         return x
+    if cp is not None and cp.size > 1 and not sharded:           # the whole sequence's mask, our rows of it
+        from .context import zigzag_index
+        full = torch.nn.functional.dropout(x.new_ones((x.shape[0] * cp.size,) + tuple(x.shape[1:])), p, True)
+        return x * full.index_select(0, zigzag_index(full.shape[0], cp.size, cp.rank, x.device))
     if sharded and tracker is not None:
         with tracker.fork(TP_SHARDED):
             return torch.nn.functional.dropout(x, p, True)

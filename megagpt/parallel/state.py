@@ -154,19 +154,22 @@ class ParallelState:
         counter = CommCounter()
         groups = {a: Group(a, [0], 0, None, counter) for a in AXES}
         groups["mp"] = Group("mp", [0], 0, None, counter)
+        groups["dp_cp"] = groups["dp"]
         return cls(1, 0, {a: 1 for a in AXES}, "-".join(AXES), groups, counter, torch.device(device))
 
     @classmethod
     def virtual(cls, tp: int = 1, pp: int = 1, dp: int = 1, tp_rank: int = 0, pp_rank: int = 0,
-                dp_rank: int = 0) -> "ParallelState":
+                dp_rank: int = 0, cp: int = 1, cp_rank: int = 0) -> "ParallelState":
         """A rank of a layout without any process group: to build a model on the meta device and
         count what one rank would hold (dry runs, planning). Collectives cannot run on it."""
         counter = CommCounter()
-        sizes = {"tp": tp, "cp": 1, "ep": 1, "dp": dp, "pp": pp}
-        coords = {"tp": tp_rank, "cp": 0, "ep": 0, "dp": dp_rank, "pp": pp_rank}
+        sizes = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}
+        coords = {"tp": tp_rank, "cp": cp_rank, "ep": 0, "dp": dp_rank, "pp": pp_rank}
         groups = {a: Group(a, list(range(sizes[a])), coords[a], None, counter) for a in AXES}
-        groups["mp"] = Group("mp", list(range(tp * pp)), pp_rank * tp + tp_rank, None, counter)
-        return cls(tp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
+        groups["mp"] = Group("mp", list(range(tp * cp * pp)), (pp_rank * cp + cp_rank) * tp + tp_rank, None, counter)
+        groups["dp_cp"] = groups["dp"] if cp == 1 else \
+            Group("dp_cp", list(range(dp * cp)), dp_rank * cp + cp_rank, None, counter)
+        return cls(tp * cp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
 
     @classmethod
     def create(cls, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, order: str = "tp-cp-ep-dp-pp",
@@ -183,9 +186,13 @@ class ParallelState:
         groups = {}
         for axis in AXES:
             groups[axis] = cls._make(axis, grid[axis], rank, counter)
-        # model-parallel group (tp x pp): ranks holding pieces of one model replica
+        # model-parallel group (tp x cp x pp): ranks holding pieces of one model replica
         mp_groups = _merge(grid, ["tp", "cp", "pp"], world)
         groups["mp"] = cls._make("mp", mp_groups, rank, counter)
+        # dp x cp: the ranks holding the same parameters (replicated over CP), which reduce gradients
+        # and shard the distributed optimizer between them (the dp group itself when cp = 1)
+        groups["dp_cp"] = groups["dp"] if cp == 1 else cls._make("dp_cp", _merge(grid, ["dp", "cp"], world),
+                                                                  rank, counter)
         # first and last pipeline stage share the word embedding when it is tied
         emb_groups = [sorted({g[0], g[-1]}) for g in grid["pp"]]
         embedding = cls._make("embedding", emb_groups, rank, counter)
@@ -214,6 +221,10 @@ class ParallelState:
     def dp(self) -> Group: return self.groups["dp"]
     @property
     def mp(self) -> Group: return self.groups["mp"]
+    @property
+    def cp(self) -> Group: return self.groups["cp"]
+    @property
+    def dp_cp(self) -> Group: return self.groups["dp_cp"]
 
     @property
     def is_first_stage(self) -> bool: return self.pp.rank == 0
@@ -222,7 +233,7 @@ class ParallelState:
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp.rank}/{self.tp.size} "
-                f"pp {self.pp.rank}/{self.pp.size} dp {self.dp.rank}/{self.dp.size}")
+                f"cp {self.cp.rank}/{self.cp.size} pp {self.pp.rank}/{self.pp.size} dp {self.dp.rank}/{self.dp.size}")
 
 
 def _merge(grid, axes, world) -> list[list[int]]:
