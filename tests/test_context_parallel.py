@@ -199,7 +199,7 @@ def _raw(parallel=None, model=None, train=None, dp=1) -> dict:
 
 
 CASES = {  # name: (world, raw config); dp is what remains of the world
-    "cp2": (2, _raw(dict(cp=2))),
+    "cp2-micro2": (2, _raw(dict(cp=2), train=dict(micro_batch_size=2))),     # [2, s/cp] microbatches
     "cp4": (4, _raw(dict(cp=4))),
     "cp2-tp2-sp-mqa-selective": (4, _raw(dict(cp=2, tp=2, sequence_parallel=True), dict(num_kv_heads=1),
                                          dict(recompute="selective"))),

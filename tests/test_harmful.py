@@ -93,3 +93,14 @@ def test_thresholds_and_errors():
         HarmConfig(max_hits_per_1k_words=3)
     with pytest.raises(DataError, match="is not a regex"):
         HarmConfig(patterns=("(unclosed",), max_hits_per_1k_words=3)
+
+
+def test_missing_package_is_a_one_line_error(monkeypatch):
+    from megagpt.data import harmful
+    harmful.classifier.cache_clear()
+    monkeypatch.setitem(sys.modules, "profanity_check", None)          # as if not installed
+    with pytest.raises(DataError, match="needs the alt-profanity-check package") as e:
+        HarmConfig()
+    assert "\n" not in str(e.value)
+    HarmConfig(line_threshold=None, patterns=("badterm",), max_hits_per_1k_words=5)   # the word list alone runs
+    harmful.classifier.cache_clear()

@@ -119,19 +119,26 @@ def _torch_block_bwd(dout, q, k, v, lse, delta, mask, scale: float):
 
 
 def _flash_kernels():
-    """flash-attn's block forward/backward that return/take the lse, or None (not installed)."""
+    """flash-attn's block forward/backward that return/take the lse, or None: not installed, or older
+    than 2.6 (whose private signatures differ; checked, never guessed)."""
     try:
+        import inspect
+
         from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
-    except ImportError:
+        if "window_size_left" not in inspect.signature(_flash_attn_forward).parameters:
+            return None
+    except (ImportError, TypeError, ValueError):
         return None
 
     def fwd(q, k, v, causal, scale):
+        q, k, v = (t.contiguous() for t in (q, k, v))
         out, lse = _flash_attn_forward(q, k, v, 0.0, scale, causal=causal, window_size_left=-1,
                                        window_size_right=-1, softcap=0.0, alibi_slopes=None,
                                        return_softmax=False)[:2]
         return out.float(), lse.float()                          # [b, sq, nq, d], [b, nq, sq]
 
     def bwd(dout, q, k, v, out, lse, delta, causal, scale):
+        dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(dout, q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, scale, causal, -1, -1, 0.0,
                              None, False)
