@@ -50,6 +50,21 @@ class ModelConfig:
     init_std: float = 0.02
     scaled_init: bool = True             # output projections get std / sqrt(2 * num_layers)
     make_vocab_divisible_by: int = 128   # the padded vocab is a multiple of this times tp
+    # mixture of experts (model/moe.py): SwiGLU experts in the MLP of chosen layers; 0 experts = dense
+    moe_num_experts: int = 0
+    moe_layers: list | None = None       # global ids of the MoE layers; None: every moe_layer_freq-th
+    moe_layer_freq: int = 1              # layers i with i % freq == 0 (when moe_layers is None)
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None   # each expert's width; None = ffn_hidden_size
+    moe_shared_expert_size: int = 0      # width of an always-on shared SwiGLU expert; 0 = none
+    moe_router_score: str = "softmax"    # softmax | sigmoid (computed in fp32)
+    moe_router_norm_topk: bool = False   # renormalise the k chosen scores to sum to 1
+    moe_aux_loss_coeff: float = 0.0      # Switch/GShard load-balancing loss
+    moe_z_loss_coeff: float = 0.0        # router z-loss
+    moe_capacity_factor: float | None = None   # None = dropless; else drop the lowest-probability overflow
+    # mixture of depths (model/mod.py): on these layers a router keeps mod_capacity of each sequence
+    mod_layers: list | None = None
+    mod_capacity: float = 0.125
 
     @property
     def kv_heads(self) -> int:
@@ -64,6 +79,15 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe_num_experts <= 0:
+            return False
+        return i in self.moe_layers if self.moe_layers is not None else i % self.moe_layer_freq == 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def kv_heads_per_rank(self, tp: int) -> int:
         """K/V heads on one TP rank: split by whole heads, or one (replicated) when fewer than tp."""
@@ -279,6 +303,7 @@ def validate(cfg: Config) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.make_vocab_divisible_by", m.make_vocab_divisible_by)
+    _validate_moe(m)
     if p.sequence_parallel and p.tp == 1:
         p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
     if t.seq_len > m.max_seq_len:
@@ -292,6 +317,39 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+
+
+def _layer_list(name: str, ids, num_layers: int) -> None:
+    if ids is None:
+        return
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{name}: layer ids must lie in [0, model.num_layers={num_layers}), got {bad[0]!r}")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    """Mixture of experts and of depths: the one-line errors of the issue (#13)."""
+    if m.moe_num_experts < 0:
+        raise ConfigError(f"model.moe_num_experts: expected >= 0 (0 = dense), got {m.moe_num_experts}")
+    _layer_list("model.moe_layers", m.moe_layers, m.num_layers)
+    _layer_list("model.mod_layers", m.mod_layers, m.num_layers)
+    if m.moe_num_experts:
+        if not 1 <= m.moe_top_k <= m.moe_num_experts:
+            raise ConfigError(f"model.moe_top_k: expected 1 <= top-k <= model.moe_num_experts="
+                              f"{m.moe_num_experts}, got {m.moe_top_k}")
+        if m.moe_layer_freq < 1:
+            raise ConfigError(f"model.moe_layer_freq: expected >= 1, got {m.moe_layer_freq}")
+        check_choice("model.moe_router_score", m.moe_router_score, ("softmax", "sigmoid"))
+        if m.moe_capacity_factor is not None and not m.moe_capacity_factor > 0:
+            raise ConfigError(f"model.moe_capacity_factor: expected > 0 (or null for dropless), "
+                              f"got {m.moe_capacity_factor}")
+        for f in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_size"):
+            if not getattr(m, f) >= 0:
+                raise ConfigError(f"model.{f}: expected >= 0, got {getattr(m, f)!r}")
+        if m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size < 1:
+            raise ConfigError(f"model.moe_ffn_hidden_size: expected a positive integer, got {m.moe_ffn_hidden_size}")
+    if m.mod_layers and not 0.0 < m.mod_capacity <= 1.0:
+        raise ConfigError(f"model.mod_capacity: expected 0 < fraction <= 1, got {m.mod_capacity}")
 
 
 # (section.field, the smallest valid value) of counts, intervals (0 = never) and rates

@@ -14,9 +14,16 @@ engine, the memory and communication models, the planner, the dry run and the co
 it, so they agree on which layers each chunk holds, how many microbatches run and what crosses a
 stage boundary.
 
-dp counts the ranks that hold the same model piece: dp = world / (tp * cp * pp). Context and
-expert parallelism are held at size 1 for now (anything else is refused in one line); expert
-parallelism will be carved out of dp * cp, as Megatron does, when it arrives.
+dp counts the ranks that hold the same model piece: dp = world / (tp * cp * pp). Context
+parallelism is held at size 1 for now (anything else is refused in one line).
+
+Expert parallelism is carved out of dp, as Megatron-Core does (its expert grid: etp-ep-edp-pp).
+The dense weights are replicated over all dp ranks; the experts of a MoE layer are split over ep
+of them, so each expert lives on dp/ep ranks: the expert-data-parallel (edp) group, over which
+its gradients are reduced and its optimizer state sharded. On the world grid the order string's
+"dp" axis is then edp (size dp/ep), and the DP group is the product of the ep and edp axes
+(`grid_sizes`, `rank_coords`). Megatron-Core carves ep out of dp*cp; with cp = 1 that is the same.
+Expert weights are whole on every TP rank (expert TP = 1).
 
 The layer split (`chunk_layers`). The model is cut into pp*vp chunks of consecutive layers; global
 chunk c lives on pp rank c % pp as local chunk c // pp (the layout of `pipeline/schedule.py`).
@@ -97,10 +104,11 @@ class Layout:
                        ("parallel.pp", self.pp), ("parallel.vp", self.vp), ("parallel.world_size", self.world_size),
                        ("train.seq_len", self.seq_len), ("train.micro_batch_size", self.micro_batch),
                        ("train.global_batch_size", self.global_batch))
-        for name, what in (("cp", "context"), ("ep", "expert")):
+        for name, what in (("cp", "context"),):
             if getattr(self, name) != 1:
                 raise ConfigError(f"parallel.{name}: {what} parallelism is not supported yet "
                                   f"(got {getattr(self, name)}); use 1")
+        self._validate_ep(m)
         if sorted(self.order.split("-")) != sorted(AXES):
             raise ConfigError(f"parallel.order: expected a permutation of tp-cp-ep-dp-pp, got {self.order!r}")
         tp = self.tp
@@ -141,6 +149,17 @@ class Layout:
             raise ConfigError(f"train.global_batch_size: gives {self.num_microbatches} microbatches per pipeline, "
                               f"fewer than parallel.pp={self.pp}")
 
+    def _validate_ep(self, m: ModelConfig) -> None:
+        if self.ep == 1:
+            return
+        if m.moe_num_experts < 1:
+            raise ConfigError(f"parallel.ep: expert parallelism needs model.moe_num_experts > 0 (got ep={self.ep})")
+        if m.moe_num_experts % self.ep:
+            raise ConfigError(f"parallel.ep: {self.ep} does not divide model.moe_num_experts={m.moe_num_experts}")
+        if self.world_size % self.model_parallel or self.dp % self.ep:
+            raise ConfigError(f"parallel.ep: {self.ep} does not divide dp={self.world_size / self.model_parallel:g} "
+                              f"(world {self.world_size} / tp*cp*pp={self.model_parallel}); experts are carved out of dp")
+
     # ------------------------------------------------------------------ derived figures
     @property
     def model_parallel(self) -> int:
@@ -160,9 +179,22 @@ class Layout:
     def sizes(self) -> dict[str, int]:
         return {"tp": self.tp, "cp": self.cp, "ep": self.ep, "dp": self.dp, "pp": self.pp}
 
+    @property
+    def grid_sizes(self) -> dict[str, int]:
+        """The world grid's axes: the order's dp axis is edp = dp/ep (module docstring)."""
+        return self.sizes | {"dp": self.dp // self.ep}
+
     def rank_coords(self, rank: int) -> dict[str, int]:
-        """{axis: coordinate} of a global rank on the grid the order string lays out."""
-        return {axis: rank // stride % self.sizes[axis] for axis, stride in _strides(self.sizes, self.order).items()}
+        """{axis: coordinate} of a global rank on the grid the order string lays out; with ep > 1,
+        "edp" is its grid dp coordinate and "dp" its index in the DP group (ep x edp, rank order)."""
+        sizes, strides = self.grid_sizes, _strides(self.grid_sizes, self.order)
+        coords = {axis: rank // stride % sizes[axis] for axis, stride in strides.items()}
+        coords["edp"] = coords["dp"]
+        if strides["ep"] < strides["dp"]:
+            coords["dp"] = coords["ep"] + self.ep * coords["edp"]
+        else:
+            coords["dp"] = coords["edp"] + sizes["dp"] * coords["ep"]
+        return coords
 
     def activation_shape(self, m: ModelConfig) -> tuple[int, int, int]:
         """What crosses a pipeline stage boundary: [s/tp, b, h] with sequence parallelism, else [s, b, h]."""

@@ -1,4 +1,5 @@
-"""One pre-norm transformer layer: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+"""One pre-norm transformer layer: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
+The MLP is a mixture of experts (moe.py) on the layers model.is_moe_layer picks."""
 from __future__ import annotations
 
 import torch
@@ -9,18 +10,23 @@ from ..parallel.random import RNGTracker, dropout
 from ..parallel.state import Group
 from .attention import Attention
 from .mlp import MLP
+from .moe import MoE, MoEContext
 from .norm import Norm
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, tracker: RNGTracker | None,
-                 selective_recompute: bool = False, device=None, dtype=None):
+                 selective_recompute: bool = False, device=None, dtype=None, layer_id: int = 0,
+                 ep: Group | None = None, moe_context: MoEContext | None = None):
         super().__init__()
         self.cfg, self.tracker, self.sp = cfg, tracker, sequence_parallel
         self.norm1 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype)
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
-        self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
+        if cfg.is_moe_layer(layer_id):
+            self.mlp = MoE(cfg, layer_id, tp, ep, sequence_parallel, moe_context, device, dtype)
+        else:
+            self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         # x: [s/tp, b, h] with SP, else [s, b, h] replicated over TP
