@@ -168,7 +168,7 @@ class ParallelState:
         counter = CommCounter()
         groups = {a: Group(a, [0], 0, None, counter) for a in AXES}
         groups["mp"] = Group("mp", [0], 0, None, counter)
-        groups["edp"] = Group("edp", [0], 0, None, counter)
+        groups["edp"] = groups["dp"]
         return cls(1, 0, {a: 1 for a in AXES}, "-".join(AXES), groups, counter, torch.device(device))
 
     @classmethod
@@ -199,7 +199,7 @@ class ParallelState:
         groups = {}
         for axis in AXES:
             if axis == "dp":   # dense weights: every rank holding the same piece, ep x edp
-                groups["edp"] = cls._make("edp", grid["dp"], rank, counter)
+                groups["edp"] = cls._make("edp" if ep > 1 else "dp", grid["dp"], rank, counter)
                 groups["dp"] = cls._make("dp", _merge(grid, ["ep", "dp"], world), rank, counter) \
                     if ep > 1 else groups["edp"]
             else:
