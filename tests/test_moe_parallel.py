@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist import assert_close_rel, gather_full, spawn
+from megagpt.checkpoint.sharded import load_checkpoint, save_checkpoint
 from megagpt.config import config_from_dict
 from megagpt.layout import Layout
 from megagpt.model.gpt import build_model
@@ -55,8 +56,8 @@ def raw_cfg(name):
                           weight_decay=0.1, clip_grad=0.05)}
 
 
-def data(cfg):
-    g = torch.Generator().manual_seed(0)
+def data(cfg, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     t = cfg.train
     tokens = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=g)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -77,8 +78,7 @@ def aux_value(records, m, weight):
     return sum(m.moe_aux_loss_coeff * lb + m.moe_z_loss_coeff * z for _, lb, z in records) * weight
 
 
-def _run(name, cfg, ps, zero: bool):
-    """One step's forward-backward through the engine; returns (chunks, optimizer, CE sum, aux sum)."""
+def _build(name, cfg, ps, zero: bool):
     cfg.parallel.distributed_optimizer = zero
     t = cfg.train
     chunks = build_stage(cfg, ps, SEED)
@@ -86,10 +86,15 @@ def _run(name, cfg, ps, zero: bool):
     for module in (m for c in chunks for m in c.modules() if isinstance(m, Experts)):
         module.register_forward_pre_hook(lambda _m, args: RECEIVED.append(list(args[1])))
     opt = build_optimizer(chunks, ps, t, cfg.parallel, cfg.model)
-    engine = PipelineEngine(chunks, ps, cfg, (t.seq_len // ps.tp.size if cfg.parallel.sequence_parallel
-                                              else t.seq_len, t.micro_batch_size, cfg.model.hidden_size),
+    engine = PipelineEngine(chunks, ps, cfg, Layout.from_config(cfg, ps.world_size).activation_shape(cfg.model),
                             torch.float32)
-    tokens, labels = data(cfg)
+    return chunks, opt, engine
+
+
+def _forward_backward(cfg, ps, chunks, opt, engine, seed: int = 0):
+    """One step's forward-backward through the engine; returns (CE sum, aux sum) of this rank."""
+    t = cfg.train
+    tokens, labels = data(cfg, seed)
     m, b = t.global_batch_size // (t.micro_batch_size * ps.dp.size), t.micro_batch_size
 
     def get(i):  # DP rank d reads microbatches d*m .. d*m + m - 1
@@ -103,7 +108,14 @@ def _run(name, cfg, ps, zero: bool):
     own = cfg.parallel.sequence_parallel or ps.tp.rank == 0          # SP: TP pieces; else each TP rank has it all
     aux = torch.as_tensor(sum(aux_value(c.moe.aux, cfg.model, weight) for c in chunks) if own else 0.0,
                           dtype=torch.float64)
-    return chunks, opt, ce.double(), aux
+    for c in chunks:
+        c.moe.clear()
+    return ce.double(), aux
+
+
+def _run(name, cfg, ps, zero: bool):
+    chunks, opt, engine = _build(name, cfg, ps, zero)
+    return (chunks, opt) + _forward_backward(cfg, ps, chunks, opt, engine)
 
 
 def _full(p, t, ps):
@@ -215,3 +227,38 @@ def test_expert_parallel_equals_one_process(runs, name):
     if name == "ep2-sparse":   # the edge cases ran: experts, and a whole rank, with no row
         calls = [counts for r in ranks for counts in r["received"]]
         assert any(0 in counts for counts in calls) and any(sum(counts) == 0 for counts in calls)
+
+
+# ----------------------------------------------------------------------------- checkpoints across ep sizes
+
+def _ckpt_worker(rank, world, ep, path, save: bool):
+    """save: EP2 x DP2 (edp 2, ZeRO-1) steps once, saves, steps again. Else: EP `ep` loads and steps once.
+    Returns the weights after the last step, whole."""
+    raw = raw_cfg("ep2xdp2")
+    raw["parallel"]["ep"] = ep
+    cfg = config_from_dict(raw, world_size=world)
+    ps = ParallelState.create(ep=ep)
+    chunks, opt, engine = _build("ep2xdp2", cfg, ps, zero=True)
+    if save:
+        _forward_backward(cfg, ps, chunks, opt, engine, seed=1)
+        opt.step(LR)
+        save_checkpoint(path, 1, chunks, ps, cfg, {}, opt)
+    else:
+        load_checkpoint(path, chunks, ps, cfg, opt)
+    _forward_backward(cfg, ps, chunks, opt, engine, seed=2)
+    opt.step(LR)
+    opt.finish_param_sync()
+    return {n: _full(p, p.detach(), ps) for c in chunks for n, p in c.named_parameters()}
+
+
+def test_checkpoint_saved_at_ep2_resumes_at_ep4_and_ep1(tmp_path):
+    """Weights and ZeRO-1 state saved at EP2 x DP2 (experts sharded over edp) load at EP4 (4 ranks) and
+    EP1 (one process), and the next step gives the saved run's weights to 1e-5 relative."""
+    path = str(tmp_path / "run")
+    saved = spawn(4, _ckpt_worker, 2, path, True, timeout=240)[0]
+    ep4 = spawn(4, _ckpt_worker, 4, path, False, timeout=240)[0]
+    ep1 = spawn(1, _ckpt_worker, 1, path, False, timeout=240)[0]
+    assert any(n.endswith("experts.fc1.weight") for n in saved)
+    for n, p in saved.items():
+        assert_close_rel(ep4[n], p, name=f"EP4 {n}")
+        assert_close_rel(ep1[n], p, name=f"EP1 {n}")
