@@ -140,6 +140,9 @@ class Layout:
             raise ConfigError(f"train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule == "gpipe" and self.vp > 1:
             raise ConfigError("train.schedule: gpipe has no interleaved variant; use 1f1b with parallel.vp > 1")
+        if self.sp and m.mod_layers:
+            raise ConfigError("parallel.sequence_parallel: mixture of depths (model.mod_layers) needs the whole "
+                              "sequence on each rank; turn sequence parallelism off")
         if self.sp and self.seq_len % tp:
             raise ConfigError(f"train.seq_len: {self.seq_len} is not divisible by parallel.tp={tp} (sequence parallel)")
         if self.global_batch % (self.micro_batch * self.dp):

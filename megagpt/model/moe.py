@@ -52,10 +52,12 @@ class MoEContext:
     scale: float = 1.0
     aux: list = field(default_factory=list)        # (layer id, balancing loss, z-loss): this rank's piece
     load: dict = field(default_factory=dict)       # layer id -> selections per expert [E] (summed over TP)
+    mod: list = field(default_factory=list)        # (layer id, predictor BCE, predictor accuracy): model/mod.py
 
     def clear(self):
         self.aux.clear()
         self.load.clear()
+        self.mod.clear()
 
 
 class _AttachAux(torch.autograd.Function):
