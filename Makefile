@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench gpu-bench clean
+.PHONY: install test demo bench gpu-bench clean moe-demo moe-bench
 
 install: .venv/.installed
 
@@ -21,10 +21,22 @@ test: install
 demo: install
 	$(PY) examples/demo.py
 
+moe-demo: install
+	$(PY) examples/moe_demo.py
+
+moe-bench: install
+	$(PY) bench/moe_bench.py
+
 bench: install
 	$(PY) bench/run.py
 
-gpu-bench: install
+gpu-moe-demo: install
+	$(PY) examples/moe_demo.py
+
+moe-bench: install
+	$(PY) bench/moe_bench.py
+
+bench: install
 	bash tools/gpu_bench.sh
 
 clean:

@@ -121,6 +121,8 @@ class PipelineEngine:
         last_b = next((op for op in reversed(ops) if op.kind == "B"), None)
         self._reset()
         self.trace, self.timeline = [], []
+        for chunk in self.chunks:
+            chunk.moe.clear()              # the MoE/MoD records (model/moe.py) hold this call's only
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             for item in comm_batches(ops):
                 if isinstance(item, list):
