@@ -120,19 +120,32 @@ class Experts(nn.Module):
         self.fc2 = _Stacked((e, h, f), ep, sequence_parallel, device, dtype)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        w1, w2 = self.fc1(), self.fc2()
         outs = []
         for i, rows in enumerate(x.split(counts)):                            # [n_i, h], n_i may be 0
-            gate, up = F.linear(rows, self.fc1.weight[i]).chunk(2, dim=-1)     # [n_i, f] each
-            outs.append(F.linear(F.silu(gate) * up, self.fc2.weight[i]))       # [n_i, h]
+            gate, up = F.linear(rows, w1[i]).chunk(2, dim=-1)                  # [n_i, f] each
+            outs.append(F.linear(F.silu(gate) * up, w2[i]))                    # [n_i, h]
         return torch.cat(outs) if outs else x
 
 
-class _Stacked(nn.Module):
-    def __init__(self, global_shape, ep: Group, sequence_parallel, device, dtype):
+class _Weight(nn.Module):
+    """A module that only holds `weight` and returns it when called: so forward pre-hooks on the
+    module (the distributed optimizer's wait for the weight's all-gather) run before it is read."""
+
+    def __init__(self, weight: nn.Parameter):
         super().__init__()
-        local = (global_shape[0] // ep.size,) + tuple(global_shape[1:])
-        self.weight = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
-        self.weight.meta = ParamMeta(tuple(global_shape), REPLICATED, sequence_parallel, expert=True)
+        self.weight = weight
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+def _Stacked(global_shape, ep: Group, sequence_parallel, device, dtype) -> _Weight:
+    """Stacked expert weights [E/ep, ...] of a global [E, ...] tensor."""
+    local = (global_shape[0] // ep.size,) + tuple(global_shape[1:])
+    weight = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+    weight.meta = ParamMeta(tuple(global_shape), REPLICATED, sequence_parallel, expert=True)
+    return _Weight(weight)
 
 
 class MoE(nn.Module):
@@ -142,9 +155,8 @@ class MoE(nn.Module):
                  context: MoEContext, device=None, dtype=None):
         super().__init__()
         self.cfg, self.layer_id, self.tp, self.ep, self.sp, self.context = cfg, layer_id, tp, ep, sequence_parallel, context
-        self.router = nn.Module()
-        self.router.weight = make_param((cfg.moe_num_experts, cfg.hidden_size), REPLICATED, tp.size, device, dtype,
-                                        sequence_parallel)
+        self.router = _Weight(make_param((cfg.moe_num_experts, cfg.hidden_size), REPLICATED, tp.size, device,
+                                         dtype, sequence_parallel))
         self.experts = Experts(cfg, ep, sequence_parallel, device, dtype)
         self.shared = MLP(replace(cfg, mlp="swiglu", ffn_hidden_size=cfg.moe_shared_expert_size, bias=False),
                           tp, sequence_parallel, device, dtype) if cfg.moe_shared_expert_size else None
@@ -159,7 +171,7 @@ class MoE(nn.Module):
         n_local = tokens.shape[0]
         n_total = n_local * (self.tp.size if self.sp else 1)                 # T: the microbatch's tokens
         rdt = torch.promote_types(tokens.dtype, torch.float32)               # fp32 (fp64 stays fp64)
-        logits = F.linear(tokens.to(rdt), self.router.weight.to(rdt))        # [N, E]
+        logits = F.linear(tokens.to(rdt), self.router().to(rdt))             # [N, E]
         weights, experts, balance = route(logits, cfg)                       # [N, k], [N, k], [N, E]
 
         counts = torch.bincount(experts.reshape(-1), minlength=E)            # [E] before drops
