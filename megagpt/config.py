@@ -392,37 +392,66 @@ def vocab_padding_note(m: ModelConfig, tp: int) -> str | None:
 
 # ----------------------------------------------------------------------------- derived figures
 
-def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post: bool) -> list[int]:
+def layer_param_numels(m: ModelConfig, tp: int, layer_id: int = 0, ep: int = 1) -> list[tuple[int, bool]]:
+    """(numel, is an expert weight) of each parameter of one layer on one TP rank, in Block's
+    registration order. A MoE layer's MLP is its router [E, h], its E/ep experts' fc1 [2f, h] and
+    fc2 [h, f] (stacked; whole over TP) and its optional shared expert (a TP-split SwiGLU); a MoD
+    layer adds its router and predictor [1, h] each."""
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
+    norm = [h, h] if m.norm == "layernorm" else [h]
+    attn = norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias + norm
+    out = [(n, False) for n in attn]
+    if m.is_moe_layer(layer_id):
+        e, fe, fs = m.moe_num_experts, m.expert_ffn, m.moe_shared_expert_size
+        out += [(e * h, False), (e // ep * 2 * fe * h, True), (e // ep * h * fe, True)]
+        out += [(2 * fs // tp * h, False), (h * fs // tp, False)] if fs else []
+    else:
+        fc1 = (2 * f if m.gated else f) // tp
+        out += [(n, False) for n in [fc1 * h] + [fc1] * m.bias + [h * f // tp] + [h] * m.bias]
+    if layer_id in (m.mod_layers or ()):
+        out += [(h, False), (h, False)]
+    return out
+
+
+def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post: bool,
+                       layer_ids: list[int] | None = None, ep: int = 1, kinds: bool = False) -> list:
     """numel of each parameter of one model chunk on one TP rank, in GPTModel's registration order:
     the one parameter count, which the per-layer, per-rank and whole-model counts sum.
 
     Q, the output projection and the MLP are split over tp; K and V by whole heads, or one head
     per rank when kv_heads < tp (replicated); norms and row-parallel biases are replicated. A chunk
     with the embedding (pre, or post with tied embeddings) holds a [padded_vocab/tp, h] shard;
-    post adds the final norm and, untied, an LM-head shard of the same shape."""
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
-    fc1 = (2 * f if m.gated else f) // tp
+    post adds the final norm and, untied, an LM-head shard of the same shape. layer_ids: the chunk's
+    global layers (default: the first num_layers; they matter for MoE and MoD layers); ep: the
+    experts are split over ep ranks. kinds: (numel, is an expert weight) pairs instead."""
+    h = m.hidden_size
     norm = [h, h] if m.norm == "layernorm" else [h]
     emb = m.padded_vocab(tp) // tp * h
-    layer = (norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias
-             + norm + [fc1 * h] + [fc1] * m.bias + [h * f // tp] + [h] * m.bias)
-    out = [emb] if pre or (post and m.tie_embeddings) else []
-    out += layer * num_layers
+    out = [(emb, False)] if pre or (post and m.tie_embeddings) else []
+    for i in (range(num_layers) if layer_ids is None else layer_ids):
+        out += layer_param_numels(m, tp, i, ep)
     if post:
-        out += norm + ([] if m.tie_embeddings else [emb])
-    return out
+        out += [(n, False) for n in norm + ([] if m.tie_embeddings else [emb])]
+    return out if kinds else [n for n, _ in out]
 
 
-def layer_params(m: ModelConfig, tp: int = 1) -> int:
+def layer_params(m: ModelConfig, tp: int = 1, layer_id: int = 0, ep: int = 1) -> int:
     """One transformer layer's parameters on one TP rank."""
-    return sum(chunk_param_numels(m, tp, 1, False, False))
+    return sum(n for n, _ in layer_param_numels(m, tp, layer_id, ep))
 
 
 def count_params(m: ModelConfig) -> int:
-    """Parameters of the unpadded, unsharded model (what a paper would quote)."""
+    """Parameters of the unpadded, unsharded model (what a paper would quote); every expert counts."""
     padding = (m.padded_vocab(1) - m.vocab_size) * m.hidden_size * (1 if m.tie_embeddings else 2)
     return sum(chunk_param_numels(m, 1, m.num_layers, True, True)) - padding
+
+
+def active_params(m: ModelConfig) -> int:
+    """Parameters one token uses: count_params with top_k of the E experts of each MoE layer
+    (the MoD routers and predictors count whole)."""
+    experts = sum(n for i in range(m.num_layers) for n, expert in layer_param_numels(m, 1, i) if expert)
+    return count_params(m) - experts + experts * m.moe_top_k // max(1, m.moe_num_experts)
 
 
 def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True) -> tuple[float, float]:

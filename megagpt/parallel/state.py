@@ -173,11 +173,11 @@ class ParallelState:
 
     @classmethod
     def virtual(cls, tp: int = 1, pp: int = 1, dp: int = 1, tp_rank: int = 0, pp_rank: int = 0,
-                dp_rank: int = 0) -> "ParallelState":
+                dp_rank: int = 0, ep: int = 1) -> "ParallelState":
         """A rank of a layout without any process group: to build a model on the meta device and
         count what one rank would hold (dry runs, planning). Collectives cannot run on it."""
         counter = CommCounter()
-        sizes = {"tp": tp, "cp": 1, "ep": 1, "dp": dp, "pp": pp}
+        sizes = {"tp": tp, "cp": 1, "ep": ep, "dp": dp, "pp": pp}
         coords = {"tp": tp_rank, "cp": 0, "ep": 0, "dp": dp_rank, "pp": pp_rank}
         groups = {a: Group(a, list(range(sizes[a])), coords[a], None, counter) for a in AXES}
         groups["mp"] = Group("mp", list(range(tp * pp)), pp_rank * tp + tp_rank, None, counter)
