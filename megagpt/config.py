@@ -454,15 +454,26 @@ def active_params(m: ModelConfig) -> int:
     return count_params(m) - experts + experts * m.moe_top_k // max(1, m.moe_num_experts)
 
 
-def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True) -> tuple[float, float]:
+def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
+                layer_id: int = 0) -> tuple[float, float]:
     """Forward FLOPs per token of one transformer layer on one TP rank: (matmuls, attention scores
-    and values). causal: the masked half is skipped (flash attention), else all s^2 scores."""
+    and values). causal: the masked half is skipped (flash attention), else all s^2 scores.
+    A MoE layer's MLP is its router and top_k experts (and its shared expert): its tokens are split
+    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires)."""
     h, d = m.hidden_size, m.head_dim
     q, kv = m.num_heads // tp, m.kv_heads_per_rank(tp)
-    matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + (3 if m.gated else 2) * h * m.ffn_hidden_size // tp)
+    if m.is_moe_layer(layer_id):
+        mlp = (m.moe_num_experts * h + m.moe_top_k * 3 * h * m.expert_ffn) / tp + 3 * h * m.moe_shared_expert_size // tp
+    else:
+        mlp = (3 if m.gated else 2) * h * m.ffn_hidden_size // tp
+    matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + mlp)
     return matmul, 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
-    return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores
+    (MoE layers: the active experts only)."""
+    if not m.moe_num_experts:
+        return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    layers = sum(sum(layer_flops(m, seq_len, layer_id=i)) for i in range(m.num_layers))
+    return 3.0 * (layers + 2 * m.hidden_size * m.vocab_size)

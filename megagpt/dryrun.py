@@ -26,7 +26,7 @@ def dry_run(cfg: Config, world_size: int) -> dict:
     return {
         "config": {"layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_heads,
                    "kv_heads": m.kv_heads, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size},
-        "layout": {"tp": p.tp, "pp": p.pp, "vp": p.vp, "dp": layout.dp, "world_size": world_size,
+        "layout": {"tp": p.tp, "pp": p.pp, "vp": p.vp, "dp": layout.dp, "ep": layout.ep, "world_size": world_size,
                    "sequence_parallel": layout.sp, "num_microbatches": layout.num_microbatches},
         "params_total": count_params(m),
         "params_active": active_params(m),         # per token: top_k of the E experts of a MoE layer

@@ -82,10 +82,10 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int | None = None, schedule: str | None = None) -> "Layout":
         """The run's layout, validated against cfg.model. world_size: the launcher's, else
-        parallel.world_size, else one model replica (dp = 1). schedule: the engine's schedule kind
+        parallel.world_size, else one model replica (dp = 1; dp = ep with experts). schedule: the engine's schedule kind
         when it overrides train.schedule."""
         p, t = cfg.parallel, cfg.train
-        world = next(w for w in (world_size, p.world_size, p.tp * p.cp * p.pp) if w is not None)
+        world = next(w for w in (world_size, p.world_size, p.tp * p.cp * p.pp * p.ep) if w is not None)
         layout = cls(tp=p.tp, cp=p.cp, ep=p.ep, pp=p.pp, vp=p.vp, world_size=world, sp=p.sequence_parallel,
                      order=p.order, seq_len=t.seq_len, micro_batch=t.micro_batch_size,
                      global_batch=t.global_batch_size, layers_per_stage=p.layers_per_stage,

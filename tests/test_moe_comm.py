@@ -62,3 +62,25 @@ def test_param_counts_match_the_meta_model(over, ep):
     experts = sum(t.numel() for t in full.parameters() if t.meta.expert)
     assert count_params(m) == sum(t.numel() for t in full.parameters())
     assert active_params(m) == count_params(m) - experts + experts * m.moe_top_k // m.moe_num_experts
+
+
+def test_moe_flagship_plans_with_expert_parallelism():
+    """gpt4plus-moe.yaml: the planner (tp4 pp8 fixed, to keep the search short) puts it on 1,024 H100s with
+    ep > 1; the dry run counts total and active parameters, and its meta-device count of a rank equals the
+    memory model's (experts split over ep)."""
+    import os
+    from megagpt.config import load_config
+    from megagpt.dryrun import dry_run
+    from megagpt.layout import Layout
+    from megagpt.memory import params_per_rank
+    from megagpt.planner import rank_layouts
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "gpt4plus-moe.yaml")
+    cfg = load_config(path)
+    fits, _ = rank_layouts(cfg.model, 1024, cfg.train.seq_len, cfg.train.global_batch_size, tp=4, pp=8, vp=1)
+    best = fits[0]
+    assert best["fits"] and best["ep"] > 1
+    cfg = load_config(path, ["parallel.tp=4", "parallel.pp=8", f"parallel.ep={best['ep']}"], world_size=1024)
+    report = dry_run(cfg, 1024)
+    assert report["params_total"] == count_params(cfg.model) > 3 * report["params_active"]
+    assert report["params_active"] == active_params(cfg.model)
+    assert report["params_per_rank"] == params_per_rank(cfg.model, Layout.from_config(cfg, 1024))
