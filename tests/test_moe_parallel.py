@@ -4,8 +4,8 @@ element counted once): the grad norm and every updated weight to 1e-5 relative.
 
 The one-process reference runs the same microbatches one after another with gradient accumulation:
 the aux losses are per microbatch (per model replica), as in Megatron, weighted 1/(microbatches x dp).
-Layouts: EP2, EP4, EP2xDP2, EP2xTP2 with SP (dropless and with capacity drops), EP2xTP2 without SP,
-EP2xPP2, EP2xTP2xPP2, and EP2 with 16 experts on 4-token microbatches (more experts than tokens:
+Layouts: EP2, EP4, EP2xDP2, EP2xTP2 with SP (dropless, with capacity drops, with full recompute),
+EP2xTP2 without SP, EP2xPP2, EP2xTP2xPP2, and EP2 with 16 experts on 4-token microbatches (more experts than tokens:
 most experts, and often a whole rank, receive no token).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ CASES = {
     "ep2xtp2-sp-capacity": (2, 1, 2, True, 4, dict(moe_capacity_factor=0.5), 2, 8, 8),
     "ep2xtp2-nosp": (2, 1, 2, False, 4, dict(moe_router_score="sigmoid", moe_router_norm_topk=True), 2, 8, 8),
     "ep2xpp2": (1, 2, 2, False, 4, dict(num_layers=4, moe_layers=[1, 2, 3]), 1, 8, 8),
+    "ep2xtp2-sp-recompute": (2, 1, 2, True, 4, dict(_train=dict(recompute="full")), 2, 8, 8),
     "ep2xtp2xpp2": (2, 2, 2, True, 8, dict(num_layers=4, moe_layer_freq=2), 1, 8, 8),
 }
 BY_WORLD = {w: [n for n, c in CASES.items() if c[4] == w] for w in (2, 4, 8)}
@@ -49,11 +50,13 @@ def raw_cfg(name):
     model = dict(vocab_size=96, max_seq_len=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                  ffn_hidden_size=48, make_vocab_divisible_by=1, init_std=0.05, moe_num_experts=4, moe_top_k=2,
                  moe_ffn_hidden_size=24, moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01)
+    over = dict(over)
+    train = over.pop("_train", {})
     model.update(over)
     return {"model": model,
             "parallel": dict(tp=tp, pp=pp, ep=ep, sequence_parallel=sp, distributed_optimizer=True),
             "train": dict(seq_len=seq, micro_batch_size=micro, global_batch_size=glob, lr=LR, adam_eps=1e-4,
-                          weight_decay=0.1, clip_grad=0.05)}
+                          weight_decay=0.1, clip_grad=0.05, **train)}
 
 
 def data(cfg, seed: int = 0):
