@@ -81,6 +81,7 @@ def plot_load(results, path):
         grid = torch.tensor([r["load"][k] for k in sorted(r["load"], key=int)])
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.5, grid.max().item()), aspect="auto")
         ax.set_title(f"{r['name']}: share of selections")
+        ax.set_yticks(range(grid.shape[0]), sorted(r["load"], key=int))
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         fig.colorbar(im, ax=ax)

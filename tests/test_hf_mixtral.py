@@ -62,3 +62,20 @@ def test_what_mixtral_cannot_express_is_one_line(over, field):
     with pytest.raises(ConversionError) as e:
         to_mixtral_config(replace(mixtral_cfg(), **over))
     assert str(e.value).startswith(field + ": ") and "\n" not in str(e.value)
+
+
+def test_converter_exports_a_moe_checkpoint_as_mixtral(tmp_path):
+    """tools/convert_checkpoint.py --to hf on a MoE checkpoint writes Mixtral: transformers loads it and
+    gives the model's logits (fp32, 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    from megagpt.checkpoint.convert import convert
+    from megagpt.checkpoint.sharded import save_checkpoint
+    from megagpt.parallel.state import ParallelState
+    cfg = mixtral_cfg()
+    model = build_model(cfg, seed=5).eval()
+    save_checkpoint(str(tmp_path / "run"), 1, [model], ParallelState.single(), None, {})
+    convert(str(tmp_path / "run"), str(tmp_path / "hf"), "hf")
+    hf = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.gather_logits(model(tokens)), hf(tokens).logits, rtol=1e-4, atol=1e-4)
