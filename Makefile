@@ -30,13 +30,7 @@ moe-bench: install
 bench: install
 	$(PY) bench/run.py
 
-gpu-moe-demo: install
-	$(PY) examples/moe_demo.py
-
-moe-bench: install
-	$(PY) bench/moe_bench.py
-
-bench: install
+gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
