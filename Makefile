@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo bench gpu-bench clean
+.PHONY: install test demo serve-demo bench gpu-bench clean moe-demo moe-bench
 
 install: .venv/.installed
 
@@ -23,6 +23,12 @@ demo: install
 
 serve-demo: install
 	$(PY) examples/serve_demo.py
+
+moe-demo: install
+	$(PY) examples/moe_demo.py
+
+moe-bench: install
+	$(PY) bench/moe_bench.py
 
 bench: install
 	$(PY) bench/run.py

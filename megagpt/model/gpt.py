@@ -21,6 +21,7 @@ from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, ini
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
 from .block import Block
+from .moe import MoEContext
 from .norm import Norm
 from .rope import rope_tables
 
@@ -49,8 +50,10 @@ class GPTModel(nn.Module):
             if cfg.tie_embeddings:
                 w = self.embedding.weight
                 w.meta = replace(w.meta, tied="embedding", tied_copy=not pre_process)
+        self.moe = MoEContext()           # the aux losses' weight and the routing records (model/moe.py)
         self.layers = nn.ModuleDict({
-            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw) for i in self.layer_ids})
+            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw, layer_id=i,
+                          ep=ps.groups["ep"], moe_context=self.moe) for i in self.layer_ids})
         if post_process:
             self.final_norm = Norm(h, cfg.norm, cfg.norm_eps, self.sp, **kw)
             if not cfg.tie_embeddings:
@@ -76,7 +79,8 @@ class GPTModel(nn.Module):
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
                 std = init_std_for(name, cfg.init_std, cfg.num_layers, cfg.scaled_init)
                 full = torch.empty(meta.global_shape).normal_(0.0, std, generator=gen)
-            p.copy_(meta.spec.shard(full, self.tp.rank, self.tp.size))
+            ep = self.ps.groups["ep"]
+            p.copy_(meta.spec.shard(meta.ep_shard(full, ep.rank, ep.size), self.tp.rank, self.tp.size))
 
     # ------------------------------------------------------------------ forward
     def _rope(self, s: int, device, dtype):

@@ -1,7 +1,7 @@
 """The two update rules over the gradient buffer: ZeRO-1 AdamW (sharded over DP) and plain AdamW.
 
 ShardedAdamW (the distributed optimizer). DP rank r owns shard r of every bucket (see
-grad_buffer.py). It keeps fp32 main params and the Adam moments for the owned elements only,
+grad_buffer.py; a bucket of expert weights is sharded over its edp group instead). It keeps fp32 main params and the Adam moments for the owned elements only,
 12 bytes per owned element, so 12*Psi/d per rank. The owned piece of each parameter is one
 contiguous range of its flattened local tensor: a `Segment`. The step runs AdamW on the segments
 with torch._foreach ops, in the same order of operations as torch.optim.AdamW (decoupled decay
@@ -125,7 +125,7 @@ class ShardedAdamW:
             lo, hi = (x - b.start for x in self.buffer.owned_range(b))
             for s in segs:
                 region[s.buf_lo - b.start:s.buf_lo - b.start + s.hi - s.lo].copy_(s.main)
-            self.pending[b.index] = self.dp.all_gather_async(region, region[lo:hi])   # in place
+            self.pending[b.index] = b.group.all_gather_async(region, region[lo:hi])   # in place
 
     @torch.no_grad()
     def wait_from(self, first: int) -> None:

@@ -57,13 +57,16 @@ class Optimizer:
         # parameters are replicated over DP and CP: gradients are reduced (and ZeRO shards owned) over dp x cp
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp_cp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
-                                 own_bucket=tied_params, device=ps.device)
+                                 own_bucket=tied_params, device=ps.device, expert_dp=ps.edp)
         rule = ShardedAdamW if self.distributed else PlainAdamW
         self.update = rule(names, self.buffer, ps.dp_cp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,
                                  train_cfg.loss_scale_window, train_cfg.min_loss_scale)
         self.world = ps.world
-        self.norm_group = self.world if self.distributed else ps.mp
+        # plain AdamW: every DP rank holds its whole buckets, so one replica's sum (mp) is the norm; with
+        # experts (which differ over ep) the world sums the buckets of each group's rank 0 instead
+        experts = any(b.group is not ps.dp for b in self.buffer.buckets)
+        self.norm_group = self.world if self.distributed or experts else ps.mp
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views()
         self.steps = 0                          # updates applied (skipped steps do not count)
@@ -93,6 +96,8 @@ class Optimizer:
         if not self.distributed and self.ps.cp.rank > 0:
             return views
         for b in self.buffer.buckets:
+            if not self.distributed and self.norm_group is self.world and b.group.rank != 0:
+                continue
             lo, hi = self.buffer.owned_range(b)
             for p in b.params:
                 start, _ = self.buffer.param_range[id(p)]

@@ -105,6 +105,15 @@ class ParamMeta:
                                         # parameter ("embedding": the word embedding and the LM head)
     tied_copy: bool = False             # this is a stage's extra copy of a tied parameter: never
                                         # saved, not counted in the grad norm (its owner counts)
+    expert: bool = False                # an expert weight (model/moe.py): dim 0 (the experts) is split
+                                        # evenly over the ep ranks; its grads reduce over edp, not dp
+
+    def ep_shard(self, full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+        """This ep rank's experts of a global tensor (the whole tensor for a non-expert weight)."""
+        if not self.expert or ep_size == 1:
+            return full
+        n = self.global_shape[0] // ep_size
+        return full.narrow(0, ep_rank * n, n)
 
 
 def meta_of(p: torch.Tensor) -> ParamMeta:

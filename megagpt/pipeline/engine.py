@@ -24,7 +24,8 @@ so a bubble is measured on the engine itself (tools/schedule.py --measure, make 
 Loss: the last global chunk turns its per-token losses [b, s] into sum * loss_scale and
 backpropagates that. The caller passes loss_scale = 1 / (tokens in the global batch over all
 DP ranks), so gradients summed over microbatches (they accumulate in .grad) and over DP are
-exactly the one-process gradients of the mean per-token loss.
+exactly the one-process gradients of the mean per-token loss. The MoE layers' auxiliary losses
+(model/moe.py) enter with weight loss_scale * tokens per microbatch: their mean over microbatches.
 """
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ class PipelineEngine:
         last_b = next((op for op in reversed(ops) if op.kind == "B"), None)
         self._reset()
         self.trace, self.timeline = [], []
+        for chunk in self.chunks:
+            chunk.moe.clear()              # the MoE/MoD records (model/moe.py) hold this call's only
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             for item in comm_batches(ops):
                 if isinstance(item, list):
@@ -198,6 +201,7 @@ class PipelineEngine:
         else:
             x, waited = self._received(self._recv_act, key)               # [s/tp, b, h]
             x.requires_grad_(not forward_only)                           # a leaf: its .grad goes back
+        chunk.moe.scale = loss_scale * self.layout.micro_batch * self.layout.seq_len   # MoE aux losses' weight
         if chunk.post_process:
             if labels is None:
                 raise ValueError(f"get_microbatch({op.microbatch}) gave no labels on the last pipeline stage")

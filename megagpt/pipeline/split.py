@@ -71,6 +71,6 @@ def meta_stage(cfg: Config, tp_rank: int = 0, pp_rank: int = 0, layout: Layout |
     """The chunks of the rank at (tp_rank, pp_rank) on the meta device: shapes, ShardSpecs and
     parameter counts of the real model, with nothing allocated and no process group."""
     p = cfg.parallel
-    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank)
+    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep)
     return build_stage(cfg, ps, seed=0, layout=layout)
 
