@@ -34,6 +34,8 @@ BASE = {"model": dict(vocab_size=4096, max_seq_len=128, hidden_size=128, num_lay
 MOE = dict(moe_num_experts=8, moe_top_k=2, moe_ffn_hidden_size=F, moe_aux_loss_coeff=0.01)
 VARIANTS = {"dense": {}, "moe": MOE, "moe-noaux": dict(MOE, moe_aux_loss_coeff=0.0),
             "mod": dict(mod_layers=[1, 3], mod_capacity=0.125)}
+if os.environ.get("MOE_DEMO_VARIANTS"):            # e.g. MOE_DEMO_VARIANTS=dense,moe for a longer run of two
+    VARIANTS = {k: VARIANTS[k] for k in os.environ["MOE_DEMO_VARIANTS"].split(",")}
 
 
 def params(model) -> tuple[int, int]:
@@ -100,7 +102,8 @@ def main():
     for name in VARIANTS:
         print(f"training {name} for {STEPS} steps ...", flush=True)
         results.append(spawn(1, _train, name, prefix, timeout=3600)[0])
-    plot_load(results, os.path.join(OUT, "expert_load.png"))
+    if any(r["load"] for r in results):
+        plot_load(results, os.path.join(OUT, "expert_load.png"))
     print(f"\n{'model':<10} {'val loss':>9} {'train loss':>11} {'params':>10} {'active':>10} {'step s':>8}  "
           f"max/mean expert load per layer")
     for r in results:
