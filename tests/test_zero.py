@@ -144,3 +144,29 @@ def test_bf16_tracks_fp32(mode):
         want = ref["params"][name] - init[name]
         err = (p.float() - init[name] - want).norm() / want.norm()
         assert err <= 0.25, f"{name}: bf16 update is {err:.3f} of the fp32 update's norm away"
+
+
+def prefetch_worker(rank, world):
+    mcfg, tcfg = model_cfg(num_layers=4), train_cfg(world, dp_mode="zero3")
+    ps = ParallelState.create()
+    model = build_model(mcfg, ps, seed=tcfg.seed)
+    opt = build_optimizer([model], ps, tcfg, ParallelConfig(), mcfg)
+    units = [opt.group_of[id(next(layer.parameters()))] for layer in model.layers.values()]
+    seen = {"forward": [], "backward": []}
+    for i, layer in enumerate(model.layers.values()):
+        layer.register_forward_pre_hook(lambda *_, i=i: seen["forward"].append(
+            [u.state for u in units[i:i + 2]]))      # the optimizer's pre-hook ran first: i whole, i+1 on its way
+        out_hook = lambda grad, i=i: seen["backward"].append([u.state for u in units[max(0, i - 1):i + 1]])  # noqa
+        layer.register_forward_hook(lambda _m, _a, out, h=out_hook: [out.register_hook(h)] and None)
+    run_steps(model, opt, ps, tcfg, 1)
+    return seen
+
+
+def test_zero3_prefetches_the_next_unit():
+    """When layer i's forward starts, it is whole and layer i+1's gather is already issued; when its
+    backward starts (the hook registered after the optimizer's), layer i-1's is."""
+    seen = spawn(2, prefetch_worker)[0]
+    for states in seen["forward"]:
+        assert states[0] == "whole" and all(s in ("gathering", "whole") for s in states[1:]), seen["forward"]
+    for states in seen["backward"]:
+        assert states[-1] == "whole" and all(s in ("gathering", "whole") for s in states), seen["backward"]

@@ -1,8 +1,8 @@
 """ZeRO-3: the weights sharded over DP too, gathered one unit at a time.
 
-Units: every transformer layer of a chunk is one unit; the chunk's other parameters (embedding, final
-norm, LM head) are its root unit, and a tied embedding whose copy sits on another stage is a unit of
-its own (so its shards line up with the copy's, as in zero2). Each unit's weights live in one flat
+Units: every transformer layer of a chunk is one unit; the chunk's other parameters are two root units:
+the embedding (or a tied copy of it: alone, its shards line up with the other stage's, as in zero2),
+and the final norm with the LM head. Each unit's weights live in one flat
 tensor [size] of the param dtype whose storage is freed (resized to 0) when the unit is resharded;
 the parameters stay the same nn.Parameter objects (names, ParamMeta), viewing that flat. What a rank
 keeps is its slice of the flat (`pshard`, [size/d]; in fp32 it is the fp32 main params themselves).
@@ -47,10 +47,12 @@ class Zero3Optimizer(ShardedOptimizer):
         for c in chunks:
             blocks = list(c.layers.values()) if hasattr(c, "layers") else []
             in_block = {id(p) for b in blocks for p in b.parameters()}
-            rest = [p for p in c.parameters() if p.requires_grad and id(p) not in in_block]
-            tied = [p for p in rest if meta_of(p).tied and ps.embedding.size > 1]
-            root = [p for p in rest if all(p is not t for t in tied)]
-            for params, kind in [(root, ("root", c)), (tied, ("root", c))] + \
+            rest = [(n, p) for n, p in c.named_parameters() if p.requires_grad and id(p) not in in_block]
+            # the embedding (or its tied copy) is a unit of its own: its gradient comes last in backward,
+            # so in one unit with the head the head's fp32 gradients would wait through all of backward
+            emb = [p for n, p in rest if n.startswith("embedding.")]
+            root = [p for n, p in rest if not n.startswith("embedding.")]
+            for params, kind in [(emb, ("root", c)), (root, ("root", c))] + \
                     [([p for p in b.parameters() if p.requires_grad], ("layer", b)) for b in blocks]:
                 if params:
                     lists.append(params)
