@@ -113,8 +113,8 @@ def _root_gathers(kind: str, pp: int, vp: int, m: int, rank: int, chunk: int) ->
 def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str,
                  pp_rank: int) -> list[tuple[int, int]]:
     """(padded size, all-gathers per step) of each flat group of optim/zero.py (zero2: the buckets, one
-    gather after the step) or zero3.py (units: each layer gathered twice per microbatch, the root and a
-    tied embedding of its own as _root_gathers says)."""
+    gather after the step) or zero3.py (units: each layer gathered twice per microbatch; the embedding and
+    the final norm + head, the root units, as _root_gathers says)."""
     layout = Layout.from_config(cfg)
     mb = layout.num_microbatches
     if mode == "zero2":
@@ -128,7 +128,7 @@ def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str
         first = 1 if pre or (post and cfg.model.tie_embeddings) else 0
         layers = numels[first:first + per_layer * len(ids)]
         root = numels[:first] + numels[first + per_layer * len(ids):]
-        if tied_alone and first:
+        if first:                                                      # the embedding: a unit of its own
             out.append((pad(root.pop(0)), roots))
         if root:
             out.append((pad(sum(root)), roots))
