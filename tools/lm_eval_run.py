@@ -11,6 +11,7 @@ already says otherwise, so tasks must point at local data files (dataset_path: j
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -21,7 +22,7 @@ if ROOT not in sys.path:
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
-import megagpt.lm_eval_model  # noqa: E402,F401  (registers --model megagpt)
+importlib.import_module("megagpt.lm_eval_model")          # registers --model megagpt
 from lm_eval.__main__ import cli_evaluate  # noqa: E402
 
 if __name__ == "__main__":
