@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="rag_demo_run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -221,15 +221,10 @@ def main(argv=None) -> dict:
 
 def ask_through_tool(model, tok, out: str, question: str) -> None:
     """Save the model with its tokenizer, then ask one held-out question through tools/rag.py."""
-    from megagpt.checkpoint.sharded import save_checkpoint
-    from megagpt.config import Config, DataConfig, ParallelConfig, TrainConfig
-    from megagpt.parallel.state import ParallelState
+    from megagpt.loading import save_for_inference
     import rag as rag_tool
-    tok_path = os.path.abspath(os.path.join(out, "tokenizer.json"))
-    tok.save(tok_path)
-    cfg = Config(model=model.cfg, parallel=ParallelConfig(world_size=1), data=DataConfig(tokenizer=tok_path),
-                 train=TrainConfig(seq_len=model.cfg.max_seq_len, micro_batch_size=1, global_batch_size=1))
-    save_checkpoint(os.path.join(out, "ckpt"), 1, [model], ParallelState.single(), cfg, {})
+    tok.save(os.path.join(out, "tokenizer.json"))
+    save_for_inference(os.path.join(out, "ckpt"), model, os.path.join(out, "tokenizer.json"))
     argv = ["ask", "--index", os.path.join(out, "index"), "--load", os.path.join(out, "ckpt"), "--question", question]
     print(f"\n$ python tools/rag.py {' '.join(argv)}")
     rag_tool.main(argv)

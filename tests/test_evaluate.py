@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from megagpt import evaluate as ev
-from megagpt.checkpoint.sharded import save_checkpoint
-from megagpt.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megagpt.config import ModelConfig
 from megagpt.data.tokenizer import Tokenizer
 from megagpt.generate import generate_ids
+from megagpt.loading import save_for_inference
 from megagpt.model.gpt import build_model
-from megagpt.parallel.state import ParallelState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -32,10 +31,7 @@ def tiny(tmp_path_factory):
     tok_path = str(root / "tokenizer.json")
     tok.save(tok_path)
     model = build_model(ModelConfig(**MODEL), seed=7).eval()
-    cfg = Config(model=ModelConfig(**MODEL), parallel=ParallelConfig(world_size=1),
-                 train=TrainConfig(seq_len=48, micro_batch_size=1, global_batch_size=1),
-                 data=DataConfig(tokenizer=tok_path))
-    save_checkpoint(str(root / "run"), 1, [model], ParallelState.single(), cfg, {})
+    save_for_inference(str(root / "run"), model, tok_path)
     return {"model": model, "tok": tok, "root": root, "run": str(root / "run")}
 
 

@@ -14,12 +14,11 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from megagpt import evaluate as ev  # noqa: E402
-from megagpt.checkpoint.sharded import save_checkpoint  # noqa: E402
-from megagpt.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megagpt.config import ModelConfig  # noqa: E402
 from megagpt.data.tokenizer import Tokenizer  # noqa: E402
 from megagpt.lm_eval_model import MegagptLM  # noqa: E402
+from megagpt.loading import save_for_inference  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
-from megagpt.parallel.state import ParallelState  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(vocab_size=300, max_seq_len=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -47,10 +46,7 @@ def setup(tmp_path_factory):
     tok = Tokenizer.train(["the capital of frank is paris. the capital of spain is madrid.\n"] * 20, vocab_size=290)
     tok.save(str(root / "tokenizer.json"))
     model = build_model(ModelConfig(**MODEL), seed=5).eval()
-    cfg = Config(model=ModelConfig(**MODEL), parallel=ParallelConfig(world_size=1),
-                 train=TrainConfig(seq_len=32, micro_batch_size=1, global_batch_size=1),
-                 data=DataConfig(tokenizer=str(root / "tokenizer.json")))
-    save_checkpoint(str(root / "run"), 1, [model], ParallelState.single(), cfg, {})
+    save_for_inference(str(root / "run"), model, str(root / "tokenizer.json"))
     data = root / "capitals.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     tasks = root / "tasks"

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from megagpt import rag
-from megagpt.checkpoint.sharded import save_checkpoint
-from megagpt.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from megagpt.config import ModelConfig
 from megagpt.data.tokenizer import Tokenizer
+from megagpt.loading import save_for_inference
 from megagpt.model.gpt import build_model
-from megagpt.parallel.state import ParallelState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -115,9 +114,7 @@ def test_tool_index_and_ask(corpus, tmp_path, capsys):
     tok.save(str(root / "tokenizer.json"))
     mcfg = ModelConfig(vocab_size=320, max_seq_len=256, hidden_size=32, num_layers=2, num_heads=4,
                        ffn_hidden_size=64, make_vocab_divisible_by=1, use_flash_attn=False)
-    cfg = Config(model=mcfg, parallel=ParallelConfig(world_size=1), data=DataConfig(tokenizer=str(root / "tokenizer.json")),
-                 train=TrainConfig(seq_len=256, micro_batch_size=1, global_batch_size=1))
-    save_checkpoint(str(root / "run"), 1, [build_model(mcfg, seed=3)], ParallelState.single(), cfg, {})
+    save_for_inference(str(root / "run"), build_model(mcfg, seed=3), str(root / "tokenizer.json"))
     assert tool.main(["ask", "--index", out, "--load", str(root / "run"), "--question", "Where was Ilsa born?",
                       "--max-new-tokens", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
