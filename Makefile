@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench gpu-bench rag-demo clean
+.PHONY: install test demo bench gpu-bench rag-demo fewshot-demo clean
 
 install: .venv/.installed
 
@@ -24,6 +24,9 @@ demo: install
 rag-demo: install
 	$(PY) examples/rag_demo.py
 
+fewshot-demo: install
+	$(PY) examples/fewshot_demo.py
+
 bench: install
 	$(PY) bench/run.py
 
@@ -31,4 +34,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run rag_demo_run bench/out
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run bench/out

@@ -57,9 +57,9 @@ def test_loglikelihood_equals_the_models_own_loss_and_a_direct_log_softmax(tiny)
         seq = torch.tensor([(ctx + cont)[-(MODEL["max_seq_len"] + 1):]])
         with torch.no_grad():
             losses = m(seq[:, :-1], seq[:, 1:])                               # the engine's cross-entropy [1, s]
+            logits = m.gather_logits(m(seq[:, :-1]))[0, -len(cont):].double()  # [n, V]
         want = -float(losses[0, -len(cont):].sum())
         assert abs(lp - want) < 1e-5 * max(1.0, abs(want))
-        logits = m.gather_logits(m(seq[:, :-1]))[0, -len(cont):].double()  # [n, V]
         direct = torch.log_softmax(logits, -1).gather(1, seq[0, -len(cont):, None]).sum()
         assert abs(lp - float(direct)) < 1e-5 * max(1.0, abs(lp))
         assert greedy == bool((logits.argmax(-1) == seq[0, -len(cont):]).all())
