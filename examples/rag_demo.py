@@ -2,12 +2,13 @@
 
 A seeded generator invents 500 people (invented first and last names) with a birth city (invented), a
 birth year and a trade, one short biography each: the corpus, indexed with BM25 (megagpt/rag.py).
-A tiny model of the flagship architecture is trained on 400 of the people to read: given the top-3
-retrieved passages with their ids and a question ("where was Ilsa Varn born ?"), answer and cite the
-passage ("Trelos [p017#0]"); a fifth of its training questions come with no passages (closed book).
-The other 100 people are held out: their questions are never trained on, so closed-book answers about
-them can only be guesses (chance is about 1/50 per question), while with retrieval the answer is in the
-prompt. Reported: closed-book and retrieval accuracy on the held-out questions with Wilson 95%
+A tiny model of the flagship architecture learns to read: every training sample is a freshly invented
+person (a name not in the knowledge base, random city, year and trade) shown among two distractors that
+share the first or the last name, as BM25's neighbours do, with a question ("where was Ilsa Varn born ?");
+it answers and cites the passage ("Trelos [p017#0]"). A tenth of the samples come without passages
+(closed book). Nothing of the knowledge base is ever trained on, so closed-book answers about it can
+only be guesses (chance is about 1/32), while with BM25 top-3 retrieval the answer is in the prompt.
+Reported: closed-book and retrieval accuracy on the knowledge base's 1500 questions with Wilson 95%
 intervals, citation accuracy, BM25 recall@1/3/5, a table and JSON; the loss curve goes to a PNG.
 Then the trained checkpoint answers one question through `tools/rag.py ask`.
 
@@ -33,7 +34,7 @@ from megagpt.data.tokenizer import EOD_TOKEN, Tokenizer  # noqa: E402
 from megagpt.evaluate import wilson  # noqa: E402
 from megagpt.generate import generate_ids  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
-from megagpt.rag import Index, build_prompt, citations, recall_at, strip_citations  # noqa: E402
+from megagpt.rag import Index, Passage, build_prompt, citations, recall_at, strip_citations  # noqa: E402
 
 TRADES = ["glassblower", "cooper", "tanner", "weaver", "mason", "chandler", "cartwright", "fletcher", "potter",
           "smith", "miller", "baker", "brewer", "dyer", "thatcher", "wheelwright", "saddler", "roper", "joiner",
@@ -52,25 +53,27 @@ def invent_names(rng: random.Random, n: int) -> list[str]:
     return sorted(out)
 
 
-def knowledge_base(seed: int = 0, people: int = 500):
-    """[{id, first, last, city, year, trade, text}] -- invented, so no model has seen them."""
+def invent_world(seed: int = 0, people: int = 500):
+    """(knowledge base, name pools): 500 people [{id, name, city, year, trade, text}] from invented names."""
     rng = random.Random(seed)
     names = invent_names(rng, 110)
-    firsts, lasts, cities = names[:40], names[40:80], names[80:110]
-    pairs = rng.sample([(f, ln) for f in firsts for ln in lasts], people)
-    kb = []
-    for i, (f, ln) in enumerate(pairs):
-        p = {"id": f"p{i:03d}", "name": f"{f} {ln}", "city": rng.choice(cities),
-             "year": str(rng.randrange(1700, 1800)), "trade": rng.choice(TRADES)}
-        p["text"] = f"{p['name']} was born in {p['city']} in {p['year']} and worked as a {p['trade']} ."
-        kb.append(p)
-    return kb
+    pools = {"first": names[:40], "last": names[40:80], "city": names[80:110]}
+    pairs = rng.sample([(f, ln) for f in pools["first"] for ln in pools["last"]], people)
+    kb = [person(rng, pools, f"{f} {ln}", f"p{i:03d}") for i, (f, ln) in enumerate(pairs)]
+    return kb, pools
+
+
+def person(rng: random.Random, pools, name: str, pid: str) -> dict:
+    p = {"id": pid, "name": name, "city": rng.choice(pools["city"]), "year": str(rng.randrange(1700, 1800)),
+         "trade": rng.choice(TRADES)}
+    p["text"] = f"{name} was born in {p['city']} in {p['year']} and worked as a {p['trade']} ."
+    return p
 
 
 def word_tokenizer(kb, index: Index) -> Tokenizer:
     """A word-level tokenizer over everything the prompts can hold (megagpt's Tokenizer wrapper)."""
     from tokenizers import Tokenizer as HF, models, pre_tokenizers
-    words = {w for p in kb for w in p["text"].split()}
+    words = {w for p in kb for w in p["text"].split()} | set(TRADES)
     words |= {f"[{p.pid}]" for p in index.passages} | {w for q in QUESTIONS.values() for w in q.split()}
     words |= {"question:", "answer:", "<unk>"}
     vocab = {w: i for i, w in enumerate([EOD_TOKEN] + sorted(words))}
@@ -84,38 +87,42 @@ def questions(people):
     return [(p, attr, QUESTIONS[attr].format(name=p["name"])) for p in people for attr in QUESTIONS]
 
 
-def example(tok, index, person, attr, question, rng, closed: bool, hits=None, k: int = 3):
-    """(ids, loss mask) of one training sample: the top-k passages (the gold one swapped in if missing),
-    shuffled so the model must find the right one, then the answer and its citation."""
-    gold = f"{person['id']}#0"
+def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool):
+    """(ids, prompt length) of one training sample, freshly invented so nothing can be memorized: a person
+    whose name is not in the knowledge base, two distractors that share the first or the last name (as
+    BM25 neighbours do), in random order with random passage ids; then the answer and its citation."""
+    while True:
+        first, last = rng.choice(pools["first"]), rng.choice(pools["last"])
+        if (first, last) not in taken:
+            break
+    others = [(first, rng.choice(pools["last"])), (rng.choice(pools["first"]), last)]
+    ids = [f"p{i:03d}" for i in rng.sample(range(n_ids), 3)]
+    people = [person(rng, pools, f"{f} {ln}", pid) for (f, ln), pid in zip([(first, last)] + others, ids)]
+    gold = people[0]
+    passages = [Passage(f"{p['id']}#0", p["id"], p["text"]) for p in people]
+    rng.shuffle(passages)
+    attr = rng.choice(list(QUESTIONS))
+    question = QUESTIONS[attr].format(name=gold["name"])
     if closed:
-        prompt, target = build_prompt(question, []), person[attr]
+        prompt, target = build_prompt(question, []), gold[attr]
     else:
-        hits = list(hits) if hits is not None else [p for p, _ in index.search(question, k)]
-        if gold not in [p.pid for p in hits]:
-            hits[-1] = index.by_id[gold]
-        rng.shuffle(hits)
-        prompt, target = build_prompt(question, hits), f"{person[attr]} [{gold}]"
+        prompt, target = build_prompt(question, passages), f"{gold[attr]} [{gold['id']}#0]"
     p_ids, t_ids = tok.encode(prompt), tok.encode(target) + [tok.eod_id]
     return p_ids + t_ids, len(p_ids)
 
 
-def train(tok, index, train_people, steps: int, out_dir: str, seed: int = 0, log=print):
+def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, log=print):
     cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, hidden_size=64, num_layers=3, num_heads=4,
                       num_kv_heads=2, ffn_hidden_size=256, make_vocab_divisible_by=1, tie_embeddings=True,
                       use_flash_attn=False)
     model = build_model(cfg, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
-    rng, qs = random.Random(seed), questions(train_people)
-    top3 = {q: [p for p, _ in index.search(q, 3)] for _, _, q in qs}     # retrieval, once per question
+    rng, taken = random.Random(seed + 1), {tuple(p["name"].split()) for p in kb}
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w")
     t0 = time.perf_counter()
     for step in range(steps):
-        rows = []
-        for _ in range(32):
-            person, attr, q = rng.choice(qs)
-            rows.append(example(tok, index, person, attr, q, rng, rng.random() < 0.1, top3[q]))
+        rows = [example(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(32)]
         width = max(len(r) for r, _ in rows)
         data = torch.tensor([r + [tok.eod_id] * (width - len(r)) for r, _ in rows])           # [b, s+1]
         mask = torch.zeros(len(rows), width - 1)
@@ -131,7 +138,7 @@ def train(tok, index, train_people, steps: int, out_dir: str, seed: int = 0, log
         sched.step()
         metrics.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
         if (step + 1) % 250 == 0:
-            log(f"  step {step + 1:>5}  loss {float(loss):.4f}  ({time.perf_counter() - t0:.0f} s)")
+            log(f"  step {step + 1:>5}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     metrics.close()
     return model.eval()
 
@@ -168,11 +175,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="rag_demo_run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))    # a 64-wide model gains nothing from 2
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    kb = knowledge_base(args.seed)
+    kb, pools = invent_world(args.seed)
     corpus = os.path.join(args.out, "kb.jsonl")
     with open(corpus, "w") as f:
         for p in kb:
@@ -180,25 +187,22 @@ def main(argv=None) -> dict:
     index = Index.from_corpus(corpus)
     index.save(os.path.join(args.out, "index"))
     tok = word_tokenizer(kb, index)
-    train_people, held_out = kb[:400], kb[400:]
-    test_q = questions(held_out)
+    test_q = questions(kb)
     ranked = [[p.pid for p, _ in index.search(q, 5)] for _, _, q in test_q]
     recall = recall_at(ranked, [f"{p['id']}#0" for p, _, _ in test_q])
-    print(f"knowledge base: {len(kb)} invented people ({len(train_people)} trained on, {len(held_out)} held out), "
-          f"{len(index.passages)} passages; vocabulary {tok.vocab_size} words")
-    model = train(tok, index, train_people, args.steps, args.out, args.seed)
+    print(f"knowledge base: {len(kb)} invented people, {len(index.passages)} passages, {len(test_q)} questions; "
+          f"vocabulary {tok.vocab_size} words; training on freshly invented people, {args.steps} steps")
+    model = train(tok, kb, pools, args.steps, args.out, args.seed)
     train_s = time.perf_counter() - t0
     closed = score(model, tok, index, test_q, None)
     rag3 = score(model, tok, index, test_q, 3)
-    seen = score(model, tok, index, random.Random(1).sample(questions(train_people), 300), None)
     chance = sum(1 / n for n in (len({p["city"] for p in kb}), 100, len(TRADES))) / 3
     res = {"held_out_questions": len(test_q), "closed_book": closed, "retrieval_top3": rag3,
-           "closed_book_on_trained_facts": seen, "chance": chance,
+           "chance": chance,
            "recall": {f"@{k}": v for k, v in recall.items()}, "steps": args.steps,
            "train_seconds": round(train_s, 1), "threads": torch.get_num_threads()}
-    print(f"\n{'held-out questions (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)")
-    for name, r in [("closed book", closed), ("with BM25 top-3 retrieval", rag3),
-                    ("closed book, trained facts (300)", seen)]:
+    print(f"\n{'questions on the knowledge base (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)")
+    for name, r in [("closed book", closed), ("with BM25 top-3 retrieval", rag3)]:
         print(f"{name:<38}{r['accuracy']:>9.3f}   [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
     print(f"{'chance (a uniform guess)':<38}{chance:>9.3f}")
     print(f"citations: the gold passage cited in {rag3['citation_accuracy']:.3f} of answers; "
