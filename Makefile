@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo bench gpu-bench clean moe-demo moe-bench
+.PHONY: install test demo serve-demo rag-demo fewshot-demo bench gpu-bench clean moe-demo moe-bench
 
 install: .venv/.installed
 
@@ -30,6 +30,12 @@ moe-demo: install
 moe-bench: install
 	$(PY) bench/moe_bench.py
 
+rag-demo: install
+	$(PY) examples/rag_demo.py
+
+fewshot-demo: install
+	$(PY) examples/fewshot_demo.py
+
 bench: install
 	$(PY) bench/run.py
 
@@ -37,4 +43,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run bench/out
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run bench/out
