@@ -22,8 +22,11 @@ if ROOT not in sys.path:
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
-importlib.import_module("megagpt.lm_eval_model")          # registers --model megagpt
-from lm_eval.__main__ import cli_evaluate  # noqa: E402
+try:
+    importlib.import_module("megagpt.lm_eval_model")      # registers --model megagpt
+    from lm_eval.__main__ import cli_evaluate  # noqa: E402
+except ImportError as e:                                   # one line, naming the extra
+    sys.exit(f"error: {e}: lm-eval is the eval extra (pip install -e '.[eval]')")
 
 if __name__ == "__main__":
     sys.exit(cli_evaluate())
