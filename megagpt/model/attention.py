@@ -26,8 +26,13 @@ def _flash_attn_func():
         return None
 
 
-def core_attention(q, k, v, dropout_p: float, use_flash: bool) -> torch.Tensor:
-    """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal."""
+def core_attention(q, k, v, dropout_p: float, use_flash: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal; or under mask [b, 1, s, s]
+    (True = attend; packed samples: block-diagonal causal, model/packing.py), through SDPA."""
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
     if use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
@@ -60,16 +65,17 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(h, (nq + 2 * nkv) * d, tp, sequence_parallel, spec, cfg.bias, device, dtype)
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
 
-    def _core(self, q, k, v):
+    def _core(self, q, k, v, mask=None):
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
-                return core_attention(q, k, v, p, self.cfg.use_flash_attn)
-        return core_attention(q, k, v, p, self.cfg.use_flash_attn)
+                return core_attention(q, k, v, p, self.cfg.use_flash_attn, mask)
+        return core_attention(q, k, v, p, self.cfg.use_flash_attn, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         """cache: None in training; in generation this layer's view of a `KVCache` (megagpt/kv_cache.py),
-        which stores this rank's KV heads and returns them with the mask over padding and the future."""
+        which stores this rank's KV heads and returns them with the mask over padding and the future.
+        mask: None (causal) or [b, 1, s, s] of packed samples (training; True = attend)."""
         qkv = self.qkv(x)                                         # [s, b, (nq_l + 2 nkv_l) d]
         s, b, _ = qkv.shape
         d = self.head_dim
@@ -82,8 +88,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)                             # [b, T, nkv_l, d], T = cached + s
             out = masked_attention(q, k, v, cache.mask)
         elif self.selective_recompute and self.training:
-            out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
+            out = checkpoint(self._core, self.tracker, q, k, v, mask)  # keep q, k, v; recompute the core
         else:
-            out = self._core(q, k, v)
+            out = self._core(q, k, v, mask)
         out = out.transpose(0, 1).reshape(s, b, self.nq_local * d)  # [s, b, nq_l d]
         return self.proj(out)                                     # [s(/tp), b, h]

@@ -22,9 +22,9 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         # x: [s/tp, b, h] with SP, else [s, b, h] replicated over TP
         p = self.cfg.hidden_dropout
-        x = x + dropout(self.attention(self.norm1(x), cos, sin, cache), p, self.training, self.tracker, self.sp)
+        x = x + dropout(self.attention(self.norm1(x), cos, sin, cache, mask), p, self.training, self.tracker, self.sp)
         x = x + dropout(self.mlp(self.norm2(x)), p, self.training, self.tracker, self.sp)
         return x

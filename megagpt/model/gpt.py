@@ -21,6 +21,7 @@ from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
 from .block import Block
 from .norm import Norm
+from .packing import Packing
 from .rope import rope_tables
 
 
@@ -91,12 +92,15 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                packing: Packing | None = None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
         Returns per-token losses [b, s] (fp32) when labels are given on the last stage, logits
         [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere.
         cache: a `KVCache` of this chunk's layers (generation): x holds the s tokens after the cached
-        ones, RoPE takes each row's positions from the cache, which then advances by s."""
+        ones, RoPE takes each row's positions from the cache, which then advances by s.
+        packing: samples packed in each row (model/packing.py): positions restart per sample and
+        attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0."""
         if self.pre_process:
             x = self.embed(x)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
@@ -104,13 +108,17 @@ class GPTModel(nn.Module):
             cos, sin = cache.rope(*self._rope(cache.max_len, x.device, torch.float32), s)  # [s, b, 1, rot/2]
         else:
             cos, sin = self._rope(s, x.device, torch.float32)
+        mask = None
+        if packing is not None:
+            cos, sin = packing.rope(cos, sin)                                # [s, b, 1, rot/2]
+            mask = packing.mask.to(x.device)                                 # [b, 1, s, s]
         for i, layer in self.layers.items():
             if cache is not None:
                 x = layer(x, cos, sin, cache.layer(int(i)))
             elif int(i) in self.full_recompute_ids and self.training:
-                x = checkpoint(layer, self.tracker, x, cos, sin)
+                x = checkpoint(layer, self.tracker, x, cos, sin, None, mask)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, None, mask)
         if cache is not None:
             cache.advance(s)
         if not self.post_process:
@@ -124,7 +132,9 @@ class GPTModel(nn.Module):
             logits = self.lm_head(x)                                                  # [s, b, V/tp]
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp, self.cfg.vocab_size).t()  # [b, s]
+        keep = labels >= 0                                                   # [b, s]
+        loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.tp, self.cfg.vocab_size).t()
+        return torch.where(keep, loss, torch.zeros_like(loss))                # [b, s]
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[s, b, V/tp] -> [b, s, vocab] on every TP rank (for generation and tests; not for training)."""
