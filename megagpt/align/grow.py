@@ -18,9 +18,10 @@ from ..parallel.layers import ShardSpec
 
 
 @torch.no_grad()
-def load_grown(path: str, chunks, ps, model_cfg, verify: bool = True) -> int:
+def load_grown(path: str, chunks, ps, model_cfg, verify: bool = True, new_params: tuple = ()) -> int:
     """Load `path` into `chunks`; returns the checkpoint's vocab size. A checkpoint of another
-    architecture, or with a larger vocab than this model's, is a one-line CheckpointError."""
+    architecture, or with a larger vocab than this model's, is a one-line CheckpointError.
+    new_params: names this model adds (the reward head), kept as initialised when the checkpoint lacks them."""
     with Reader(find_checkpoint(path), verify) as reader:
         saved = reader.metas[0].model_config
         saved_vocab = int(saved["vocab_size"])
@@ -28,8 +29,11 @@ def load_grown(path: str, chunks, ps, model_cfg, verify: bool = True) -> int:
             raise CheckpointError(f"model.vocab_size: the checkpoint in {reader.dir} has {saved_vocab} tokens, more than "
                                   f"this model's {model_cfg.vocab_size}")
         reader.check_config(replace(model_cfg, vocab_size=saved_vocab))     # every other architecture field must match
+        # this model's params only: the checkpoint's LM head is not read into the reward model
         for name, p, _ in rank_params(chunks):
             shape, spec = tuple(p.meta.global_shape), p.meta.spec
+            if name in new_params and name not in reader.params:
+                continue
             if name in VOCAB_PADDED and saved_vocab < model_cfg.vocab_size:
                 full = reader.read_param(name, shape, ShardSpec(), 0, 1).to(p.dtype)   # [V_pad, h], new rows 0
                 full[saved_vocab:model_cfg.vocab_size] = full[:saved_vocab].float().mean(0).to(p.dtype)

@@ -21,12 +21,11 @@ import torch
 
 from ..data.sampler import MicroBatchSampler
 from ..model.packing import packing_of
-from ..optim.optimizer import build_optimizer
-from ..train import Trainer
+from .base import AlignTrainer
 from .sft_data import SFTDataset, SFTRows, make_rows_batch
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(AlignTrainer):
     def __init__(self, cfg, run_dir: str, data_path: str | None, load: str | None = None, base: str | None = None,
                  packed: bool = True):
         if not data_path:
@@ -36,10 +35,7 @@ class SFTTrainer(Trainer):
         if base and not load:
             from .grow import load_grown
             load_grown(base, self.chunks, self.ps, cfg.model)
-            self.optimizer.buffer.remove_hooks()           # the optimizer copies the weights it starts from
-            for h in getattr(self.optimizer, "_hooks", []):
-                h.remove()
-            self.optimizer = build_optimizer(self.chunks, self.ps, cfg.train, cfg.parallel, cfg.model)
+            self.reload_optimizer()
 
     def _build_data(self, data_path):
         data = SFTDataset(data_path)
@@ -60,30 +56,17 @@ class SFTTrainer(Trainer):
         packs = [packing_of(seg).to(dev) for _, _, seg in mbs]
         return (lambda i: (mbs[i][0].to(dev), mbs[i][1].to(dev))), (lambda i: {"packing": packs[i]}), count
 
-    def _count(self, local: int) -> float:
-        """Trainable labels of the global batch: this replica's count summed over DP."""
-        c = torch.tensor([float(local)], dtype=torch.float64, device=self.ps.device)
-        self.ps.dp.all_reduce(c)
-        return c.item()
-
-    def _sum_losses(self, per_mb: list) -> float:
-        total = torch.zeros(1, dtype=torch.float64, device=self.ps.device)
-        if self.ps.is_last_stage and self.ps.tp.rank == 0:
-            total += torch.stack([x.double() for x in per_mb]).sum() if per_mb else 0.0
-        self.ps.world.all_reduce(total)
-        return total.item()
-
     def backward(self, first_sample: int) -> tuple[float, float]:
         """Forward and backward of the global batch at first_sample: (mean loss over trainable labels,
         their count). Gradients are left DP-reduced in the optimizer's buffer."""
         get, kwargs, local = self._microbatch_fn(self.train_data, first_sample)
-        count = self._count(local)
+        count = self.dp_sum([local])[0]
         self.optimizer.zero_grad()
         self.optimizer.set_sync(False)
         per_mb = self.engine.forward_backward(get, self.num_microbatches, self.optimizer.loss_scale / max(count, 1.0),
                                               before_last_backward=lambda: self.optimizer.set_sync(True),
                                               model_kwargs=kwargs)
-        return self._sum_losses(per_mb) / max(count, 1.0), count
+        return self.last_stage_sum([sum(float(x) for x in per_mb)])[0] / max(count, 1.0), count
 
     def train_step(self) -> dict:
         from ..optim.lr import lr_at
@@ -100,14 +83,11 @@ class SFTTrainer(Trainer):
         """(loss sum, trainable count) of validation batch k."""
         get, kwargs, local = self._microbatch_fn(self.valid_data, k * self.cfg.train.global_batch_size)
         per_mb = self.engine.forward_backward(get, self.num_microbatches, 1.0, forward_only=True, model_kwargs=kwargs)
-        return self._sum_losses(per_mb), self._count(local)
+        return self.last_stage_sum([sum(float(x) for x in per_mb)])[0], self.dp_sum([local])[0]
 
     def evaluate(self) -> float:
         """Mean loss over the trainable labels of eval_iters batches (the rows cycle: SFT data is small)."""
-        self.optimizer.finish_param_sync()
-        for c in self.chunks:
-            c.train(False)
+        self.eval_mode(True)
         sums = [self._eval_batch(k) for k in range(self.cfg.train.eval_iters)]
-        for c in self.chunks:
-            c.train(True)
+        self.eval_mode(False)
         return sum(x for x, _ in sums) / max(sum(n for _, n in sums), 1.0)

@@ -101,6 +101,13 @@ class GPTModel(nn.Module):
         ones, RoPE takes each row's positions from the cache, which then advances by s.
         packing: samples packed in each row (model/packing.py): positions restart per sample and
         attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0."""
+        x = self.trunk(x, cache, packing)
+        if not self.post_process:
+            return x
+        return self.head(x, labels, cache)
+
+    def trunk(self, x: torch.Tensor, cache=None, packing: Packing | None = None) -> torch.Tensor:
+        """The embedding (first stage) and this chunk's layers: -> hidden [s(/tp), b, h]."""
         if self.pre_process:
             x = self.embed(x)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
@@ -121,8 +128,10 @@ class GPTModel(nn.Module):
                 x = layer(x, cos, sin, None, mask)
         if cache is not None:
             cache.advance(s)
-        if not self.post_process:
-            return x
+        return x
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final norm and output layer of the last stage: logits, or per-token losses given labels."""
         if cache is not None and cache.last_only:
             x = x[-1:]                                                       # [1, b, h]: the slot to sample from
         x = self.final_norm(x)
@@ -142,7 +151,9 @@ class GPTModel(nn.Module):
         return full[..., : self.cfg.vocab_size].transpose(0, 1)
 
 
-def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, **kwargs) -> GPTModel:
-    model = GPTModel(cfg, ps, **kwargs)
+def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, model_cls=None,
+                **kwargs) -> GPTModel:
+    """model_cls: a GPTModel subclass with another head (align/reward.py's scalar head); default GPTModel."""
+    model = (model_cls or GPTModel)(cfg, ps, **kwargs)
     model.init_weights(seed)
     return model
