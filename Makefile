@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench gpu-bench clean
+.PHONY: install test demo align-demo bench gpu-bench clean
 
 install: .venv/.installed
 
@@ -21,6 +21,9 @@ test: install
 demo: install
 	$(PY) examples/demo.py
 
+align-demo: install
+	$(PY) examples/align_demo.py --out align_run
+
 bench: install
 	$(PY) bench/run.py
 
@@ -28,4 +31,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run bench/out
+	rm -rf .venv runs demo_run align_run bench/out
