@@ -15,7 +15,7 @@ RewardTrainer, DPOTrainer) and the KV-cache generator:
   4. pairs: 4 chains sampled per training problem by the chain model, checked; (correct, incorrect)
   5. reward model from the chain model on those pairs: accuracy on held-out pairs
   6. DPO from the chain model on the same pairs: greedy accuracy and the implicit reward margin
-PPO is not built yet (its keys are null in results.json).
+  7. PPO from the chain model with the checker's reward and a KL penalty to the chain model
 """
 from __future__ import annotations
 
@@ -35,27 +35,26 @@ from megagpt.data.indexed import IndexedDatasetBuilder  # noqa: E402
 from megagpt.data.tokenizer import Tokenizer  # noqa: E402
 from megagpt.parallel.spawn import spawn  # noqa: E402
 
-OPS = "+-*"
-
 def problem(rng: random.Random) -> tuple[str, str, int]:
-    """(statement, chain, answer)."""
-    vals, stmts, steps = {"a": rng.randint(1, 9)}, ["a=%d" % 0], []
-    stmts[0] = f"a={vals['a']}"
+    """(statement, chain, answer): a=7;b=a+5;c=b-a;c=? -> b=7+5=12;c=12-7=5;answer 5 (values kept in 0..99)."""
+    vals = {"a": rng.randint(1, 9)}
+    stmts, steps = [f"a={vals['a']}"], []
     names = "abcd"[:rng.choice((3, 4))]
     for k, v in enumerate(names[1:], 1):
-        prev, other = names[k - 1], rng.choice(names[:k])
-        op1, c1 = rng.choice(OPS), rng.randint(1, 9)
-        if rng.random() < 0.5:
-            expr, num = f"{prev}{op1}{c1}", f"{vals[prev]}{op1}{c1}"
-        else:
-            expr, num = f"{prev}{op1}{other}", f"{vals[prev]}{op1}{vals[other]}"
-        vals[v] = eval(num)                                             # our own digits and operators only
-        if abs(vals[v]) > 999:
-            return problem(rng)
-        stmts.append(f"{v}={expr}")
-        steps.append(f"{v}={num}={vals[v]}")
+        prev = names[k - 1]
+        while True:
+            op = rng.choice("+-")
+            other = rng.choice(names[:k - 1]) if k > 1 and rng.random() < 0.5 else None
+            rhs = vals[other] if other else rng.randint(1, 9)
+            value = vals[prev] + rhs if op == "+" else vals[prev] - rhs
+            if 0 <= value <= 99:
+                break
+        vals[v] = value
+        stmts.append(f"{v}={prev}{op}{other or rhs}")
+        steps.append(f"{v}={vals[prev]}{op}{rhs}={value}")
     last = names[-1]
-    return "; ".join(stmts) + f"; {last}=?", "; ".join(steps) + f"; answer {vals[last]}", vals[last]
+    return ";".join(stmts) + f";{last}=?", ";".join(steps) + f";answer {vals[last]}", vals[last]
+
 
 ANSWER = re.compile(r"answer (-?\d+)")
 
@@ -63,15 +62,15 @@ def extract(text: str):
     m = ANSWER.search(text)
     return int(m.group(1)) if m else None
 
-def cfg_for(vocab, iters, lr, seq, gbs=32, mbs=8, warmup=10):
-    model = dict(vocab_size=vocab, max_seq_len=160, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                 ffn_hidden_size=384, make_vocab_divisible_by=8, init_std=0.02)
+def cfg_for(vocab, iters, lr, seq, gbs=16, mbs=8, warmup=10):
+    model = dict(vocab_size=vocab, max_seq_len=128, hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                 ffn_hidden_size=256, make_vocab_divisible_by=8, init_std=0.02)
     train = dict(seq_len=seq, micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters, lr=lr, min_lr=lr / 10,
                  warmup=warmup, eval_interval=0, save_interval=iters, log_interval=max(1, iters // 20),
                  weight_decay=0.0, clip_grad=1.0)
     return config_from_dict({"model": model, "train": train, "parallel": {"overlap_param_gather": False}}, world_size=1)
 
-def generate(tr, tok, prompts, n=1, temperature=None, seed=0, max_new=64, eod=None):
+def generate(tr, tok, prompts, n=1, temperature=None, seed=0, max_new=40, eod=None):
     from megagpt.generate import generate_ids
     from megagpt.sampling import Sampling
     tr.eval_mode(True) if hasattr(tr, "eval_mode") else [c.eval() for c in tr.chunks]
@@ -100,7 +99,8 @@ def run(rank, world, out_dir, quick):
     from megagpt.align.sft import SFTTrainer
     from megagpt.align.sft_data import preprocess_conversations
     from megagpt.train import Trainer
-    scale = 0.25 if quick else 1.0
+    scale = {"smoke": 0.02, "quick": 0.25}.get(quick, 1.0)
+    n_test, n_sc = (20, 10) if quick == "smoke" else (200, 100)
     it = lambda n: max(4, int(n * scale))  # noqa: E731
     t0, res, timings = time.perf_counter(), {}, {}
     rng = random.Random(0)
@@ -109,7 +109,7 @@ def run(rank, world, out_dir, quick):
         p = problem(rng)
         if p[0] not in seen:
             seen.add(p[0])
-            (test if len(test) < 200 and rng.random() < 0.1 else train).append(p)
+            (test if len(test) < n_test and rng.random() < 0.1 else train).append(p)
     test_truth = [p[2] for p in test]
     base_tok = Tokenizer.train(["".join(chr(i) for i in range(32, 127))], 257)          # bytes only, no merges
     tok = add_chat_tokens(base_tok)
@@ -121,14 +121,14 @@ def run(rank, world, out_dir, quick):
     with IndexedDatasetBuilder(prefix, "uint16", base_tok.vocab_size, base_tok.fingerprint, base_tok.eod_id) as b:
         for s, chain, _ in train:
             b.add_doc(base_tok.encode(s) + [base_tok.eod_id])
-            for fact in chain.split("; ")[:-1]:
+            for fact in chain.split(";")[:-1]:
                 b.add_doc(base_tok.encode(fact.split("=", 1)[1]) + [base_tok.eod_id])
         b.finalize()
-    base = Trainer(cfg_for(base_tok.vocab_size, it(600), 2e-3, 64), os.path.join(out_dir, "pretrain"), prefix)
+    base = Trainer(cfg_for(base_tok.vocab_size, it(300), 2e-3, 64, gbs=32), os.path.join(out_dir, "pretrain"), prefix)
     hist = {"pretrain": base.run()}
     base.save()
     timings["pretrain"] = time.perf_counter() - t0
-    texts = generate(base, base_tok, [base_tok.encode(s + " ") for s, _, _ in test], max_new=48, eod=base_tok.eod_id)
+    texts = generate(base, base_tok, [base_tok.encode(s) for s, _, _ in test], max_new=40, eod=base_tok.eod_id)
     res["base_acc"] = accuracy([extract(t) for t in texts], test_truth)
 
     # 2. SFT on direct answers and on chains, from the base
@@ -141,7 +141,7 @@ def run(rank, world, out_dir, quick):
                 f.write(json.dumps({"messages": [{"role": "user", "content": s},
                                                  {"role": "assistant", "content": reply}]}) + "\n")
         preprocess_conversations(src, src[:-6], tok)
-        tr = SFTTrainer(cfg_for(tok.vocab_size, it(500), 1e-3, 128), os.path.join(out_dir, f"sft_{style}"),
+        tr = SFTTrainer(cfg_for(tok.vocab_size, it(300), 1e-3, 128), os.path.join(out_dir, f"sft_{style}"),
                         src[:-6], base=os.path.join(out_dir, "pretrain"))
         hist[f"sft_{style}"] = tr.run()
         tr.save()
@@ -152,7 +152,7 @@ def run(rank, world, out_dir, quick):
     cot = sft["cot"]
 
     # 3. self-consistency of the chain model
-    sc_test = test[:100]
+    sc_test = test[:n_sc]
     res["self_consistency"] = {}
     for n in (1, 5, 10, 20):
         texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in sc_test], n=n, temperature=1.0, seed=n, eod=end)
@@ -161,25 +161,27 @@ def run(rank, world, out_dir, quick):
     timings["self_consistency"] = time.perf_counter() - t0
 
     # 4. preference pairs from the chain model's own samples on training problems
-    pool = train[:int(800 * scale) + 100]
+    pool = train[:int(400 * scale) + 100]
     texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=4, temperature=1.0, seed=7, eod=end)
-    pairs_json = []
-    for i, (s, _, ans) in enumerate(pool):
+    pairs_json, gold = [], 0
+    for i, (s, chain, ans) in enumerate(pool):
         outs = texts[4 * i:4 * i + 4]
         good = [t for t in outs if extract(t) == ans]
-        bad = [t for t in outs if extract(t) != ans and t not in good]
-        if good and bad:
-            pairs_json.append({"prompt": s, "chosen": good[0], "rejected": bad[0]})
+        bad = [t for t in outs if extract(t) != ans and t != chain]
+        if bad:          # chosen: a correct sample, else (a weak model rarely has one) the worked chain itself
+            gold += not good
+            pairs_json.append({"prompt": s, "chosen": good[0] if good else chain, "rejected": bad[0]})
     from megagpt.align.prefs import encode_pair
-    pairs = [encode_pair(tok, r) for r in pairs_json]
+    pairs = [p for p in (encode_pair(tok, r) for r in pairs_json) if len(p[0]) + max(len(p[1]), len(p[2])) <= 120]
     cut = int(0.8 * len(pairs)) // 4 * 4
     train_pairs, held_pairs = pairs[:cut], pairs[cut:]
     res["pairs"] = {"sampled_problems": len(pool), "train": len(train_pairs), "held_out": len(held_pairs),
+                    "chosen_is_the_worked_chain": gold,
                     "sample_acc": sum(extract(t) == pool[i // 4][2] for i, t in enumerate(texts)) / len(texts)}
     timings["pairs"] = time.perf_counter() - t0
 
     # 5. reward model from the chain model
-    rm = RewardTrainer(cfg_for(tok.vocab_size, it(150), 3e-4, 128, gbs=16, mbs=8, warmup=5),
+    rm = RewardTrainer(cfg_for(tok.vocab_size, it(60), 3e-4, 128, gbs=16, mbs=8, warmup=5),
                        os.path.join(out_dir, "reward"), train_pairs, eval_pairs=held_pairs,
                        base=os.path.join(out_dir, "sft_cot"))
     res["reward_model_pair_acc_start"] = rm.evaluate_pairs()["accuracy"]
@@ -188,7 +190,7 @@ def run(rank, world, out_dir, quick):
     timings["reward"] = time.perf_counter() - t0
 
     # 6. DPO from the chain model
-    dpo = DPOTrainer(cfg_for(tok.vocab_size, it(120), 2e-5, 128, gbs=16, mbs=8, warmup=5),
+    dpo = DPOTrainer(cfg_for(tok.vocab_size, it(60), 2e-5, 128, gbs=16, mbs=8, warmup=5),
                      os.path.join(out_dir, "dpo"), train_pairs, eval_pairs=held_pairs, beta=0.1,
                      base=os.path.join(out_dir, "sft_cot"))
     res["dpo_held_out_start"] = dpo.evaluate_pairs()
@@ -197,9 +199,30 @@ def run(rank, world, out_dir, quick):
     texts = generate(dpo, tok, [chat_prompt(tok, s) for s, _, _ in test], eod=end)
     res["dpo_acc"] = accuracy([extract(t) for t in texts], test_truth)
     timings["dpo"] = time.perf_counter() - t0
-    res.update(ppo_reward_start=None, ppo_reward_end=None, ppo_acc=None, ppo_kl=None)
+
+    # 7. PPO from the chain model, the checker's reward (1 right, 0 wrong), KL to the chain model
+    from megagpt.align.ppo import PPOConfig, PPOTrainer
+    ppo_train = train[:2000]
+    prompts = [chat_prompt(tok, s) for s, _, _ in ppo_train]
+
+    def score(i, comp):
+        return 1.0 if extract(tok.decode([t for t in comp if t != end])) == ppo_train[i][2] else 0.0
+    ppo = PPOTrainer(cfg_for(tok.vocab_size, it(40), 3e-5, 96, gbs=16, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
+                     prompts, score, PPOConfig(kl_coef=0.05, max_new_tokens=36, ppo_epochs=2), end_id=end,
+                     base=os.path.join(out_dir, "sft_cot"), seed=11)
+    hist["ppo"] = ppo.run()
+    h = hist["ppo"]
+    k = max(1, len(h) // 5)
+    res["ppo_reward_start"] = sum(r["reward"] for r in h[:k]) / k
+    res["ppo_reward_end"] = sum(r["reward"] for r in h[-k:]) / k
+    res["ppo_kl"] = h[-1]["kl"]
+    res["ppo_kl_max"] = max(r["kl"] for r in h)
+    texts = generate(ppo, tok, [chat_prompt(tok, s) for s, _, _ in test], eod=end)
+    res["ppo_acc"] = accuracy([extract(t) for t in texts], test_truth)
+    timings["ppo"] = time.perf_counter() - t0
+    res["n_test"], res["n_sc"] = n_test, n_sc
     res["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    res["history"] = {k: [{f: r[f] for f in ("step", "loss", "margin", "accuracy") if f in r} for r in v]
+    res["history"] = {k: [{f: r[f] for f in ("step", "loss", "margin", "accuracy", "reward", "kl") if f in r} for r in v]
                       for k, v in hist.items()}
     return res
 
@@ -207,7 +230,7 @@ def plot(res, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for k in ("pretrain", "sft_direct", "sft_cot"):
         h = res["history"][k]
         axes[0].plot([r["step"] for r in h], [r["loss"] for r in h], label=k)
@@ -221,6 +244,10 @@ def plot(res, path):
     h = res["history"]["reward"]
     axes[2].plot([r["step"] for r in h], [r["accuracy"] for r in h], label="RM train pair accuracy")
     axes[2].set_title("margins / accuracy")
+    h = res["history"]["ppo"]
+    axes[3].plot([r["step"] for r in h], [r["reward"] for r in h], label="PPO mean reward (checker)")
+    axes[3].plot([r["step"] for r in h], [r["kl"] for r in h], label="PPO KL to the chain model (nats/seq)")
+    axes[3].set_title("PPO")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()
@@ -232,7 +259,8 @@ def plot(res, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="post-training demo on multi-step arithmetic")
     ap.add_argument("--out", default="align_run")
-    ap.add_argument("--quick", action="store_true", help="a quarter of the steps (a smoke run)")
+    ap.add_argument("--quick", action="store_const", const="quick", help="a quarter of the steps")
+    ap.add_argument("--smoke", dest="quick", action="store_const", const="smoke", help="a wiring check: 2%% of the steps")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -245,14 +273,17 @@ def main(argv=None) -> int:
             *[(f"SFT chains, self-consistency N={n} (T=1)", sc[n]) for n in sorted(sc)],
             ("reward model, held-out pair accuracy (before training)", res["reward_model_pair_acc_start"]),
             ("reward model, held-out pair accuracy", res["reward_model_pair_acc"]),
-            ("DPO from the chain model (greedy)", res["dpo_acc"])]
-    print(f"\nheld-out problems: {len(res['history']) and 200}; pairs {res['pairs']}")
+            ("DPO from the chain model (greedy)", res["dpo_acc"]),
+            ("PPO from the chain model (greedy)", res["ppo_acc"])]
+    print(f"\nheld-out problems: {res['n_test']} (self-consistency: the first {res['n_sc']}); timings {res['timings_s']}")
+    print(f"pairs from the chain model's samples: {res['pairs']}")
     for name, v in rows:
         print(f"  {name:<58} {v:.3f}")
     s, e = res["dpo_held_out_start"], res["dpo_held_out_end"]
     print(f"  DPO held-out implicit reward margin {s['margin']:+.3f} -> {e['margin']:+.3f}, "
           f"pair accuracy {s['reward_accuracy']:.3f} -> {e['reward_accuracy']:.3f}, loss {s['loss']:.4f} -> {e['loss']:.4f}")
-    print("  PPO: not built (null in results.json)")
+    print(f"  PPO mean reward {res['ppo_reward_start']:.3f} (first fifth of steps) -> {res['ppo_reward_end']:.3f} "
+          f"(last fifth), KL at the end {res['ppo_kl']:.3f} nats/seq (max {res['ppo_kl_max']:.3f})")
     out = {**{k: v for k, v in res.items() if k != "history"}, "reward_model_pair_acc": res["reward_model_pair_acc"]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1)

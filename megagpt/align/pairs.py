@@ -25,6 +25,8 @@ class PairTrainer(AlignTrainer):
         if t.micro_batch_size % 2 or t.global_batch_size % 2:
             raise ValueError("train.micro_batch_size and train.global_batch_size count rows and must be even "
                              "(a pair is two rows)")
+        if not pairs:
+            raise ValueError("preference pairs: none given")
         self.pairs, self.eval_pairs = pairs, eval_pairs or pairs
         super().__init__(cfg, run_dir, None, load)
 
