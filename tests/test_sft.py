@@ -282,3 +282,34 @@ def test_base_checkpoint_grows_to_chat_vocab(tmp_path, prefix, tok):
     assert abs(one["loss"] - two["loss"]) <= 1e-5 * one["loss"]
     err = spawn(1, _grown, prefix, str(tmp_path / "base"), str(tmp_path / "c"), 1, 48, timeout=120)[0]
     assert isinstance(err, str) and "model.hidden_size" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- tools/generate.py --chat
+
+def _save_plain(rank, world, vocab, run_dir):
+    from megagpt.checkpoint.sharded import save_checkpoint
+    from megagpt.parallel.state import ParallelState
+    from megagpt.pipeline.split import build_stage
+    cfg = config_from_dict({"model": model_cfg(vocab), "train": dict(seq_len=SEQ, micro_batch_size=1, global_batch_size=1)},
+                           world_size=1)
+    ps = ParallelState.create()
+    save_checkpoint(run_dir, 1, build_stage(cfg, ps, seed=5), ps, cfg)
+
+
+def test_generate_cli_chat_uses_the_template(tmp_path, tok, capsys):
+    import os
+    import sys
+    from megagpt.config import ModelConfig
+    from megagpt.generate import generate_ids
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import generate as tool
+    tok_path = str(tmp_path / "chat_tokenizer.json")
+    tok.save(tok_path)
+    spawn(1, _save_plain, tok.vocab_size, str(tmp_path / "run"), timeout=120)
+    assert tool.main(["--load", str(tmp_path / "run"), "--tokenizer", tok_path, "--chat", "--system", "be brief",
+                      "--prompt", "1+2=?", "--greedy", "--max-new-tokens", "8", "--print-ids"]) == 0
+    got = [int(x) for x in capsys.readouterr().out.strip().splitlines()[-1].split()]
+    prompt, _ = apply_chat_template(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2=?"}],
+                                    add_generation_prompt=True, require_assistant=False)
+    model = build_model(ModelConfig(**model_cfg(tok.vocab_size)), seed=5).eval()
+    assert got == generate_ids(model, [prompt], 8, eod_id=tok.token_id(END_TOKEN))[0]
