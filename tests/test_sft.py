@@ -313,3 +313,27 @@ def test_generate_cli_chat_uses_the_template(tmp_path, tok, capsys):
                                     add_generation_prompt=True, require_assistant=False)
     model = build_model(ModelConfig(**model_cfg(tok.vocab_size)), seed=5).eval()
     assert got == generate_ids(model, [prompt], 8, eod_id=tok.token_id(END_TOKEN))[0]
+
+
+def _finetune_cli(rank, world, argv):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import finetune
+    return finetune.main(argv)
+
+
+def test_finetune_cli_tp2_from_base(tmp_path, prefix, tok):
+    """examples/finetune.py under TP2 from a base checkpoint of the smaller vocab: trains, saves, logs the loss;
+    a missing --data is a one-line error."""
+    spawn(2, _save_base, tok.vocab_size - 4, str(tmp_path / "base"), timeout=120)
+    arch = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+            "model.ffn_hidden_size=64", "model.make_vocab_divisible_by=8", "model.max_seq_len=64", "model.init_std=0.05",
+            f"train.seq_len={SEQ}", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_interval=0"]
+    rc = spawn(2, _finetune_cli, ["--tp", "2", "--data", prefix, "--base", str(tmp_path / "base"), "--run-dir",
+                                  str(tmp_path / "sft"), "--train-iters", "3", "--save-interval", "3", *arch], timeout=240)
+    assert rc == [0, 0]
+    recs = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3] and all(r["trainable_tokens"] > 0 for r in recs)
+    assert (tmp_path / "sft" / "latest").exists()
+    assert spawn(1, _finetune_cli, ["--run-dir", str(tmp_path / "x"), *arch], timeout=120) == [2]
