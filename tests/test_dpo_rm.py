@@ -203,3 +203,35 @@ def test_reward_model_layouts_match_one_process_and_formula(tmp_path, tok):
     for i in range(8):
         noisy[i, int(last[2 + i]) + 1:] = 7
     torch.testing.assert_close(model(noisy, last[2:10]), r, rtol=0, atol=0)
+
+
+def _pref_cli(rank, world, argv):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import preference
+    return preference.main(argv)
+
+
+def test_preference_cli(tmp_path, tok, capfd):
+    """examples/preference.py: DPO under PP2 and the reward model in one process train and report held-out
+    numbers; beta <= 0 and identical answers are one-line errors before any work."""
+    import json
+    tok_path = str(tmp_path / "tok.json")
+    tok.save(tok_path)
+    recs = [{"prompt": f"{a}+{a + 2}=?", "chosen": f"{2 * a + 2}", "rejected": f"{2 * a + 3}"} for a in range(8)]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    arch = [f"model.{k}={v}" for k, v in mcfg(tok.vocab_size).items() if k != "vocab_size"] + [
+        f"train.seq_len={SEQ}", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_interval=0",
+        "--train-iters", "2"]
+    common = ["--pairs", str(src), "--tokenizer", tok_path, *arch]
+    assert spawn(2, _pref_cli, ["--mode", "dpo", "--pp", "2", "--run-dir", str(tmp_path / "d"), *common], timeout=240) == [0, 0]
+    assert spawn(1, _pref_cli, ["--mode", "rm", "--run-dir", str(tmp_path / "r"), *common], timeout=240) == [0]
+    for d in ("d", "r"):
+        assert [json.loads(x)["step"] for x in open(tmp_path / d / "metrics.jsonl")] == [1, 2]
+    assert spawn(1, _pref_cli, ["--mode", "dpo", "--beta", "0", "--run-dir", str(tmp_path / "x"), *common], timeout=60) == [2]
+    src.write_text(json.dumps({"prompt": "q", "chosen": "1", "rejected": "1"}) + "\n")
+    assert spawn(1, _pref_cli, ["--mode", "rm", "--run-dir", str(tmp_path / "y"), *common], timeout=60) == [2]
+    err = capfd.readouterr().err
+    assert "dpo.beta: must be > 0" in err and "p.jsonl:1: 'chosen' and 'rejected' are the same answer" in err
