@@ -337,3 +337,18 @@ def test_finetune_cli_tp2_from_base(tmp_path, prefix, tok):
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3] and all(r["trainable_tokens"] > 0 for r in recs)
     assert (tmp_path / "sft" / "latest").exists()
     assert spawn(1, _finetune_cli, ["--run-dir", str(tmp_path / "x"), *arch], timeout=120) == [2]
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_packed_with_recompute(prefix, recompute):
+    """The packing mask and positions reach the recomputed layers: loss and grads equal no recompute."""
+    from megagpt.config import ModelConfig
+    data = SFTDataset(prefix)
+    tokens, labels, seg = make_rows_batch(SFTRows(data, SEQ), range(4))
+    out = []
+    for rc in ("none", recompute):
+        model = build_model(ModelConfig(**model_cfg(data.vocab_size)), seed=3, recompute=rc).train()
+        model(tokens, labels, packing=packing_of(seg)).sum().backward()
+        out.append({n: p.grad for n, p in model.named_parameters()})
+    for n in out[0]:
+        assert_close_rel(out[1][n], out[0][n], name=n)
