@@ -196,8 +196,8 @@ def direct_loss(prefix, first, rows_per_step):
 LAYOUTS = {"serial": (1, 1, 1, False), "tp2-sp": (2, 1, 1, True), "pp2": (1, 2, 1, False), "dp2": (1, 1, 2, False)}
 
 
-@pytest.mark.parametrize("first", [0, 8])
-def test_sft_layouts_match_one_process(tmp_path, prefix, first):
+def test_sft_layouts_match_one_process(tmp_path, prefix):
+    first = 8                                   # the step that wraps around the packed rows
     res = {}
     for world in (1, 2):
         for r in spawn(world, _sft_worker, prefix, LAYOUTS, str(tmp_path), first, timeout=240):
