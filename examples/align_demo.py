@@ -201,14 +201,14 @@ def run(rank, world, out_dir, quick):
     timings["dpo"] = time.perf_counter() - t0
 
     # 7. PPO from the chain model, the checker's reward (1 right, 0 wrong), KL to the chain model
-    from megagpt.align.ppo import PPOConfig, PPOTrainer
+    from megagpt.align.ppo import PPOConfig, PPOTrainer, checker_scores
     ppo_train = train[:2000]
     prompts = [chat_prompt(tok, s) for s, _, _ in ppo_train]
 
     def score(i, comp):
         return 1.0 if extract(tok.decode([t for t in comp if t != end])) == ppo_train[i][2] else 0.0
     ppo = PPOTrainer(cfg_for(tok.vocab_size, it(40), 3e-5, 96, gbs=16, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
-                     prompts, score, PPOConfig(kl_coef=0.05, max_new_tokens=36, ppo_epochs=2), end_id=end,
+                     prompts, checker_scores(score), PPOConfig(kl_coef=0.05, max_new_tokens=36, ppo_epochs=2), end_id=end,
                      base=os.path.join(out_dir, "sft_cot"), seed=11)
     hist["ppo"] = ppo.run()
     h = hist["ppo"]

@@ -24,18 +24,18 @@ def completion(i):
     return [(11 * i + 3 * k) % (V - 1) + 1 for k in range(2 + i % 5)] + [0]
 
 
-def score(i, comp):
+def check(i, comp):
     return float(i % 2) if comp[-1] == 0 else -0.5
 
 
 def _worker(rank, world, layouts, run_dir, perturb):
-    from megagpt.align.ppo import PPOConfig, PPOTrainer
+    from megagpt.align.ppo import PPOConfig, PPOTrainer, checker_scores
     from megagpt.optim.finalize import finalize_grads
     out = {}
     for name, (tp, pp, dp, sp) in layouts.items():
         if tp * pp * dp != world:
             continue
-        tr = PPOTrainer(cfg_for(tp, pp, dp, sp), f"{run_dir}/{name}", PROMPTS, score, PPOConfig(kl_coef=0.1, max_new_tokens=6))
+        tr = PPOTrainer(cfg_for(tp, pp, dp, sp), f"{run_dir}/{name}", PROMPTS, checker_scores(check), PPOConfig(kl_coef=0.1, max_new_tokens=6))
         if perturb:
             with torch.no_grad():
                 for c in tr.chunks:
@@ -91,3 +91,30 @@ def test_ppo_policy_equal_reference_kl_zero(tmp_path):
     res = spawn(1, _worker, {"serial": LAYOUTS["serial"]}, str(tmp_path), False, timeout=120)[0]
     r = next(iter(res.values()))
     assert r["stats"]["kl"] == 0.0 and r["rec"]["clip_frac"] == 0.0
+
+
+def _rm_score_worker(rank, world, pp, run_dir):
+    from megagpt.align.ppo import RewardScorer
+    from megagpt.align.reward import RewardTrainer
+    cfg = config_from_dict({"model": cfg_for().model.__dict__, "parallel": dict(pp=pp, distributed_optimizer=False),
+                            "train": dict(seq_len=SEQ, micro_batch_size=2, global_batch_size=4, eval_interval=0)},
+                           world_size=pp)
+    pairs = [(PROMPTS[i], completion(i), completion(i + 1)) for i in range(4)]
+    rm = RewardTrainer(cfg, run_dir, pairs)
+    idx = [0, 3, 5, 6]
+    scores = RewardScorer(rm, PROMPTS)(idx, [completion(i) for i in idx])
+    return scores if rm.ps.is_last_stage else None
+
+
+def test_reward_model_scores_rollouts(tmp_path):
+    """RewardScorer (PPO's score from a reward model) equals the reward model run directly, in one process
+    and under PP2 (on the last stage)."""
+    from megagpt.align.reward import RewardModel
+    from megagpt.model.gpt import build_model
+    model = build_model(cfg_for().model, seed=1234, model_cls=RewardModel)
+    idx = [0, 3, 5, 6]
+    want = torch.stack([model(torch.tensor([PROMPTS[i] + completion(i)]), torch.tensor([len(PROMPTS[i]) + len(completion(i)) - 1]))[0]
+                        for i in idx])
+    for pp in (1, 2):
+        got = [r for r in spawn(pp, _rm_score_worker, pp, str(tmp_path / f"pp{pp}"), timeout=120) if r is not None][0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

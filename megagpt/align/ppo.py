@@ -6,7 +6,8 @@ The policy and the value head share the trunk (`PolicyValueModel`: the last stag
 per-token losses and the values stacked [2, b, s]; without labels it returns logits, so generation
 is unchanged). Each step:
   1. rollout   this DP replica samples completions for its prompts (generate_ids, seeded per replica)
-               and scores them with score_fn(prompt index, completion ids) (the checker, or a reward model)
+               and scores them: score_fn(prompt indices, completions) -> [b] (`checker_scores` wraps a
+               per-answer checker; `RewardScorer` runs a trained reward model in the same layout)
   2. evaluate  old log-probs and values (the policy, forward only), reference log-probs (the reference
                weights swapped in for one forward pass), on the last stage
   3. GAE       rewards = score on the last token - kl_coef (logp - ref_logp); advantages whitened with
@@ -28,6 +29,40 @@ from ..parallel.layers import REPLICATED, make_param
 from ..parallel.mappings import gather_to_full
 from .base import AlignTrainer
 from .ppo_math import gae, per_token_rewards, policy_loss, value_loss
+
+
+def checker_scores(check):
+    """check(prompt index, completion ids) -> float, as a batch score_fn."""
+    return lambda idx, completions: [float(check(i, c)) for i, c in zip(idx, completions)]
+
+
+class RewardScorer:
+    """A trained reward model (a RewardTrainer built in the same layout, on the same ranks) as PPO's score:
+    each completion is appended to its prompt and scored at its last token. The scores are right on the
+    last pipeline stage, where PPO uses them (zeros elsewhere)."""
+
+    def __init__(self, rm_trainer, prompts):
+        self.rm, self.prompts = rm_trainer, prompts
+
+    @torch.no_grad()
+    def __call__(self, idx, completions):
+        rm, s = self.rm, self.rm.cfg.train.seq_len
+        tokens = torch.zeros(len(idx), s, dtype=torch.long)
+        last = torch.zeros(len(idx), dtype=torch.long)
+        for r, (i, comp) in enumerate(zip(idx, completions)):
+            ids = (self.prompts[i] + comp)[:s]
+            tokens[r, :len(ids)] = torch.tensor(ids)
+            last[r] = len(ids) - 1
+        mbs, dev, got = len(idx) // rm.num_microbatches, rm.ps.device, {}
+
+        def loss_fn(i, rewards):
+            got[i] = rewards.detach().cpu()
+            return rewards.sum()
+        rm.eval_mode(True)
+        rm.engine.forward_backward(lambda i: (tokens[i * mbs:(i + 1) * mbs].to(dev), last[i * mbs:(i + 1) * mbs].to(dev)),
+                                   rm.num_microbatches, 1.0, forward_only=True, loss_fn=loss_fn)
+        rm.eval_mode(False)
+        return torch.cat([got[i] for i in sorted(got)]) if got else torch.zeros(len(idx))
 
 
 class PolicyValueModel(GPTModel):
@@ -132,7 +167,7 @@ class PPOTrainer(AlignTrainer):
     @torch.no_grad()
     def prepare(self, idx, completions) -> dict:
         tokens, labels, mask = self.rows(idx, completions)
-        scores = torch.tensor([float(self.score_fn(i, c)) for i, c in zip(idx, completions)])
+        scores = torch.as_tensor(self.score_fn(idx, completions), dtype=torch.float32).cpu()   # [b]
         self.eval_mode(True)
         old = self._forward_all(tokens, labels)
         live = [{n: p.detach().clone() for n, p in c.named_parameters()} for c in self.chunks]
