@@ -23,7 +23,7 @@ second run gave the same numbers up to PPO), 200 held-out problems, greedy unles
   N=1 0.09, 5 0.04, 10 0.10, 20 0.14 | reward model held-out pairs 0.442 -> 0.606 | DPO 0.060, held-out
   implicit margin 0.000 -> +0.052 (pair accuracy 0.67) | PPO mean reward 0.094 -> 0.125, greedy 0.120,
   KL 0.91 nats/seq at the end (max 2.2)
-What did not help, and the likely why: at this budget (300 SFT steps of a 0.3M-parameter model) a chain
+What did not help, and the likely why: at this budget (300 SFT steps of a 0.36M-parameter model) a chain
 is right only when all of its 2-3 steps are, and the chain model samples a right answer 9.5% of the
 time at T=1, so chains lose to direct answers, votes over mostly-wrong chains rise only at N=20, 344
 of the 400 DPO pairs have the worked chain (not a sample) as the chosen answer (off-policy: DPO raised
