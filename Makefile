@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo rag-demo fewshot-demo bench gpu-bench clean moe-demo moe-bench
+.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench
 
 install: .venv/.installed
 
@@ -36,6 +36,9 @@ rag-demo: install
 fewshot-demo: install
 	$(PY) examples/fewshot_demo.py
 
+align-demo: install
+	$(PY) examples/align_demo.py --out align_run
+
 bench: install
 	$(PY) bench/run.py
 
@@ -43,4 +46,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run bench/out
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out

@@ -38,6 +38,8 @@ from .pipeline.split import build_stage, describe_split
 
 
 class Trainer:
+    model_cls = None           # a GPTModel subclass for another head (align/reward.py), None: GPTModel
+
     def __init__(self, cfg: Config, run_dir: str, data_path: str | None = None, load: str | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         p, t = cfg.parallel, cfg.train
@@ -49,7 +51,7 @@ class Trainer:
         if self.is_logger:
             print(describe_split(cfg), flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
-                                  layout=self.layout)
+                                  layout=self.layout, model_cls=self.model_cls)
         self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
         self.engine = PipelineEngine(self.chunks, self.ps, cfg, self.layout.activation_shape(cfg.model), self.dtype)
         self.dp = self.ps.dp.size

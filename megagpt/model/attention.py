@@ -29,9 +29,18 @@ def _flash_attn_func():
         return None
 
 
-def core_attention(q, k, v, dropout_p: float, use_flash: bool, window: int | None = None) -> torch.Tensor:
+def core_attention(q, k, v, dropout_p: float, use_flash: bool, window: int | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal; with a sliding window each query
-    sees the `window` keys ending at its own position (`band_mask`)."""
+    sees the `window` keys ending at its own position (`band_mask`); under `mask` [b, 1, s, s] (True =
+    attend; packed samples: block-diagonal causal, model/packing.py) through SDPA, ANDed with the band."""
+    if mask is not None:
+        if window is not None:
+            pos = torch.arange(q.shape[1], device=q.device)
+            mask = mask & band_mask(pos, pos, window)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
     if use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
@@ -70,19 +79,22 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(h, (nq + 2 * nkv) * d, tp, sequence_parallel, spec, cfg.bias, device, dtype)
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
 
-    def _core(self, q, k, v):
+    def _core(self, q, k, v, mask=None):
         w = self.cfg.attention_window
         if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
+            if mask is not None:
+                raise ValueError("packed samples (a block-diagonal mask) are not supported with parallel.cp > 1")
             return ring_attention(q, k, v, self.cp, window=w)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
-                return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
-        return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
+                return core_attention(q, k, v, p, self.cfg.use_flash_attn, w, mask)
+        return core_attention(q, k, v, p, self.cfg.use_flash_attn, w, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         """cache: None in training; in generation this layer's view of a `KVCache` (megagpt/kv_cache.py),
-        which stores this rank's KV heads and returns them with the mask over padding and the future."""
+        which stores this rank's KV heads and returns them with the mask over padding and the future.
+        mask: None (causal) or [b, 1, s, s] of packed samples (training; True = attend)."""
         qkv = self.qkv(x)                                         # [s, b, (nq_l + 2 nkv_l) d]
         s, b, _ = qkv.shape
         d = self.head_dim
@@ -100,8 +112,8 @@ class Attention(nn.Module):
                 mask = band if mask is None else mask & band      # [s, T] or [b, 1, s, T]
             out = masked_attention(q, k, v, mask)
         elif self.selective_recompute and self.training:
-            out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
+            out = checkpoint(self._core, self.tracker, q, k, v, mask)  # keep q, k, v; recompute the core
         else:
-            out = self._core(q, k, v)
+            out = self._core(q, k, v, mask)
         out = out.transpose(0, 1).reshape(s, b, self.nq_local * d)  # [s, b, nq_l d]
         return self.proj(out)                                     # [s(/tp), b, h]

@@ -32,18 +32,18 @@ class Block(nn.Module):
         self.mod = MoDRouter(cfg.hidden_size, cfg.mod_capacity, layer_id, moe_context, device, dtype) \
             if layer_id in (cfg.mod_layers or ()) else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         if self.mod is None:
-            return self._body(x, cos, sin, cache)
-        if cache is not None:
-            raise NotImplementedError("model.mod_layers: generation with a KV cache through a mixture-of-depths "
-                                      "layer is not supported (its top-k routing is not causal)")
+            return self._body(x, cos, sin, cache, mask)
+        if cache is not None or mask is not None:
+            raise NotImplementedError("model.mod_layers: a mixture-of-depths layer takes neither a KV cache (its "
+                                      "top-k routing is not causal) nor packed samples")
         return self.mod(x, cos, sin, self._body)
 
-    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         # x: [s/tp, b, h] with SP, else [s, b, h] replicated over TP
         p = self.cfg.hidden_dropout
-        attn = self.attention(self.norm1(x), cos, sin, cache)
+        attn = self.attention(self.norm1(x), cos, sin, cache, mask)
         x = x + dropout(attn, p, self.training, self.tracker, self.sp, self.cp)
         x = x + dropout(self.mlp(self.norm2(x)), p, self.training, self.tracker, self.sp, self.cp)
         return x

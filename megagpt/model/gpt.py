@@ -23,6 +23,7 @@ from ..parallel.state import ParallelState
 from .block import Block
 from .moe import MoEContext
 from .norm import Norm
+from .packing import Packing
 from .rope import rope_tables
 
 
@@ -96,12 +97,22 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp, self.ps.cp)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                packing: Packing | None = None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
         Returns per-token losses [b, s] (fp32) when labels are given on the last stage, logits
         [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere.
         cache: a `KVCache` of this chunk's layers (generation): x holds the s tokens after the cached
-        ones, RoPE takes each row's positions from the cache, which then advances by s."""
+        ones, RoPE takes each row's positions from the cache, which then advances by s.
+        packing: samples packed in each row (model/packing.py): positions restart per sample and
+        attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0."""
+        x = self.trunk(x, cache, packing)
+        if not self.post_process:
+            return x
+        return self.head(x, labels, cache)
+
+    def trunk(self, x: torch.Tensor, cache=None, packing: Packing | None = None) -> torch.Tensor:
+        """The embedding (first stage) and this chunk's layers: -> hidden [s(/tp), b, h]."""
         if self.pre_process:
             x = self.embed(x)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
@@ -110,17 +121,26 @@ class GPTModel(nn.Module):
         else:  # under CP this rank holds s of the cp*s positions: its zigzag rows of the whole table
             cp = self.ps.cp
             cos, sin = (zigzag_shard(t, 0, cp.size, cp.rank) for t in self._rope(s * cp.size, x.device, torch.float32))
+        mask = None
+        if packing is not None:
+            if self.ps.cp.size > 1:
+                raise ValueError("packed samples are not supported with parallel.cp > 1 (their positions and "
+                                 "block-diagonal mask are not cut by the zigzag)")
+            cos, sin = packing.rope(cos, sin)                                # [s, b, 1, rot/2]
+            mask = packing.mask.to(x.device)                                 # [b, 1, s, s]
         for i, layer in self.layers.items():
             if cache is not None:
                 x = layer(x, cos, sin, cache.layer(int(i)))
             elif int(i) in self.full_recompute_ids and self.training:
-                x = checkpoint(layer, self.tracker, x, cos, sin)
+                x = checkpoint(layer, self.tracker, x, cos, sin, None, mask)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, None, mask)
         if cache is not None:
             cache.advance(s)
-        if not self.post_process:
-            return x
+        return x
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final norm and output layer of the last stage: logits, or per-token losses given labels."""
         if cache is not None and cache.last_only:
             x = x[-1:]                                                       # [1, b, h]: the slot to sample from
         x = self.final_norm(x)
@@ -130,7 +150,9 @@ class GPTModel(nn.Module):
             logits = self.lm_head(x)                                                  # [s, b, V/tp]
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp, self.cfg.vocab_size).t()  # [b, s]
+        keep = labels >= 0                                                   # [b, s]
+        loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.tp, self.cfg.vocab_size).t()
+        return torch.where(keep, loss, torch.zeros_like(loss))                # [b, s]
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[s, b, V/tp] -> [b, s, vocab] on every TP rank (for generation and tests; not for training)."""
@@ -138,7 +160,9 @@ class GPTModel(nn.Module):
         return full[..., : self.cfg.vocab_size].transpose(0, 1)
 
 
-def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, **kwargs) -> GPTModel:
-    model = GPTModel(cfg, ps, **kwargs)
+def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, model_cls=None,
+                **kwargs) -> GPTModel:
+    """model_cls: a GPTModel subclass with another head (align/reward.py's scalar head); default GPTModel."""
+    model = (model_cls or GPTModel)(cfg, ps, **kwargs)
     model.init_weights(seed)
     return model
