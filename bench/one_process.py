@@ -104,7 +104,8 @@ def run_layout(name: str, steps: int, train: dict | None = None, profile=False) 
     world, threads, par = LAYOUTS[name]
     res = spawn(world, _worker, raw_config(par, steps, train), steps, threads, profile, timeout=900)
     walls = [max(r["steps"][i]["wall"] for r in res) for i in range(steps)]  # a step ends with its slowest rank
-    return {"walls": walls, "ranks": res}
+    cpus = [sum(r["steps"][i]["cpu"] for r in res) for i in range(steps)]    # CPU seconds of all ranks
+    return {"walls": walls, "cpus": cpus, "ranks": res}
 
 
 def summarize(walls_by_round: list[list[float]], tokens: int) -> dict:
@@ -138,10 +139,12 @@ def layouts_main(names: list[str], rounds: int, steps: int, train=None) -> dict:
     tokens = TRAIN["global_batch_size"] * TRAIN["seq_len"]
     walls = {n: [] for n in names}
     rss = {n: [] for n in names}
+    cpus = {n: [] for n in names}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             res = run_layout(n, steps, train)
             walls[n].append(res["walls"])
+            cpus[n].append(statistics.median(res["cpus"]))
             rss[n].append(max(x["rss_mb"] for x in res["ranks"]))
             print(f"  round {r} {n:14} median step {statistics.median(res['walls']):.3f} s", flush=True)
     out = {}
@@ -150,11 +153,12 @@ def layouts_main(names: list[str], rounds: int, steps: int, train=None) -> dict:
         meds = [statistics.median(w) for w in walls[n]]
         ratios = [b / m for b, m in zip(base, meds)]
         out[n] = {**summarize(walls[n], tokens), "vs_baseline": statistics.median(ratios),
-                  "vs_baseline_min": min(ratios), "vs_baseline_max": max(ratios), "rss_mb_max": max(rss[n])}
-    print(f"\n{'layout':16} {'tok/s':>7} {'[min, max]':>14} {'vs ' + names[0]:>18} {'[min, max]':>14} {'RSS MB':>7}")
+                  "vs_baseline_min": min(ratios), "vs_baseline_max": max(ratios), "rss_mb_max": max(rss[n]),
+                  "cpu_s_per_step": statistics.median(cpus[n]), "cpu_s_rounds": cpus[n]}
+    print(f"\n{'layout':16} {'tok/s':>7} {'[min, max]':>14} {'vs ' + names[0]:>18} {'[min, max]':>14} {'RSS MB':>7} {'CPU s':>6}")
     for n, o in out.items():
         print(f"{n:16} {o['tokens_per_s']:7.0f} [{o['tok_s_min']:5.0f}, {o['tok_s_max']:5.0f}] "
-              f"{o['vs_baseline']:17.3f}x [{o['vs_baseline_min']:.2f}, {o['vs_baseline_max']:.2f}] {o['rss_mb_max']:7.0f}")
+              f"{o['vs_baseline']:17.3f}x [{o['vs_baseline_min']:.2f}, {o['vs_baseline_max']:.2f}] {o['rss_mb_max']:7.0f} {o['cpu_s_per_step']:6.2f}")
     return out
 
 
