@@ -120,6 +120,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     peak_tflops: float = 989.0           # per device, for MFU
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
+    compile: bool = False                # torch.compile each transformer block (model/compile.py)
 
 
 @dataclass
@@ -292,6 +293,11 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+    if t.compile:
+        from .model.compile import compile_problem
+        problem = compile_problem(m, t)
+        if problem:
+            raise ConfigError(problem)
 
 
 # (section.field, the smallest valid value) of counts, intervals (0 = never) and rates

@@ -26,6 +26,7 @@ from .data.synthetic import SyntheticDataset
 from .faults import fault_point
 from .layout import Layout
 from .metrics_log import Logger
+from .model.compile import compile_blocks
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
 from .parallel.random import seed_everything
@@ -47,6 +48,10 @@ class Trainer:
             print(describe_split(cfg), flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
                                   layout=self.layout)
+        if t.compile:
+            n = compile_blocks(self.chunks)
+            if self.is_logger:
+                print(f"train.compile: torch.compile of each transformer block ({n} on rank 0)", flush=True)
         self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
         self.engine = PipelineEngine(self.chunks, self.ps, cfg, self.layout.activation_shape(cfg.model), self.dtype)
         self.dp = self.ps.dp.size
