@@ -7,8 +7,7 @@ seq 256; a step is 8 sequences (micro batch 2, so 4 microbatches in one process)
     python bench/one_process.py --profile            # one process: ms per part + the top ops
     python bench/one_process.py --layouts            # 1p 2 threads (baseline), 1p 1 thread, DP2, TP2, TP2+SP,
                                                      # PP2 vp1, PP2 vp2; rounds alternate the order
-    python bench/one_process.py --compile            # 1 process, train.compile off vs on
-    python bench/one_process.py --peers              # + transformers / torchtitan one-process steps
+    python bench/one_process.py --compile            # 1 process, train.compile off vs on (1 and 2 threads)
 
 Each layout's figure is the median tokens/s over its timed steps and rounds, with the min and max
 of the per-round medians (the spread); ratios against the 1-process 2-thread baseline are per round.
@@ -42,6 +41,7 @@ LAYOUTS = {"1p 2 threads": (1, 2, {}), "1p 1 thread": (1, 1, {}), "DP2": (2, 1, 
            "TP2": (2, 1, dict(tp=2)), "TP2 + SP": (2, 1, dict(tp=2, sequence_parallel=True)),
            "PP2 vp1": (2, 1, dict(pp=2)), "PP2 vp2": (2, 1, dict(pp=2, vp=2))}
 BASELINE = "1p 2 threads"
+COMPILED = " +compile"                 # a layout name + this suffix: the same with train.compile: true
 
 
 def raw_config(par: dict, steps: int, train: dict | None = None) -> dict:
@@ -101,6 +101,8 @@ def _worker(rank, world, raw, steps, threads, profile=False):
 
 
 def run_layout(name: str, steps: int, train: dict | None = None, profile=False) -> dict:
+    if name.endswith(COMPILED):
+        name, train = name[:-len(COMPILED)], {**(train or {}), "compile": True}
     world, threads, par = LAYOUTS[name]
     res = spawn(world, _worker, raw_config(par, steps, train), steps, threads, profile, timeout=900)
     walls = [max(r["steps"][i]["wall"] for r in res) for i in range(steps)]  # a step ends with its slowest rank
@@ -165,9 +167,9 @@ def layouts_main(names: list[str], rounds: int, steps: int, train=None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--layouts", nargs="*", metavar="NAME", help=f"subset of {list(LAYOUTS)} (default all)")
-    ap.add_argument("--compile", action="store_true", help="1 process: train.compile off vs on")
-    ap.add_argument("--threads", type=int, default=2, help="with --compile")
+    ap.add_argument("--layouts", nargs="*", metavar="NAME",
+                    help=f"subset of {list(LAYOUTS)}, each optionally + '{COMPILED}' (default: all, eager)")
+    ap.add_argument("--compile", action="store_true", help="1 process, 1 and 2 threads: train.compile off vs on")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "one_process.json"))
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
         res["profile"] = profile_main(args.steps)
     if args.layouts is not None:
         res["layouts"] = layouts_main(args.layouts or list(LAYOUTS), args.rounds, args.steps)
+    if args.compile:
+        names = ["1p 1 thread", "1p 1 thread" + COMPILED, "1p 2 threads", "1p 2 threads" + COMPILED]
+        res["compile"] = layouts_main(names, args.rounds, args.steps)
     res["load_avg_after"] = os.getloadavg()[0]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     old = json.load(open(args.out)) if os.path.exists(args.out) else {}

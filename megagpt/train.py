@@ -46,6 +46,10 @@ class Trainer:
         self.dtype = DTYPES[t.dtype]
         if self.is_logger:
             print(describe_split(cfg), flush=True)
+            if self.layout.sp and self.ps.tp.size > 1:     # the per-backend choice (parallel/state.py)
+                how = {"all_reduce": "an all-reduce + this rank's slice (faster on gloo)",
+                       "reduce_scatter": "reduce-scatters"}[self.ps.tp.sp_reduce]
+                print(f"sequence parallelism on {dist.get_backend()}: TP reduce-scatters run as {how}", flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
                                   layout=self.layout)
         if t.compile:

@@ -8,6 +8,8 @@ Each function's backward is the adjoint of its forward:
     scatter_to_sp       fwd split(s)        bwd all-gather      (entering an SP region from a replicated one)
     gather_to_full      fwd all-gather(s)   bwd split           (leaving an SP region into a replicated one)
 Activations are [s, b, h]: the sequence dim is 0, so SP shards are [s/tp, b, h].
+The column-parallel layers fuse their input mapping (copy_to_tp / gather_from_sp) with the GEMM
+(tp_overlap.py), so that the backward's collective overlaps the weight-gradient GEMM.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
+        if x.is_contiguous() and not x.is_leaf:  # a layer's fresh output: summed in place, no copy
+            ctx.mark_dirty(x)
+            return group.all_reduce(x)
         return group.all_reduce(x.contiguous().clone())
 
     @staticmethod
