@@ -59,7 +59,8 @@ class _RotateHalf(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x [s, b, heads, d]; rotates the first rot_dim = 2 * cos.shape[-1] dims of each head."""
-    if not interleaved and x.dtype == cos.dtype and not cos.requires_grad:
+    if not interleaved and x.dtype == cos.dtype and not cos.requires_grad and not torch.compiler.is_compiling():
+        # (compiled, the formula below fuses into one kernel; dynamo cannot trace strided out= writes)
         return _RotateHalf.apply(x, cos, sin)
     rot_dim = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
