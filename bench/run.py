@@ -316,7 +316,7 @@ def run_scaling(rounds: int, steps: int) -> dict:
         share["bookkeeping"] = median([1 - sum(s.get(c, 0.0) for c in share) / s["wall"] for s in steps_all])
         compute_cpu = median([s.get("compute_cpu", 0.0) for s in steps_all])
         cfg = config_from_dict({"model": SCALING_MODEL, "parallel": par, "train": SCALING_TRAIN}, world)
-        predicted = summary(expected_comm_bytes(cfg, world, rank=0))
+        predicted = summary(expected_comm_bytes(cfg, world, rank=0, backend="gloo"))
         # the bubble from the engine's op timings: from the first rank's first op to the last
         # rank's last op, less each rank's busy time (F/B minus their waits for input)
         bubbles = []

@@ -74,6 +74,7 @@ from collections import defaultdict
 from .config import DTYPES, Config, ModelConfig, chunk_param_numels, dp_mode, layer_param_numels
 from .layout import Layout
 from .optim.grad_buffer import plan_buckets
+from .parallel.state import sp_reduce_kind
 
 GRAD_BYTES = 4          # the grad buffer is fp32 in every dtype
 
@@ -155,7 +156,8 @@ def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
     return (c - 1) * block * e, (c - 1) * block * e + c * block * GRAD_BYTES
 
 
-def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tuple[str, str], int]:
+def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
+                backend: str = "nccl") -> dict[tuple[str, str], int]:
     p, m, tr = cfg.parallel, cfg.model, cfg.train
     sizes, layout = group_sizes(cfg, world_size), Layout.from_config(cfg, world_size)
     t, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
@@ -182,7 +184,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
                 # collectives entering (gather) / leaving (reduce-scatter) the TP regions
                 rs = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post) - 2 * routed
                 ag = int(pre) + 2 * n + 2 * n_rc + 2 * n + int(post) - 2 * routed
-                out[("reduce_scatter", "tp")] += mb * rs * N
+                out[(sp_reduce_kind(backend), "tp")] += mb * rs * N    # all-reduce + slice on gloo
                 out[("all_gather", "tp")] += mb * ag * (N // t)
                 if post:
                     out[("all_reduce", "tp")] += mb * ce
@@ -251,15 +253,16 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
 
 
 def expected_comm_bytes(cfg: Config, world_size: int, dtype_bytes: int | None = None,
-                        rank: int | None = None) -> dict[tuple[str, str], int]:
+                        rank: int | None = None, backend: str = "nccl") -> dict[tuple[str, str], int]:
     """Bytes per (kind, group) recorded in one training step: by `rank`'s counter, or summed over
-    every rank of the world when rank is None. dtype_bytes defaults to train.dtype's."""
+    every rank of the world when rank is None. dtype_bytes defaults to train.dtype's. backend: the
+    SP reduce-scatters are counted as all-reduces on gloo (parallel/state.py sp_reduce_kind)."""
     e = dtype_bytes if dtype_bytes is not None else DTYPES[cfg.train.dtype].itemsize
     if rank is not None:
-        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"])
+        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"], backend)
     total: dict[tuple[str, str], int] = defaultdict(int)
     for r in range(world_size):
-        for key, n in expected_comm_bytes(cfg, world_size, e, r).items():
+        for key, n in expected_comm_bytes(cfg, world_size, e, r, backend).items():
             total[key] += n
     return dict(total)
 

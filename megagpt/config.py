@@ -147,6 +147,7 @@ class TrainConfig:
     peak_tflops: float = 989.0           # per device, for MFU
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
     dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
+    compile: bool = False                # torch.compile each transformer block (model/compile.py)
 
 
 @dataclass
@@ -341,6 +342,13 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+    if t.compile:
+        from .model.compile import compile_problem
+        problem = compile_problem(m, t)
+        if p.cp > 1:                                     # the ring's autograd Function is not traced through yet
+            problem = f"train.compile: true is not supported with parallel.cp={p.cp} > 1 yet"
+        if problem:
+            raise ConfigError(problem)
     _validate_curriculum(cfg)
 
 

@@ -28,6 +28,7 @@ from .data.synthetic import SyntheticDataset
 from .faults import fault_point
 from .layout import Layout
 from .metrics_log import Logger
+from .model.compile import compile_blocks
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
 from .parallel.context import zigzag_shard
@@ -50,8 +51,16 @@ class Trainer:
         self.dtype = DTYPES[t.dtype]
         if self.is_logger:
             print(describe_split(cfg), flush=True)
+            if self.layout.sp and self.ps.tp.size > 1:     # the per-backend choice (parallel/state.py)
+                how = {"all_reduce": "an all-reduce + this rank's slice (faster on gloo)",
+                       "reduce_scatter": "reduce-scatters"}[self.ps.tp.sp_reduce]
+                print(f"sequence parallelism on {dist.get_backend()}: TP reduce-scatters run as {how}", flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
                                   layout=self.layout, model_cls=self.model_cls)
+        if t.compile:
+            n = compile_blocks(self.chunks)
+            if self.is_logger:
+                print(f"train.compile: torch.compile of each transformer block ({n} on rank 0)", flush=True)
         self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
         self.engine = PipelineEngine(self.chunks, self.ps, cfg, self.layout.activation_shape(cfg.model), self.dtype)
         self.dp = self.ps.dp.size

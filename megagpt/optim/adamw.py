@@ -9,6 +9,9 @@ p -= lr*wd*p first, then the bias-corrected Adam update), then every bucket's up
 all-gathered in the model's dtype into every rank's parameters.
 With fp32 weights the main params are views into the model params themselves (no extra copy:
 8 bytes per owned element); with bf16/fp16 weights they are a separate fp32 flat tensor.
+At DP = 1 with fp32 weights the update has already landed in the parameters (the main params are
+their views, and this rank owns everything): there is nothing to gather, so no shard is copied into
+the buffer and back (the spent gradients stay there until the next zero_grad zeroes the buffer).
 
 PlainAdamW (for comparison, and the `distributed_optimizer: false` path): torch.optim.AdamW on
 fp32 main params (the model params themselves in fp32), every DP rank holding everything.
@@ -120,6 +123,8 @@ class ShardedAdamW:
         """Launch one async all-gather per bucket of its owned shard, cast to the model dtype, in the
         order the next forward needs them: the last bucket (the first layers) first."""
         self.wait_from(0)                      # never two gathers into one bucket's bytes
+        if self.dp.size == 1 and self.main_flat is None:
+            return                             # the update wrote the params themselves
         for b, segs in reversed(list(zip(self.buffer.buckets, self.by_bucket))):
             region = self._bucket_bytes(b)                                   # [end - start]
             lo, hi = (x - b.start for x in self.buffer.owned_range(b))

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, ParallelConfig, TrainConfig, dp_mode
+from ..model.compile import COMPILED_UNIT
 from ..parallel.layers import meta_of
 from ..parallel.state import ParallelState
 from .adamw import PlainAdamW, ShardedAdamW
@@ -78,11 +79,17 @@ class Optimizer:
         step, finish the all-gathers of its buckets and of every bucket launched before them (in
         launch order; collectives on one group complete in that order anyway). So each chunk's first
         module waits on its own buckets, and a parameter read by a later module of its chunk (the
-        tied LM head on the last stage) is in by then."""
+        tied LM head on the last stage) is in by then. A compiled block (train.compile) is one unit: its
+        hook waits on all of its buckets, and nothing inside the compiled graph waits."""
         hooks, bucket_of = [], self.buffer.bucket_of
         for chunk in self.chunks:
+            units = [m for m in chunk.modules() if getattr(m, COMPILED_UNIT, False)]
+            inside = {id(sub) for u in units for sub in u.modules() if sub is not u}
             for module in chunk.modules():
-                mine = [bucket_of[id(p)].index for p in module.parameters(recurse=False) if id(p) in bucket_of]
+                if id(module) in inside:
+                    continue
+                unit = getattr(module, COMPILED_UNIT, False)
+                mine = [bucket_of[id(p)].index for p in module.parameters(recurse=unit) if id(p) in bucket_of]
                 if mine:
                     first = min(mine)
                     hooks.append(module.register_forward_pre_hook(

@@ -9,6 +9,8 @@ Each function's backward is the adjoint of its forward:
     gather_to_full      fwd all-gather(s)   bwd split           (leaving an SP region into a replicated one)
     all_to_all          fwd all-to-all      bwd all-to-all with the splits swapped (expert dispatch)
 Activations are [s, b, h]: the sequence dim is 0, so SP shards are [s/tp, b, h].
+The column-parallel layers fuse their input mapping (copy_to_tp / gather_from_sp) with the GEMM
+(tp_overlap.py), so that the backward's collective overlaps the weight-gradient GEMM.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
+        if x.is_contiguous() and not x.is_leaf:  # a layer's fresh output: summed in place, no copy
+            ctx.mark_dirty(x)
+            return group.all_reduce(x)
         return group.all_reduce(x.contiguous().clone())
 
     @staticmethod
