@@ -35,9 +35,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         if self.mod is None:
             return self._body(x, cos, sin, cache, mask)
-        if cache is not None or mask is not None:
-            raise NotImplementedError("model.mod_layers: a mixture-of-depths layer takes neither a KV cache (its "
-                                      "top-k routing is not causal) nor packed samples")
+        if cache is not None:
+            raise NotImplementedError("model.mod_layers: generation with a KV cache through a mixture-of-depths "
+                                      "layer is not supported (its top-k routing is not causal)")
+        if mask is not None:
+            raise NotImplementedError("model.mod_layers: packed samples through a mixture-of-depths layer are not "
+                                      "supported (its top-k picks tokens across the samples)")
         return self.mod(x, cos, sin, self._body)
 
     def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:

@@ -66,7 +66,7 @@ class Optimizer:
         self.world = ps.world
         # plain AdamW: every DP rank holds its whole buckets, so one replica's sum (mp) is the norm; with
         # experts (which differ over ep) the world sums the buckets of each group's rank 0 instead
-        experts = any(b.group is not ps.dp for b in self.buffer.buckets)
+        experts = any(b.group is not ps.dp_cp for b in self.buffer.buckets)   # dense buckets reduce over dp x cp
         self.norm_group = self.world if self.distributed or experts else ps.mp
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views()
