@@ -60,7 +60,8 @@ capacity factor an all_gather (tp) of the chosen weights (fp32) and experts (int
 with ep > 1, all_to_all (ep): the E int64 counts, then M = s_l*b*k rows of h (s_l = s/t with SP) each
 way forward and backward, dispatched and combined: E*8 + 2*(M + R)*h*e with R the rows received.
 R depends on the routing: the model counts R = M (the world sum, and each rank under balance, are
-exact; dropless only). Once per step: with SP the router and expert gradients join the TP-partial
+exact; dropless only). Once per step: with moe_router_bias_rate, an all_reduce (dp) of the E int64
+loads per MoE layer (the selection-bias update); with SP the router and expert gradients join the TP-partial
 all-reduce (their weights are whole on every TP rank); expert buckets reduce over edp (group
 "edp" when ep > 1, size d/ep). MoE with full recompute and MoD layers are not modelled.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
@@ -241,6 +242,8 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
                 out[("all_gather", group)] += size // sizes[group] * e
             else:
                 out[("all_reduce", group)] += size * GRAD_BYTES
+    if m.moe_router_bias_rate and sizes["dp"] > 1:          # the selection-bias update: E int64 per MoE layer
+        out[("all_reduce", "dp")] += 8 * m.moe_num_experts * sum(m.is_moe_layer(i) for ids, _, _ in chunks for i in ids)
     experts = layout.ep > 1 and any(m.is_moe_layer(i) for ids, _, _ in chunks for i in ids)
     norm_group = "mp" if mode == "ddp" and not experts else "world"
     if sizes[norm_group] > 1:

@@ -64,6 +64,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0      # Switch/GShard load-balancing loss
     moe_z_loss_coeff: float = 0.0        # router z-loss
     moe_capacity_factor: float | None = None   # None = dropless; else drop the lowest-probability overflow
+    moe_router_bias_rate: float = 0.0    # > 0: auxiliary-loss-free balancing, a selection bias moved by this per step
     # mixture of depths (model/mod.py): on these layers a router keeps mod_capacity of each sequence
     mod_layers: list | None = None
     mod_capacity: float = 0.125
@@ -396,7 +397,7 @@ def _validate_moe(m: ModelConfig) -> None:
         if m.moe_capacity_factor is not None and not m.moe_capacity_factor > 0:
             raise ConfigError(f"model.moe_capacity_factor: expected > 0 (or null for dropless), "
                               f"got {m.moe_capacity_factor}")
-        for f in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_size"):
+        for f in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_size", "moe_router_bias_rate"):
             if not getattr(m, f) >= 0:
                 raise ConfigError(f"model.{f}: expected >= 0, got {getattr(m, f)!r}")
         if m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size < 1:

@@ -29,6 +29,7 @@ from .faults import fault_point
 from .layout import Layout
 from .metrics_log import Logger
 from .model.compile import compile_blocks
+from .model.moe import update_router_biases
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
 from .parallel.context import zigzag_shard
@@ -153,6 +154,7 @@ class Trainer:
             before_last_backward=lambda: self.optimizer.set_sync(True))
         self._maybe_fault("step")
         stats = self.optimizer.step(lr)
+        update_router_biases(self.chunks, self.ps.dp)      # MoE auxiliary-loss-free balancing, if on
         self.consumed_samples += t.global_batch_size
         self.step += 1
         return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats}

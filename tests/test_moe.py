@@ -33,6 +33,8 @@ def make_moe(cfg, seed=0, dtype=torch.float64):
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.3)
+        if moe.selection_bias is not None:   # a bias large enough to change the choice
+            moe.selection_bias.copy_(torch.randn(moe.selection_bias.shape, generator=g))
     return moe, ctx
 
 
@@ -44,7 +46,11 @@ def naive(moe, x):
     T = toks.shape[0]
     logits = toks @ moe.router.weight.t()
     scores = logits.softmax(-1) if cfg.moe_router_score == "softmax" else logits.sigmoid()
-    w, e = scores.topk(k, dim=-1)
+    if moe.selection_bias is not None:   # chosen by the biased scores, weighted by the plain ones
+        e = (scores + moe.selection_bias).topk(k, dim=-1).indices
+        w = scores.gather(-1, e)
+    else:
+        w, e = scores.topk(k, dim=-1)
     if cfg.moe_router_norm_topk:
         w = w / w.sum(-1, keepdim=True)
     keep = [[True] * k for _ in range(T)]
@@ -74,6 +80,7 @@ def naive(moe, x):
 
 
 CASES = [dict(), dict(moe_router_score="sigmoid", moe_router_norm_topk=True), dict(moe_shared_expert_size=16),
+         dict(moe_router_bias_rate=0.01, moe_router_score="sigmoid"),
          dict(moe_capacity_factor=0.75), dict(moe_top_k=1, moe_capacity_factor=1.0), dict(moe_num_experts=40, moe_top_k=3)]
 
 

@@ -20,7 +20,7 @@ from test_comm_accounting import _one_step, raw_config
 
 MOE = dict(moe_num_experts=4, moe_top_k=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=0.01)
 CASES = {
-    "ep2-dp2": (2, raw_config(model=MOE, parallel=dict(ep=2), dp=2)),
+    "ep2-dp2-bias": (2, raw_config(model=dict(MOE, moe_router_bias_rate=0.01), parallel=dict(ep=2), dp=2)),
     "ep2-dp2-plain-shared": (2, raw_config(model=dict(MOE, moe_layer_freq=2, moe_shared_expert_size=32),
                                            parallel=dict(ep=2, distributed_optimizer=False), dp=2)),
     "tp2-sp-capacity": (2, raw_config(model=dict(MOE, moe_capacity_factor=1.0), parallel=dict(tp=2, sequence_parallel=True))),

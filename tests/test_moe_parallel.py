@@ -18,7 +18,7 @@ from megagpt.checkpoint.sharded import load_checkpoint, save_checkpoint
 from megagpt.config import config_from_dict
 from megagpt.layout import Layout
 from megagpt.model.gpt import build_model
-from megagpt.model.moe import Experts
+from megagpt.model.moe import MoE, Experts
 from megagpt.optim.clip import global_norm
 from megagpt.optim.finalize import finalize_grads
 from megagpt.optim.optimizer import build_optimizer
@@ -269,19 +269,36 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep4_and_ep1(tmp_path):
 
 # ----------------------------------------------------------------------------- the Trainer
 
-def _trainer_worker(rank, world, ep, path):
+def _trainer_worker(rank, world, ep, path, rate=0.0):
     from megagpt.train import Trainer
     raw = raw_cfg("ep2")
+    raw["model"].update(moe_router_bias_rate=rate)
     raw["parallel"].update(ep=ep, overlap_param_gather=True)
     raw["train"].update(train_iters=3, eval_interval=0, log_interval=100, clip_grad=1.0)
     trainer = Trainer(config_from_dict(raw, world_size=world), path)
-    return [trainer.train_step()["loss"] for _ in range(3)]
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    biases = [m.selection_bias.clone() for c in trainer.chunks for m in c.modules()
+              if isinstance(m, MoE) and m.selection_bias is not None]
+    return losses, biases
 
 
 def test_trainer_ep2_equals_ep1_over_three_steps(tmp_path):
     """The Trainer with ZeRO-1 and the parameter all-gather overlapping the next forward (every expert
     weight is read through a module, so the forward pre-hooks wait for it): EP2 x DP2 and EP1 x DP2
     give the same losses for 3 steps (synthetic tokens), to 1e-5 relative."""
-    ep2 = spawn(2, _trainer_worker, 2, str(tmp_path / "ep2"), timeout=240)[0]
-    ep1 = spawn(2, _trainer_worker, 1, str(tmp_path / "ep1"), timeout=240)[0]
+    ep2 = spawn(2, _trainer_worker, 2, str(tmp_path / "ep2"), timeout=240)[0][0]
+    ep1 = spawn(2, _trainer_worker, 1, str(tmp_path / "ep1"), timeout=240)[0][0]
     assert ep2 == pytest.approx(ep1, rel=1e-5) and ep2[2] != ep2[0]
+
+
+def test_loss_free_balancing_bias_is_the_same_at_ep2_as_in_one_process(tmp_path):
+    """model.moe_router_bias_rate: after each step every replica moves each layer's selection bias by
+    rate * sign(mean load - load), the loads summed over dp: at EP2 x DP2 the biases (on both ranks)
+    and the losses equal one process's over 3 steps."""
+    ranks = spawn(2, _trainer_worker, 2, str(tmp_path / "ep2"), 0.05, timeout=240)
+    one = spawn(1, _trainer_worker, 1, str(tmp_path / "one"), 0.05, timeout=240)[0]
+    assert ranks[0][0] == pytest.approx(one[0], rel=1e-5)
+    assert len(one[1]) == 2 and any(b.abs().sum() > 0 for b in one[1])
+    for losses, biases in ranks:
+        for b, ref in zip(biases, one[1]):
+            assert torch.equal(b, ref)

@@ -79,8 +79,11 @@ def attach_aux(x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor
     return _AttachAux.apply(x, aux, scale) if aux.requires_grad else x
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, E] fp32 -> (weights [N, k], experts [N, k], probabilities for the balancing loss [N, E])."""
+def route(logits: torch.Tensor, cfg: ModelConfig,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, E] fp32 -> (weights [N, k], experts [N, k], probabilities for the balancing loss [N, E]).
+    bias [E]: added to the scores for the choice only (auxiliary-loss-free balancing); the weights
+    are the unbiased scores of the chosen experts."""
     k = cfg.moe_top_k
     if cfg.moe_router_score == "softmax":
         scores = torch.softmax(logits, dim=-1)
@@ -88,7 +91,11 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.T
     else:
         scores = torch.sigmoid(logits)
         balance = scores / scores.sum(-1, keepdim=True)
-    weights, experts = torch.topk(scores, k, dim=-1)                         # [N, k]
+    if bias is None:
+        weights, experts = torch.topk(scores, k, dim=-1)                     # [N, k]
+    else:
+        experts = torch.topk(scores.detach() + bias.to(scores.dtype), k, dim=-1).indices
+        weights = scores.gather(-1, experts)
     if cfg.moe_router_norm_topk:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, experts, balance
@@ -160,6 +167,10 @@ class MoE(nn.Module):
         self.experts = Experts(cfg, ep, sequence_parallel, device, dtype)
         self.shared = MLP(replace(cfg, mlp="swiglu", ffn_hidden_size=cfg.moe_shared_expert_size, bias=False),
                           tp, sequence_parallel, device, dtype) if cfg.moe_shared_expert_size else None
+        # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias, moved after each step
+        # by update_router_biases from the step's token counts; a buffer, not trained (and not checkpointed)
+        self.register_buffer("selection_bias", torch.zeros(cfg.moe_num_experts, device=device, dtype=torch.float32)
+                             if cfg.moe_router_bias_rate else None)
 
     def _gather_tp(self, t: torch.Tensor) -> torch.Tensor:
         return self.tp.all_gather(t.contiguous(), dim=0) if self.sp else t
@@ -172,7 +183,7 @@ class MoE(nn.Module):
         n_total = n_local * (self.tp.size if self.sp else 1)                 # T: the microbatch's tokens
         rdt = torch.promote_types(tokens.dtype, torch.float32)               # fp32 (fp64 stays fp64)
         logits = F.linear(tokens.to(rdt), self.router().to(rdt))             # [N, E]
-        weights, experts, balance = route(logits, cfg)                       # [N, k], [N, k], [N, E]
+        weights, experts, balance = route(logits, cfg, self.selection_bias)  # [N, k], [N, k], [N, E]
 
         counts = torch.bincount(experts.reshape(-1), minlength=E)            # [E] before drops
         if self.sp:
@@ -206,3 +217,19 @@ class MoE(nn.Module):
             self.context.load[self.layer_id] = counts if prev is None else prev + counts
             out = attach_aux(out, aux, self.context.scale)
         return out
+
+
+@torch.no_grad()
+def update_router_biases(chunks, dp: Group) -> None:
+    """After a step: each MoE layer with model.moe_router_bias_rate moves its selection bias by
+    rate * sign(mean load - load of the expert), the loads being the step's selections summed over
+    its microbatches and the dp group (an all-reduce of E int64 per layer), so every replica moves alike."""
+    layers = [(c.moe, m) for c in chunks for m in c.modules()
+              if isinstance(m, MoE) and m.selection_bias is not None]
+    if not layers:
+        return
+    counts = torch.stack([ctx.load.get(m.layer_id, torch.zeros_like(m.selection_bias, dtype=torch.long))
+                          for ctx, m in layers])                                        # [layers, E]
+    counts = dp.all_reduce(counts.to(layers[0][1].selection_bias.device))
+    for (_, m), c in zip(layers, counts.double()):
+        m.selection_bias += m.cfg.moe_router_bias_rate * torch.sign(c.mean() - c).float()
