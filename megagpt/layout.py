@@ -142,6 +142,8 @@ class Layout:
         if cp > 1 and m.hidden_dropout > 0 and self.sp:   # SP shards draw per TP rank, which CP ranks would share
             raise ConfigError(f"model.hidden_dropout: hidden dropout with parallel.cp={cp} needs "
                               f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
+        if cp > 1:
+            _check_cp_method(m, cp)
         if self.sp and (self.seq_len // cp) % tp:
             raise ConfigError(f"train.seq_len: {self.seq_len}/cp={self.seq_len // cp} is not divisible by "
                               f"parallel.tp={tp} (sequence parallel)")
@@ -215,6 +217,19 @@ class Layout:
         for rank, ids, _, _ in self.all_chunks(m):
             out[rank] += len(ids)
         return out
+
+
+def _check_cp_method(m: ModelConfig, cp: int) -> None:
+    """Which CP method serves which mask: "ring" causal and sliding-window masks (a window is skipped per
+    block, never dropped), "allgather" any dense mask (causal, window, workspace tokens); the adaptive
+    span has no CP method."""
+    from .model.variants import cp_method
+    if m.adaptive_span:
+        raise ConfigError(f"model.adaptive_span: no CP method serves the adaptive span yet (ring: causal/window; "
+                          f"allgather: causal/window/workspace); use parallel.cp=1, got {cp}")
+    if m.workspace_tokens and cp_method(m) == "ring":
+        raise ConfigError("model.workspace_tokens: the ring serves causal and window masks only, not the workspace "
+                          "mask; set model.cp_attention=allgather (or auto)")
 
 
 def balanced_counts(num_layers: int, extra: list[float]) -> list[int]:
