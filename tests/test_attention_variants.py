@@ -180,3 +180,63 @@ def test_variant_layout_matches_one_process(case, serial, tmp_path):
     for rank, r in enumerate(res):
         measured = {(k, g): n for k, g, n in r["comm"]}
         assert measured == expected_comm_bytes(cfg, world, rank=rank), f"{case} rank {rank}"
+
+
+def _span_step_worker(rank, world, raw, run_dir):
+    import contextlib
+    import io
+
+    from megagpt.config import config_from_dict
+    from megagpt.train import Trainer
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr = Trainer(config_from_dict(raw, world), run_dir)
+        rec = tr.train_step()
+    return {k: v for k, v in rec.items() if k.startswith("span/")}
+
+
+def test_span_penalty_gradient_and_logged_spans(tmp_path):
+    """The penalty coeff * mean_h z_h per layer reaches each span parameter as coeff * max_seq_len / heads
+    (spans start at the whole context, inside the clamp) and nowhere else; a training step logs the mean
+    span of every layer; generation refuses the variant in one line."""
+    from megagpt.model.gpt import build_model
+    from tests.dist import batch, tiny_model_cfg
+    grads = {}
+    for coeff in (0.0, 0.5):
+        cfg = tiny_model_cfg(adaptive_span=True, span_ramp=4, span_penalty=coeff, use_flash_attn=False)
+        model = build_model(cfg, seed=3)
+        tokens, labels = batch(cfg, b=2, s=16)
+        model(tokens, labels).mean().backward()
+        grads[coeff] = {n: p.grad for n, p in model.named_parameters()}
+    for name, g in grads[0.5].items():
+        want = grads[0.0][name] + (0.5 * cfg.max_seq_len / cfg.num_heads if name.endswith("attention.span") else 0)
+        assert_close_rel(g, want, RTOL, name)
+    raw = _raw(model=dict(adaptive_span=True, span_ramp=4, span_penalty=0.01))
+    spans = spawn(1, _span_step_worker, raw, str(tmp_path))[0]
+    assert sorted(spans) == ["span/layer0", "span/layer1"] and all(0 < z <= 64 for z in spans.values()), spans
+    from megagpt.kv_cache import KVCache
+    with pytest.raises(ValueError, match="generation: workspace tokens and adaptive span"):
+        model.eval()(tokens[:1, :4], cache=KVCache(model, 1, 8))
+
+
+@pytest.mark.parametrize("n,every,window,block", [(2, None, 3, 8), (2, 8, 5, 8), (1, 12, None, 16), (3, 10, 20, 7),
+                                                  (0, None, 6, 8)])
+def test_blocked_attention_matches_the_dense_mask(n, every, window, block):
+    """The one-process block-sparse path (queries in blocks against the keys their window reaches and
+    the workspace keys, workspace rows against everything): output and dq, dk, dv equal dense SDPA."""
+    from megagpt.config import ModelConfig
+    from megagpt.model.variants import blocked_attention
+    m = ModelConfig(workspace_tokens=n, workspace_every=every, attention_window=window)
+    g = torch.Generator().manual_seed(n + block)
+    b, s, nq, nkv, d = 2, 40, 4, 2, 8
+    q, dout = torch.randn(b, s, nq, d, generator=g), torch.randn(b, s, nq, d, generator=g)
+    k, v = torch.randn(b, s, nkv, d, generator=g), torch.randn(b, s, nkv, d, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), attn_mask=_ref_mask(s, n, every, window),
+                                         enable_gqa=True).transpose(1, 2)
+    ref.backward(dout)
+    got_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    got = blocked_attention(*got_leaves, m, block)
+    got.backward(dout)
+    assert_close_rel(got, ref.detach(), RTOL, "blocked out")
+    for a, e, name in zip(got_leaves, leaves, "qkv"):
+        assert_close_rel(a.grad, e.grad, RTOL, f"blocked d{name}")

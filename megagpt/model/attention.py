@@ -19,7 +19,7 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
 from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
 from ..parallel.state import Group
 from .rope import apply_rope
-from .variants import SpanPenalty, adaptive_span_attention, allgather_attention, attention_mask, cp_method
+from .variants import SpanPenalty, adaptive_span_attention, allgather_attention, blocked_attention, cp_method
 
 
 def _flash_attn_func():
@@ -82,9 +82,8 @@ class Attention(nn.Module):
             if cp_method(m) == "allgather":
                 return allgather_attention(q, k, v, self.cp, m, q.shape[1] * self.cp.size)
             return ring_attention(q, k, v, self.cp, window=w)
-        if m.workspace_tokens:                                   # the dense workspace mask
-            pos = torch.arange(q.shape[1], device=q.device)
-            return masked_attention(q, k, v, attention_mask(m, q.shape[1], pos, pos))
+        if m.workspace_tokens:                                   # the workspace mask, block-sparse
+            return blocked_attention(q, k, v, m)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP

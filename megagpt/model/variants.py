@@ -91,6 +91,35 @@ def cp_method(m) -> str:
     return "allgather" if m.workspace_tokens else "ring"
 
 
+def blocked_attention(q, k, v, m, block: int = 128) -> torch.Tensor:
+    """One process, the mask of `attention_mask` computed sparsely: q [b, s, nq, d], k/v [b, s, nkv, d] ->
+    [b, s, nq, d]. Each block of `block` queries attends to the keys its window reaches plus the
+    workspace keys before them (SDPA with the exact mask over those keys); workspace query rows, which
+    see their whole past, are recomputed against every key. FLOPs ~ s * (window + block + workspace
+    slots) instead of s^2 / 2."""
+    import torch.nn.functional as F
+    s, dev, w = q.shape[1], q.device, m.attention_window or q.shape[1]
+    slots = workspace_slots(s, m.workspace_tokens, m.workspace_every, dev)
+    slot_pos = slots.nonzero().flatten()
+    gqa = q.shape[2] != k.shape[2]
+
+    def attend(qpos, kpos):                                       # [b, len(qpos), nq, d]
+        o = F.scaled_dot_product_attention(q[:, qpos].transpose(1, 2), k[:, kpos].transpose(1, 2),
+                                           v[:, kpos].transpose(1, 2), attn_mask=attention_mask(m, s, qpos, kpos),
+                                           enable_gqa=gqa)
+        return o.transpose(1, 2)
+    outs = []
+    for a in range(0, s, block):
+        qpos = torch.arange(a, min(a + block, s), device=dev)
+        lo = max(0, a - w + 1)
+        kpos = torch.cat([slot_pos[slot_pos < lo], torch.arange(lo, qpos[-1] + 1, device=dev)])
+        outs.append(attend(qpos, kpos))
+    out = torch.cat(outs, 1)
+    if len(slot_pos):                                             # workspace rows see everything before them
+        out = out.index_copy(1, slot_pos, attend(slot_pos, torch.arange(s, device=dev)))
+    return out
+
+
 # ----------------------------------------------------------------------------- the all-gather CP method
 
 def allgather_attention(q, k, v, group: Group, m, seq_len: int) -> torch.Tensor:
