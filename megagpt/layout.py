@@ -221,15 +221,13 @@ class Layout:
 
 def _check_cp_method(m: ModelConfig, cp: int) -> None:
     """Which CP method serves which mask: "ring" causal and sliding-window masks (a window is skipped per
-    block, never dropped), "allgather" any dense mask (causal, window, workspace tokens); the adaptive
-    span has no CP method."""
+    block, never dropped), "allgather" every mask (causal, window, workspace tokens, adaptive span)."""
     from .model.variants import cp_method
-    if m.adaptive_span:
-        raise ConfigError(f"model.adaptive_span: no CP method serves the adaptive span yet (ring: causal/window; "
-                          f"allgather: causal/window/workspace); use parallel.cp=1, got {cp}")
-    if m.workspace_tokens and cp_method(m) == "ring":
-        raise ConfigError("model.workspace_tokens: the ring serves causal and window masks only, not the workspace "
-                          "mask; set model.cp_attention=allgather (or auto)")
+    for on, field, what in ((m.workspace_tokens, "model.workspace_tokens", "workspace mask"),
+                            (m.adaptive_span, "model.adaptive_span", "adaptive span's ramp")):
+        if on and cp_method(m) == "ring":
+            raise ConfigError(f"{field}: the ring serves causal and window masks only, not the {what}; set "
+                              f"model.cp_attention=allgather (or auto) with parallel.cp={cp}")
 
 
 def balanced_counts(num_layers: int, extra: list[float]) -> list[int]:

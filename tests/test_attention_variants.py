@@ -119,7 +119,8 @@ def test_bad_variant_configs_are_one_line_errors():
         assert "\n" not in str(e.value)
     check(["model.workspace_tokens=2", "parallel.cp=2", "model.cp_attention=ring"], 2,
           "model.workspace_tokens: the ring serves causal and window masks only")
-    check(["model.adaptive_span=true", "parallel.cp=2"], 2, "model.adaptive_span: no CP method serves")
+    check(["model.adaptive_span=true", "parallel.cp=2", "model.cp_attention=ring"], 2,
+          "model.adaptive_span: the ring serves causal and window masks only, not the adaptive span")
     check(["model.adaptive_span=true", "model.attention_window=4"], 1, "model.adaptive_span: not combined")
     check(["model.workspace_tokens=40"], 1, r"model.workspace_tokens: expected 0 <= n < train.seq_len=32")
     check(["model.workspace_tokens=4", "model.workspace_every=4"], 1, "model.workspace_every: expected")
@@ -143,6 +144,7 @@ CASES = {  # name: (world, raw config); dp is what remains of the world
     "window-cp2-allgather": (2, _raw(dict(cp=2), dict(attention_window=5, cp_attention="allgather"))),
     "span-tp2": (2, _raw(dict(tp=2), dict(adaptive_span=True, span_ramp=4, span_penalty=0.01))),
     "span-pp2-dp2": (4, _raw(dict(pp=2), dict(adaptive_span=True, span_ramp=4, span_penalty=0.01))),
+    "span-cp2-tp2": (4, _raw(dict(cp=2, tp=2), dict(adaptive_span=True, span_ramp=4, span_penalty=0.01))),
 }
 
 

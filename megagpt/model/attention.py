@@ -72,12 +72,13 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
         if cfg.adaptive_span:                                    # one span per head, split with the heads
             self.span = make_param((nq,), ShardSpec(0, ((nq, 0),)), tp.size, device, dtype)
-            self.span_grad_weight = 1.0                          # set by the trainer (variants.py)
+            self.span_grad_weight = 1.0 / (cp.size if cp is not None else 1)   # a forward's share of the penalty:
+            # its tokens over the loss's (this rank's s/cp of a sequence); the trainer sets it (variants.py)
 
     def _core(self, q, k, v):
         w, m = self.cfg.attention_window, self.cfg
-        if m.adaptive_span:                                      # refused with cp > 1 (layout.py)
-            return adaptive_span_attention(q, k, v, self.span, m.span_ramp, m.max_seq_len)
+        if m.adaptive_span:                                      # under CP: the all-gather method
+            return adaptive_span_attention(q, k, v, self.span, m.span_ramp, m.max_seq_len, self.cp)
         if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
             if cp_method(m) == "allgather":
                 return allgather_attention(q, k, v, self.cp, m, q.shape[1] * self.cp.size)

@@ -11,9 +11,10 @@ everything without one), or j is a workspace slot (every token sees the workspac
 one (a workspace token sees everything before it).
 
 CP methods (`cp_method`): the ring (parallel/context.py) serves causal and window masks; the
-workspace mask is served by the all-gather method (`allgather_attention`): K/V of the whole sequence
-gathered over the CP group (all-gather forward, reduce-scatter backward, a conjugate pair), then the
-dense mask for this rank's zigzag query rows.
+workspace mask and the adaptive span are served by the all-gather method (`allgather_attention`,
+`adaptive_span_attention` with a group): K/V of the whole sequence gathered over the CP group
+(all-gather forward, reduce-scatter backward, a conjugate pair), then the mask for this rank's zigzag
+query rows. It also serves causal and window masks (model.cp_attention=allgather).
 
 Adaptive span (Sukhbaatar et al. 2019; model.adaptive_span): head h has a span parameter p_h; its span
 is z_h = max_seq_len * clamp(p_h, 0, 1), and a key at distance x = i - j is weighted by the soft ramp
@@ -88,7 +89,7 @@ def cp_method(m) -> str:
     masks and the all-gather for workspace tokens (the ring cannot serve them)."""
     if m.cp_attention != "auto":
         return m.cp_attention
-    return "allgather" if m.workspace_tokens else "ring"
+    return "allgather" if m.workspace_tokens or m.adaptive_span else "ring"
 
 
 def blocked_attention(q, k, v, m, block: int = 128) -> torch.Tensor:
@@ -122,20 +123,26 @@ def blocked_attention(q, k, v, m, block: int = 128) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the all-gather CP method
 
-def allgather_attention(q, k, v, group: Group, m, seq_len: int) -> torch.Tensor:
-    """q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] (this rank's zigzag pair) -> [b, s/cp, nq, d]:
-    K/V of the whole sequence gathered over the CP group (backward: reduce-scatter of dK/dV), then
-    the dense mask for this rank's query rows."""
-    import torch.nn.functional as F
-    cp, r = group.size, group.rank
+def gather_kv(k, v, group: Group, seq_len: int):
+    """This rank's zigzag k/v [b, s/cp, nkv, d] -> the whole sequence's [b, s, nkv, d] each, in global order:
+    all-gather over the CP group forward, reduce-scatter of dK/dV backward (a conjugate pair)."""
+    cp = group.size
     kv = torch.stack([k, v]).permute(2, 0, 1, 3, 4).contiguous()  # [s/cp, 2, b, nkv, d]
     full = gather_from_sp(kv, group)                               # [s, 2, b, nkv, d], rank order
-    order = torch.cat([zigzag_index(seq_len, cp, j, q.device) for j in range(cp)])
+    order = torch.cat([zigzag_index(seq_len, cp, j, k.device) for j in range(cp)])
     inv = torch.empty_like(order)
-    inv[order] = torch.arange(seq_len, device=q.device)
+    inv[order] = torch.arange(seq_len, device=k.device)
     full = full.index_select(0, inv)                               # global order
-    kf, vf = full[:, 0].transpose(0, 1), full[:, 1].transpose(0, 1)  # [b, s, nkv, d]
-    qpos = zigzag_index(seq_len, cp, r, q.device)
+    return full[:, 0].transpose(0, 1), full[:, 1].transpose(0, 1)  # [b, s, nkv, d] each
+
+
+def allgather_attention(q, k, v, group: Group, m, seq_len: int) -> torch.Tensor:
+    """q [b, s/cp, nq, d], k/v [b, s/cp, nkv, d] (this rank's zigzag pair) -> [b, s/cp, nq, d]:
+    K/V of the whole sequence gathered over the CP group (`gather_kv`), then the model's mask for this
+    rank's query rows (causal, window, workspace; the adaptive span has its own, `adaptive_span_attention`)."""
+    import torch.nn.functional as F
+    kf, vf = gather_kv(k, v, group, seq_len)
+    qpos = zigzag_index(seq_len, group.size, group.rank, q.device)
     mask = attention_mask(m, seq_len, qpos, torch.arange(seq_len, device=q.device))   # [s/cp, s]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
@@ -149,18 +156,23 @@ def span_of(p: torch.Tensor, max_span: int) -> torch.Tensor:
     return p.clamp(0.0, 1.0) * max_span
 
 
-def adaptive_span_attention(q, k, v, p, ramp: int, max_span: int) -> torch.Tensor:
+def adaptive_span_attention(q, k, v, p, ramp: int, max_span: int, group: Group | None = None) -> torch.Tensor:
     """q [b, s, nq, d], k/v [b, s, nkv, d], p [nq] -> [b, s, nq, d]: causal softmax weights times the
-    soft ramp m(i - j) of each head's span, renormalised (fp32 math)."""
+    soft ramp m(i - j) of each head's span, renormalised (fp32 math). Under CP (group) q, k, v are this
+    rank's zigzag rows: K/V are gathered whole (`gather_kv`, the all-gather CP method)."""
     b, s, nq, d = q.shape
+    i = j = torch.arange(s, device=q.device)
+    if group is not None and group.size > 1:
+        seq_len = s * group.size
+        k, v = gather_kv(k, v, group, seq_len)
+        i, j = zigzag_index(seq_len, group.size, group.rank, q.device), torch.arange(seq_len, device=q.device)
     g = nq // k.shape[2]
     qh = q.float().transpose(1, 2)                                 # [b, nq, s, d]
     kh, vh = (t.float().repeat_interleave(g, dim=2).transpose(1, 2) for t in (k, v))
-    scores = qh @ kh.transpose(-1, -2) * d ** -0.5                 # [b, nq, s, s]
-    i = torch.arange(s, device=q.device)
-    dist = (i[:, None] - i[None, :]).float()                       # [s, s]
+    scores = qh @ kh.transpose(-1, -2) * d ** -0.5                 # [b, nq, s, S]
+    dist = (i[:, None] - j[None, :]).float()                       # [s, S]: query minus key position
     scores = scores.masked_fill(dist < 0, float("-inf"))
-    ramp_mask = ((ramp + span_of(p, max_span)[:, None, None] - dist) / ramp).clamp(0.0, 1.0)   # [nq, s, s]
+    ramp_mask = ((ramp + span_of(p, max_span)[:, None, None] - dist) / ramp).clamp(0.0, 1.0)   # [nq, s, S]
     w = scores.softmax(-1) * ramp_mask
     w = w / w.sum(-1, keepdim=True)
     return (w @ vh).transpose(1, 2).to(q.dtype)
