@@ -262,3 +262,15 @@ def test_workspace_model_slots_carry_vectors_and_no_loss():
     with torch.no_grad():
         model.workspace.mul_(3.0)
         assert not torch.allclose(model(tokens, labels)[:, ~slots][:, 8:], losses.detach()[:, ~slots][:, 8:])
+
+
+def test_measured_activation_memory_with_workspace_at_cp2():
+    """Bytes autograd keeps for backward per rank (activation_meter): with workspace tokens, CP2 (the
+    all-gather method, which keeps the gathered K/V) holds about half of one process (block-sparse)."""
+    from tests.dist import batch, tiny_model_cfg
+    from tests.test_context_parallel import _meter_worker
+    cfg = tiny_model_cfg(max_seq_len=512, use_flash_attn=False, workspace_tokens=4, workspace_every=128)
+    tokens, labels = batch(cfg, b=1, s=512)
+    one = spawn(1, _meter_worker, cfg, tokens, labels)[0]
+    two = spawn(2, _meter_worker, cfg, tokens, labels)
+    assert two[0] == two[1] and 0.45 < two[0] / one < 0.55, (one, two)
