@@ -74,6 +74,7 @@ from collections import defaultdict
 
 from .config import DTYPES, Config, ModelConfig, chunk_param_numels, dp_mode, layer_param_numels
 from .layout import Layout
+from .model.variants import cp_method
 from .optim.grad_buffer import plan_buckets
 from .parallel.state import sp_reduce_kind
 
@@ -150,11 +151,26 @@ def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
     attention for one microbatch: (cp-1) K/V blocks forward; (cp-1) K/V blocks and cp fp32 dK/dV
     blocks backward. A K/V block is [2, b, s/cp, nkv_local, d]."""
     c = layout.cp
-    if c == 1:
+    if c == 1 or cp_method(m) != "ring":
         return 0, 0
-    nkv = m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1
-    block = 2 * layout.micro_batch * (layout.seq_len // c) * nkv * m.head_dim
+    block = _kv_block(layout, m)
     return (c - 1) * block * e, (c - 1) * block * e + c * block * GRAD_BYTES
+
+
+def _kv_block(layout: Layout, m) -> int:
+    """Elements of this rank's K/V [2, b, s/cp, nkv_local, d]."""
+    nkv = m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1
+    return 2 * layout.micro_batch * (layout.seq_len // layout.cp) * nkv * m.head_dim
+
+
+def cp_allgather_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
+    """(forward all-gather, backward reduce-scatter) bytes counted in one layer's all-gather CP attention
+    for one microbatch (model/variants.py): the all-gather counts this rank's K/V block, the
+    reduce-scatter of dK/dV (input dtype) the whole sequence's, cp blocks."""
+    if layout.cp == 1 or cp_method(m) != "allgather":
+        return 0, 0
+    block = _kv_block(layout, m) * e
+    return block, layout.cp * block
 
 
 def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
@@ -198,6 +214,10 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
             if ring_f:
                 out[(kind, "cp")] += mb * (n * (ring_f + ring_b) + reruns * ring_f)
         _moe_microbatch_bytes(cfg, layout, ids, e, mb, out)
+        ag_f, ag_b = cp_allgather_bytes(layout, m, e)
+        if ag_f:
+            out[("all_gather", "cp")] += mb * (n + reruns) * ag_f
+            out[("reduce_scatter", "cp")] += mb * n * ag_b
         c = k * pp + pp_rank                                # global chunk index
         act = math.prod(layout.activation_shape(m)) * e
         for is_boundary in (c > 0, c < pp * vp - 1):      # input side, output side
@@ -215,6 +235,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
             if sp:
                 partial = len(ids) * (2 * norm + (2 * h if m.bias else 0)) + (norm if post else 0)
                 partial += _moe_tp_partial(m, t, p.ep, ids)
+                partial += m.workspace_tokens * h if pre else 0   # workspace vectors: SP rows per TP rank
             if partial:
                 out[("all_reduce", "tp")] += (mb if per_group else 1) * partial * GRAD_BYTES
             if m.kv_heads % t:                              # KV heads replicated over TP ranks

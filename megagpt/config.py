@@ -49,6 +49,12 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention_window: int | None = None  # sliding window: a token attends to the w tokens ending at itself
+    workspace_tokens: int = 0            # learned global workspace slots at the start (model/variants.py)
+    workspace_every: int | None = None   # ... and at every multiple of this many positions
+    cp_attention: str = "auto"           # CP method: auto | ring (causal, window) | allgather (any mask)
+    adaptive_span: bool = False          # each head learns its span (soft ramp mask, L1 penalty)
+    span_ramp: int = 32                  # the ramp's length R in tokens
+    span_penalty: float = 0.0            # L1 coefficient on the mean span (tokens) per layer
     init_std: float = 0.02
     scaled_init: bool = True             # output projections get std / sqrt(2 * num_layers)
     make_vocab_divisible_by: int = 128   # the padded vocab is a multiple of this times tp
@@ -334,6 +340,7 @@ def validate(cfg: Config) -> None:
     if m.attention_window is not None and not 1 <= m.attention_window <= t.seq_len:
         raise ConfigError(f"model.attention_window: expected 1 <= window <= train.seq_len={t.seq_len}, got "
                           f"{m.attention_window} (leave it unset for full causal attention)")
+    _validate_variants(m, t.seq_len)
     from .layout import Layout  # the layout's rules live beside this file, and read ModelConfig from it
     Layout.from_config(cfg)
     if t.min_lr > t.lr:
@@ -351,6 +358,31 @@ def validate(cfg: Config) -> None:
         if problem:
             raise ConfigError(problem)
     _validate_curriculum(cfg)
+
+
+def _validate_variants(m: ModelConfig, seq_len: int) -> None:
+    """Workspace tokens, adaptive span and the CP attention method (model/variants.py)."""
+    from .model.variants import CP_METHODS, loss_tokens
+    if m.cp_attention not in CP_METHODS:
+        raise ConfigError(f"model.cp_attention: expected one of {', '.join(CP_METHODS)}, got {m.cp_attention!r}")
+    if not 0 <= m.workspace_tokens < seq_len:
+        raise ConfigError(f"model.workspace_tokens: expected 0 <= n < train.seq_len={seq_len}, got {m.workspace_tokens}")
+    if m.workspace_every is not None:
+        if not m.workspace_tokens:
+            raise ConfigError("model.workspace_every: needs model.workspace_tokens > 0")
+        if not m.workspace_tokens < m.workspace_every <= seq_len:
+            raise ConfigError(f"model.workspace_every: expected workspace_tokens={m.workspace_tokens} < k <= "
+                              f"train.seq_len={seq_len}, got {m.workspace_every}")
+    if m.workspace_tokens and loss_tokens(m, seq_len) < 1:
+        raise ConfigError("model.workspace_tokens: no text slot is left in train.seq_len")
+    if m.adaptive_span:
+        if m.workspace_tokens or m.attention_window is not None:
+            raise ConfigError("model.adaptive_span: not combined with model.attention_window or "
+                              "model.workspace_tokens (the span is the head's own window)")
+        if m.span_ramp < 1:
+            raise ConfigError(f"model.span_ramp: expected a positive number of tokens, got {m.span_ramp}")
+        if m.span_penalty < 0:
+            raise ConfigError(f"model.span_penalty: expected >= 0, got {m.span_penalty}")
 
 
 def _validate_curriculum(cfg: Config) -> None:
@@ -454,7 +486,8 @@ def layer_param_numels(m: ModelConfig, tp: int, layer_id: int = 0, ep: int = 1) 
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
     norm = [h, h] if m.norm == "layernorm" else [h]
-    attn = norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias + norm
+    attn = (norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias
+            + [m.num_heads // tp] * m.adaptive_span + norm)    # adaptive span: one per local head (variants.py)
     out = [(n, False) for n in attn]
     if m.is_moe_layer(layer_id):
         e, fe, fs = m.moe_num_experts, m.expert_ffn, m.moe_shared_expert_size
@@ -476,13 +509,15 @@ def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post
     Q, the output projection and the MLP are split over tp; K and V by whole heads, or one head
     per rank when kv_heads < tp (replicated); norms and row-parallel biases are replicated. A chunk
     with the embedding (pre, or post with tied embeddings) holds a [padded_vocab/tp, h] shard;
-    post adds the final norm and, untied, an LM-head shard of the same shape. layer_ids: the chunk's
-    global layers (default: the first num_layers; they matter for MoE and MoD layers); ep: the
-    experts are split over ep ranks. kinds: (numel, is an expert weight) pairs instead."""
+    post adds the final norm and, untied, an LM-head shard of the same shape; pre the workspace
+    vectors [n, h] (replicated). layer_ids: the chunk's global layers (default: the first num_layers;
+    they matter for MoE and MoD layers); ep: the experts are split over ep ranks. kinds: (numel, is an
+    expert weight) pairs instead."""
     h = m.hidden_size
     norm = [h, h] if m.norm == "layernorm" else [h]
     emb = m.padded_vocab(tp) // tp * h
     out = [(emb, False)] if pre or (post and m.tie_embeddings) else []
+    out += [(m.workspace_tokens * h, False)] if pre and m.workspace_tokens else []   # workspace vectors (variants.py)
     for i in (range(num_layers) if layer_ids is None else layer_ids):
         out += layer_param_numels(m, tp, i, ep)
     if post:

@@ -149,6 +149,8 @@ class Layout:
         if cp > 1 and m.hidden_dropout > 0 and self.sp:   # SP shards draw per TP rank, which CP ranks would share
             raise ConfigError(f"model.hidden_dropout: hidden dropout with parallel.cp={cp} needs "
                               f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
+        if cp > 1:
+            _check_cp_method(m, cp)
         if cp > 1 and (m.moe_num_experts or m.mod_layers):   # routing needs the whole sequence's statistics
             raise ConfigError(f"parallel.cp: mixture of experts/depths (model.moe_num_experts, model.mod_layers) "
                               f"is not supported with parallel.cp={cp} > 1 yet; use cp=1")
@@ -252,6 +254,17 @@ class Layout:
         for rank, ids, _, _ in self.all_chunks(m):
             out[rank] += len(ids)
         return out
+
+
+def _check_cp_method(m: ModelConfig, cp: int) -> None:
+    """Which CP method serves which mask: "ring" causal and sliding-window masks (a window is skipped per
+    block, never dropped), "allgather" every mask (causal, window, workspace tokens, adaptive span)."""
+    from .model.variants import cp_method
+    for on, field, what in ((m.workspace_tokens, "model.workspace_tokens", "workspace mask"),
+                            (m.adaptive_span, "model.adaptive_span", "adaptive span's ramp")):
+        if on and cp_method(m) == "ring":
+            raise ConfigError(f"{field}: the ring serves causal and window masks only, not the {what}; set "
+                              f"model.cp_attention=allgather (or auto) with parallel.cp={cp}")
 
 
 def balanced_counts(num_layers: int, extra: list[float]) -> list[int]:

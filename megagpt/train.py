@@ -30,6 +30,7 @@ from .layout import Layout
 from .metrics_log import Logger
 from .model.compile import compile_blocks
 from .model.moe import update_router_biases
+from .model.variants import insert_workspace, loss_tokens, mean_spans, set_span_grad_weight
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
 from .parallel.context import zigzag_shard
@@ -124,6 +125,7 @@ class Trainer:
             tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
             if length is not None and length < tokens.shape[1]:           # seq-length warm-up: the first tokens
                 tokens, labels = tokens[:, :length].contiguous(), labels[:, :length].contiguous()
+            tokens, labels = insert_workspace(self.cfg.model, tokens, labels)   # workspace slots (if any)
             tokens, labels = (zigzag_shard(t, 1, self.ps.cp.size, self.ps.cp.rank)   # [b, s/cp] each
                               for t in (tokens, labels))
             return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
@@ -139,16 +141,18 @@ class Trainer:
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
             total += torch.stack([x.double() for x in per_mb]).sum() if per_mb else 0.0  # no host sync per microbatch
         self.ps.world.all_reduce(total)
-        return total.item() / (t.global_batch_size * (length or t.seq_len))
+        return total.item() / (t.global_batch_size * loss_tokens(self.cfg.model, length or t.seq_len))
 
     def train_step(self) -> dict:
         t = self.cfg.train
         length = seq_len_at(self.step, t.seq_len, self.cfg.data.seq_len_warmup, self.layout.seq_multiple)
-        tokens = t.global_batch_size * length
+        tokens = t.global_batch_size * loss_tokens(self.cfg.model, length)   # the tokens with a loss
         lr = lr_at(self.step, t)
         self.optimizer.zero_grad()
         self.optimizer.set_sync(False)
         loss_scale = self.optimizer.loss_scale / tokens
+        if self.cfg.model.adaptive_span:      # each microbatch's share of the span penalty's gradient
+            set_span_grad_weight(self.chunks, loss_scale * t.micro_batch_size * (length // self.ps.cp.size))
         per_mb = self.engine.forward_backward(
             self._microbatch_fn(self.train_data, self.consumed_samples, length), self.num_microbatches, loss_scale,
             before_last_backward=lambda: self.optimizer.set_sync(True))
@@ -157,7 +161,8 @@ class Trainer:
         update_router_biases(self.chunks, self.ps.dp)      # MoE auxiliary-loss-free balancing, if on
         self.consumed_samples += t.global_batch_size
         self.step += 1
-        return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats}
+        spans = mean_spans(self.chunks, self.cfg.model.max_seq_len) if self.cfg.model.adaptive_span else {}
+        return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats, **spans}
 
     @torch.no_grad()
     def evaluate(self) -> float:

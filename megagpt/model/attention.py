@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..parallel.context import band_mask, ring_attention
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec, make_param
 from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
 from ..parallel.state import Group
 from .rope import apply_rope
+from .variants import SpanPenalty, adaptive_span_attention, allgather_attention, blocked_attention, cp_method
 
 
 def _flash_attn_func():
@@ -78,13 +79,24 @@ class Attention(nn.Module):
         spec = ShardSpec(0, ((nq * d, 0), (nkv * d, nkv), (nkv * d, nkv)))
         self.qkv = ColumnParallelLinear(h, (nq + 2 * nkv) * d, tp, sequence_parallel, spec, cfg.bias, device, dtype)
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
+        if cfg.adaptive_span:                                    # one span per head, split with the heads
+            self.span = make_param((nq,), ShardSpec(0, ((nq, 0),)), tp.size, device, dtype)
+            self.span_grad_weight = 1.0 / (cp.size if cp is not None else 1)   # a forward's share of the penalty:
+            # its tokens over the loss's (this rank's s/cp of a sequence); the trainer sets it (variants.py)
 
     def _core(self, q, k, v, mask=None):
-        w = self.cfg.attention_window
+        w, m = self.cfg.attention_window, self.cfg
+        if mask is not None and (m.adaptive_span or m.workspace_tokens or self.cp is not None):
+            raise ValueError("packed samples (a block-diagonal mask) are not supported with parallel.cp > 1, "
+                             "workspace tokens or adaptive span")
+        if m.adaptive_span:                                      # under CP: the all-gather method
+            return adaptive_span_attention(q, k, v, self.span, m.span_ramp, m.max_seq_len, self.cp)
         if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
-            if mask is not None:
-                raise ValueError("packed samples (a block-diagonal mask) are not supported with parallel.cp > 1")
+            if cp_method(m) == "allgather":
+                return allgather_attention(q, k, v, self.cp, m, q.shape[1] * self.cp.size)
             return ring_attention(q, k, v, self.cp, window=w)
+        if m.workspace_tokens:                                   # the workspace mask, block-sparse
+            return blocked_attention(q, k, v, m)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
@@ -104,6 +116,8 @@ class Attention(nn.Module):
         v = v.view(s, b, self.nkv_local, d)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))          # [b, s, heads, d]
         if cache is not None:
+            if self.cfg.workspace_tokens or self.cfg.adaptive_span:
+                raise ValueError("generation: workspace tokens and adaptive span have no KV-cache path yet")
             k, v = cache.update(k, v)                             # [b, T, nkv_l, d], T = cached + s
             mask, w = cache.mask, self.cfg.attention_window
             if w is not None:                                     # the window over cache slots: the s queries
@@ -115,5 +129,8 @@ class Attention(nn.Module):
             out = checkpoint(self._core, self.tracker, q, k, v, mask)  # keep q, k, v; recompute the core
         else:
             out = self._core(q, k, v, mask)
+        if self.cfg.adaptive_span and self.training and self.cfg.span_penalty:
+            out = SpanPenalty.apply(out, self.span, self.cfg.span_penalty, self.cfg.num_heads, self.cfg.max_seq_len,
+                                    self.span_grad_weight)
         out = out.transpose(0, 1).reshape(s, b, self.nq_local * d)  # [s, b, nq_l d]
         return self.proj(out)                                     # [s(/tp), b, h]

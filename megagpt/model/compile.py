@@ -32,6 +32,8 @@ def compile_problem(model_cfg, train_cfg, device_type: str = "cpu") -> str | Non
         return f"train.compile: true supports train.dp_mode ddp or zero1 (got {train_cfg.dp_mode!r})"
     if model_cfg.moe_num_experts or model_cfg.mod_layers:   # data-dependent routing shapes
         return "train.compile: true does not support mixture of experts/depths (model.moe_num_experts, model.mod_layers)"
+    if model_cfg.workspace_tokens or model_cfg.adaptive_span:   # not yet checked equal to eager
+        return "train.compile: true does not support model.workspace_tokens or model.adaptive_span yet"
     if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
         return "train.compile: true on the CPU needs a C++ compiler for inductor (none on PATH; set CXX)"
     return None

@@ -16,8 +16,8 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..parallel.context import zigzag_shard
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
-from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
-                               parallel_lm_logits)
+from ..parallel.layers import (REPLICATED, ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
+                               make_param, parallel_lm_logits)
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
 from .block import Block
@@ -25,6 +25,7 @@ from .moe import MoEContext
 from .norm import Norm
 from .packing import Packing
 from .rope import rope_tables
+from .variants import workspace_index, workspace_slots
 
 
 class GPTModel(nn.Module):
@@ -51,8 +52,10 @@ class GPTModel(nn.Module):
             if cfg.tie_embeddings:
                 w = self.embedding.weight
                 w.meta = replace(w.meta, tied="embedding", tied_copy=not pre_process)
+        if pre_process and cfg.workspace_tokens:  # learned workspace vectors (model/variants.py); with SP each
+            self.workspace = make_param((cfg.workspace_tokens, h), REPLICATED, 1, device, dtype, self.sp)  # TP rank
         self.moe = MoEContext()           # the aux losses' weight and the routing records (model/moe.py)
-        self.layers = nn.ModuleDict({
+        self.layers = nn.ModuleDict({                                          # holds some slots: grads summed
             str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw, layer_id=i,
                           ep=ps.groups["ep"], moe_context=self.moe) for i in self.layer_ids})
         if post_process:
@@ -71,7 +74,8 @@ class GPTModel(nn.Module):
             if p.device.type == "meta":
                 continue
             meta = p.meta
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight") \
+                    or name.endswith("attention.span"):                  # spans start at the whole context
                 full = torch.ones(meta.global_shape)
             elif name.endswith("bias"):
                 full = torch.zeros(meta.global_shape)
@@ -95,7 +99,20 @@ class GPTModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> [s(/tp), b, h]."""
         x = self.embedding(tokens)
+        if self.cfg.workspace_tokens:                                     # the workspace slots take their vectors
+            m, s_all = self.cfg, tokens.shape[1] * self.ps.cp.size
+            pos = self._local_positions(s_all, tokens.device)
+            if self.sp:
+                pos = pos.chunk(self.tp.size)[self.tp.rank]              # this TP rank's rows [s/tp]
+            slots = workspace_slots(s_all, m.workspace_tokens, m.workspace_every, tokens.device)[pos]
+            ws = self.workspace[workspace_index(s_all, m.workspace_tokens, m.workspace_every, tokens.device)[pos]]
+            x = torch.where(slots[:, None, None], ws[:, None, :].to(x.dtype), x)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp, self.ps.cp)
+
+    def _local_positions(self, seq_len: int, device) -> torch.Tensor:
+        """Global positions of this rank's rows: its zigzag pair under CP."""
+        cp = self.ps.cp
+        return zigzag_shard(torch.arange(seq_len, device=device), 0, cp.size, cp.rank)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
                 packing: Packing | None = None) -> torch.Tensor:
@@ -152,7 +169,13 @@ class GPTModel(nn.Module):
             return logits
         keep = labels >= 0                                                   # [b, s]
         loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.tp, self.cfg.vocab_size).t()
-        return torch.where(keep, loss, torch.zeros_like(loss))                # [b, s]
+        loss = torch.where(keep, loss, torch.zeros_like(loss))               # [b, s]
+        m = self.cfg
+        if m.workspace_tokens:                                            # workspace slots carry no loss
+            s_all = labels.shape[1] * self.ps.cp.size
+            slots = workspace_slots(s_all, m.workspace_tokens, m.workspace_every, labels.device)
+            loss = loss.masked_fill(slots[self._local_positions(s_all, labels.device)][None, :], 0.0)
+        return loss
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[s, b, V/tp] -> [b, s, vocab] on every TP rank (for generation and tests; not for training)."""
