@@ -242,7 +242,8 @@ class ParallelState:
             pg = dist.new_group(ranks) if len(ranks) > 1 else None  # collective: every rank calls it
             if rank in ranks:
                 mine = Group(name, list(ranks), ranks.index(rank), pg, counter,
-                             sp_reduce_kind(dist.get_backend(pg)) if pg is not None else "reduce_scatter")
+                             sp_reduce_kind(dist.get_backend(pg)) if pg is not None and name == "tp"  # SP only
+                             else "reduce_scatter")
         if mine is None:  # a rank that is in none of the lists (cannot happen for grid axes)
             mine = Group(name, [rank], 0, None, counter)
         return mine
