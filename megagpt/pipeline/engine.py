@@ -126,8 +126,9 @@ class PipelineEngine:
         last_b = next((op for op in reversed(ops) if op.kind == "B"), None)
         self._reset()
         self.trace, self.timeline = [], []
-        for chunk in self.chunks:
-            chunk.moe.clear()              # the MoE/MoD records (model/moe.py) hold this call's only
+        for chunk in self.chunks:          # (a chunk that is not a GPTModel, e.g. bubble.py's, has none)
+            if getattr(chunk, "moe", None) is not None:
+                chunk.moe.clear()          # the MoE/MoD records (model/moe.py) hold this call's only
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             for item in comm_batches(ops):
                 if isinstance(item, list):
@@ -208,7 +209,8 @@ class PipelineEngine:
         else:
             x, waited = self._received(self._recv_act, key)               # [s/tp, b, h]
             x.requires_grad_(not forward_only)                           # a leaf: its .grad goes back
-        chunk.moe.scale = loss_scale * self.layout.micro_batch * self.layout.seq_len   # MoE aux losses' weight
+        if getattr(chunk, "moe", None) is not None:                      # MoE aux losses' weight
+            chunk.moe.scale = loss_scale * self.layout.micro_batch * self.layout.seq_len
         if chunk.post_process:
             if labels is None:
                 raise ValueError(f"get_microbatch({op.microbatch}) gave no labels on the last pipeline stage")
