@@ -145,7 +145,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
-        return run(args)
+        rc = run(args)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():  # no rank leaves while another still talks to it
+            dist.barrier()
+            dist.destroy_process_group()
+        return rc
     except ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"generate: {msg}", file=sys.stderr)
