@@ -12,6 +12,13 @@ Reported: closed-book and retrieval accuracy on the knowledge base's 1500 questi
 intervals, citation accuracy, BM25 recall@1/3/5, a table and JSON; the loss curve goes to a PNG.
 Then the trained checkpoint answers one question through `tools/rag.py ask`.
 
+Measured (default 3000 steps, one thread; 4 min 35 s of CPU, 34 min of wall clock on a 2-core machine
+shared ~10 ways): closed book 0.031 [0.024, 0.041] (chance 0.031); with BM25 top-3 retrieval 0.069
+[0.057, 0.083]; the gold passage cited in 0.077 of answers; BM25 recall@1/3/5 = 1.000. The training loss
+was still on its plateau (6.6 -> 2.8, slowly falling): in 3000 steps this model has NOT yet learnt to
+read the passages, so the target "retrieval accuracy high" is not met yet. Still to try: more steps
+(about 0.09 s of CPU per step), the question before the passages, easier distractors first.
+
     python examples/rag_demo.py [--steps 3000] [--out rag_demo_run]        # make rag-demo
 """
 from __future__ import annotations
