@@ -137,3 +137,25 @@ def test_tool_bad_input_one_liners(corpus, tmp_path, capsys):
     assert tool.main(["index", "--corpus", corpus, "--out", out]) == 0
     assert tool.main(["ask", "--index", out, "--question", "q", "-k", "0", "--retrieve-only"]) == 2
     assert "k: expected a positive number" in capsys.readouterr().err
+
+
+def test_rag_demo_training_samples_never_show_the_knowledge_base(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import random
+    import rag_demo as demo
+    kb, pools = demo.invent_world(0)
+    corpus = _write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb])
+    index = rag.Index.from_corpus(corpus)
+    tok = demo.word_tokenizer(kb, index, pools)
+    taken, rng = {tuple(p["name"].split()) for p in kb}, random.Random(0)
+    for i in range(50):
+        ids, n_prompt = demo.example(tok, rng, pools, taken, len(kb), closed=i % 5 == 0)
+        prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:-1])
+        name = prompt.split("question: ")[1].split(" born ?")[0].split(" work as")[0].split(" ", 2)[-1]
+        assert tuple(name.split()) not in taken and ids[-1] == tok.eod_id and "<unk>" not in prompt + target
+        if i % 5:
+            cited = rag.citations(target)[0]
+            assert len(cited) == 1 and f"[{cited[0]}] {name} was born in" in prompt
+            assert rag.strip_citations(target) in prompt.split(f"[{cited[0]}]")[1].split("[")[0]
+        else:
+            assert "[" not in prompt + target
