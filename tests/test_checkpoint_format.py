@@ -240,7 +240,9 @@ def test_resume_peak_memory_within_ten_percent_of_steady_state(tmp_path):
 # (model.attention_window; train.dp_mode, data.curriculum, data.seq_len_warmup; ...): every safetensors file
 # byte-identical to a7befc5's; each rank JSON differs by those fields only (each COMPLETE manifest by those
 # JSONs' hashes). Checked with a script converting with both trees and diffing the files.
-PINNED = "2587b3baf60bc4611ea4445656d978ffdcdcd7e3291e6783a47d9656b45610bc"
+# Re-pinned for model.rope_scaling_type (wt-rope): safetensors and the HF directory byte-identical to
+# 53bbcdd's; each rank JSON gains "rope_scaling_type": "linear" (each COMPLETE manifest those JSONs' hashes).
+PINNED = "4185cac641ba59983c28803eef585b415f73a330b368f1de7adf9f9b4fa6b549"
 
 
 def _convert_tiny(out: str) -> str:
