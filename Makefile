@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo bench gpu-bench clean
+.PHONY: install test demo serve-demo bench gpu-bench clean passkey-demo
 
 install: .venv/.installed
 
@@ -24,6 +24,9 @@ demo: install
 serve-demo: install
 	$(PY) examples/serve_demo.py
 
+passkey-demo: install
+	$(PY) examples/passkey_demo.py
+
 bench: install
 	$(PY) bench/run.py
 
@@ -31,4 +34,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run bench/out
+	rm -rf .venv runs demo_run bench/out passkey_run

@@ -31,7 +31,8 @@ OUT = os.path.join(ROOT, "passkey_run")
 OVERLAY = os.path.join(ROOT, "examples", "configs", "extend-context-4x.yaml")
 KEY, QUERY, FILLER = 10, 11, 12            # tokens 0-9 are the digits; 12.. filler
 VOCAB, DIGITS, SHORT, LONG, WINDOW = 32, 5, 256, 1024, 32
-PRETRAIN_ITERS, FINETUNE_ITERS, EVAL_N = int(os.environ.get("PASSKEY_ITERS", 500)), 60, 64
+PRETRAIN_ITERS = int(os.environ.get("PASSKEY_ITERS", 500))
+FINETUNE_ITERS, EVAL_N = int(os.environ.get("PASSKEY_FT_ITERS", 60)), 64
 
 BASE = {
     "model": dict(vocab_size=VOCAB, max_seq_len=SHORT, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -45,7 +46,10 @@ BASE = {
 
 class PasskeyDataset:
     """Sample i (seq_len + 1 tokens, as the engine's datasets): filler, KEY + passkey at a position in
-    [lo, hi), and QUERY + passkey as the last DIGITS + 1 tokens. Deterministic in (seed, i)."""
+    [lo, hi), and QUERY + passkey as the last DIGITS + 1 tokens. Deterministic in (seed, i).
+    The filler repeats one fixed phrase (the FILLER.. tokens in order, from a random phase), as the
+    original passkey test repeats "The grass is green. The sky is blue...": it is learnt in a few steps,
+    so the loss that remains is the passkey's (random filler would leave a large, noisy, irreducible loss)."""
 
     def __init__(self, seq_len: int, num_samples: int, seed: int, lo: int = 0, hi: int | None = None):
         self.seq_len, self.num_samples, self.seed = seq_len, num_samples, seed
@@ -56,7 +60,7 @@ class PasskeyDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, i])
-        toks = rng.integers(FILLER, VOCAB, self.seq_len + 1)
+        toks = FILLER + (int(rng.integers(0, VOCAB - FILLER)) + np.arange(self.seq_len + 1)) % (VOCAB - FILLER)
         key, at = rng.integers(0, 10, DIGITS), int(rng.integers(self.lo, self.hi))
         toks[at], toks[at + 1: at + 1 + DIGITS] = KEY, key
         toks[-DIGITS - 1], toks[-DIGITS:] = QUERY, key
@@ -72,6 +76,7 @@ def _train_rank(rank, world, raw, run_dir, load, seed):
     class PasskeyTrainer(Trainer):
         def _build_data(self, data_path):
             t = self.cfg.train
+            self.needs_data = True
             self.train_data = PasskeyDataset(t.seq_len, 10 ** 9, seed)   # lazy: any resumed offset fits
             self.valid_data = PasskeyDataset(t.seq_len, t.global_batch_size, seed + 1)
 
