@@ -1,8 +1,9 @@
 """make passkey-demo: does context extension work? Synthetic passkey retrieval with a tiny model.
 
 A sample is random filler tokens with "KEY d d d d d" somewhere and "QUERY d d d d d" at the end; the model
-must copy the five passkey digits after QUERY. A model is trained at 256 tokens (the real engine, forked
-ranks), then asked at 1,024 tokens with the passkey more than 256 tokens before the query:
+must copy the five passkey digits after QUERY. A model is trained up to 256 tokens (in this process, with a
+length curriculum and the answer loss added: `pretrain`), then asked at 1,024 tokens with the passkey more
+than 256 tokens before the query:
   - as trained (no scaling);
   - extended by the README recipe: examples/configs/extend-context-4x.yaml (position interpolation, factor 4)
     plus a short continued-pretraining run under context parallelism CP=2 (Trainer on 2 forked ranks);
@@ -35,7 +36,7 @@ VOCAB, DIGITS, SHORT, LONG, WINDOW = 32, 5, 256, 1024, 32
 # 32 tokens finds the key far sooner than over 256), then it carries to the full 256
 CURRICULUM = ((500, 32), (200, 64), (150, 128), (int(os.environ.get("PASSKEY_ITERS", 250)), SHORT))
 PRETRAIN_ITERS = sum(n for n, _ in CURRICULUM)
-FINETUNE_ITERS, EVAL_N = int(os.environ.get("PASSKEY_FT_ITERS", 60)), 64
+FINETUNE_ITERS, EVAL_N = int(os.environ.get("PASSKEY_FT_ITERS", 150)), 64
 
 BASE = {
     "model": dict(vocab_size=VOCAB, max_seq_len=SHORT, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -212,9 +213,10 @@ def main():
           flush=True)
     base = pretrain("base", BASE)
     overlay = overlay_overrides(OVERLAY)
-    # the recipe's overlay, with this tiny model's batch and step count
+    # the recipe's overlay, with this tiny model's batch, step count and peak LR (its pretraining peak was 3e-3)
     ext_raw = with_overrides(BASE, overlay, train=dict(train_iters=FINETUNE_ITERS, micro_batch_size=4,
-                             global_batch_size=16, save_interval=FINETUNE_ITERS, log_interval=10),
+                             global_batch_size=16, save_interval=FINETUNE_ITERS, log_interval=25, lr=1e-3,
+                             min_lr=1e-4),
                              parallel=dict(cp=2))
     print(f"[2/3] extend to {LONG}: overlay {os.path.relpath(OVERLAY, ROOT)} ({' '.join(overlay[:3])}), "
           f"{FINETUNE_ITERS} steps under CP=2", flush=True)
@@ -262,8 +264,10 @@ def plot(rows, base, ext):
     a.set_xlim(0, 1)
     a.set_xlabel("passkey exact match (5 greedy digits)")
     a.tick_params(axis="y", labelsize=7)
-    for s, lab in ((base, f"pretrain at {SHORT}"), (ext, f"PI fine-tune at {LONG}, CP=2")):
-        b.plot(*zip(*s["losses"]), label=lab)
+    for s, lab, at in ((base, f"pretrain (lengths {'/'.join(str(n) for _, n in CURRICULUM)})", 0),
+                       (ext, f"PI fine-tune at {LONG}, CP=2", PRETRAIN_ITERS)):
+        b.plot([at + i for i, _ in s["losses"]], [v for _, v in s["losses"]], label=lab)
+    b.set_yscale("log")
     b.set_xlabel("step")
     b.set_ylabel("train loss (all tokens)")
     b.legend()
