@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo bench gpu-bench clean passkey-demo
+.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench passkey-demo
 
 install: .venv/.installed
 
@@ -27,6 +27,21 @@ serve-demo: install
 passkey-demo: install
 	$(PY) examples/passkey_demo.py
 
+moe-demo: install
+	$(PY) examples/moe_demo.py
+
+moe-bench: install
+	$(PY) bench/moe_bench.py
+
+rag-demo: install
+	$(PY) examples/rag_demo.py
+
+fewshot-demo: install
+	$(PY) examples/fewshot_demo.py
+
+align-demo: install
+	$(PY) examples/align_demo.py --out align_run
+
 bench: install
 	$(PY) bench/run.py
 
@@ -34,4 +49,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run bench/out passkey_run
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out passkey_run

@@ -16,6 +16,8 @@
              tokens of context (bench/generate_bench.py); alone with `--only generate`.
 5. cp:       context parallelism: CP2 ring attention against CP1 (SDPA and the same kernel) per step,
              and activation bytes per rank at CP1/2/4 (bench/cp_bench.py); only with `--only cp`.
+6. attention: full, sliding-window and window+global-workspace attention cores at s = 1024, 2048,
+             tokens/s beside the FLOPs each mask saves (bench/attention_bench.py); only with `--only attention`.
 
 The machine is shared: every comparison interleaves its contenders, round by round, and reports
 the median of the per-round ratios. Wall time gives tokens/s; process CPU time is reported next
@@ -316,7 +318,7 @@ def run_scaling(rounds: int, steps: int) -> dict:
         share["bookkeeping"] = median([1 - sum(s.get(c, 0.0) for c in share) / s["wall"] for s in steps_all])
         compute_cpu = median([s.get("compute_cpu", 0.0) for s in steps_all])
         cfg = config_from_dict({"model": SCALING_MODEL, "parallel": par, "train": SCALING_TRAIN}, world)
-        predicted = summary(expected_comm_bytes(cfg, world, rank=0))
+        predicted = summary(expected_comm_bytes(cfg, world, rank=0, backend="gloo"))
         # the bubble from the engine's op timings: from the first rank's first op to the last
         # rank's last op, less each rank's busy time (F/B minus their waits for input)
         bubbles = []
@@ -411,7 +413,7 @@ def print_scaling(res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, 10M peer only (a smoke run)")
-    ap.add_argument("--only", choices=("peer", "scaling", "generate", "cp"))
+    ap.add_argument("--only", choices=("peer", "scaling", "generate", "cp", "attention"))
     ap.add_argument("--profile", metavar="SIZE", choices=list(PEER_SIZES),
                     help="only profile megagpt against HF at this size (forward + backward) and print the ops")
     ap.add_argument("--recompute", default="none", choices=("none", "full"), help="with --profile")
@@ -426,6 +428,10 @@ def main(argv=None) -> int:
     load = [load_average()]
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__, "threads_per_process": 1}, "peer": [], "scaling": {}}
+    if args.only == "attention":                # alone: full / window / window+global (bench/attention_bench.py)
+        from attention_bench import main as attention_main
+        attention_main(["--rounds", "3"] if args.quick else [])
+        return 0
     if args.only == "cp":                       # alone: context parallelism (bench/cp_bench.py)
         from cp_bench import print_cp, run_cp
         res = run_cp(args.quick)

@@ -4,8 +4,9 @@
 
 Each (mode, dp) runs real Trainer steps (pipeline engine, optimizer, gloo, one thread per rank) on
 forked ranks. Memory is measured from outside, by walking every tensor reachable from the model and
-the optimizer (tests/test_memory_walk.py: each storage counted once): after a step ("steady") and at
-the end of every layer's forward ("peak": zero3's gathered units included); the formula column is
+the optimizer (tests/test_memory_walk.py: each storage counted once): after a step ("steady"), and
+at the end of every layer's forward and after every parameter's gradient arrives in backward ("peak":
+zero3's gathered units and the fp32 gradients of the groups being filled included); the formula column is
 memory.bytes_per_param. Step time: the median of `steps` steps after one warm-up, and its ratio to
 zero1 at the same DP. The machine is shared: read the ratios, not the absolute times.
 """
@@ -44,8 +45,9 @@ def worker(rank, world, cfg_raw, steps, run_dir):
         tr = Trainer(config_from_dict(cfg_raw, world), run_dir)
     chunk, opt = tr.chunks[0], tr.optimizer
     peaks = []
-    hooks = [layer.register_forward_hook(lambda *_: peaks.append(sum(reachable_storages(tr.chunks, opt).values())))
-             for layer in chunk.layers.values()]
+    walk = lambda *_: peaks.append(sum(reachable_storages(tr.chunks, opt).values()))   # noqa: E731
+    hooks = [layer.register_forward_hook(walk) for layer in chunk.layers.values()]
+    hooks += [p.register_post_accumulate_grad_hook(walk) for p in chunk.parameters()]   # after the optimizer's
     tr.train_step()                                           # warm-up, and the peak walk
     for h in hooks:
         h.remove()

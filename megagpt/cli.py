@@ -56,7 +56,7 @@ def resolve_config(args, world: int | None, use_planner: bool = False) -> Config
                                                                                for k in ("tp", "cp", "pp")))
         probe = load_config(args.config, overrides)
     if world is None:
-        world = probe.parallel.tp * probe.parallel.cp * probe.parallel.pp
+        world = probe.parallel.tp * probe.parallel.cp * probe.parallel.pp * probe.parallel.ep
     return load_config(args.config, overrides, world_size=world)
 
 
@@ -91,11 +91,12 @@ def plan_layout(probe: Config, world: int, layout_given: bool) -> list[str]:
             raise ConfigError(f"parallel: no layout of {world} GPUs fits; the closest needs "
                               f"{best['memory_gb']:.1f} GB per GPU: {_breakdown(best)}")
         print(f"planner: chose tp={best['tp']} cp={best['cp']} pp={best['pp']} vp={best['vp']} dp={best['dp']} "
+              f"ep={best.get('ep', 1)} "
               f"sp={best['sp']} recompute={best['recompute']} micro_batch={best['micro_batch']} for {world} GPUs: "
               f"{best['memory_gb']:.1f} GB per GPU ({_breakdown(best)}), predicted MFU {100 * best['mfu']:.1f}%")
         return [f"parallel.tp={best['tp']}", f"parallel.cp={best['cp']}", f"parallel.pp={best['pp']}", f"parallel.vp={best['vp']}",
                 f"parallel.sequence_parallel={str(best['sp']).lower()}", f"train.recompute={best['recompute']}",
-                f"train.micro_batch_size={best['micro_batch']}"]
+                f"train.micro_batch_size={best['micro_batch']}", f"parallel.ep={best.get('ep', 1)}"]
     fits, closest = rank_layouts(probe.model, world, t.seq_len, t.global_batch_size, tp=p.tp, cp=p.cp, pp=p.pp,
                                  vp=p.vp)
     if not fits and closest is not None:
@@ -147,11 +148,13 @@ def with_flag(message: str, args) -> str:
 
 def print_dry_run(r: dict) -> None:
     lay = r["layout"]
-    print(f"layout: tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} vp={lay['vp']} dp={lay['dp']} world={lay['world_size']} "
+    print(f"layout: tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} vp={lay['vp']} dp={lay['dp']} ep={lay.get('ep', 1)} "
+          f"world={lay['world_size']} "
           f"sp={lay['sequence_parallel']}")
     if r.get("vocab_padding"):
         print(f"note: {r['vocab_padding']}")
-    print(f"params_total: {r['params_total']}")
+    print(f"params_total: {r['params_total']}" + (f" (active per token: {r['params_active']})"
+                                                   if r.get("params_active", r["params_total"]) != r["params_total"] else ""))
     print(f"params_total_padded: {r['params_total_padded']}")
     for stage, n in enumerate(r["params_per_rank"]):
         print(f"  pp stage {stage}: {n} params per rank ({n / 1e9:.3f} B)")

@@ -54,6 +54,16 @@ receives, per layer and microbatch, (c-1) K/V blocks [2, b, s/c, nkv_local, d] x
 again backward plus c dK/dV blocks in fp32 (`cp_ring_bytes`), and the forward's once more for each
 layer whose attention is recomputed (full recompute, or selective: the core is rerun). A sliding
 window skips blocks but not hops: the bytes are the same.
+MoE layers (model/moe.py), per microbatch: no TP collective in the routed MLP (the shared expert's, if
+any, are the dense MLP's); with SP an all_reduce (tp) of the E int64 expert counts, and with a
+capacity factor an all_gather (tp) of the chosen weights (fp32) and experts (int64), [s/t*b, k] each;
+with ep > 1, all_to_all (ep): the E int64 counts, then M = s_l*b*k rows of h (s_l = s/t with SP) each
+way forward and backward, dispatched and combined: E*8 + 2*(M + R)*h*e with R the rows received.
+R depends on the routing: the model counts R = M (the world sum, and each rank under balance, are
+exact; dropless only). Once per step: with moe_router_bias_rate, an all_reduce (dp) of the E int64
+loads per MoE layer (the selection-bias update); with SP the router and expert gradients join the TP-partial
+all-reduce (their weights are whole on every TP rank); expert buckets reduce over edp (group
+"edp" when ep > 1, size d/ep). MoE with full recompute and MoD layers are not modelled.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
 checkpoint's success-flag collectives (not per step).
 """
@@ -62,26 +72,33 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .config import DTYPES, Config, chunk_param_numels, dp_mode
+from .config import DTYPES, Config, ModelConfig, chunk_param_numels, dp_mode, layer_param_numels
 from .layout import Layout
+from .model.variants import cp_method
 from .optim.grad_buffer import plan_buckets
+from .parallel.state import sp_reduce_kind
 
 GRAD_BYTES = 4          # the grad buffer is fp32 in every dtype
 
 
-def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool) -> list[int]:
-    """numel of each parameter of one chunk on one TP rank, in GPTModel's registration order."""
-    return chunk_param_numels(cfg.model, cfg.parallel.tp, len(layer_ids), pre, post)
+def _chunk_param_numels(cfg: Config, layer_ids: list[int], pre: bool, post: bool, kinds: bool = False) -> list:
+    """numel of each parameter of one chunk on one TP rank, in GPTModel's registration order
+    (kinds: (numel, is an expert weight) pairs)."""
+    p = cfg.parallel
+    return chunk_param_numels(cfg.model, p.tp, len(layer_ids), pre, post, layer_ids, p.ep, kinds)
 
 
-def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[int]:
-    """Padded sizes (elements) of GradBuffer's buckets on one rank: GradBuffer's own plan."""
+def _bucket_sizes(cfg: Config, chunks: list, tied_alone: bool, dp: int) -> list[tuple[int, bool]]:
+    """(padded size in elements, holds expert weights) of GradBuffer's buckets on one rank: its own plan."""
     bucket_elems = max(1, int(cfg.parallel.bucket_size_mb * 2 ** 20) // GRAD_BYTES)
-    numels = [_chunk_param_numels(cfg, ids, pre, post) for ids, pre, post in chunks]
+    pairs = [_chunk_param_numels(cfg, ids, pre, post, kinds=True) for ids, pre, post in chunks]
+    numels = [[n for n, _ in c] for c in pairs]
+    kinds = [[int(x) for _, x in c] for c in pairs]
     # the tied embedding (registered first in its chunk) sits alone
     alone = [{0} if tied_alone and (pre or (post and cfg.model.tie_embeddings)) else set()
              for _, pre, post in chunks]
-    return [end - start for _, _, start, end in plan_buckets(numels, bucket_elems, dp, alone)]
+    return [(end - start, bool(kinds[c][idx[0]])) for c, idx, start, end in
+            plan_buckets(numels, bucket_elems, dp, alone, kinds)]
 
 
 def _root_gathers(kind: str, pp: int, vp: int, m: int, rank: int, chunk: int) -> int:
@@ -99,12 +116,12 @@ def _root_gathers(kind: str, pp: int, vp: int, m: int, rank: int, chunk: int) ->
 def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str,
                  pp_rank: int) -> list[tuple[int, int]]:
     """(padded size, all-gathers per step) of each flat group of optim/zero.py (zero2: the buckets, one
-    gather after the step) or zero3.py (units: each layer gathered twice per microbatch, the root and a
-    tied embedding of its own as _root_gathers says)."""
+    gather after the step) or zero3.py (units: each layer gathered twice per microbatch; the embedding and
+    the final norm + head, the root units, as _root_gathers says)."""
     layout = Layout.from_config(cfg)
     mb = layout.num_microbatches
     if mode == "zero2":
-        return [(size, 1) for size in _bucket_sizes(cfg, chunks, tied_alone, dp)]
+        return [(size, 1) for size, _ in _bucket_sizes(cfg, chunks, tied_alone, dp)]
     pad = lambda n: -(-n // dp) * dp                                   # noqa: E731
     out = []
     for k, (ids, pre, post) in enumerate(chunks):
@@ -114,7 +131,7 @@ def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str
         first = 1 if pre or (post and cfg.model.tie_embeddings) else 0
         layers = numels[first:first + per_layer * len(ids)]
         root = numels[:first] + numels[first + per_layer * len(ids):]
-        if tied_alone and first:
+        if first:                                                      # the embedding: a unit of its own
             out.append((pad(root.pop(0)), roots))
         if root:
             out.append((pad(sum(root)), roots))
@@ -125,7 +142,8 @@ def _zero_groups(cfg: Config, chunks: list, tied_alone: bool, dp: int, mode: str
 def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
     layout = Layout.from_config(cfg, world_size)
     return layout.sizes | {"mp": layout.tp * layout.cp * layout.pp, "world": world_size,
-                           "embedding": 2 if layout.pp > 1 else 1, "dp_cp": layout.dp * layout.cp}
+                           "embedding": 2 if layout.pp > 1 else 1, "dp_cp": layout.dp * layout.cp,
+                           "edp": layout.dp // layout.ep}
 
 
 def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
@@ -133,14 +151,30 @@ def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
     attention for one microbatch: (cp-1) K/V blocks forward; (cp-1) K/V blocks and cp fp32 dK/dV
     blocks backward. A K/V block is [2, b, s/cp, nkv_local, d]."""
     c = layout.cp
-    if c == 1:
+    if c == 1 or cp_method(m) != "ring":
         return 0, 0
-    nkv = m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1
-    block = 2 * layout.micro_batch * (layout.seq_len // c) * nkv * m.head_dim
+    block = _kv_block(layout, m)
     return (c - 1) * block * e, (c - 1) * block * e + c * block * GRAD_BYTES
 
 
-def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tuple[str, str], int]:
+def _kv_block(layout: Layout, m) -> int:
+    """Elements of this rank's K/V [2, b, s/cp, nkv_local, d]."""
+    nkv = m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1
+    return 2 * layout.micro_batch * (layout.seq_len // layout.cp) * nkv * m.head_dim
+
+
+def cp_allgather_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
+    """(forward all-gather, backward reduce-scatter) bytes counted in one layer's all-gather CP attention
+    for one microbatch (model/variants.py): the all-gather counts this rank's K/V block, the
+    reduce-scatter of dK/dV (input dtype) the whole sequence's, cp blocks."""
+    if layout.cp == 1 or cp_method(m) != "allgather":
+        return 0, 0
+    block = _kv_block(layout, m) * e
+    return block, layout.cp * block
+
+
+def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
+                backend: str = "nccl") -> dict[tuple[str, str], int]:
     p, m, tr = cfg.parallel, cfg.model, cfg.train
     sizes, layout = group_sizes(cfg, world_size), Layout.from_config(cfg, world_size)
     t, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
@@ -161,23 +195,29 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
         # stops at the last op that saved a tensor for backward: without hidden dropout (whose mask
         # is saved) that is fc2's matmul, so the collective on fc2's output is not repeated.
         rc_out = 2 if m.hidden_dropout > 0 else 1
+        routed = sum(1 for i in ids if m.is_moe_layer(i) and not m.moe_shared_expert_size)  # MLP without TP
         if t > 1:
             if sp:
                 # collectives entering (gather) / leaving (reduce-scatter) the TP regions
-                rs = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
-                ag = int(pre) + 2 * n + 2 * n_rc + 2 * n + int(post)
-                out[("reduce_scatter", "tp")] += mb * rs * N
+                rs = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post) - 2 * routed
+                ag = int(pre) + 2 * n + 2 * n_rc + 2 * n + int(post) - 2 * routed
+                out[(sp_reduce_kind(backend), "tp")] += mb * rs * N    # all-reduce + slice on gloo
                 out[("all_gather", "tp")] += mb * ag * (N // t)
                 if post:
                     out[("all_reduce", "tp")] += mb * ce
             else:
-                ar = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post)
+                ar = int(pre) + 2 * n + rc_out * n_rc + 2 * n + int(post) - 2 * routed
                 out[("all_reduce", "tp")] += mb * (ar * N + (ce if post else 0))
         ring_f, ring_b = cp_ring_bytes(layout, m, e)
         reruns = n if tr.recompute == "selective" else n_rc  # attention forwards run again in backward
         for kind in ("send", "recv"):
             if ring_f:
                 out[(kind, "cp")] += mb * (n * (ring_f + ring_b) + reruns * ring_f)
+        _moe_microbatch_bytes(cfg, layout, ids, e, mb, out)
+        ag_f, ag_b = cp_allgather_bytes(layout, m, e)
+        if ag_f:
+            out[("all_gather", "cp")] += mb * (n + reruns) * ag_f
+            out[("reduce_scatter", "cp")] += mb * n * ag_b
         c = k * pp + pp_rank                                # global chunk index
         act = math.prod(layout.activation_shape(m)) * e
         for is_boundary in (c > 0, c < pp * vp - 1):      # input side, output side
@@ -194,6 +234,8 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
             partial = 0
             if sp:
                 partial = len(ids) * (2 * norm + (2 * h if m.bias else 0)) + (norm if post else 0)
+                partial += _moe_tp_partial(m, t, p.ep, ids)
+                partial += m.workspace_tokens * h if pre else 0   # workspace vectors: SP rows per TP rank
             if partial:
                 out[("all_reduce", "tp")] += (mb if per_group else 1) * partial * GRAD_BYTES
             if m.kv_heads % t:                              # KV heads replicated over TP ranks
@@ -207,18 +249,24 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
         emb = -(-emb // dp) if per_group else emb           # zero2/3 sum the owned shard only
         out[("all_reduce", "embedding")] += holders * emb * GRAD_BYTES
     d, grads = dp * layout.cp, "dp" if layout.cp == 1 else "dp_cp"   # parameters are replicated over CP
-    if d > 1 and per_group:                             # (zero2/3 with cp > 1 are refused by Layout)
+    if d > 1 and per_group:                             # (zero2/3 are refused with MoE by config.validate)
         for size, gathers in _zero_groups(cfg, chunks, tied, d, mode, pp_rank):
             out[("reduce_scatter", grads)] += mb * size * GRAD_BYTES
             out[("all_gather", grads)] += gathers * size // d * e
-    elif d > 1:
-        for size in _bucket_sizes(cfg, chunks, tied, d):
+    elif not per_group:
+        for size, expert in _bucket_sizes(cfg, chunks, tied, d):
+            group = "edp" if expert and layout.ep > 1 else grads   # the bucket's group (GradBuffer)
+            if sizes[group] == 1:
+                continue
             if p.distributed_optimizer:
-                out[("reduce_scatter", grads)] += size * GRAD_BYTES
-                out[("all_gather", grads)] += size // d * e
+                out[("reduce_scatter", group)] += size * GRAD_BYTES
+                out[("all_gather", group)] += size // sizes[group] * e
             else:
-                out[("all_reduce", grads)] += size * GRAD_BYTES
-    norm_group = "mp" if mode == "ddp" else "world"
+                out[("all_reduce", group)] += size * GRAD_BYTES
+    if m.moe_router_bias_rate and sizes["dp"] > 1:          # the selection-bias update: E int64 per MoE layer
+        out[("all_reduce", "dp")] += 8 * m.moe_num_experts * sum(m.is_moe_layer(i) for ids, _, _ in chunks for i in ids)
+    experts = layout.ep > 1 and any(m.is_moe_layer(i) for ids, _, _ in chunks for i in ids)
+    norm_group = "mp" if mode == "ddp" and not experts else "world"
     if sizes[norm_group] > 1:
         out[("all_reduce", norm_group)] += 8                # one fp64: the sum of squares
     if tr.dtype == "fp16" and world_size > 1:
@@ -229,15 +277,16 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int) -> dict[tupl
 
 
 def expected_comm_bytes(cfg: Config, world_size: int, dtype_bytes: int | None = None,
-                        rank: int | None = None) -> dict[tuple[str, str], int]:
+                        rank: int | None = None, backend: str = "nccl") -> dict[tuple[str, str], int]:
     """Bytes per (kind, group) recorded in one training step: by `rank`'s counter, or summed over
-    every rank of the world when rank is None. dtype_bytes defaults to train.dtype's."""
+    every rank of the world when rank is None. dtype_bytes defaults to train.dtype's. backend: the
+    SP reduce-scatters are counted as all-reduces on gloo (parallel/state.py sp_reduce_kind)."""
     e = dtype_bytes if dtype_bytes is not None else DTYPES[cfg.train.dtype].itemsize
     if rank is not None:
-        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"])
+        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"], backend)
     total: dict[tuple[str, str], int] = defaultdict(int)
     for r in range(world_size):
-        for key, n in expected_comm_bytes(cfg, world_size, e, r).items():
+        for key, n in expected_comm_bytes(cfg, world_size, e, r, backend).items():
             total[key] += n
     return dict(total)
 
@@ -262,3 +311,26 @@ def ring_bytes_per_rank(cfg: Config, world_size: int, dtype_bytes: int | None = 
 def summary(counts: dict[tuple[str, str], int]) -> dict[str, int]:
     """The same "group/kind" keys as CommCounter.summary() (what metrics.jsonl logs)."""
     return {f"{group}/{kind}": n for (kind, group), n in sorted(counts.items())}
+
+
+def _moe_tp_partial(m: ModelConfig, t: int, ep: int, ids: list[int]) -> int:
+    """Elements of a chunk's router and expert gradients (TP-partial under SP: whole weights, sequence shards)."""
+    return sum(m.moe_num_experts * m.hidden_size + sum(n for n, expert in layer_param_numels(m, t, i, ep) if expert)
+               for i in ids if m.is_moe_layer(i))
+
+
+def _moe_microbatch_bytes(cfg: Config, layout: Layout, ids: list[int], e: int, mb: int, out: dict) -> None:
+    """One chunk's MoE collectives over mb microbatches (module docstring), added to out."""
+    m = cfg.model
+    n_moe = sum(1 for i in ids if m.is_moe_layer(i))
+    if not n_moe:
+        return
+    t, sp, E, k, h = layout.tp, layout.sp, m.moe_num_experts, m.moe_top_k, m.hidden_size
+    tokens = (layout.seq_len // t if sp else layout.seq_len) * layout.micro_batch
+    if sp:
+        out[("all_reduce", "tp")] += mb * n_moe * E * 8
+        if m.moe_capacity_factor is not None:
+            out[("all_gather", "tp")] += mb * n_moe * tokens * k * (4 + 8)
+    if layout.ep > 1:
+        rows = tokens * k                                   # M = R: each rank's selections (dropless)
+        out[("all_to_all", "ep")] += mb * n_moe * (E * 8 + 2 * 2 * rows * h * e)

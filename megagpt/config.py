@@ -53,9 +53,31 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     attention_window: int | None = None  # sliding window: a token attends to the w tokens ending at itself
+    workspace_tokens: int = 0            # learned global workspace slots at the start (model/variants.py)
+    workspace_every: int | None = None   # ... and at every multiple of this many positions
+    cp_attention: str = "auto"           # CP method: auto | ring (causal, window) | allgather (any mask)
+    adaptive_span: bool = False          # each head learns its span (soft ramp mask, L1 penalty)
+    span_ramp: int = 32                  # the ramp's length R in tokens
+    span_penalty: float = 0.0            # L1 coefficient on the mean span (tokens) per layer
     init_std: float = 0.02
     scaled_init: bool = True             # output projections get std / sqrt(2 * num_layers)
     make_vocab_divisible_by: int = 128   # the padded vocab is a multiple of this times tp
+    # mixture of experts (model/moe.py): SwiGLU experts in the MLP of chosen layers; 0 experts = dense
+    moe_num_experts: int = 0
+    moe_layers: list | None = None       # global ids of the MoE layers; None: every moe_layer_freq-th
+    moe_layer_freq: int = 1              # layers i with i % freq == 0 (when moe_layers is None)
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None   # each expert's width; None = ffn_hidden_size
+    moe_shared_expert_size: int = 0      # width of an always-on shared SwiGLU expert; 0 = none
+    moe_router_score: str = "softmax"    # softmax | sigmoid (computed in fp32)
+    moe_router_norm_topk: bool = False   # renormalise the k chosen scores to sum to 1
+    moe_aux_loss_coeff: float = 0.0      # Switch/GShard load-balancing loss
+    moe_z_loss_coeff: float = 0.0        # router z-loss
+    moe_capacity_factor: float | None = None   # None = dropless; else drop the lowest-probability overflow
+    moe_router_bias_rate: float = 0.0    # > 0: auxiliary-loss-free balancing, a selection bias moved by this per step
+    # mixture of depths (model/mod.py): on these layers a router keeps mod_capacity of each sequence
+    mod_layers: list | None = None
+    mod_capacity: float = 0.125
 
     @property
     def kv_heads(self) -> int:
@@ -75,6 +97,15 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe_num_experts <= 0:
+            return False
+        return i in self.moe_layers if self.moe_layers is not None else i % self.moe_layer_freq == 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def kv_heads_per_rank(self, tp: int) -> int:
         """K/V heads on one TP rank: split by whole heads, or one (replicated) when fewer than tp."""
@@ -132,6 +163,7 @@ class TrainConfig:
     peak_tflops: float = 989.0           # per device, for MFU
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
     dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
+    compile: bool = False                # torch.compile each transformer block (model/compile.py)
 
 
 @dataclass
@@ -296,6 +328,9 @@ def validate(cfg: Config) -> None:
     if t.dp_mode == "zero3" and (p.cp > 1 or p.ep > 1):
         raise ConfigError(f"train.dp_mode: zero3 is not supported with parallel.cp={p.cp}, parallel.ep={p.ep} "
                           f"(it composes with tp and pp only)")
+    if t.dp_mode in ("zero2", "zero3") and (m.moe_num_experts or m.mod_layers):
+        raise ConfigError(f"train.dp_mode: {t.dp_mode} is not supported with mixture of experts/depths "
+                          f"(model.moe_num_experts, model.mod_layers) yet; use zero1 or ddp")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads is not None and m.num_kv_heads <= 0:
@@ -319,6 +354,7 @@ def validate(cfg: Config) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.make_vocab_divisible_by", m.make_vocab_divisible_by)
+    _validate_moe(m)
     if p.sequence_parallel and p.tp == 1:
         p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
     if t.seq_len > m.max_seq_len:
@@ -326,6 +362,7 @@ def validate(cfg: Config) -> None:
     if m.attention_window is not None and not 1 <= m.attention_window <= t.seq_len:
         raise ConfigError(f"model.attention_window: expected 1 <= window <= train.seq_len={t.seq_len}, got "
                           f"{m.attention_window} (leave it unset for full causal attention)")
+    _validate_variants(m, t.seq_len)
     from .layout import Layout  # the layout's rules live beside this file, and read ModelConfig from it
     Layout.from_config(cfg)
     if t.min_lr > t.lr:
@@ -335,7 +372,39 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         raise ConfigError(f"train.adam_beta1: betas must lie in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     _validate_counts(cfg)
+    if t.compile:
+        from .model.compile import compile_problem
+        problem = compile_problem(m, t)
+        if p.cp > 1:                                     # the ring's autograd Function is not traced through yet
+            problem = f"train.compile: true is not supported with parallel.cp={p.cp} > 1 yet"
+        if problem:
+            raise ConfigError(problem)
     _validate_curriculum(cfg)
+
+
+def _validate_variants(m: ModelConfig, seq_len: int) -> None:
+    """Workspace tokens, adaptive span and the CP attention method (model/variants.py)."""
+    from .model.variants import CP_METHODS, loss_tokens
+    if m.cp_attention not in CP_METHODS:
+        raise ConfigError(f"model.cp_attention: expected one of {', '.join(CP_METHODS)}, got {m.cp_attention!r}")
+    if not 0 <= m.workspace_tokens < seq_len:
+        raise ConfigError(f"model.workspace_tokens: expected 0 <= n < train.seq_len={seq_len}, got {m.workspace_tokens}")
+    if m.workspace_every is not None:
+        if not m.workspace_tokens:
+            raise ConfigError("model.workspace_every: needs model.workspace_tokens > 0")
+        if not m.workspace_tokens < m.workspace_every <= seq_len:
+            raise ConfigError(f"model.workspace_every: expected workspace_tokens={m.workspace_tokens} < k <= "
+                              f"train.seq_len={seq_len}, got {m.workspace_every}")
+    if m.workspace_tokens and loss_tokens(m, seq_len) < 1:
+        raise ConfigError("model.workspace_tokens: no text slot is left in train.seq_len")
+    if m.adaptive_span:
+        if m.workspace_tokens or m.attention_window is not None:
+            raise ConfigError("model.adaptive_span: not combined with model.attention_window or "
+                              "model.workspace_tokens (the span is the head's own window)")
+        if m.span_ramp < 1:
+            raise ConfigError(f"model.span_ramp: expected a positive number of tokens, got {m.span_ramp}")
+        if m.span_penalty < 0:
+            raise ConfigError(f"model.span_penalty: expected >= 0, got {m.span_penalty}")
 
 
 def _validate_curriculum(cfg: Config) -> None:
@@ -356,6 +425,39 @@ def _validate_curriculum(cfg: Config) -> None:
                                  f"tp*cp={p.tp * p.cp}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _layer_list(name: str, ids, num_layers: int) -> None:
+    if ids is None:
+        return
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{name}: layer ids must lie in [0, model.num_layers={num_layers}), got {bad[0]!r}")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    """Mixture of experts and of depths: the one-line errors of the issue (#13)."""
+    if m.moe_num_experts < 0:
+        raise ConfigError(f"model.moe_num_experts: expected >= 0 (0 = dense), got {m.moe_num_experts}")
+    _layer_list("model.moe_layers", m.moe_layers, m.num_layers)
+    _layer_list("model.mod_layers", m.mod_layers, m.num_layers)
+    if m.moe_num_experts:
+        if not 1 <= m.moe_top_k <= m.moe_num_experts:
+            raise ConfigError(f"model.moe_top_k: expected 1 <= top-k <= model.moe_num_experts="
+                              f"{m.moe_num_experts}, got {m.moe_top_k}")
+        if m.moe_layer_freq < 1:
+            raise ConfigError(f"model.moe_layer_freq: expected >= 1, got {m.moe_layer_freq}")
+        check_choice("model.moe_router_score", m.moe_router_score, ("softmax", "sigmoid"))
+        if m.moe_capacity_factor is not None and not m.moe_capacity_factor > 0:
+            raise ConfigError(f"model.moe_capacity_factor: expected > 0 (or null for dropless), "
+                              f"got {m.moe_capacity_factor}")
+        for f in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_size", "moe_router_bias_rate"):
+            if not getattr(m, f) >= 0:
+                raise ConfigError(f"model.{f}: expected >= 0, got {getattr(m, f)!r}")
+        if m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size < 1:
+            raise ConfigError(f"model.moe_ffn_hidden_size: expected a positive integer, got {m.moe_ffn_hidden_size}")
+    if m.mod_layers and not 0.0 < m.mod_capacity <= 1.0:
+        raise ConfigError(f"model.mod_capacity: expected 0 < fraction <= 1, got {m.mod_capacity}")
 
 
 # (section.field, the smallest valid value) of counts, intervals (0 = never) and rates
@@ -398,48 +500,91 @@ def vocab_padding_note(m: ModelConfig, tp: int) -> str | None:
 
 # ----------------------------------------------------------------------------- derived figures
 
-def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post: bool) -> list[int]:
+def layer_param_numels(m: ModelConfig, tp: int, layer_id: int = 0, ep: int = 1) -> list[tuple[int, bool]]:
+    """(numel, is an expert weight) of each parameter of one layer on one TP rank, in Block's
+    registration order. A MoE layer's MLP is its router [E, h], its E/ep experts' fc1 [2f, h] and
+    fc2 [h, f] (stacked; whole over TP) and its optional shared expert (a TP-split SwiGLU); a MoD
+    layer adds its router and predictor [1, h] each."""
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
+    norm = [h, h] if m.norm == "layernorm" else [h]
+    attn = (norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias
+            + [m.num_heads // tp] * m.adaptive_span + norm)    # adaptive span: one per local head (variants.py)
+    out = [(n, False) for n in attn]
+    if m.is_moe_layer(layer_id):
+        e, fe, fs = m.moe_num_experts, m.expert_ffn, m.moe_shared_expert_size
+        out += [(e * h, False), (e // ep * 2 * fe * h, True), (e // ep * h * fe, True)]
+        out += [(2 * fs // tp * h, False), (h * fs // tp, False)] if fs else []
+    else:
+        fc1 = (2 * f if m.gated else f) // tp
+        out += [(n, False) for n in [fc1 * h] + [fc1] * m.bias + [h * f // tp] + [h] * m.bias]
+    if layer_id in (m.mod_layers or ()):
+        out += [(h, False), (h, False)]
+    return out
+
+
+def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post: bool,
+                       layer_ids: list[int] | None = None, ep: int = 1, kinds: bool = False) -> list:
     """numel of each parameter of one model chunk on one TP rank, in GPTModel's registration order:
     the one parameter count, which the per-layer, per-rank and whole-model counts sum.
 
     Q, the output projection and the MLP are split over tp; K and V by whole heads, or one head
     per rank when kv_heads < tp (replicated); norms and row-parallel biases are replicated. A chunk
     with the embedding (pre, or post with tied embeddings) holds a [padded_vocab/tp, h] shard;
-    post adds the final norm and, untied, an LM-head shard of the same shape."""
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    qkv = (m.num_heads // tp + 2 * m.kv_heads_per_rank(tp)) * d
-    fc1 = (2 * f if m.gated else f) // tp
+    post adds the final norm and, untied, an LM-head shard of the same shape; pre the workspace
+    vectors [n, h] (replicated). layer_ids: the chunk's global layers (default: the first num_layers;
+    they matter for MoE and MoD layers); ep: the experts are split over ep ranks. kinds: (numel, is an
+    expert weight) pairs instead."""
+    h = m.hidden_size
     norm = [h, h] if m.norm == "layernorm" else [h]
     emb = m.padded_vocab(tp) // tp * h
-    layer = (norm + [qkv * h] + [qkv] * m.bias + [h * m.num_heads * d // tp] + [h] * m.bias
-             + norm + [fc1 * h] + [fc1] * m.bias + [h * f // tp] + [h] * m.bias)
-    out = [emb] if pre or (post and m.tie_embeddings) else []
-    out += layer * num_layers
+    out = [(emb, False)] if pre or (post and m.tie_embeddings) else []
+    out += [(m.workspace_tokens * h, False)] if pre and m.workspace_tokens else []   # workspace vectors (variants.py)
+    for i in (range(num_layers) if layer_ids is None else layer_ids):
+        out += layer_param_numels(m, tp, i, ep)
     if post:
-        out += norm + ([] if m.tie_embeddings else [emb])
-    return out
+        out += [(n, False) for n in norm + ([] if m.tie_embeddings else [emb])]
+    return out if kinds else [n for n, _ in out]
 
 
-def layer_params(m: ModelConfig, tp: int = 1) -> int:
+def layer_params(m: ModelConfig, tp: int = 1, layer_id: int = 0, ep: int = 1) -> int:
     """One transformer layer's parameters on one TP rank."""
-    return sum(chunk_param_numels(m, tp, 1, False, False))
+    return sum(n for n, _ in layer_param_numels(m, tp, layer_id, ep))
 
 
 def count_params(m: ModelConfig) -> int:
-    """Parameters of the unpadded, unsharded model (what a paper would quote)."""
+    """Parameters of the unpadded, unsharded model (what a paper would quote); every expert counts."""
     padding = (m.padded_vocab(1) - m.vocab_size) * m.hidden_size * (1 if m.tie_embeddings else 2)
     return sum(chunk_param_numels(m, 1, m.num_layers, True, True)) - padding
 
 
-def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True) -> tuple[float, float]:
+def active_params(m: ModelConfig) -> int:
+    """Parameters one token uses: count_params with top_k of the E experts of each MoE layer
+    (the MoD routers and predictors count whole)."""
+    experts = sum(n for i in range(m.num_layers) for n, expert in layer_param_numels(m, 1, i) if expert)
+    return count_params(m) - experts + experts * m.moe_top_k // max(1, m.moe_num_experts)
+
+
+def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
+                layer_id: int = 0) -> tuple[float, float]:
     """Forward FLOPs per token of one transformer layer on one TP rank: (matmuls, attention scores
-    and values). causal: the masked half is skipped (flash attention), else all s^2 scores."""
+    and values). causal: the masked half is skipped (flash attention), else all s^2 scores.
+    A MoE layer's MLP is its router and top_k experts (and its shared expert): its tokens are split
+    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires)."""
     h, d = m.hidden_size, m.head_dim
     q, kv = m.num_heads // tp, m.kv_heads_per_rank(tp)
-    matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + (3 if m.gated else 2) * h * m.ffn_hidden_size // tp)
+    if m.is_moe_layer(layer_id):
+        mlp = (m.moe_num_experts * h + m.moe_top_k * 3 * h * m.expert_ffn) / tp + 3 * h * m.moe_shared_expert_size // tp
+    else:
+        mlp = (3 if m.gated else 2) * h * m.ffn_hidden_size // tp
+    matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + mlp)
     return matmul, 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
-    return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores
+    (MoE layers: the active experts only)."""
+    if not m.moe_num_experts:
+        return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    layers = sum(sum(layer_flops(m, seq_len, layer_id=i)) for i in range(m.num_layers))
+    return 3.0 * (layers + 2 * m.hidden_size * m.vocab_size)

@@ -6,7 +6,7 @@ analytic memory model (which the planner uses), config.count_params and a materi
 """
 from __future__ import annotations
 
-from .config import Config, count_params, dp_mode, vocab_padding_note
+from .config import Config, active_params, count_params, dp_mode, vocab_padding_note
 from .layout import Layout
 from .memory import memory_per_rank
 from .pipeline.split import meta_stage, stage_chunks  # noqa: F401  (stage_chunks re-exported)
@@ -26,9 +26,11 @@ def dry_run(cfg: Config, world_size: int) -> dict:
     return {
         "config": {"layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_heads,
                    "kv_heads": m.kv_heads, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size},
-        "layout": {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vp": p.vp, "dp": layout.dp, "world_size": world_size,
+        "layout": {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vp": p.vp, "dp": layout.dp, "ep": layout.ep,
+                   "world_size": world_size,
                    "sequence_parallel": layout.sp, "num_microbatches": layout.num_microbatches},
         "params_total": count_params(m),
+        "params_active": active_params(m),         # per token: top_k of the E experts of a MoE layer
         "params_total_padded": padded_total,
         "params_per_rank": per_stage,
         "params_per_rank_note": "one entry per pipeline stage; every TP and DP rank of a stage holds the same count",

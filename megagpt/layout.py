@@ -17,8 +17,16 @@ stage boundary.
 dp counts the ranks that hold the same model piece: dp = world / (tp * cp * pp). Context
 parallelism (cp) cuts every sequence into 2*cp zigzag chunks (parallel/context.py), so a rank holds
 seq_len/cp tokens, and parameters are replicated over cp: gradients are reduced, and the
-distributed optimizer sharded, over dp*cp. Expert parallelism is held at size 1 for now (anything
-else is refused in one line); it will be carved out of dp * cp, as Megatron does, when it arrives.
+distributed optimizer sharded, over dp*cp.
+
+Expert parallelism is carved out of dp, as Megatron-Core does (its expert grid: etp-ep-edp-pp).
+The dense weights are replicated over all dp ranks; the experts of a MoE layer are split over ep
+of them, so each expert lives on dp/ep ranks: the expert-data-parallel (edp) group, over which
+its gradients are reduced and its optimizer state sharded. On the world grid the order string's
+"dp" axis is then edp (size dp/ep), and the DP group is the product of the ep and edp axes
+(`grid_sizes`, `rank_coords`). Megatron-Core carves ep out of dp*cp; MoE layers with cp > 1 are
+refused for now (their routing statistics are not yet reduced over CP), so the two agree.
+Expert weights are whole on every TP rank (expert TP = 1).
 
 The layer split (`chunk_layers`). The model is cut into pp*vp chunks of consecutive layers; global
 chunk c lives on pp rank c % pp as local chunk c // pp (the layout of `pipeline/schedule.py`).
@@ -77,10 +85,10 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int | None = None, schedule: str | None = None) -> "Layout":
         """The run's layout, validated against cfg.model. world_size: the launcher's, else
-        parallel.world_size, else one model replica (dp = 1). schedule: the engine's schedule kind
+        parallel.world_size, else one model replica (dp = 1; dp = ep with experts). schedule: the engine's schedule kind
         when it overrides train.schedule."""
         p, t = cfg.parallel, cfg.train
-        world = next(w for w in (world_size, p.world_size, p.tp * p.cp * p.pp) if w is not None)
+        world = next(w for w in (world_size, p.world_size, p.tp * p.cp * p.pp * p.ep) if w is not None)
         layout = cls(tp=p.tp, cp=p.cp, ep=p.ep, pp=p.pp, vp=p.vp, world_size=world, sp=p.sequence_parallel,
                      order=p.order, seq_len=t.seq_len, micro_batch=t.micro_batch_size,
                      global_batch=t.global_batch_size, layers_per_stage=p.layers_per_stage,
@@ -99,8 +107,7 @@ class Layout:
                        ("parallel.pp", self.pp), ("parallel.vp", self.vp), ("parallel.world_size", self.world_size),
                        ("train.seq_len", self.seq_len), ("train.micro_batch_size", self.micro_batch),
                        ("train.global_batch_size", self.global_batch))
-        if self.ep != 1:
-            raise ConfigError(f"parallel.ep: expert parallelism is not supported yet (got {self.ep}); use 1")
+        self._validate_ep(m)
         if sorted(self.order.split("-")) != sorted(AXES):
             raise ConfigError(f"parallel.order: expected a permutation of tp-cp-ep-dp-pp, got {self.order!r}")
         tp = self.tp
@@ -142,6 +149,14 @@ class Layout:
         if cp > 1 and m.hidden_dropout > 0 and self.sp:   # SP shards draw per TP rank, which CP ranks would share
             raise ConfigError(f"model.hidden_dropout: hidden dropout with parallel.cp={cp} needs "
                               f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
+        if cp > 1:
+            _check_cp_method(m, cp)
+        if cp > 1 and (m.moe_num_experts or m.mod_layers):   # routing needs the whole sequence's statistics
+            raise ConfigError(f"parallel.cp: mixture of experts/depths (model.moe_num_experts, model.mod_layers) "
+                              f"is not supported with parallel.cp={cp} > 1 yet; use cp=1")
+        if self.sp and m.mod_layers:
+            raise ConfigError("parallel.sequence_parallel: mixture of depths (model.mod_layers) needs the whole "
+                              "sequence on each rank; turn sequence parallelism off")
         if self.sp and (self.seq_len // cp) % tp:
             raise ConfigError(f"train.seq_len: {self.seq_len}/cp={self.seq_len // cp} is not divisible by "
                               f"parallel.tp={tp} (sequence parallel)")
@@ -151,6 +166,17 @@ class Layout:
         if self.pp > 1 and self.num_microbatches < self.pp:
             raise ConfigError(f"train.global_batch_size: gives {self.num_microbatches} microbatches per pipeline, "
                               f"fewer than parallel.pp={self.pp}")
+
+    def _validate_ep(self, m: ModelConfig) -> None:
+        if self.ep == 1:
+            return
+        if m.moe_num_experts < 1:
+            raise ConfigError(f"parallel.ep: expert parallelism needs model.moe_num_experts > 0 (got ep={self.ep})")
+        if m.moe_num_experts % self.ep:
+            raise ConfigError(f"parallel.ep: {self.ep} does not divide model.moe_num_experts={m.moe_num_experts}")
+        if self.world_size % self.model_parallel or self.dp % self.ep:
+            raise ConfigError(f"parallel.ep: {self.ep} does not divide dp={self.world_size / self.model_parallel:g} "
+                              f"(world {self.world_size} / tp*cp*pp={self.model_parallel}); experts are carved out of dp")
 
     # ------------------------------------------------------------------ derived figures
     @property
@@ -175,9 +201,22 @@ class Layout:
     def sizes(self) -> dict[str, int]:
         return {"tp": self.tp, "cp": self.cp, "ep": self.ep, "dp": self.dp, "pp": self.pp}
 
+    @property
+    def grid_sizes(self) -> dict[str, int]:
+        """The world grid's axes: the order's dp axis is edp = dp/ep (module docstring)."""
+        return self.sizes | {"dp": self.dp // self.ep}
+
     def rank_coords(self, rank: int) -> dict[str, int]:
-        """{axis: coordinate} of a global rank on the grid the order string lays out."""
-        return {axis: rank // stride % self.sizes[axis] for axis, stride in _strides(self.sizes, self.order).items()}
+        """{axis: coordinate} of a global rank on the grid the order string lays out; with ep > 1,
+        "edp" is its grid dp coordinate and "dp" its index in the DP group (ep x edp, rank order)."""
+        sizes, strides = self.grid_sizes, _strides(self.grid_sizes, self.order)
+        coords = {axis: rank // stride % sizes[axis] for axis, stride in strides.items()}
+        coords["edp"] = coords["dp"]
+        if strides["ep"] < strides["dp"]:
+            coords["dp"] = coords["ep"] + self.ep * coords["edp"]
+        else:
+            coords["dp"] = coords["edp"] + sizes["dp"] * coords["ep"]
+        return coords
 
     def activation_shape(self, m: ModelConfig) -> tuple[int, int, int]:
         """What crosses a pipeline stage boundary: [s/(cp*tp), b, h] with sequence parallelism, else [s/cp, b, h]."""
@@ -215,6 +254,17 @@ class Layout:
         for rank, ids, _, _ in self.all_chunks(m):
             out[rank] += len(ids)
         return out
+
+
+def _check_cp_method(m: ModelConfig, cp: int) -> None:
+    """Which CP method serves which mask: "ring" causal and sliding-window masks (a window is skipped per
+    block, never dropped), "allgather" every mask (causal, window, workspace tokens, adaptive span)."""
+    from .model.variants import cp_method
+    for on, field, what in ((m.workspace_tokens, "model.workspace_tokens", "workspace mask"),
+                            (m.adaptive_span, "model.adaptive_span", "adaptive span's ramp")):
+        if on and cp_method(m) == "ring":
+            raise ConfigError(f"{field}: the ring serves causal and window masks only, not the {what}; set "
+                              f"model.cp_attention=allgather (or auto) with parallel.cp={cp}")
 
 
 def balanced_counts(num_layers: int, extra: list[float]) -> list[int]:

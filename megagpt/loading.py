@@ -62,3 +62,14 @@ def load_for_generation(path: str, tp: int = 1, pp: int = 1, tokenizer: str | No
             raise ConfigError(f"--tokenizer: {tok.vocab_size} tokens, more than model.vocab_size={cfg.model.vocab_size}")
         eod = tok.eod_id
     return chunks, ps, tok, eod if isinstance(eod, int) else None
+
+
+def save_for_inference(run_dir: str, model, tokenizer_path: str | None = None, step: int = 1) -> None:
+    """A one-process model (tp = pp = 1) saved as a megagpt checkpoint that `load_for_generation` reads
+    back, naming its tokenizer.json (data.tokenizer) when one is given."""
+    from .checkpoint.sharded import save_checkpoint
+    from .config import DataConfig
+    cfg = Config(model=model.cfg, parallel=ParallelConfig(world_size=1),
+                 data=DataConfig(tokenizer=os.path.abspath(tokenizer_path) if tokenizer_path else None),
+                 train=TrainConfig(seq_len=model.cfg.max_seq_len, micro_batch_size=1, global_batch_size=1))
+    save_checkpoint(run_dir, step, [model], ParallelState.single(), cfg, {})

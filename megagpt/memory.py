@@ -17,7 +17,8 @@ the embedding shard.
 Bytes per parameter. fp32: weights 4, grads 4, Adam m and v 8. bf16/fp16: weights 2, fp32
 grad-accumulation buffer 4, optimizer = fp32 main weights + m + v = 12. The optimizer states
 are divided by dp with the distributed optimizer (ZeRO-1), hence 6 + 12/d for bf16, 18
-without. Weights and grads are never sharded over dp.
+without; an expert weight's by dp/ep (its edp group). Weights and grads are never sharded over dp.
+MoE layers count E/ep experts per rank; their activations are counted as a dense layer's (not modelled).
 
 Activations: see `layer_activation_terms` for the term-by-term count (Korthikanti et al. 2022
 adapted to GQA and gated MLPs) and `memory_per_rank` for the pipeline in-flight factor.
@@ -34,11 +35,20 @@ from .config import DTYPES, RECOMPUTE, ModelConfig, check_choice, chunk_param_nu
 from .layout import Layout
 
 
-def params_per_rank(m: ModelConfig, layout: Layout) -> list[int]:
-    """Parameters held by each pp rank (one TP shard), summed over its chunks."""
-    out, per_layer = [0] * layout.pp, layer_params(m, layout.tp)
-    for rank, ids, pre, post in layout.all_chunks(m):   # chunk_param_numels is linear in the layers
-        out[rank] += len(ids) * per_layer + (sum(chunk_param_numels(m, layout.tp, 0, pre, post)) if pre or post else 0)
+def params_per_rank(m: ModelConfig, layout: Layout, experts_only: bool = False) -> list[int]:
+    """Parameters held by each pp rank (one TP shard, its ep share of the experts), summed over its
+    chunks; experts_only: only the expert weights (their optimizer state is sharded over edp = dp/ep)."""
+    out = [0] * layout.pp
+    if not (m.moe_num_experts or m.mod_layers):          # every layer alike: chunk_param_numels is linear in them
+        if experts_only:
+            return out
+        per_layer = layer_params(m, layout.tp)
+        for rank, ids, pre, post in layout.all_chunks(m):
+            out[rank] += len(ids) * per_layer + (sum(chunk_param_numels(m, layout.tp, 0, pre, post)) if pre or post else 0)
+        return out
+    for rank, ids, pre, post in layout.all_chunks(m):
+        numels = chunk_param_numels(m, layout.tp, len(ids), pre, post, ids, layout.ep, kinds=True)
+        out[rank] += sum(n for n, expert in numels if expert or not experts_only)
     return out
 
 
@@ -156,7 +166,7 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
     cp = layout.cp
     per_param = bytes_per_param(dtype, dp * cp, distributed_optimizer, dp_mode)   # shards span dp x cp
     seq_len, flash = seq_len // cp, flash or cp > 1             # this rank's tokens; the ring keeps no s^2
-    params = params_per_rank(m, layout)
+    params, experts = params_per_rank(m, layout), params_per_rank(m, layout, experts_only=True)
     layers = layout.stage_layers(m)
     full = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, "none")
     stored = layer_activation_bytes(m, tp, seq_len, micro_batch, sp, flash, dtype, recompute)
@@ -179,7 +189,9 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
         if dp_mode == "zero3" and dp > 1:
             root = params[r] - n_layers * layer_params(m, tp)
             weights += (min(2, n_layers) * layer_params(m, tp) + root) * e
-        optimizer = params[r] * per_param["optimizer"]
+        # expert weights: their optimizer state is sharded over edp = dp/ep, not dp
+        optimizer = params[r] * per_param["optimizer"] + (experts[r] * per_param["optimizer"] * (layout.ep - 1)
+                                                          if distributed_optimizer else 0)
         total = weights + grads + optimizer + sum(act.values())
         if best is None or total > best["total"]:
             best = {"weights": float(weights), "grads": float(grads), "optimizer": float(optimizer),

@@ -42,6 +42,9 @@ class Logger:
                 f"grad_norm {rec['grad_norm']:.3f} | scale {rec['loss_scale']:.0f} | "
                 f"{rec['tokens_per_s']:.0f} tok/s | {rec['tflops_per_rank']:.3f} TFLOP/s/rank | "
                 f"MFU {100 * rec['mfu']:.2f}% | mem {rec['memory_gb']:.2f} GB")
+        spans = [f"{v:.0f}" for k, v in rec.items() if k.startswith("span/")]
+        if spans:                                            # adaptive span: mean span per layer (tokens)
+            line += " | span " + " ".join(spans)
         if "val_loss" in rec:
             line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.1f}"
         self.bar.write(line)

@@ -62,10 +62,14 @@ class GenRequest:
 def chat_template(tok, messages: list[dict]) -> tuple[list[int], list[str], list[int]]:
     """The one chat template of the server: messages -> (prompt ids, stop strings, stop token ids).
 
-    A plain fallback until the alignment work's template lands (swap this function for
-    `align.chat.apply_chat_template(tok, messages, add_generation_prompt=True)` with <|end|> as the stop
-    id): "System: ...\\nUser: ...\\nAssistant: ...\\nAssistant:", stopping where the model starts the
+    A tokenizer that carries the chat tokens (an SFT model's: align/chat.py) gets that template,
+    `apply_chat_template(..., add_generation_prompt=True)`, stopping at <|end|>. Any other gets a plain
+    fallback: "System: ...\nUser: ...\nAssistant: ...\nAssistant:", stopping where the model starts the
     next user turn."""
+    from .align.chat import CHAT_TOKENS, END_TOKEN, apply_chat_template
+    if hasattr(tok, "token_id") and all(tok.token_id(t) is not None for t in CHAT_TOKENS):
+        ids, _ = apply_chat_template(tok, messages, add_generation_prompt=True, require_assistant=False)
+        return ids, [], [tok.token_id(END_TOKEN)]
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     return tok.encode(text), ["\nUser:", "\nSystem:"], []
 

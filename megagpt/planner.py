@@ -24,6 +24,9 @@ Time model (per optimizer step, for the slowest pipeline rank; every constant li
     (comm_model.cp_ring_bytes); each hop overlaps one of the c equal attention blocks, so only
     what a hop takes beyond its block (and the last dK/dV hop) is exposed. The ring's ranks are
     tp apart. Ring attention keeps no s^2 term, as flash attention.
+  - EP (MoE models, ep in 1, 2, 4, .. dividing the experts and dp): per MoE layer per microbatch
+    2 all-to-alls forward and 2 backward of k*s*b(/t) rows, (ep-1)/ep of them leaving the rank,
+    over the EP ring (ranks tp apart); MoE layers' FLOPs count the router and top_k experts.
   - DP: distributed optimizer = reduce-scatter of fp32 grads + all-gather of the weights, each
     (d-1)/d of the rank's bytes (all-reduce of fp32 grads without it); `dp_overlap` (0.5) of it
     is assumed hidden behind backward / next forward. Plus the Adam step at HBM bandwidth. With CP
@@ -81,10 +84,11 @@ class Candidate:
     recompute: str
     num_microbatches: int
     cp: int = 1
+    ep: int = 1                      # experts split over ep of the dp ranks (MoE models)
 
     def layout(self, seq_len: int) -> Layout:
         return Layout(tp=self.tp, cp=self.cp, pp=self.pp, vp=self.vp, world_size=self.tp * self.cp * self.pp * self.dp,
-                      sp=self.sp, seq_len=seq_len, micro_batch=self.micro_batch,
+                      sp=self.sp, ep=self.ep, seq_len=seq_len, micro_batch=self.micro_batch,
                       global_batch=self.micro_batch * self.num_microbatches * self.dp)
 
 
@@ -115,7 +119,8 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     t, b, cp = L.tp, L.micro_batch, L.cp
     h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s // cp * b      # this rank's tokens
     a_r, kv_r = m.num_heads // t, m.kv_heads_per_rank(t)
-    gemm, attn = (tok * x for x in layer_flops(m, s, t, causal=flash))   # flash skips the masked half
+    per_layer = [layer_flops(m, s, t, flash, i) for i in (range(m.num_layers) if m.moe_num_experts else [0])]
+    gemm, attn = (tok * sum(x) / len(per_layer) for x in zip(*per_layer))   # flash skips the masked half
     rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
     shard = tok * e * (2 * (a_r + kv_r) * d * m.rotary_fraction + (3 if m.gated else 2) * f / t)
     core = 0.0 if flash else tok * a_r * s * (4 * e + (2 * e + 1 if m.attention_dropout > 0 else 0))
@@ -130,6 +135,10 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
         step = attn / flop_s / cp
         cp_fwd = (cp - 1) * max(0.0, kv * e / bw + lat - step)
         cp_bwd = (cp - 1) * max(0.0, kv * (e + 4) / bw + 2 * lat - 2 * step) + kv * 4 / bw + lat
+    if L.ep > 1:     # 2 all-to-alls of k*tok/t rows forward (dispatch, combine), (ep-1)/ep of them leaving
+        share = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / m.num_layers
+        rows = m.moe_top_k * tok / (t if L.sp else 1)
+        comm += share * 2 * ((L.ep - 1) / L.ep * rows * h * e / _ring_bw(c, L.ep, t) + c.latency_us * 1e-6)
     return {"gemm": gemm / flop_s, "attn": attn / flop_s, "mem": (rep + shard) / byte_s, "core_mem": core / byte_s,
             "comm": comm, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "flops": gemm + attn}
 
@@ -181,7 +190,7 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     dp_bytes = params * (dc - 1) / dc * {"ddp": 2 * 4, "zero1": 4 + w, "zero2": 4 * per_mb + w,
                                          "zero3": (4 + 2 * w) * per_mb}[mode]
     step["dp_comm"] = (1 - c.dp_overlap) * dp_bytes / _ring_bw(c, dc, t) if dc > 1 else 0.0
-    step["optimizer"] = params / (1 if mode == "ddp" else dc) * 30 / byte_s
+    step["optimizer"] = params / (1 if mode == "ddp" else dc) * 30 / byte_s   # (experts: /edp, ignored)
     step["embedding_sync"] = 0.0
     if m.tie_embeddings and pp > 1:   # tied embedding grads all-reduced between the first and last stage
         step["embedding_sync"] = vpad / t * h * 4 / (c.network_gbps / 8 * 1e9 * c.link_eff)
@@ -193,7 +202,7 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     model_tflops = flops_per_token(m, s) * tokens / step_time / gpus / 1e12
     hw_tflops = sum(x[2] for x in ranks) * t * cp * d * L.num_microbatches / step_time / gpus / 1e12
     hbm = c.hbm_gb * 2 ** 30
-    return {"tp": t, "cp": cp, "pp": pp, "vp": vp, "dp": d, "sp": L.sp, "recompute": L.recompute,
+    return {"tp": t, "cp": cp, "pp": pp, "vp": vp, "dp": d, "ep": L.ep, "sp": L.sp, "recompute": L.recompute,
             "micro_batch": L.micro_batch, "num_microbatches": L.num_microbatches,
             "memory_gb": mem["total"] / 2 ** 30, "fits": mem["total"] <= c.reserve * hbm,
             "tflops_per_gpu": model_tflops, "hw_tflops_per_gpu": hw_tflops, "mfu": model_tflops / c.peak_tflops,
@@ -232,15 +241,17 @@ def enumerate_layouts(m: ModelConfig, gpus: int, seq_len: int, global_batch: int
                                                   [recompute] if recompute is not None else RECOMPUTE):
                 if s and t == 1:                     # no SP at tp = 1 (the layout with SP off)
                     continue
-                layout = Layout(tp=t, cp=k, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len, micro_batch=mb,
-                                global_batch=global_batch)
-                try:
-                    layout.validate(m)
-                except ConfigError as e:
-                    first_error = first_error or e
-                    continue
-                found = True
-                yield Candidate(t, p, v, layout.dp, mb, layout.sp, rc, layout.num_microbatches, k)
+                for ep in ([1] + [n for n in (2, 4, 8, 16, 32, 64) if n <= m.moe_num_experts]
+                           if m.moe_num_experts else [1]):
+                    layout = Layout(tp=t, cp=k, pp=p, vp=v, world_size=gpus, sp=s, seq_len=seq_len,
+                                    micro_batch=mb, global_batch=global_batch, ep=ep)
+                    try:
+                        layout.validate(m)
+                    except ConfigError as e:
+                        first_error = first_error or e
+                        continue
+                    found = True
+                    yield Candidate(t, p, v, layout.dp, mb, layout.sp, rc, layout.num_microbatches, cp=k, ep=ep)
     if not found and first_error is not None:
         raise first_error
 

@@ -28,6 +28,9 @@ from .data.synthetic import SyntheticDataset
 from .faults import fault_point
 from .layout import Layout
 from .metrics_log import Logger
+from .model.compile import compile_blocks
+from .model.moe import update_router_biases
+from .model.variants import insert_workspace, loss_tokens, mean_spans, set_span_grad_weight
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
 from .parallel.context import zigzag_shard
@@ -38,6 +41,8 @@ from .pipeline.split import build_stage, describe_split
 
 
 class Trainer:
+    model_cls = None           # a GPTModel subclass for another head (align/reward.py), None: GPTModel
+
     def __init__(self, cfg: Config, run_dir: str, data_path: str | None = None, load: str | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         p, t = cfg.parallel, cfg.train
@@ -48,8 +53,16 @@ class Trainer:
         self.dtype = DTYPES[t.dtype]
         if self.is_logger:
             print(describe_split(cfg), flush=True)
+            if self.layout.sp and self.ps.tp.size > 1:     # the per-backend choice (parallel/state.py)
+                how = {"all_reduce": "an all-reduce + this rank's slice (faster on gloo)",
+                       "reduce_scatter": "reduce-scatters"}[self.ps.tp.sp_reduce]
+                print(f"sequence parallelism on {dist.get_backend()}: TP reduce-scatters run as {how}", flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
-                                  layout=self.layout)
+                                  layout=self.layout, model_cls=self.model_cls)
+        if t.compile:
+            n = compile_blocks(self.chunks)
+            if self.is_logger:
+                print(f"train.compile: torch.compile of each transformer block ({n} on rank 0)", flush=True)
         self.optimizer = build_optimizer(self.chunks, self.ps, t, p, cfg.model)
         self.engine = PipelineEngine(self.chunks, self.ps, cfg, self.layout.activation_shape(cfg.model), self.dtype)
         self.dp = self.ps.dp.size
@@ -112,6 +125,7 @@ class Trainer:
             tokens, labels = make_batch(dataset, indices[i])              # [b, s] each
             if length is not None and length < tokens.shape[1]:           # seq-length warm-up: the first tokens
                 tokens, labels = tokens[:, :length].contiguous(), labels[:, :length].contiguous()
+            tokens, labels = insert_workspace(self.cfg.model, tokens, labels)   # workspace slots (if any)
             tokens, labels = (zigzag_shard(t, 1, self.ps.cp.size, self.ps.cp.rank)   # [b, s/cp] each
                               for t in (tokens, labels))
             return (tokens.to(self.ps.device) if self.ps.is_first_stage else None,
@@ -127,24 +141,28 @@ class Trainer:
         if self.ps.is_last_stage and self.ps.tp.rank == 0:
             total += torch.stack([x.double() for x in per_mb]).sum() if per_mb else 0.0  # no host sync per microbatch
         self.ps.world.all_reduce(total)
-        return total.item() / (t.global_batch_size * (length or t.seq_len))
+        return total.item() / (t.global_batch_size * loss_tokens(self.cfg.model, length or t.seq_len))
 
     def train_step(self) -> dict:
         t = self.cfg.train
         length = seq_len_at(self.step, t.seq_len, self.cfg.data.seq_len_warmup, self.layout.seq_multiple)
-        tokens = t.global_batch_size * length
+        tokens = t.global_batch_size * loss_tokens(self.cfg.model, length)   # the tokens with a loss
         lr = lr_at(self.step, t)
         self.optimizer.zero_grad()
         self.optimizer.set_sync(False)
         loss_scale = self.optimizer.loss_scale / tokens
+        if self.cfg.model.adaptive_span:      # each microbatch's share of the span penalty's gradient
+            set_span_grad_weight(self.chunks, loss_scale * t.micro_batch_size * (length // self.ps.cp.size))
         per_mb = self.engine.forward_backward(
             self._microbatch_fn(self.train_data, self.consumed_samples, length), self.num_microbatches, loss_scale,
             before_last_backward=lambda: self.optimizer.set_sync(True))
         self._maybe_fault("step")
         stats = self.optimizer.step(lr)
+        update_router_biases(self.chunks, self.ps.dp)      # MoE auxiliary-loss-free balancing, if on
         self.consumed_samples += t.global_batch_size
         self.step += 1
-        return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats}
+        spans = mean_spans(self.chunks, self.cfg.model.max_seq_len) if self.cfg.model.adaptive_span else {}
+        return {"loss": self._global_loss(per_mb, length), "lr": lr, **stats, **spans}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -237,12 +237,13 @@ def test_resume_peak_memory_within_ten_percent_of_steady_state(tmp_path):
 # Re-pinned once when parallel.overlap_param_gather joined the Config (issue 10): every safetensors file of
 # this conversion stayed byte-identical to the code before, and each rank JSON differs only by that field.
 # Re-pinned at the merge of issues 12/14/17/18 (session 20), when new Config fields joined the rank JSON
-# (model.attention_window; train.dp_mode, data.curriculum, data.seq_len_warmup; ...): every safetensors file
+# (model.attention_window, workspace_*, cp_attention, adaptive_span, span_*; train.dp_mode, data.curriculum,
+# data.seq_len_warmup; model.moe_*, model.mod_*; train.compile): every safetensors file
 # byte-identical to a7befc5's; each rank JSON differs by those fields only (each COMPLETE manifest by those
 # JSONs' hashes). Checked with a script converting with both trees and diffing the files.
 # Re-pinned for model.rope_scaling_type (wt-rope): safetensors and the HF directory byte-identical to
-# 53bbcdd's; each rank JSON gains "rope_scaling_type": "linear" (each COMPLETE manifest those JSONs' hashes).
-PINNED = "4185cac641ba59983c28803eef585b415f73a330b368f1de7adf9f9b4fa6b549"
+# main 451fcd4's; each rank JSON gains "rope_scaling_type": "linear" (each COMPLETE manifest those JSONs' hashes).
+PINNED = "e83898d63dc98d06adf627d1843452da1dd8ed39f546c64eeff2be696c7ca95a"
 
 
 def _convert_tiny(out: str) -> str:

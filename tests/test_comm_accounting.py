@@ -73,13 +73,13 @@ def test_counted_bytes_equal_the_model(case, tmp_path):
     results = spawn(world, _one_step, raw, str(tmp_path), timeout=240)
     for rank, records in enumerate(results):
         measured = {(kind, group): n for kind, group, n in records}
-        expected = expected_comm_bytes(cfg, world, rank=rank)
+        expected = expected_comm_bytes(cfg, world, rank=rank, backend="gloo")
         assert measured == expected, f"{case}, rank {rank}:\n measured {measured}\n expected {expected}"
-    total = expected_comm_bytes(cfg, world)
+    total = expected_comm_bytes(cfg, world, backend="gloo")
     assert sum(n for records in results for *_, n in records) == sum(total.values())
     # the training log reports rank 0's counter, keyed "group/kind"
     logged = [r for r in map(json.loads, open(os.path.join(tmp_path, "metrics.jsonl"))) if "loss" in r]
-    assert len(logged) == 1 and logged[0]["comm_bytes"] == summary(expected_comm_bytes(cfg, world, rank=0))
+    assert len(logged) == 1 and logged[0]["comm_bytes"] == summary(expected_comm_bytes(cfg, world, rank=0, backend="gloo"))
 
 
 def test_param_list_matches_the_model():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dist import assert_close_rel, spawn
 from test_tensor_parallel import _ce_worker
 
-CASES = [(tp, dtype, vocab) for dtype in ("fp32", "bf16") for tp, vocab in ((1, 40), (2, 40), (4, 37))]
+CASES = [(tp, dtype, vocab) for dtype in ("fp32", "bf16") for tp, vocab in ((1, 40), (1, 37), (2, 40), (4, 37))]
 
 
 def large_logits(dtype: torch.dtype, padded: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def test_70b_dry_run_command_reports_the_planners_memory():
 def test_rank_coords_are_the_process_groups_grid(order):
     """Layout.rank_coords (converter, comm model) and rank_grid (ParallelState's groups) are one rule."""
     layout = Layout(tp=2, pp=3, world_size=24, order=order, global_batch=24)
-    grid = rank_grid(24, layout.sizes, order)
+    grid = rank_grid(24, layout.grid_sizes, order)
     for rank in range(24):
         coords = layout.rank_coords(rank)
         for axis, groups in grid.items():
@@ -114,9 +114,9 @@ def test_rank_coords_are_the_process_groups_grid(order):
             assert group.index(rank) == coords[axis], (rank, axis)
 
 
-@pytest.mark.parametrize("field", ["ep"])   # cp: tests/test_context_parallel.py
-def test_expert_parallel_is_refused_in_one_line(field):
+def test_moe_with_context_parallel_is_refused_in_one_line():
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, [f"parallel.{field}=2"], world_size=2)
-    assert str(e.value).startswith(f"parallel.{field}: ") and "not supported yet" in str(e.value)
+        load_config(TINY, ["parallel.cp=2", "model.moe_num_experts=4", "train.seq_len=64"], world_size=2)
+    assert str(e.value).startswith("parallel.cp: ") and "not supported with parallel.cp=2" in str(e.value)
     assert "\n" not in str(e.value)
+

@@ -46,12 +46,12 @@ def train_cfg(dp: int = 1, **over) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def data(cfg):
-    return [batch(cfg, GLOBAL_BATCH, SEQ, seed=100 + s) for s in range(STEPS)]
+def data(cfg, steps: int = STEPS):
+    return [batch(cfg, GLOBAL_BATCH, SEQ, seed=100 + s) for s in range(steps)]
 
 
 @functools.lru_cache(maxsize=4)
-def serial_reference(tie_embeddings: bool = False, num_layers: int = 2, odd: bool = False):
+def serial_reference(tie_embeddings: bool = False, num_layers: int = 2, odd: bool = False, steps: int = STEPS):
     """One process, the whole global batch, torch.optim.AdamW with decay on matrices only. "grads": each
     step's gradients after clipping, as the update reads them."""
     mcfg, tcfg = model_cfg(odd, tie_embeddings=tie_embeddings, num_layers=num_layers), train_cfg(1)
@@ -61,7 +61,7 @@ def serial_reference(tie_embeddings: bool = False, num_layers: int = 2, odd: boo
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
     norms, losses, grads = [], [], []
-    for step, (tokens, labels) in enumerate(data(mcfg)):
+    for step, (tokens, labels) in enumerate(data(mcfg, steps)):
         opt.zero_grad()
         loss = model(tokens, labels).sum() / tokens.numel()
         loss.backward()
@@ -79,7 +79,7 @@ def run_steps(model, opt, ps, tcfg, steps, start=0, on_microbatch=None):
     """The training loop's inner part for one pipeline stage holding the whole model."""
     norms, losses, stats = [], [], []
     for step in range(start, start + steps):
-        tokens, labels = data(model.cfg)[step]
+        tokens, labels = data(model.cfg, start + steps)[step]
         rows = GLOBAL_BATCH // ps.dp.size
         mine = slice(ps.dp.rank * rows, (ps.dp.rank + 1) * rows)
         opt.zero_grad()

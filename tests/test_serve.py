@@ -393,3 +393,18 @@ def test_tp2_pp2_followers_in_lockstep(ckpt):
     finally:
         codes = _stop(procs)
     assert codes == [0] * 4, [p.stderr.read()[-2000:] for p in procs]
+
+
+def test_chat_template_is_the_aligned_one_when_the_tokenizer_has_chat_tokens():
+    """An SFT model's tokenizer (align/chat.py's tokens) gets apply_chat_template and stops at <|end|>;
+    a plain tokenizer gets the System:/User:/Assistant: fallback."""
+    from megagpt.align.chat import END_TOKEN, add_chat_tokens, apply_chat_template
+    from megagpt.data.tokenizer import Tokenizer
+    base = Tokenizer.train([f"{a}+{b}={a + b} be brief" for a in range(20) for b in range(20)], 300)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+3"}]
+    tok = add_chat_tokens(base)
+    ids, stops, stop_ids = chat_template(tok, messages)
+    assert ids == apply_chat_template(tok, messages, add_generation_prompt=True, require_assistant=False)[0]
+    assert stops == [] and stop_ids == [tok.token_id(END_TOKEN)]
+    ids, stops, stop_ids = chat_template(base, messages)
+    assert ids == base.encode("System: be brief\nUser: 2+3\nAssistant:") and stop_ids == [] and "\nUser:" in stops

@@ -1,6 +1,6 @@
 """ZeRO-2 and ZeRO-3 (train.dp_mode) against torch.optim.AdamW in one process.
 
-The setting of test_optim_dp: 5 steps of the same global batch of 8 sequences, 2 microbatches per DP
+The setting of test_optim_dp: 10 steps (5 through the pipeline engine) of the same global batch of 8 sequences, 2 microbatches per DP
 rank, warm-up + cosine LR, weight decay, clipping active (norms ~2, clip 1.0), fp32. Every step's
 global grad norm and every final parameter must equal the one-process run's to 1e-5 relative.
 Layouts: zero2/zero3 x DP2, DP4 with padded groups (hidden 42: no size divides by 4), DP2xTP2+SP (MQA:
@@ -19,12 +19,12 @@ from test_optim_dp import (STEPS, compare_params, engine_worker, full_params, mo
                            train_cfg)
 
 
-def zero_worker(rank, world, mcfg, tcfg, pcfg):
+def zero_worker(rank, world, mcfg, tcfg, pcfg, steps=STEPS):
     ps = ParallelState.create(tp=pcfg.tp)
     model = build_model(mcfg, ps, seed=tcfg.seed, sequence_parallel=pcfg.sequence_parallel,
                         dtype=DTYPES[tcfg.dtype])
     opt = build_optimizer([model], ps, tcfg, pcfg, mcfg)
-    norms, losses, _ = run_steps(model, opt, ps, tcfg, STEPS)
+    norms, losses, _ = run_steps(model, opt, ps, tcfg, steps)
     opt.finish_param_sync()
     out = {"params": full_params(model, ps), "norms": norms, "losses": losses, "padding": opt.padding(),
            "kind": type(opt).__name__}
@@ -41,10 +41,11 @@ GRID = [(m, 2, 1, False, False) for m in ("zero2", "zero3")] + \
                          ids=[f"{m}-dp{d}-tp{t}{'-sp' if s else ''}{'-padded' if o else ''}" for m, d, t, s, o in GRID])
 def test_zero_matches_serial_adamw(mode, dp, tp, sp, odd):
     mcfg, tcfg = model_cfg(odd), train_cfg(dp, dp_mode=mode)
-    ref = serial_reference(odd=odd)
+    ref = serial_reference(odd=odd, steps=10)
     assert max(ref["norms"]) > tcfg.clip_grad, "clipping must be active for this test to mean anything"
     pcfg = ParallelConfig(tp=tp, sequence_parallel=sp, bucket_size_mb=0.05)
-    out = spawn(dp * tp, zero_worker, mcfg, tcfg, pcfg)[0]
+    out = spawn(dp * tp, zero_worker, mcfg, tcfg, pcfg, 10)[0]
+    assert len(out["norms"]) == 10
     assert out["kind"] == {"zero2": "ShardedOptimizer", "zero3": "Zero3Optimizer"}[mode]
     assert (out["padding"] > 0) == odd, f"group padding {out['padding']}"
     for step, (n, r) in enumerate(zip(out["norms"], ref["norms"])):
@@ -144,3 +145,29 @@ def test_bf16_tracks_fp32(mode):
         want = ref["params"][name] - init[name]
         err = (p.float() - init[name] - want).norm() / want.norm()
         assert err <= 0.25, f"{name}: bf16 update is {err:.3f} of the fp32 update's norm away"
+
+
+def prefetch_worker(rank, world):
+    mcfg, tcfg = model_cfg(num_layers=4), train_cfg(world, dp_mode="zero3")
+    ps = ParallelState.create()
+    model = build_model(mcfg, ps, seed=tcfg.seed)
+    opt = build_optimizer([model], ps, tcfg, ParallelConfig(), mcfg)
+    units = [opt.group_of[id(next(layer.parameters()))] for layer in model.layers.values()]
+    seen = {"forward": [], "backward": []}
+    for i, layer in enumerate(model.layers.values()):
+        layer.register_forward_pre_hook(lambda *_, i=i: seen["forward"].append(
+            [u.state for u in units[i:i + 2]]))      # the optimizer's pre-hook ran first: i whole, i+1 on its way
+        out_hook = lambda grad, i=i: seen["backward"].append([u.state for u in units[max(0, i - 1):i + 1]])  # noqa
+        layer.register_forward_hook(lambda _m, _a, out, h=out_hook: [out.register_hook(h)] and None)
+    run_steps(model, opt, ps, tcfg, 1)
+    return seen
+
+
+def test_zero3_prefetches_the_next_unit():
+    """When layer i's forward starts, it is whole and layer i+1's gather is already issued; when its
+    backward starts (the hook registered after the optimizer's), layer i-1's is."""
+    seen = spawn(2, prefetch_worker)[0]
+    for states in seen["forward"]:
+        assert states[0] == "whole" and all(s in ("gathering", "whole") for s in states[1:]), seen["forward"]
+    for states in seen["backward"]:
+        assert states[-1] == "whole" and all(s in ("gathering", "whole") for s in states), seen["backward"]

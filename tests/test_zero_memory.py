@@ -2,7 +2,7 @@
 tensor reachable from the model and the optimizer, each storage counted once), after one step, against
 memory.bytes_per_param (bf16: zero1 6 + 12/d, zero2 2 + 16/d, zero3 18/d; fp32 zero3 16/d), and peaks
 during forward for zero3 (a layer's hook walks the live tensors: at most the root and two layers whole).
-A per-rank budget that zero1 exceeds and zero3 fits. Checkpoints: saved under zero3 DP2, loaded under
+A per-rank budget that zero1 exceeds and zero3 fits, its peaks in forward and backward included. Checkpoints: saved under zero3 DP2, loaded under
 zero1 DP1 and zero2 DP4, training continues as the uninterrupted zero3 run does (1e-5 rel)."""
 import pytest
 
@@ -23,14 +23,18 @@ def walk_worker(rank, world, dtype, mode):
     psi = sum(p.numel() for p in model.parameters())
     opt = build_optimizer([model], ps, tcfg, ParallelConfig(bucket_size_mb=0.05), mcfg)
     peaks = []
-    if mode == "zero3":                               # the live bytes while each layer runs forward
+    if mode == "zero3":              # the live bytes while each layer runs forward, and as backward reaches it
+        walk = lambda *_: peaks.append(sum(reachable_storages(model, opt).values()))   # noqa: E731
         for layer in model.layers.values():
-            layer.register_forward_hook(lambda *_: peaks.append(sum(reachable_storages(model, opt).values())))
+            layer.register_forward_hook(walk)
+            for p in layer.parameters():             # after the optimizer's hook: the grads are in its flat
+                p.register_post_accumulate_grad_hook(walk)
     run_steps(model, opt, ps, tcfg, 1)
     tables = sum(n for k, n in reachable_storages(model._rope_cache).items())
     return {"params": psi, "total": sum(reachable_storages(model, opt).values()) - tables,
             "padding": opt.padding() if hasattr(opt, "padding") else opt.buffer.padding(), "peaks": peaks,
-            "layer": layer_params(mcfg), "root": psi - 4 * layer_params(mcfg)}
+            "layer": layer_params(mcfg), "root": psi - 4 * layer_params(mcfg),
+            "embedding": model.embedding.weight.numel()}
 
 
 CASES = [(m, d, t) for m in ("zero2", "zero3") for d in (2, 4) for t in ("bf16",)] + [("zero3", 2, "fp32")]
@@ -45,18 +49,20 @@ def test_live_bytes_follow_the_formula(mode, d, dtype):
         slack = 20 * r["padding"] + 64                # pad elements: grads, main, moments, shard
         assert abs(r["total"] - want * psi) <= slack, \
             f"{r['total']} B = {r['total'] / psi:.4f} B/param, expected {want:.4f}"
-        if mode == "zero3":                           # root + current + prefetched layer, whole
-            gathered = (r["root"] + 2 * r["layer"]) * e
-            assert max(r["peaks"]) <= want * psi + gathered + slack, r["peaks"]
+        if mode == "zero3":      # root + current + prefetched layer whole; fp32 flats of two units filling
+            gathered = (r["root"] + 2 * r["layer"]) * e + 4 * 2 * max(r["embedding"], r["root"] - r["embedding"],
+                                                                       r["layer"])
+            assert max(r["peaks"]) <= want * psi + gathered + slack, [x / psi for x in r["peaks"]]
             assert max(r["peaks"]) >= want * psi + (r["root"] + r["layer"]) * e   # the units are really live
 
 
 def test_budget_zero1_refuses_zero3_trains():
-    """A per-rank budget of 6 bytes per parameter at DP4, bf16, measured by the walk: zero1 (6 + 12/4 = 9)
-    does not fit; zero3 (18/4 = 4.5, plus its gathered units at the peak) fits, having trained a step."""
+    """A per-rank budget of 8 bytes per parameter at DP4, bf16, measured by the walk: zero1 (6 + 12/4 = 9
+    after a step) does not fit; zero3 (18/4 = 4.5, plus at its peak the gathered units and the fp32
+    gradients of the units filling: ~7 for this vocab-heavy tiny model) fits, having trained a step."""
     measured = {m: spawn(4, walk_worker, "bf16", m) for m in ("zero1", "zero3")}
     psi = measured["zero1"][0]["params"]
-    budget = 6.0 * psi
+    budget = 8.0 * psi
     assert all(r["total"] > budget for r in measured["zero1"]), [r["total"] / psi for r in measured["zero1"]]
     assert all(max(r["peaks"] + [r["total"]]) <= budget for r in measured["zero3"]), \
         [max(r["peaks"]) / psi for r in measured["zero3"]]

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--print-ids", action="store_true", help="print the generated ids as the last line")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the chat template "
+                   "(megagpt/align/chat.py); generation stops at <|end|>")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system turn first")
     p.add_argument("--self-consistency", type=int, metavar="N", help="sample N chains and vote on the answer")
     p.add_argument("--answer-regex", default=r"(-?\d+(?:\.\d+)?)",
                    help="--self-consistency: the answer in each chain (its first group; last match wins)")
@@ -84,6 +87,10 @@ def read_prompt(args, tok) -> list[int]:
         text = sys.stdin.read()
     if tok is None:
         raise ValueError("--prompt: the checkpoint has no tokenizer; pass --tokenizer FILE or use --prompt-ids")
+    if args.chat:
+        from megagpt.align.chat import apply_chat_template
+        turns = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+        return apply_chat_template(tok, turns, add_generation_prompt=True, require_assistant=False, where="--chat")[0]
     return tok.encode(text)
 
 
@@ -102,6 +109,9 @@ def run(args) -> int:
     if args.stop and decode is None:
         raise ValueError("--stop: needs a tokenizer (pass --tokenizer FILE)")
     stop = (lambda ids: any(s in decode(ids) for s in args.stop)) if args.stop else None
+    if args.chat:
+        from megagpt.align.chat import END_TOKEN
+        eod = tok.token_id(END_TOKEN)              # the template checked it exists
     kw = dict(ps=ps, eod_id=None if args.no_eod else eod, stop=stop)
     if args.self_consistency:
         extract = regex_extractor(args.answer_regex, decode or (lambda ids: " ".join(map(str, ids))))

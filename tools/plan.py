@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megagpt.config import ConfigError, count_params, load_config  # noqa: E402
+from megagpt.config import ConfigError, active_params, count_params, load_config  # noqa: E402
 from megagpt.planner import (Cluster, a100_selene, flagship, gpt4plus_70b, rank_layouts,  # noqa: E402
                              validate_narayanan2021)
 
 def public(p: dict) -> dict:
     """The fields of a prediction that go into the JSON output."""
-    keys = ("tp", "cp", "pp", "vp", "dp", "sp", "recompute", "micro_batch", "num_microbatches", "memory_gb",
+    keys = ("tp", "cp", "pp", "vp", "dp", "ep", "sp", "recompute", "micro_batch", "num_microbatches", "memory_gb",
             "tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s", "memory_breakdown", "time_breakdown")
     return {k: p[k] for k in keys}
 
@@ -33,11 +33,12 @@ def public(p: dict) -> dict:
 def row_line(p: dict) -> str:
     return (f"{p['tp']:>3} {p['cp']:>3} {p['pp']:>3} {p['vp']:>3} {p['dp']:>5} {'on' if p['sp'] else 'off':>3} {p['recompute']:>9} "
             f"{p['micro_batch']:>3} {p['num_microbatches']:>5} {p['memory_gb']:>7.1f} {p['tflops_per_gpu']:>7.1f} "
-            f"{100 * p['mfu']:>5.1f} {p['step_time_s']:>9.3f} {p['tokens_per_s']:>11.0f}")
+            f"{100 * p['mfu']:>5.1f} {p['step_time_s']:>9.3f} {p['tokens_per_s']:>11.0f}"
+            + (f" {p['ep']:>3}" if p.get("ep", 1) > 1 else ""))
 
 
 def header() -> str:
-    return " tp  cp  pp  vp    dp  sp recompute  mb    m  mem_GiB  TFLOP/s  MFU%    step_s    tokens/s"
+    return " tp  cp  pp  vp    dp  sp recompute  mb    m  mem_GiB  TFLOP/s  MFU%    step_s    tokens/s  (ep)"
 
 
 def explain(p: dict, out=sys.stdout) -> None:
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{name}: {count_params(m) / 1e9:.2f}B params, {a.gpus} x {c.name}, seq {a.seq_len}, "
+    active = f" ({active_params(m) / 1e9:.2f}B active)" if m.moe_num_experts else ""
+    print(f"{name}: {count_params(m) / 1e9:.2f}B params{active}, {a.gpus} x {c.name}, seq {a.seq_len}, "
           f"global batch {a.global_batch}; {len(fits)} layouts fit in {c.reserve:.0%} of {c.hbm_gb:g} GiB")
     if not fits:
         if closest is None:

@@ -170,11 +170,15 @@ def _find_tokenizer(config: dict, override: str | None) -> str | None:
 
 def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) -> dict:
     cfg = source.cfg
-    hf_config = to_hf_config(cfg)
-    names, shapes = megagpt_names(cfg), _global_shapes(cfg)
+    if cfg.moe_num_experts:                        # a mixture of experts exports as Mixtral (hf_mixtral.py)
+        from .hf_mixtral import megagpt_to_mixtral as to_hf, mixtral_names, to_mixtral_config
+        hf_config, names = to_mixtral_config(cfg), mixtral_names(cfg)
+    else:
+        to_hf, hf_config, names = megagpt_to_hf, to_hf_config(cfg), megagpt_names(cfg)
+    shapes = _global_shapes(cfg)
     # the plan: every HF tensor in write order (split on the meta device: shapes only), cut into shards
     plan = [(n, tuple(t.shape)) for name in names for n, t in
-            megagpt_to_hf(name, torch.empty(shapes[name], device="meta"), cfg)]
+            to_hf(name, torch.empty(shapes[name], device="meta"), cfg)]
     item = torch.empty((), dtype=dtype).element_size()
     shards, size = [[]], 0
     for n, shape in plan:
@@ -196,7 +200,7 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
         writers = {}
         for name in names:
             full = source.param(name, shapes[name])
-            for n, t in megagpt_to_hf(name, full, cfg):
+            for n, t in to_hf(name, full, cfg):
                 i = where[n]
                 if i not in writers:              # shards fill in plan order: close the previous one
                     for w in writers.values():

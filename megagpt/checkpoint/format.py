@@ -1,7 +1,8 @@
 """The sharded checkpoint's rank files: their schema, and the one Writer and one Reader of them.
 
 Per rank, in a step directory (the directory protocol is store.py's):
-  rank_XXXXX.safetensors   params under their global names, as this rank holds them (its TP piece);
+  rank_XXXXX.safetensors   params under their global names, as this rank holds them (its TP piece;
+                           an expert weight's EP piece: `piece_of`);
                            optimizer state under `optim/<name>/<key>`, flat, this rank's DP range of it
   rank_XXXXX.json          a RankMeta: per tensor a TensorEntry (global shape, dtype, TP piece), per
                            optimizer entry an OptimEntry (its flat range), the layout, the model config,
@@ -105,6 +106,15 @@ class RankMeta:
         except (TypeError, AttributeError) as e:
             raise CheckpointError(f"{where}: malformed rank metadata ({e})") from None
         return cls(**fields)
+
+
+def piece_of(meta, ps) -> tuple[ShardSpec, int, int]:
+    """(ShardSpec, rank, size) of the piece of a parameter's global tensor a rank holds, as the files
+    record it (TPPiece): its TP piece; for an expert weight (ParamMeta.expert: whole over TP, its
+    experts split over ep along dim 0) its EP piece. So a checkpoint saved at one ep loads at any."""
+    if meta.expert:
+        return ShardSpec(0, ((meta.global_shape[0], 0),)), ps.groups["ep"].rank, ps.groups["ep"].size
+    return meta.spec, ps.tp.rank, ps.tp.size
 
 
 def layout_of(ps, order: str | None = None) -> dict:

@@ -62,6 +62,10 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     if cfg.attention_window is not None:
         raise ConversionError(f"model.attention_window: Llama attends to the whole context; a window of "
                               f"{cfg.attention_window} has no HF Llama equivalent")
+    if cfg.workspace_tokens or cfg.adaptive_span:
+        field = "model.workspace_tokens" if cfg.workspace_tokens else "model.adaptive_span"
+        raise ConversionError(f"{field}: Llama has no workspace tokens or learned attention spans; this model "
+                              f"cannot be exported to HF")
     rope = _rope_to_hf(cfg)
     return {
         "architectures": ["LlamaForCausalLM"],

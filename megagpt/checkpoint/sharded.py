@@ -1,7 +1,7 @@
 """Sharded checkpoints: every rank writes its own pieces, any layout can read them back.
 
 Each rank writes `rank_XXXXX.safetensors` (its local params under their global names, written by
-DP and CP rank 0 only since DP and CP replicas are equal; its optimizer shard under `optim/<name>/<key>`, written
+DP and CP rank 0 only since DP and CP replicas are equal, expert weights by edp rank 0 of each ep rank; its optimizer shard under `optim/<name>/<key>`, written
 by every rank) and `rank_XXXXX.json`; format.py holds their schema and the one Writer and Reader.
 Loading reads, for each tensor, only the slices of the saved pieces that this rank's piece needs
 (flat optimizer ranges -> this rank's flat range; TP pieces -> this rank's piece), so TP, PP, DP and
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..faults import fault_point
-from .format import Reader, TPPiece, Writer, layout_of, rank_params
+from .format import Reader, TPPiece, Writer, layout_of, piece_of, rank_params
 from .store import (CheckpointError, clean_stale, find_checkpoint, prune, publish, rank_file, step_dir_name,
                     write_manifest)
 
@@ -75,8 +75,8 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
     for name, (p, written) in params.items():
         if not written:
             continue                                          # the tied copy: the first stage's is kept
-        tp = TPPiece.of(p.meta.spec, ps.tp.rank, ps.tp.size)
-        if ps.dp_cp.rank == 0:                                # replicated over DP and CP: written once
+        tp = TPPiece.of(*piece_of(p.meta, ps))
+        if (ps.edp if p.meta.expert else ps.dp_cp).rank == 0:      # one replica (over DP and CP) writes
             writer.add_param(name, p.dtype, p.meta.global_shape, tp)
             tensors.append((name, p))
         value = state.get(name)
@@ -209,7 +209,7 @@ def load_checkpoint(path: str, chunks, ps, cfg=None, optimizer=None, verify: boo
         reader.check_config(_model_cfg(cfg, chunks))
         layouts = {}
         for name, p, _ in rank_params(chunks):
-            layouts[name] = (tuple(p.meta.global_shape), p.meta.spec, ps.tp.rank, ps.tp.size)
+            layouts[name] = (tuple(p.meta.global_shape), *piece_of(p.meta, ps))
             p.copy_(reader.read_param(name, *layouts[name]))
         if optimizer is not None:
             optimizer.load_from_checkpoint(_optimizer_state(reader, layouts, optimizer.owned_ranges()))

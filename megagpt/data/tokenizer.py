@@ -93,6 +93,19 @@ class Tokenizer:
             f.write(self._tok.to_str(pretty=True))
         os.replace(tmp, path)
 
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy with `tokens` added as special tokens (new ids after the current vocab; ones it
+        already has keep their ids): the chat template's role markers (megagpt/align/chat.py)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.add_special_tokens([t for t in tokens if tok.token_to_id(t) is None])
+        return Tokenizer(tok, eod_token=self.eod_token)
+
+    def token_id(self, token: str) -> int | None:
+        tid = self._tok.token_to_id(token)
+        return None if tid is None else int(tid)
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 

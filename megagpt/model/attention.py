@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..parallel.context import band_mask, ring_attention
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec, make_param
 from ..parallel.random import TP_SHARDED, RNGTracker, checkpoint
 from ..parallel.state import Group
 from .rope import apply_rope
+from .variants import SpanPenalty, adaptive_span_attention, allgather_attention, blocked_attention, cp_method
 
 
 def _flash_attn_func():
@@ -29,9 +30,18 @@ def _flash_attn_func():
         return None
 
 
-def core_attention(q, k, v, dropout_p: float, use_flash: bool, window: int | None = None) -> torch.Tensor:
+def core_attention(q, k, v, dropout_p: float, use_flash: bool, window: int | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d], causal; with a sliding window each query
-    sees the `window` keys ending at its own position (`band_mask`)."""
+    sees the `window` keys ending at its own position (`band_mask`); under `mask` [b, 1, s, s] (True =
+    attend; packed samples: block-diagonal causal, model/packing.py) through SDPA, ANDed with the band."""
+    if mask is not None:
+        if window is not None:
+            pos = torch.arange(q.shape[1], device=q.device)
+            mask = mask & band_mask(pos, pos, window)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
     if use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
@@ -69,20 +79,34 @@ class Attention(nn.Module):
         spec = ShardSpec(0, ((nq * d, 0), (nkv * d, nkv), (nkv * d, nkv)))
         self.qkv = ColumnParallelLinear(h, (nq + 2 * nkv) * d, tp, sequence_parallel, spec, cfg.bias, device, dtype)
         self.proj = RowParallelLinear(nq * d, h, tp, sequence_parallel, cfg.bias, device, dtype)
+        if cfg.adaptive_span:                                    # one span per head, split with the heads
+            self.span = make_param((nq,), ShardSpec(0, ((nq, 0),)), tp.size, device, dtype)
+            self.span_grad_weight = 1.0 / (cp.size if cp is not None else 1)   # a forward's share of the penalty:
+            # its tokens over the loss's (this rank's s/cp of a sequence); the trainer sets it (variants.py)
 
-    def _core(self, q, k, v):
-        w = self.cfg.attention_window
+    def _core(self, q, k, v, mask=None):
+        w, m = self.cfg.attention_window, self.cfg
+        if mask is not None and (m.adaptive_span or m.workspace_tokens or self.cp is not None):
+            raise ValueError("packed samples (a block-diagonal mask) are not supported with parallel.cp > 1, "
+                             "workspace tokens or adaptive span")
+        if m.adaptive_span:                                      # under CP: the all-gather method
+            return adaptive_span_attention(q, k, v, self.span, m.span_ramp, m.max_seq_len, self.cp)
         if self.cp is not None:                                  # dropout > 0 is refused with cp > 1 (layout.py)
+            if cp_method(m) == "allgather":
+                return allgather_attention(q, k, v, self.cp, m, q.shape[1] * self.cp.size)
             return ring_attention(q, k, v, self.cp, window=w)
+        if m.workspace_tokens:                                   # the workspace mask, block-sparse
+            return blocked_attention(q, k, v, m)
         p = self.cfg.attention_dropout if self.training else 0.0
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
-                return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
-        return core_attention(q, k, v, p, self.cfg.use_flash_attn, w)
+                return core_attention(q, k, v, p, self.cfg.use_flash_attn, w, mask)
+        return core_attention(q, k, v, p, self.cfg.use_flash_attn, w, mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         """cache: None in training; in generation this layer's view of a `KVCache` (megagpt/kv_cache.py),
-        which stores this rank's KV heads and returns them with the mask over padding and the future."""
+        which stores this rank's KV heads and returns them with the mask over padding and the future.
+        mask: None (causal) or [b, 1, s, s] of packed samples (training; True = attend)."""
         qkv = self.qkv(x)                                         # [s, b, (nq_l + 2 nkv_l) d]
         s, b, _ = qkv.shape
         d = self.head_dim
@@ -92,6 +116,8 @@ class Attention(nn.Module):
         v = v.view(s, b, self.nkv_local, d)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))          # [b, s, heads, d]
         if cache is not None:
+            if self.cfg.workspace_tokens or self.cfg.adaptive_span:
+                raise ValueError("generation: workspace tokens and adaptive span have no KV-cache path yet")
             k, v = cache.update(k, v)                             # [b, T, nkv_l, d], T = cached + s
             mask, w = cache.mask, self.cfg.attention_window
             if w is not None:                                     # the window over cache slots: the s queries
@@ -100,8 +126,11 @@ class Attention(nn.Module):
                 mask = band if mask is None else mask & band      # [s, T] or [b, 1, s, T]
             out = masked_attention(q, k, v, mask)
         elif self.selective_recompute and self.training:
-            out = checkpoint(self._core, self.tracker, q, k, v)   # keep q, k, v; recompute the core
+            out = checkpoint(self._core, self.tracker, q, k, v, mask)  # keep q, k, v; recompute the core
         else:
-            out = self._core(q, k, v)
+            out = self._core(q, k, v, mask)
+        if self.cfg.adaptive_span and self.training and self.cfg.span_penalty:
+            out = SpanPenalty.apply(out, self.span, self.cfg.span_penalty, self.cfg.num_heads, self.cfg.max_seq_len,
+                                    self.span_grad_weight)
         out = out.transpose(0, 1).reshape(s, b, self.nq_local * d)  # [s, b, nq_l d]
         return self.proj(out)                                     # [s(/tp), b, h]

@@ -16,13 +16,16 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..parallel.context import zigzag_shard
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
-from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
-                               parallel_lm_logits)
+from ..parallel.layers import (REPLICATED, ColumnParallelLinear, VocabParallelEmbedding, init_std_for,
+                               make_param, parallel_lm_logits)
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
 from .block import Block
+from .moe import MoEContext
 from .norm import Norm
+from .packing import Packing
 from .rope import rope_tables
+from .variants import workspace_index, workspace_slots
 
 
 class GPTModel(nn.Module):
@@ -49,8 +52,12 @@ class GPTModel(nn.Module):
             if cfg.tie_embeddings:
                 w = self.embedding.weight
                 w.meta = replace(w.meta, tied="embedding", tied_copy=not pre_process)
-        self.layers = nn.ModuleDict({
-            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw) for i in self.layer_ids})
+        if pre_process and cfg.workspace_tokens:  # learned workspace vectors (model/variants.py); with SP each
+            self.workspace = make_param((cfg.workspace_tokens, h), REPLICATED, 1, device, dtype, self.sp)  # TP rank
+        self.moe = MoEContext()           # the aux losses' weight and the routing records (model/moe.py)
+        self.layers = nn.ModuleDict({                                          # holds some slots: grads summed
+            str(i): Block(cfg, tp, self.sp, tracker, recompute == "selective", cp=ps.cp, **kw, layer_id=i,
+                          ep=ps.groups["ep"], moe_context=self.moe) for i in self.layer_ids})
         if post_process:
             self.final_norm = Norm(h, cfg.norm, cfg.norm_eps, self.sp, **kw)
             if not cfg.tie_embeddings:
@@ -67,7 +74,8 @@ class GPTModel(nn.Module):
             if p.device.type == "meta":
                 continue
             meta = p.meta
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight") \
+                    or name.endswith("attention.span"):                  # spans start at the whole context
                 full = torch.ones(meta.global_shape)
             elif name.endswith("bias"):
                 full = torch.zeros(meta.global_shape)
@@ -76,7 +84,8 @@ class GPTModel(nn.Module):
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
                 std = init_std_for(name, cfg.init_std, cfg.num_layers, cfg.scaled_init)
                 full = torch.empty(meta.global_shape).normal_(0.0, std, generator=gen)
-            p.copy_(meta.spec.shard(full, self.tp.rank, self.tp.size))
+            ep = self.ps.groups["ep"]
+            p.copy_(meta.spec.shard(meta.ep_shard(full, ep.rank, ep.size), self.tp.rank, self.tp.size))
 
     # ------------------------------------------------------------------ forward
     def _rope(self, s: int, device, dtype):
@@ -91,14 +100,37 @@ class GPTModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> [s(/tp), b, h]."""
         x = self.embedding(tokens)
+        if self.cfg.workspace_tokens:                                     # the workspace slots take their vectors
+            m, s_all = self.cfg, tokens.shape[1] * self.ps.cp.size
+            pos = self._local_positions(s_all, tokens.device)
+            if self.sp:
+                pos = pos.chunk(self.tp.size)[self.tp.rank]              # this TP rank's rows [s/tp]
+            slots = workspace_slots(s_all, m.workspace_tokens, m.workspace_every, tokens.device)[pos]
+            ws = self.workspace[workspace_index(s_all, m.workspace_tokens, m.workspace_every, tokens.device)[pos]]
+            x = torch.where(slots[:, None, None], ws[:, None, :].to(x.dtype), x)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.tracker, self.sp, self.ps.cp)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def _local_positions(self, seq_len: int, device) -> torch.Tensor:
+        """Global positions of this rank's rows: its zigzag pair under CP."""
+        cp = self.ps.cp
+        return zigzag_shard(torch.arange(seq_len, device=device), 0, cp.size, cp.rank)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                packing: Packing | None = None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
         Returns per-token losses [b, s] (fp32) when labels are given on the last stage, logits
         [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere.
         cache: a `KVCache` of this chunk's layers (generation): x holds the s tokens after the cached
-        ones, RoPE takes each row's positions from the cache, which then advances by s."""
+        ones, RoPE takes each row's positions from the cache, which then advances by s.
+        packing: samples packed in each row (model/packing.py): positions restart per sample and
+        attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0."""
+        x = self.trunk(x, cache, packing)
+        if not self.post_process:
+            return x
+        return self.head(x, labels, cache)
+
+    def trunk(self, x: torch.Tensor, cache=None, packing: Packing | None = None) -> torch.Tensor:
+        """The embedding (first stage) and this chunk's layers: -> hidden [s(/tp), b, h]."""
         if self.pre_process:
             x = self.embed(x)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
@@ -107,17 +139,26 @@ class GPTModel(nn.Module):
         else:  # under CP this rank holds s of the cp*s positions: its zigzag rows of the whole table
             cp = self.ps.cp
             cos, sin = (zigzag_shard(t, 0, cp.size, cp.rank) for t in self._rope(s * cp.size, x.device, torch.float32))
+        mask = None
+        if packing is not None:
+            if self.ps.cp.size > 1:
+                raise ValueError("packed samples are not supported with parallel.cp > 1 (their positions and "
+                                 "block-diagonal mask are not cut by the zigzag)")
+            cos, sin = packing.rope(cos, sin)                                # [s, b, 1, rot/2]
+            mask = packing.mask.to(x.device)                                 # [b, 1, s, s]
         for i, layer in self.layers.items():
             if cache is not None:
                 x = layer(x, cos, sin, cache.layer(int(i)))
             elif int(i) in self.full_recompute_ids and self.training:
-                x = checkpoint(layer, self.tracker, x, cos, sin)
+                x = checkpoint(layer, self.tracker, x, cos, sin, None, mask)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, None, mask)
         if cache is not None:
             cache.advance(s)
-        if not self.post_process:
-            return x
+        return x
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final norm and output layer of the last stage: logits, or per-token losses given labels."""
         if cache is not None and cache.last_only:
             x = x[-1:]                                                       # [1, b, h]: the slot to sample from
         x = self.final_norm(x)
@@ -127,7 +168,15 @@ class GPTModel(nn.Module):
             logits = self.lm_head(x)                                                  # [s, b, V/tp]
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp, self.cfg.vocab_size).t()  # [b, s]
+        keep = labels >= 0                                                   # [b, s]
+        loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.tp, self.cfg.vocab_size).t()
+        loss = torch.where(keep, loss, torch.zeros_like(loss))               # [b, s]
+        m = self.cfg
+        if m.workspace_tokens:                                            # workspace slots carry no loss
+            s_all = labels.shape[1] * self.ps.cp.size
+            slots = workspace_slots(s_all, m.workspace_tokens, m.workspace_every, labels.device)
+            loss = loss.masked_fill(slots[self._local_positions(s_all, labels.device)][None, :], 0.0)
+        return loss
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[s, b, V/tp] -> [b, s, vocab] on every TP rank (for generation and tests; not for training)."""
@@ -135,7 +184,9 @@ class GPTModel(nn.Module):
         return full[..., : self.cfg.vocab_size].transpose(0, 1)
 
 
-def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, **kwargs) -> GPTModel:
-    model = GPTModel(cfg, ps, **kwargs)
+def build_model(cfg: ModelConfig, ps: ParallelState | None = None, seed: int = 1234, model_cls=None,
+                **kwargs) -> GPTModel:
+    """model_cls: a GPTModel subclass with another head (align/reward.py's scalar head); default GPTModel."""
+    model = (model_cls or GPTModel)(cfg, ps, **kwargs)
     model.init_weights(seed)
     return model

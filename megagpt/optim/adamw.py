@@ -1,7 +1,7 @@
 """The two update rules over the gradient buffer: ZeRO-1 AdamW (sharded over DP) and plain AdamW.
 
 ShardedAdamW (the distributed optimizer). DP rank r owns shard r of every bucket (see
-grad_buffer.py). It keeps fp32 main params and the Adam moments for the owned elements only,
+grad_buffer.py; a bucket of expert weights is sharded over its edp group instead). It keeps fp32 main params and the Adam moments for the owned elements only,
 12 bytes per owned element, so 12*Psi/d per rank. The owned piece of each parameter is one
 contiguous range of its flattened local tensor: a `Segment`. The step runs AdamW on the segments
 with torch._foreach ops, in the same order of operations as torch.optim.AdamW (decoupled decay
@@ -9,6 +9,9 @@ p -= lr*wd*p first, then the bias-corrected Adam update), then every bucket's up
 all-gathered in the model's dtype into every rank's parameters.
 With fp32 weights the main params are views into the model params themselves (no extra copy:
 8 bytes per owned element); with bf16/fp16 weights they are a separate fp32 flat tensor.
+At DP = 1 with fp32 weights the update has already landed in the parameters (the main params are
+their views, and this rank owns everything): there is nothing to gather, so no shard is copied into
+the buffer and back (the spent gradients stay there until the next zero_grad zeroes the buffer).
 
 PlainAdamW (for comparison, and the `distributed_optimizer: false` path): torch.optim.AdamW on
 fp32 main params (the model params themselves in fp32), every DP rank holding everything.
@@ -120,12 +123,14 @@ class ShardedAdamW:
         """Launch one async all-gather per bucket of its owned shard, cast to the model dtype, in the
         order the next forward needs them: the last bucket (the first layers) first."""
         self.wait_from(0)                      # never two gathers into one bucket's bytes
+        if self.dp.size == 1 and self.main_flat is None:
+            return                             # the update wrote the params themselves
         for b, segs in reversed(list(zip(self.buffer.buckets, self.by_bucket))):
             region = self._bucket_bytes(b)                                   # [end - start]
             lo, hi = (x - b.start for x in self.buffer.owned_range(b))
             for s in segs:
                 region[s.buf_lo - b.start:s.buf_lo - b.start + s.hi - s.lo].copy_(s.main)
-            self.pending[b.index] = self.dp.all_gather_async(region, region[lo:hi])   # in place
+            self.pending[b.index] = b.group.all_gather_async(region, region[lo:hi])   # in place
 
     @torch.no_grad()
     def wait_from(self, first: int) -> None:

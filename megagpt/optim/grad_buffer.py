@@ -17,6 +17,11 @@ that leaves the sum in that shard (the other shards keep stale local values); ot
 all-reduce and every rank owns the whole bucket. Gradients are summed, not averaged: the training
 loop divides the loss by the global token count, so the sum is the global mean.
 
+Expert weights (ParamMeta.expert, model/moe.py) live on dp/ep ranks only, so their buckets are
+reduced, and with the distributed optimizer sharded, over the expert-data-parallel group instead
+(`Bucket.group`): a bucket holds either expert or dense parameters, never both, and every bucket
+is padded to a multiple of dp, which edp divides.
+
 After the update the reduced gradients are spent, so the distributed optimizer all-gathers each
 bucket's updated weights into that bucket's own bytes (see adamw.py); `zero(skip=...)` leaves the
 buckets whose gather is still in flight, and the optimizer zeroes each once it has copied it out.
@@ -29,15 +34,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..parallel.layers import meta_of
 from ..parallel.state import Group
 
 
 def plan_buckets(chunk_numels: list[list[int]], bucket_elems: int, dp: int,
-                 alone: list[set[int]] | None = None) -> list[tuple[int, list[int], int, int]]:
+                 alone: list[set[int]] | None = None,
+                 kinds: list[list[int]] | None = None) -> list[tuple[int, list[int], int, int]]:
     """The bucket plan, from sizes alone (the grad buffer and comm_model both use it).
 
     chunk_numels: each model chunk's parameter sizes in registration order; alone: per chunk, the
-    indices of parameters that sit in a bucket of their own. Parameters are laid out last chunk first,
+    indices of parameters that sit in a bucket of their own; kinds: per chunk, each parameter's kind
+    (0 dense, 1 expert): a bucket closes where the kind changes. Parameters are laid out last chunk first,
     last parameter first (the order backward produces them); a bucket closes once it holds
     bucket_elems or more, never spans two chunks, and is padded to a multiple of dp. Returns the
     buckets in buffer order: (chunk, parameter indices in buffer order, start, end)."""
@@ -58,6 +66,9 @@ def plan_buckets(chunk_numels: list[list[int]], bucket_elems: int, dp: int,
                 close(c, [i])
                 current, size = [], 0
                 continue
+            if kinds and current and kinds[c][i] != kinds[c][current[-1]]:
+                close(c, current)
+                current, size = [], 0
             current.append(i)
             size += chunk_numels[c][i]
             if size >= bucket_elems:
@@ -77,14 +88,17 @@ class Bucket:
     arrived: set = field(default_factory=set)   # ids of params whose final gradient is in
     handle: object = None              # the async work, None when not launched or when dp == 1
     launched: bool = False
+    group: Group | None = None         # dp, or edp for a bucket of expert weights
 
 
 class GradBuffer:
     def __init__(self, chunk_params: list[list[nn.Parameter]], dp: Group, bucket_bytes: int,
-                 reduce_scatter: bool, dtype: torch.dtype = torch.float32, own_bucket=(), device=None):
+                 reduce_scatter: bool, dtype: torch.dtype = torch.float32, own_bucket=(), device=None,
+                 expert_dp: Group | None = None):
         """chunk_params: each model chunk's trainable params in registration order.
         own_bucket: params that must sit alone in a bucket (the tied embedding across pipeline
-        stages: its shard boundaries must then be the same on the first and the last stage)."""
+        stages: its shard boundaries must then be the same on the first and the last stage).
+        expert_dp: the group of the expert weights' buckets (default: dp)."""
         self.dp, self.reduce_scatter, self.dtype = dp, reduce_scatter, dtype
         self.sync = True
         elem = torch.empty((), dtype=dtype).element_size()
@@ -96,14 +110,16 @@ class GradBuffer:
         self.buckets: list[Bucket] = []
         numels = [[p.numel() for p in params] for params in chunk_params]
         lone = [{i for i, p in enumerate(params) if id(p) in alone} for params in chunk_params]
+        kinds = [[int(meta_of(p).expert) for p in params] for params in chunk_params]
         offset = 0
-        for c, indices, start, offset in plan_buckets(numels, bucket_elems, dp.size, lone):
+        for c, indices, start, offset in plan_buckets(numels, bucket_elems, dp.size, lone, kinds):
             params = [chunk_params[c][i] for i in indices]
             at = start
             for p in params:
                 self.param_range[id(p)] = (at, at + p.numel())
                 at += p.numel()
-            self.buckets.append(Bucket(len(self.buckets), start, offset, params))
+            group = expert_dp if expert_dp is not None and kinds[c][indices[0]] else dp
+            self.buckets.append(Bucket(len(self.buckets), start, offset, params, group=group))
 
         # 2. allocate the buffer and hand out the views
         device = device or (chunk_params[0][0].device if chunk_params and chunk_params[0] else None)
@@ -123,8 +139,8 @@ class GradBuffer:
         """[lo, hi) of bucket b (buffer coordinates) whose reduced gradient this DP rank holds."""
         if not self.reduce_scatter:
             return b.start, b.end
-        n = (b.end - b.start) // self.dp.size
-        return b.start + self.dp.rank * n, b.start + (self.dp.rank + 1) * n
+        n = (b.end - b.start) // b.group.size
+        return b.start + b.group.rank * n, b.start + (b.group.rank + 1) * n
 
     def owned_views(self) -> list[torch.Tensor]:
         return [self.data[lo:hi] for lo, hi in map(self.owned_range, self.buckets)]
@@ -147,9 +163,9 @@ class GradBuffer:
         if self.reduce_scatter:
             lo, hi = self.owned_range(b)
             # output aliases this rank's own shard of the input (in place, as Megatron does)
-            b.handle = self.dp.reduce_scatter_async(self.data[lo:hi], b.data)
+            b.handle = b.group.reduce_scatter_async(self.data[lo:hi], b.data)
         else:
-            b.handle = self.dp.all_reduce_async(b.data)
+            b.handle = b.group.all_reduce_async(b.data)
         b.launched = True
 
     def finish_grad_sync(self) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, ParallelConfig, TrainConfig, dp_mode
+from ..model.compile import COMPILED_UNIT
 from ..parallel.layers import meta_of
 from ..parallel.state import ParallelState
 from .adamw import PlainAdamW, ShardedAdamW
@@ -57,13 +58,16 @@ class Optimizer:
         # parameters are replicated over DP and CP: gradients are reduced (and ZeRO shards owned) over dp x cp
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp_cp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
-                                 own_bucket=tied_params, device=ps.device)
+                                 own_bucket=tied_params, device=ps.device, expert_dp=ps.edp)
         rule = ShardedAdamW if self.distributed else PlainAdamW
         self.update = rule(names, self.buffer, ps.dp_cp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,
                                  train_cfg.loss_scale_window, train_cfg.min_loss_scale)
         self.world = ps.world
-        self.norm_group = self.world if self.distributed else ps.mp
+        # plain AdamW: every DP rank holds its whole buckets, so one replica's sum (mp) is the norm; with
+        # experts (which differ over ep) the world sums the buckets of each group's rank 0 instead
+        experts = any(b.group is not ps.dp_cp for b in self.buffer.buckets)   # dense buckets reduce over dp x cp
+        self.norm_group = self.world if self.distributed or experts else ps.mp
         self.owned = self.buffer.owned_views()
         self.norm_views = self._norm_views()
         self.steps = 0                          # updates applied (skipped steps do not count)
@@ -75,11 +79,17 @@ class Optimizer:
         step, finish the all-gathers of its buckets and of every bucket launched before them (in
         launch order; collectives on one group complete in that order anyway). So each chunk's first
         module waits on its own buckets, and a parameter read by a later module of its chunk (the
-        tied LM head on the last stage) is in by then."""
+        tied LM head on the last stage) is in by then. A compiled block (train.compile) is one unit: its
+        hook waits on all of its buckets, and nothing inside the compiled graph waits."""
         hooks, bucket_of = [], self.buffer.bucket_of
         for chunk in self.chunks:
+            units = [m for m in chunk.modules() if getattr(m, COMPILED_UNIT, False)]
+            inside = {id(sub) for u in units for sub in u.modules() if sub is not u}
             for module in chunk.modules():
-                mine = [bucket_of[id(p)].index for p in module.parameters(recurse=False) if id(p) in bucket_of]
+                if id(module) in inside:
+                    continue
+                unit = getattr(module, COMPILED_UNIT, False)
+                mine = [bucket_of[id(p)].index for p in module.parameters(recurse=unit) if id(p) in bucket_of]
                 if mine:
                     first = min(mine)
                     hooks.append(module.register_forward_pre_hook(
@@ -93,6 +103,8 @@ class Optimizer:
         if not self.distributed and self.ps.cp.rank > 0:
             return views
         for b in self.buffer.buckets:
+            if not self.distributed and self.norm_group is self.world and b.group.rank != 0:
+                continue
             lo, hi = self.buffer.owned_range(b)
             for p in b.params:
                 start, _ = self.buffer.param_range[id(p)]

@@ -1,8 +1,8 @@
 """ZeRO-2: gradients, and the optimizer state, sharded over DP (ZeRO-3, zero3.py, adds the parameters).
 
 The trainable parameters of each model chunk are cut into flat groups, each padded to a multiple of
-the DP size d: the grad buffer's buckets (plan_buckets) for zero2, one group per layer for zero3
-(zero3.py). DP rank r owns the slice [r*S, (r+1)*S) of every group (S = padded size / d) and keeps,
+the DP size d: the grad buffer's buckets (plan_buckets) for zero2, one group per layer and two root
+groups per chunk for zero3 (zero3.py). DP rank r owns the slice [r*S, (r+1)*S) of every group (S = padded size / d) and keeps,
 for that slice only, in fp32: the reduced gradient, the main params and the two Adam moments.
 
 Gradients. Every parameter has a post-accumulate-grad hook: its gradient (model dtype) is added into
@@ -10,8 +10,8 @@ its group's fp32 flat [size] (allocated on the group's first arrival, so one gro
 time) and p.grad is freed. When the group is complete, its TP-partial gradients are finished in place
 (finalize_tp_grads: SP norms, replicated KV rows; TP peers hold the same groups) and a reduce-scatter
 over DP starts, asynchronously, in place; when the next group starts its own, the previous one is
-waited on, added into the owned fp32 shard, and its flat freed. So the unowned gradients live only
-while a group fills. This happens on every microbatch (a full-size accumulator is what zero2 saves),
+waited on, added into the owned fp32 shard, and its flat freed (the last one of a backward by the
+next forward's pre-hook, or by step()). So the unowned gradients live only while a group fills. This happens on every microbatch (a full-size accumulator is what zero2 saves),
 so with m microbatches a step reduce-scatters m times; set_sync() is accepted and ignored.
 
 The step: finish the reductions -> the tied embedding's shard summed over its stages (it sits alone in
@@ -21,7 +21,8 @@ clipping -> AdamW on the owned slices (adamw.ShardedAdamW's update, on `Segment`
 weights back: zero2 all-gathers each group's shard in the param dtype into the (whole) parameters.
 
 Bytes per parameter and rank: weights e (2 in bf16, 4 in fp32) + fp32 grads 4/d + Adam 8/d + fp32
-main 4/d, which in fp32 is the weights' own owned slice: bf16 2 + 16/d, fp32 4 + 12/d.
+main 4/d, which in fp32 is the weights' own owned slice: bf16 2 + 16/d, fp32 4 + 12/d. (ZeRO's paper
+counts 2 + 14/d: its gradient shard is fp16; here gradients are accumulated and reduced in fp32.)
 """
 from __future__ import annotations
 

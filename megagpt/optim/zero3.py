@@ -1,37 +1,40 @@
 """ZeRO-3: the weights sharded over DP too, gathered one unit at a time.
 
-Units: every transformer layer of a chunk is one unit; the chunk's other parameters (embedding, final
-norm, LM head) are its root unit, and a tied embedding whose copy sits on another stage is a unit of
-its own (so its shards line up with the copy's, as in zero2). Each unit's weights live in one flat
+Units: every transformer layer of a chunk is one unit; the chunk's other parameters are two root units:
+the embedding (or a tied copy of it: alone, its shards line up with the other stage's, as in zero2),
+and the final norm with the LM head. Each unit's weights live in one flat
 tensor [size] of the param dtype whose storage is freed (resized to 0) when the unit is resharded;
 the parameters stay the same nn.Parameter objects (names, ParamMeta), viewing that flat. What a rank
 keeps is its slice of the flat (`pshard`, [size/d]; in fp32 it is the fp32 main params themselves).
 
-The life of a unit over one microbatch:
+The life of a layer's unit over one microbatch:
   forward pre-hook      all-gather it (or wait on its prefetch) in the param dtype, then start the
                         next layer's gather (prefetch);
-  forward post-hook     reshard, and hook the output's gradient; a root unit (used first in forward
-                        and last in backward) stays whole until the backward of every microbatch
-                        whose forward gathered it is over: once per microbatch on a pipeline's last
-                        stage, once per step where several forwards run before the first backward;
+  forward post-hook     reshard, and hook the output's gradient;
   output gradient hook  before the layer's backward: gather it again, prefetch the layer before;
   gradients             each param's gradient goes into the unit's fp32 flat (zero.py); when all are
                         in, the unit's reduce-scatter starts and the unit is resharded.
+The root units (used first in forward and last in backward) are gathered by the chunk's forward
+pre-hook and stay whole until the backward of every microbatch whose forward found them whole is
+over: one gather per microbatch on a pipeline's last stage, one per step where several forwards run
+before the first backward (comm_model._root_gathers reads this off the schedule).
 Under full activation recompute the layer's forward runs again inside backward: its hooks see that
-(a backward is running) and neither gather (the output hook already did) nor reshard, so a unit is
+(a backward is running) and neither gather (the output hook already did) nor reshard, so a layer is
 gathered twice per microbatch with or without recompute.
 
-Bytes per parameter and rank: fp32 grads 4/d + Adam 8/d + main 4/d + the bf16 shard 2/d (fp32: the
-main params are the shard), plus the units being gathered: 16/d (fp32) or 18/d (bf16), plus one or two
-units. Traffic per microbatch: two all-gathers of every layer (one of the root) and one reduce-scatter
-of every unit; zero1 does one of each per step, so with one microbatch in fp32 zero3 moves ~1.5x.
+Bytes per parameter and rank, between steps: fp32 grads 4/d + Adam 8/d + main 4/d + the bf16 shard 2/d
+(in fp32 the main params are the shard): 18/d in bf16, 16/d in fp32. During a microbatch add the units
+that are whole (the root units, the running layer, the prefetched one) in the param dtype and the fp32
+flats of the one or two units whose gradients are arriving or being reduced.
+Traffic per microbatch: two all-gathers of every layer, the root units' as above, one reduce-scatter of
+every unit; zero1 does one reduce-scatter and one all-gather per step, so with one microbatch in fp32
+zero3 moves 1.5x less half the root units' share (tests/test_zero_accounting.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..parallel.layers import meta_of
 from .zero import FlatGroup, ShardedOptimizer
 
 
@@ -47,10 +50,12 @@ class Zero3Optimizer(ShardedOptimizer):
         for c in chunks:
             blocks = list(c.layers.values()) if hasattr(c, "layers") else []
             in_block = {id(p) for b in blocks for p in b.parameters()}
-            rest = [p for p in c.parameters() if p.requires_grad and id(p) not in in_block]
-            tied = [p for p in rest if meta_of(p).tied and ps.embedding.size > 1]
-            root = [p for p in rest if all(p is not t for t in tied)]
-            for params, kind in [(root, ("root", c)), (tied, ("root", c))] + \
+            rest = [(n, p) for n, p in c.named_parameters() if p.requires_grad and id(p) not in in_block]
+            # the embedding (or its tied copy) is a unit of its own: its gradient comes last in backward,
+            # so in one unit with the head the head's fp32 gradients would wait through all of backward
+            emb = [p for n, p in rest if n.startswith("embedding.")]
+            root = [p for n, p in rest if not n.startswith("embedding.")]
+            for params, kind in [(emb, ("root", c)), (root, ("root", c))] + \
                     [([p for p in b.parameters() if p.requires_grad], ("layer", b)) for b in blocks]:
                 if params:
                     lists.append(params)

@@ -3,6 +3,11 @@
 Per token: loss = log(sum_v exp(z_v)) - z_label. The max, the sum of exponentials and the label's
 logit are each reduced over TP (three small all-reduces of [s, b]). Columns of the padded vocab
 (ids >= vocab_size) are masked out, so the loss does not depend on how much padding TP needed.
+
+With TP = 1 nothing is reduced, and one fused softmax replaces the shift / exp / sum / divide passes
+over the logits. The loss needs log(sum_v exp(z_v - max)), and the softmax holds it exactly where the
+row's max sits: there p = 1/sum, so loss = -log(max_v p_v) - (z_label - max), never underflowing
+(max_v p_v >= 1/V). The softmax is kept for the backward, softmax - onehot, done in place.
 """
 from __future__ import annotations
 
@@ -49,7 +54,33 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _SerialCE(torch.autograd.Function):
+    """TP = 1 over the real vocabulary (padding columns dropped), see the module docstring."""
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_size: int):
+        z = logits[..., :vocab_size]                                                     # [s, b, V]
+        row_max = z.amax(dim=-1).float()                                                 # [s, b]
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)                            # [s, b, V]
+        label_logit = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()             # [s, b]
+        loss = probs.amax(dim=-1).log_().neg_().sub_(label_logit - row_max)              # [s, b]
+        ctx.save_for_backward(probs, labels)
+        ctx.padded, ctx.in_dtype = logits.shape[-1], logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, labels = ctx.saved_tensors
+        g = grad_loss.unsqueeze(-1)                                                      # [s, b, 1]
+        grad = probs.mul_(g)                                                             # softmax * dloss
+        grad.scatter_add_(-1, labels.unsqueeze(-1), g.neg())                             # - onehot * dloss
+        if ctx.padded > grad.shape[-1]:
+            grad = torch.nn.functional.pad(grad, (0, ctx.padded - grad.shape[-1]))
+        return grad.to(ctx.in_dtype), None, None
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: Group,
                                  vocab_size: int) -> torch.Tensor:
     """logits [s, b, V/tp], labels [s, b] -> per-token loss [s, b] in fp32."""
+    if tp.size == 1:
+        return _SerialCE.apply(logits, labels, vocab_size)
     return _VocabParallelCE.apply(logits, labels, tp, vocab_size)

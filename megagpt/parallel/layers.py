@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from .mappings import reduce_from_tp, reduce_scatter_to_sp
+from .tp_overlap import column_linear
 from .state import Group
 
 
@@ -105,6 +106,15 @@ class ParamMeta:
                                         # parameter ("embedding": the word embedding and the LM head)
     tied_copy: bool = False             # this is a stage's extra copy of a tied parameter: never
                                         # saved, not counted in the grad norm (its owner counts)
+    expert: bool = False                # an expert weight (model/moe.py): dim 0 (the experts) is split
+                                        # evenly over the ep ranks; its grads reduce over edp, not dp
+
+    def ep_shard(self, full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+        """This ep rank's experts of a global tensor (the whole tensor for a non-expert weight)."""
+        if not self.expert or ep_size == 1:
+            return full
+        n = self.global_shape[0] // ep_size
+        return full.narrow(0, ep_rank * n, n)
 
 
 def meta_of(p: torch.Tensor) -> ParamMeta:
@@ -156,8 +166,9 @@ class ColumnParallelLinear(nn.Module):
                                device, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.tp) if self.sp else copy_to_tp(x, self.tp)   # [s, b, in]
-        return F.linear(x, self.weight, self.bias)                              # [s, b, out/tp]
+        if self.tp.size > 1:   # the input-gradient collective overlaps the weight-gradient GEMM
+            return column_linear(x, self.weight, self.bias, self.tp, self.sp)     # [s, b, out/tp]
+        return F.linear(x, self.weight, self.bias)                              # [s, b, out]
 
 
 class RowParallelLinear(nn.Module):
@@ -179,8 +190,9 @@ class RowParallelLinear(nn.Module):
 
 def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, tp: Group, sequence_parallel: bool) -> torch.Tensor:
     """The output layer as a column-parallel matmul with a given (possibly tied) weight [V/tp, h]."""
-    x = gather_from_sp(x, tp) if sequence_parallel else copy_to_tp(x, tp)          # [s, b, h]
-    return F.linear(x, weight)                                                      # [s, b, V/tp]
+    if tp.size > 1:
+        return column_linear(x, weight, None, tp, sequence_parallel)                # [s, b, V/tp]
+    return F.linear(x, weight)                                                      # [s, b, V]
 
 
 def init_std_for(name: str, std: float, num_layers: int, scaled: bool) -> float:

@@ -7,7 +7,10 @@ Each function's backward is the adjoint of its forward:
     reduce_scatter_to_sp fwd reduce-scatter bwd all-gather      (output of a row-parallel layer, SP)
     scatter_to_sp       fwd split(s)        bwd all-gather      (entering an SP region from a replicated one)
     gather_to_full      fwd all-gather(s)   bwd split           (leaving an SP region into a replicated one)
+    all_to_all          fwd all-to-all      bwd all-to-all with the splits swapped (expert dispatch)
 Activations are [s, b, h]: the sequence dim is 0, so SP shards are [s/tp, b, h].
+The column-parallel layers fuse their input mapping (copy_to_tp / gather_from_sp) with the GEMM
+(tp_overlap.py), so that the backward's collective overlaps the weight-gradient GEMM.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
+        if x.is_contiguous() and not x.is_leaf:  # a layer's fresh output: summed in place, no copy
+            ctx.mark_dirty(x)
+            return group.all_reduce(x)
         return group.all_reduce(x.contiguous().clone())
 
     @staticmethod
@@ -79,6 +85,25 @@ class _GatherToFull(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _split_seq(grad, ctx.group), None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits):
+        ctx.group, ctx.splits = group, (out_splits, in_splits)
+        return group.all_to_all(x, out_splits, in_splits)         # [sum(in), h] -> [sum(out), h]
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return ctx.group.all_to_all(grad.contiguous(), in_splits, out_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group: Group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    """Rows of x, in_splits[j] of them to rank j; returns the out_splits[j] rows from each rank j."""
+    if group.size == 1:
+        return x
+    return _AllToAll.apply(x, group, list(out_splits), list(in_splits))
 
 
 def _split_seq(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -24,7 +24,8 @@ so a bubble is measured on the engine itself (tools/schedule.py --measure, make 
 Loss: the last global chunk turns its per-token losses [b, s] into sum * loss_scale and
 backpropagates that. The caller passes loss_scale = 1 / (tokens in the global batch over all
 DP ranks), so gradients summed over microbatches (they accumulate in .grad) and over DP are
-exactly the one-process gradients of the mean per-token loss.
+exactly the one-process gradients of the mean per-token loss. The MoE layers' auxiliary losses
+(model/moe.py) enter with weight loss_scale * tokens per microbatch: their mean over microbatches.
 """
 from __future__ import annotations
 
@@ -109,10 +110,15 @@ class PipelineEngine:
 
     # ------------------------------------------------------------------ the loop
     def forward_backward(self, get_microbatch: Callable, num_microbatches: int, loss_scale: float,
-                         forward_only: bool = False, before_last_backward: Callable | None = None) -> list:
+                         forward_only: bool = False, before_last_backward: Callable | None = None,
+                         model_kwargs: Callable | None = None, loss_fn: Callable | None = None) -> list:
         """Run the schedule once. get_microbatch(i) -> (tokens [b, s] or None, labels [b, s] or None):
         the first stage reads tokens, the last reads labels. Gradients accumulate in .grad.
         before_last_backward() runs right before this rank's last B (to turn on DP grad sync).
+        model_kwargs(i) -> dict, if given, is passed to every chunk's forward on every stage (the
+        microbatch's `packing`: every stage runs attention).
+        loss_fn(i, out) -> 0-dim loss sum, if given, replaces out.sum() on the last stage, where out is
+        what the last chunk returned for microbatch i (a loss over whole sequences: DPO, reward pairs).
 
         Returns the per-microbatch loss sums (unscaled, detached 0-dim tensors, microbatch order)
         on the rank holding the last global chunk, and [] on the others."""
@@ -120,6 +126,9 @@ class PipelineEngine:
         last_b = next((op for op in reversed(ops) if op.kind == "B"), None)
         self._reset()
         self.trace, self.timeline = [], []
+        for chunk in self.chunks:          # (a chunk that is not a GPTModel, e.g. bubble.py's, has none)
+            if getattr(chunk, "moe", None) is not None:
+                chunk.moe.clear()          # the MoE/MoD records (model/moe.py) hold this call's only
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             for item in comm_batches(ops):
                 if isinstance(item, list):
@@ -131,7 +140,7 @@ class PipelineEngine:
                 start = time.perf_counter()
                 with self.timer("compute"):
                     if item.kind == "F":
-                        waited = self._forward(item, get_microbatch, loss_scale, forward_only)
+                        waited = self._forward(item, get_microbatch, loss_scale, forward_only, model_kwargs, loss_fn)
                     else:
                         waited = self._backward(item)
                 self.timeline.append((item, start, time.perf_counter(), waited))
@@ -184,9 +193,11 @@ class PipelineEngine:
                 self._sending.append((tensor, works))
         self.trace += batch
 
-    def _forward(self, op: Op, get_microbatch: Callable, loss_scale: float, forward_only: bool) -> float:
+    def _forward(self, op: Op, get_microbatch: Callable, loss_scale: float, forward_only: bool,
+                 model_kwargs: Callable | None = None, loss_fn: Callable | None = None) -> float:
         """Runs F; returns the seconds spent waiting for its input."""
         chunk, key = self.chunks[op.chunk], (op.microbatch, op.chunk)
+        kwargs = model_kwargs(op.microbatch) if model_kwargs is not None else {}
         tokens = labels = None
         waited = 0.0
         if chunk.pre_process or chunk.post_process:
@@ -198,15 +209,17 @@ class PipelineEngine:
         else:
             x, waited = self._received(self._recv_act, key)               # [s/tp, b, h]
             x.requires_grad_(not forward_only)                           # a leaf: its .grad goes back
+        if getattr(chunk, "moe", None) is not None:                      # MoE aux losses' weight
+            chunk.moe.scale = loss_scale * self.layout.micro_batch * self.layout.seq_len
         if chunk.post_process:
             if labels is None:
                 raise ValueError(f"get_microbatch({op.microbatch}) gave no labels on the last pipeline stage")
-            per_token = chunk(x, labels.to(self.device))                 # [b, s] fp32
-            loss_sum = per_token.sum()
+            per_token = chunk(x, labels.to(self.device), **kwargs)       # [b, s] fp32
+            loss_sum = loss_fn(op.microbatch, per_token) if loss_fn is not None else per_token.sum()
             self._losses[op.microbatch] = loss_sum.detach()
             out = loss_sum * loss_scale                                  # what backward starts from
         else:
-            out = chunk(x)                                               # [s/tp, b, h]
+            out = chunk(x, **kwargs)                                     # [s/tp, b, h]
             self._send_act[key] = out.detach()
         if not forward_only:
             self._stash[key] = (None if chunk.pre_process else x, out)

@@ -54,16 +54,17 @@ def describe_split(cfg: Config) -> str:
 # ----------------------------------------------------------------------------- building
 
 def build_stage(cfg: Config, ps: ParallelState, seed: int, tracker=None, dtype=torch.float32,
-                layout: Layout | None = None) -> list[GPTModel]:
+                layout: Layout | None = None, model_cls=None) -> list[GPTModel]:
     """This rank's model chunks, local chunk order. Weights are drawn per (seed, global name), so
-    they equal the one-process model's whatever the layout. layout: the run's (default: from cfg)."""
+    they equal the one-process model's whatever the layout. layout: the run's (default: from cfg).
+    model_cls: a GPTModel subclass (the reward model), default GPTModel."""
     if ps.pp.size != cfg.parallel.pp:
         raise ConfigError(f"parallel.pp: the config says {cfg.parallel.pp}, the process groups have {ps.pp.size}")
     t, layout = cfg.train, layout or Layout.from_config(cfg)
     return [build_model(cfg.model, ps, seed, sequence_parallel=cfg.parallel.sequence_parallel,
                         layer_ids=ids, pre_process=pre, post_process=post, recompute=t.recompute,
                         recompute_num_layers=t.recompute_num_layers, tracker=tracker,
-                        device=ps.device, dtype=dtype)
+                        device=ps.device, dtype=dtype, model_cls=model_cls)
             for ids, pre, post in layout.stage_chunks(cfg.model, ps.pp.rank)]
 
 
@@ -71,6 +72,6 @@ def meta_stage(cfg: Config, tp_rank: int = 0, pp_rank: int = 0, layout: Layout |
     """The chunks of the rank at (tp_rank, pp_rank) on the meta device: shapes, ShardSpecs and
     parameter counts of the real model, with nothing allocated and no process group."""
     p = cfg.parallel
-    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank)
+    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep)
     return build_stage(cfg, ps, seed=0, layout=layout)
 

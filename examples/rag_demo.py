@@ -1,0 +1,238 @@
+"""Retrieval-augmented generation on a knowledge base no pretrained model can know.
+
+A seeded generator invents 500 people (invented first and last names) with a birth city (invented), a
+birth year and a trade, one short biography each: the corpus, indexed with BM25 (megagpt/rag.py).
+A tiny model of the flagship architecture learns to read: every training sample is a freshly invented
+person (a name not in the knowledge base, random city, year and trade) shown among two distractors that
+share the first or the last name, as BM25's neighbours do, with a question ("where was Ilsa Varn born ?");
+it answers and cites the passage ("Trelos [p017#0]"). A tenth of the samples come without passages
+(closed book). Nothing of the knowledge base is ever trained on, so closed-book answers about it can
+only be guesses (chance is about 1/32), while with BM25 top-3 retrieval the answer is in the prompt.
+Reported: closed-book and retrieval accuracy on the knowledge base's 1500 questions with Wilson 95%
+intervals, citation accuracy, BM25 recall@1/3/5, a table and JSON; the loss curve goes to a PNG.
+Then the trained checkpoint answers one question through `tools/rag.py ask`.
+
+    python examples/rag_demo.py [--steps 2500] [--out rag_demo_run]        # make rag-demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megagpt.config import ModelConfig  # noqa: E402
+from megagpt.data.tokenizer import EOD_TOKEN, Tokenizer  # noqa: E402
+from megagpt.evaluate import wilson  # noqa: E402
+from megagpt.generate import generate_ids  # noqa: E402
+from megagpt.model.gpt import build_model  # noqa: E402
+from megagpt.rag import Index, Passage, build_prompt, citations, recall_at, strip_citations  # noqa: E402
+
+TRADES = ["glassblower", "cooper", "tanner", "weaver", "mason", "chandler", "cartwright", "fletcher", "potter",
+          "smith", "miller", "baker", "brewer", "dyer", "thatcher", "wheelwright", "saddler", "roper", "joiner",
+          "vintner"]
+QUESTIONS = {"city": "where was {name} born ?", "year": "when was {name} born ?",
+             "trade": "what did {name} work as ?"}
+
+
+def invent_names(rng: random.Random, n: int) -> list[str]:
+    onsets, vowels, codas = "b d f g k l m n p r s t v z th sh br tr kl".split(), "a e i o u ae ei ou".split(), \
+        ["", "n", "r", "l", "s", "th", "k", "m"]
+    out = set()
+    while len(out) < n:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice((1, 2)))) + rng.choice(codas)
+        out.add(word.capitalize())
+    return sorted(out)
+
+
+def invent_world(seed: int = 0, people: int = 500):
+    """(knowledge base, name pools): 500 people [{id, name, city, year, trade, text}] from invented names."""
+    rng = random.Random(seed)
+    names = invent_names(rng, 110)
+    pools = {"first": names[:40], "last": names[40:80], "city": names[80:110]}
+    pairs = rng.sample([(f, ln) for f in pools["first"] for ln in pools["last"]], people)
+    kb = [person(rng, pools, f"{f} {ln}", f"p{i:03d}") for i, (f, ln) in enumerate(pairs)]
+    return kb, pools
+
+
+def person(rng: random.Random, pools, name: str, pid: str) -> dict:
+    p = {"id": pid, "name": name, "city": rng.choice(pools["city"]), "year": str(rng.randrange(1700, 1800)),
+         "trade": rng.choice(TRADES)}
+    p["text"] = f"{name} was born in {p['city']} in {p['year']} and worked as a {p['trade']} ."
+    return p
+
+
+def word_tokenizer(kb, index: Index) -> Tokenizer:
+    """A word-level tokenizer over everything the prompts can hold (megagpt's Tokenizer wrapper)."""
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    words = {w for p in kb for w in p["text"].split()} | set(TRADES)
+    words |= {f"[{p.pid}]" for p in index.passages} | {w for q in QUESTIONS.values() for w in q.split()}
+    words |= {"question:", "answer:", "<unk>"}
+    vocab = {w: i for i, w in enumerate([EOD_TOKEN] + sorted(words))}
+    hf = HF(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([EOD_TOKEN])
+    return Tokenizer(hf)
+
+
+def questions(people):
+    return [(p, attr, QUESTIONS[attr].format(name=p["name"])) for p in people for attr in QUESTIONS]
+
+
+def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool):
+    """(ids, prompt length) of one training sample, freshly invented so nothing can be memorized: a person
+    whose name is not in the knowledge base, two distractors that share the first or the last name (as
+    BM25 neighbours do), in random order with random passage ids; then the answer and its citation."""
+    while True:
+        first, last = rng.choice(pools["first"]), rng.choice(pools["last"])
+        if (first, last) not in taken:
+            break
+    others = [(first, rng.choice(pools["last"])), (rng.choice(pools["first"]), last)]
+    ids = [f"p{i:03d}" for i in rng.sample(range(n_ids), 3)]
+    people = [person(rng, pools, f"{f} {ln}", pid) for (f, ln), pid in zip([(first, last)] + others, ids)]
+    gold = people[0]
+    passages = [Passage(f"{p['id']}#0", p["id"], p["text"]) for p in people]
+    rng.shuffle(passages)
+    attr = rng.choice(list(QUESTIONS))
+    question = QUESTIONS[attr].format(name=gold["name"])
+    if closed:
+        prompt, target = build_prompt(question, []), gold[attr]
+    else:
+        prompt, target = build_prompt(question, passages), f"{gold[attr]} [{gold['id']}#0]"
+    p_ids, t_ids = tok.encode(prompt), tok.encode(target) + [tok.eod_id]
+    return p_ids + t_ids, len(p_ids)
+
+
+def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, log=print):
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, hidden_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, ffn_hidden_size=256, make_vocab_divisible_by=1, tie_embeddings=True,
+                      use_flash_attn=False)
+    model = build_model(cfg, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
+    rng, taken = random.Random(seed + 1), {tuple(p["name"].split()) for p in kb}
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    t0 = time.perf_counter()
+    for step in range(steps):
+        rows = [example(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(32)]
+        width = max(len(r) for r, _ in rows)
+        data = torch.tensor([r + [tok.eod_id] * (width - len(r)) for r, _ in rows])           # [b, s+1]
+        mask = torch.zeros(len(rows), width - 1)
+        for i, (r, n_prompt) in enumerate(rows):
+            mask[i, n_prompt - 1:len(r) - 1] = 1.0                  # predict the answer, citation and EOD
+        model.train()
+        losses = model(data[:, :-1], data[:, 1:])                    # [b, s]
+        loss = (losses * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        metrics.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
+        if (step + 1) % 250 == 0:
+            log(f"  step {step + 1:>5}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    metrics.close()
+    return model.eval()
+
+
+def answer_all(model, tok, prompts: list[str], batch: int = 64) -> list[str]:
+    outs = []
+    for i in range(0, len(prompts), batch):
+        ids = generate_ids(model, [tok.encode(p) for p in prompts[i:i + batch]], 4, eod_id=tok.eod_id)
+        outs += [tok.decode([t for t in r if t != tok.eod_id]).strip() for r in ids]
+    return outs
+
+
+def score(model, tok, index, qs, k: int | None) -> dict:
+    """Accuracy of the answers (and of the citations, with retrieval) on questions qs."""
+    prompts, golds = [], []
+    for person, attr, q in qs:
+        hits = [p for p, _ in index.search(q, k)] if k else []
+        prompts.append(build_prompt(q, hits))
+        golds.append([p.pid for p in hits])
+    outs = answer_all(model, tok, prompts)
+    right = [strip_citations(o) == p[attr] for o, (p, attr, _) in zip(outs, qs)]
+    res = {"n": len(qs), "accuracy": sum(right) / len(qs), "ci95": list(wilson(sum(right), len(qs)))}
+    if k:
+        cited = [citations(o, g)[0] == [f"{p['id']}#0"] for o, g, (p, _, _) in zip(outs, golds, qs)]
+        res["citation_accuracy"] = sum(cited) / len(qs)
+        res["made_up_ids"] = sum(bool(citations(o, g)[1]) for o, g in zip(outs, golds))
+    res["example"] = {"prompt": prompts[0], "output": outs[0]}
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--out", default="rag_demo_run")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))    # a 64-wide model gains nothing from 2
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    kb, pools = invent_world(args.seed)
+    corpus = os.path.join(args.out, "kb.jsonl")
+    with open(corpus, "w") as f:
+        for p in kb:
+            f.write(json.dumps({"id": p["id"], "text": p["text"]}) + "\n")
+    index = Index.from_corpus(corpus)
+    index.save(os.path.join(args.out, "index"))
+    tok = word_tokenizer(kb, index)
+    test_q = questions(kb)
+    ranked = [[p.pid for p, _ in index.search(q, 5)] for _, _, q in test_q]
+    recall = recall_at(ranked, [f"{p['id']}#0" for p, _, _ in test_q])
+    print(f"knowledge base: {len(kb)} invented people, {len(index.passages)} passages, {len(test_q)} questions; "
+          f"vocabulary {tok.vocab_size} words; training on freshly invented people, {args.steps} steps")
+    model = train(tok, kb, pools, args.steps, args.out, args.seed)
+    train_s = time.perf_counter() - t0
+    closed = score(model, tok, index, test_q, None)
+    rag3 = score(model, tok, index, test_q, 3)
+    chance = sum(1 / n for n in (len({p["city"] for p in kb}), 100, len(TRADES))) / 3
+    res = {"held_out_questions": len(test_q), "closed_book": closed, "retrieval_top3": rag3,
+           "chance": chance,
+           "recall": {f"@{k}": v for k, v in recall.items()}, "steps": args.steps,
+           "train_seconds": round(train_s, 1), "threads": torch.get_num_threads()}
+    print(f"\n{'questions on the knowledge base (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)")
+    for name, r in [("closed book", closed), ("with BM25 top-3 retrieval", rag3)]:
+        print(f"{name:<38}{r['accuracy']:>9.3f}   [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    print(f"{'chance (a uniform guess)':<38}{chance:>9.3f}")
+    print(f"citations: the gold passage cited in {rag3['citation_accuracy']:.3f} of answers; "
+          f"{rag3['made_up_ids']} answers cite an id not in the prompt")
+    print("BM25 recall: " + "  ".join(f"@{k} {v:.3f}" for k, v in recall.items()))
+    print(f"example:\n{rag3['example']['prompt']}\n-> {rag3['example']['output']}")
+    try:
+        from megagpt.plot import plot_losses
+        plot_losses(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"))
+        print(f"loss curve: {os.path.join(args.out, 'loss.png')}")
+    except ImportError:
+        print("loss curve: matplotlib is not installed (pip install megagpt[plot])")
+    ask_through_tool(model, tok, args.out, test_q[0][2])
+    res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({k: v for k, v in res.items()}, default=lambda o: o))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def ask_through_tool(model, tok, out: str, question: str) -> None:
+    """Save the model with its tokenizer, then ask one held-out question through tools/rag.py."""
+    from megagpt.loading import save_for_inference
+    import rag as rag_tool
+    tok.save(os.path.join(out, "tokenizer.json"))
+    save_for_inference(os.path.join(out, "ckpt"), model, os.path.join(out, "tokenizer.json"))
+    argv = ["ask", "--index", os.path.join(out, "index"), "--load", os.path.join(out, "ckpt"), "--question", question]
+    print(f"\n$ python tools/rag.py {' '.join(argv)}")
+    rag_tool.main(argv)
+
+
+if __name__ == "__main__":
+    main()

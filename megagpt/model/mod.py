@@ -1,0 +1,67 @@
+"""Mixture of depths (Raposo et al. 2024): on the layers in model.mod_layers, a router picks the top
+fraction (model.mod_capacity, e.g. 12.5%) of each sequence's tokens; only those run through the
+block, the rest ride the residual stream unchanged.
+
+    r = x w_r (fp32)                          [s, b]: one score per token
+    keep = top-k of r along s, per sequence   k = ceil(capacity * s), then sorted by position
+    out[keep] = x[keep] + sigmoid(r[keep]) * (block(x[keep]) - x[keep]);  out[rest] = x[rest]
+
+The selected tokens keep their order and their positions (RoPE is read at their original positions),
+so attention among them is causal. The block's update is scaled by the router's weight, so the
+router learns through the language-model loss (a sigmoid: at init the block's update is halved
+rather than vanishing, as a raw score near 0 would make it).
+
+Causality caveat: the top-k is taken over the whole sequence, so whether token t is processed
+depends on later tokens. Training is exact, but autoregressive generation cannot take the same
+decision: the paper trains a small causal predictor of the router's choice for sampling. Here
+`predictor` is that classifier (a linear probe on the detached input, trained by binary
+cross-entropy against the top-k choice, its loss attached to the gradient like the MoE aux losses,
+so it never changes the model); generation through a KV cache is refused in one line, because the
+cache of a MoD layer would hold only the selected tokens (not built). Sequence parallelism is
+refused too (the top-k needs the whole sequence on each rank).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..parallel.layers import REPLICATED, make_param
+from .moe import MoEContext, attach_aux
+
+
+def mod_keep(scores: torch.Tensor, capacity: float) -> torch.Tensor:
+    """scores [s, b] -> positions [k, b] of the top-k per sequence, ascending (k = ceil(capacity * s))."""
+    k = max(1, math.ceil(capacity * scores.shape[0]))
+    return torch.topk(scores, k, dim=0).indices.sort(dim=0).values
+
+
+class MoDRouter(nn.Module):
+    def __init__(self, hidden: int, capacity: float, layer_id: int, context: MoEContext, device=None, dtype=None):
+        super().__init__()
+        self.capacity, self.layer_id, self.context = capacity, layer_id, context
+        self.weight = make_param((1, hidden), REPLICATED, 1, device, dtype)          # the router
+        self.predictor = make_param((1, hidden), REPLICATED, 1, device, dtype)       # its causal stand-in
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, body) -> torch.Tensor:
+        """x [s, b, h]; body(x, cos, sin) is the block on a (sub)sequence. Returns [s, b, h]."""
+        s, b, h = x.shape
+        rdt = torch.promote_types(x.dtype, torch.float32)
+        scores = F.linear(x.to(rdt), self.weight.to(rdt)).squeeze(-1)                # [s, b]
+        keep = mod_keep(scores.detach(), self.capacity)                              # [k, b]
+        rows = keep.unsqueeze(-1).expand(-1, -1, h)
+        x_sel = x.gather(0, rows)                                                    # [k, b, h]
+        # RoPE at the kept tokens' own positions: tables [s, 1, 1, r] -> [k, b, 1, r]
+        cos_sel, sin_sel = cos.squeeze(1).squeeze(1)[keep].unsqueeze(2), sin.squeeze(1).squeeze(1)[keep].unsqueeze(2)
+        gate = torch.sigmoid(scores.gather(0, keep)).unsqueeze(-1).to(x.dtype)      # [k, b, 1]
+        y_sel = x_sel + gate * (body(x_sel, cos_sel, sin_sel) - x_sel)
+        out = x.scatter(0, rows, y_sel)
+        if self.training and torch.is_grad_enabled():
+            target = torch.zeros_like(scores).scatter(0, keep, 1.0)                 # [s, b]
+            guess = F.linear(x.detach().to(rdt), self.predictor.to(rdt)).squeeze(-1)
+            bce = F.binary_cross_entropy_with_logits(guess, target)
+            self.context.mod.append((self.layer_id, bce.detach(), ((guess > 0) == (target > 0)).float().mean()))
+            out = attach_aux(out, bce, self.context.scale)
+        return out

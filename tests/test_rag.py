@@ -1,0 +1,139 @@
+"""megagpt/rag.py and tools/rag.py: the BM25 index round-trips through disk without pickle, retrieves a
+known fact, chunks long documents, puts passage ids in the prompt, parses citations; bad input is one line."""
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from megagpt import rag
+from megagpt.config import ModelConfig
+from megagpt.data.tokenizer import Tokenizer
+from megagpt.loading import save_for_inference
+from megagpt.model.gpt import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import rag as tool  # noqa: E402
+
+DOCS = [
+    {"id": "ilsa", "text": "Ilsa Varn was born in Trelos in 1873 and worked as a glassblower."},
+    {"id": "oren", "text": "Oren Kalt was born in Mirebank in 1901 and worked as a cooper.", "title": "Oren Kalt"},
+    {"id": 7, "text": "Trelos is a river town. " + " ".join(f"w{i}" for i in range(60))},
+]
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _write(tmp_path / "kb.jsonl", DOCS)
+
+
+def test_index_round_trip_without_pickle(corpus, tmp_path, monkeypatch):
+    index = rag.Index.from_corpus(corpus, chunk_words=20, overlap=5)
+    out = str(tmp_path / "ix")
+    index.save(out)
+    for name in os.listdir(out):                                    # only .npy of plain numbers, JSON, JSONL
+        assert name.endswith((".npy", ".json", ".jsonl")), name
+        if name.endswith(".npy"):
+            arr = np.load(os.path.join(out, name), allow_pickle=False)
+            assert arr.dtype.kind in "fiu"
+    def refuse(*a, **k):
+        raise AssertionError("the index must not be unpickled")
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    back = rag.Index.load(out)
+    assert [p.pid for p in back.passages] == [p.pid for p in index.passages]
+    for q in ("where was Oren Kalt born", "river town", "w55 w56", "nothing matches zzz"):
+        assert np.array_equal(back.scores(q), index.scores(q))
+        assert [(p.pid, s) for p, s in back.search(q, 3)] == [(p.pid, s) for p, s in index.search(q, 3)]
+
+
+def test_retrieves_a_known_fact_and_chunks(corpus):
+    index = rag.Index.from_corpus(corpus, chunk_words=20, overlap=5)
+    assert [p.pid for p in index.passages] == ["ilsa#0", "oren#0", "7#0", "7#1", "7#2", "7#3"]   # 65 words
+    assert index.by_id["7#1"].text.split()[0] == "w10"             # 20 words, the last 5 of chunk 0 repeated
+    assert index.search("When was Ilsa Varn born?", 1)[0][0].pid == "ilsa#0"
+    assert index.search("who worked as a cooper", 1)[0][0].pid == "oren#0"
+    assert index.search("w47", 2)[0][0].pid == "7#3" and index.search("w33", 1)[0][0].pid == "7#2"
+    assert index.search("title words count: Oren", 1)[0][0].pid == "oren#0"
+    assert all(s == 0.0 for _, s in index.search("zzz qqq", 3))      # unknown terms score nothing
+
+
+def test_prompt_has_the_ids_and_citations_parse(corpus):
+    index = rag.Index.from_corpus(corpus)
+    hits = [p for p, _ in index.search("where was Oren Kalt born", 2)]
+    prompt = rag.build_prompt("where was Oren Kalt born ?", hits)
+    lines = prompt.split("\n")
+    assert lines[0].startswith("[oren#0] Oren Kalt: Oren Kalt was born in Mirebank")
+    assert lines[1].startswith(f"[{hits[1].pid}] ") and lines[-2:] == ["question: where was Oren Kalt born ?", "answer:"]
+    assert rag.build_prompt("q", []) == "question: q\nanswer:"
+    cited, made_up = rag.citations("Mirebank [oren#0] [zz#9] and [oren#0]", [h.pid for h in hits])
+    assert cited == ["oren#0"] and made_up == ["zz#9"]
+    assert rag.citations("no citation")[0] == []
+    assert rag.strip_citations("Mirebank [oren#0] .") == "Mirebank ."
+    assert rag.recall_at([["a", "b"], ["c", "a"]], ["a", "a"], ks=(1, 2)) == {1: 0.5, 2: 1.0}
+
+
+@pytest.mark.parametrize("row, msg", [
+    ({"id": 1, "txt": "x"}, "unknown field 'txt'"),
+    ({"text": "x"}, "missing field 'id'"),
+    ({"id": 1, "text": 5}, "field 'text' must be a string"),
+    ({"id": "a b", "text": "x"}, "without spaces or brackets"),
+    ({"id": "ilsa", "text": "again"}, "duplicate id 'ilsa'"),
+    ("[1, 2]", "expected a JSON object"),
+    ("{oops", "not a JSON object"),
+])
+def test_bad_corpus_rows_are_one_line_errors(tmp_path, row, msg):
+    path = _write(tmp_path / "c.jsonl", [DOCS[0], row])
+    with pytest.raises(rag.RagError) as e:
+        rag.read_corpus(path)
+    assert msg in str(e.value) and f"{path}:2" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tool_index_and_ask(corpus, tmp_path, capsys):
+    out = str(tmp_path / "ix")
+    assert tool.main(["index", "--corpus", corpus, "--out", out, "--chunk-words", "20", "--overlap", "5"]) == 0
+    assert "3 documents as 6 passages" in capsys.readouterr().out
+    assert tool.main(["ask", "--index", out, "--question", "Where was Ilsa Varn born?", "-k", "2",
+                      "--retrieve-only", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["passages"][0]["id"] == "ilsa#0" and "[ilsa#0] Ilsa Varn was born in Trelos" in res["prompt"]
+    # with a (random) model: the answer is generated from the prompt and its citations parsed
+    root = tmp_path / "m"
+    tok = Tokenizer.train([d["text"] for d in DOCS] * 5, vocab_size=300)
+    root.mkdir()
+    tok.save(str(root / "tokenizer.json"))
+    mcfg = ModelConfig(vocab_size=320, max_seq_len=256, hidden_size=32, num_layers=2, num_heads=4,
+                       ffn_hidden_size=64, make_vocab_divisible_by=1, use_flash_attn=False)
+    save_for_inference(str(root / "run"), build_model(mcfg, seed=3), str(root / "tokenizer.json"))
+    assert tool.main(["ask", "--index", out, "--load", str(root / "run"), "--question", "Where was Ilsa born?",
+                      "--max-new-tokens", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) >= {"answer", "raw", "cited", "unknown_ids"} and len(res["passages"]) == 3
+    assert res["cited"] == rag.citations(res["raw"], [p["id"] for p in res["passages"]])[0]
+
+
+def test_tool_bad_input_one_liners(corpus, tmp_path, capsys):
+    cases = [
+        (["index", "--corpus", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], "corpus file not found"),
+        (["index", "--corpus", corpus, "--out", str(tmp_path / "o"), "--overlap", "200"], "0 <= overlap < chunk_words"),
+        (["ask", "--index", str(tmp_path), "--question", "q", "--retrieve-only"], "not an index directory"),
+        (["ask", "--index", str(tmp_path), "--question", "q"], "--load DIR is required"),
+    ]
+    for argv, msg in cases:
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, (argv, err)
+    out = str(tmp_path / "ix")
+    assert tool.main(["index", "--corpus", corpus, "--out", out]) == 0
+    assert tool.main(["ask", "--index", out, "--question", "q", "-k", "0", "--retrieve-only"]) == 2
+    assert "k: expected a positive number" in capsys.readouterr().err
