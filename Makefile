@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench
+.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench passkey-demo
 
 install: .venv/.installed
 
@@ -23,6 +23,9 @@ demo: install
 
 serve-demo: install
 	$(PY) examples/serve_demo.py
+
+passkey-demo: install
+	$(PY) examples/passkey_demo.py
 
 moe-demo: install
 	$(PY) examples/moe_demo.py
@@ -46,4 +49,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out passkey_run

@@ -12,7 +12,7 @@ import os
 import sys
 
 from .checkpoint.store import CheckpointError
-from .config import Config, ConfigError, config_from_dict, load_config, load_raw
+from .config import Config, ConfigError, config_from_dict, load_config, load_raw, overlay_overrides
 from .data.blend import blend_parts
 from .data.indexed import DataError, fit_model_vocab
 
@@ -24,6 +24,8 @@ FLAGS = (("tp", "parallel.tp"), ("cp", "parallel.cp"), ("pp", "parallel.pp"), ("
 def parse_args(argv=None, default_config: str | None = None):
     ap = argparse.ArgumentParser(description="megagpt pretraining")
     ap.add_argument("--config", default=default_config, help="YAML config")
+    ap.add_argument("--overlay", action="append", default=[],
+                    help="YAML overlay applied over --config (before dotted overrides), e.g. a context extension")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--cp", type=int, help="context parallelism: each sequence split over cp ranks (zigzag)")
     ap.add_argument("--pp", type=int)
@@ -44,7 +46,8 @@ def parse_args(argv=None, default_config: str | None = None):
 
 def resolve_config(args, world: int | None, use_planner: bool = False) -> Config:
     """The run's whole Config. world None (a dry run told no world size) is the config's own tp*pp, dp = 1."""
-    overrides = list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in FLAGS
+    overrides = [o for path in args.overlay for o in overlay_overrides(path)]
+    overrides += list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in FLAGS
                                         if getattr(args, flag) is not None]
     overrides += data_vocab(args.config, overrides)
     probe = load_config(args.config, overrides)  # validated without the world

@@ -9,12 +9,15 @@ dry run, the planner and the model agree on them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
+
+from .model.rope import SCALING_TYPES
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rotary_fraction: float = 1.0         # share of each head's dims that RoPE rotates
     rope_theta: float = 10000.0
-    rope_scaling: float = 1.0            # linear position interpolation: positions are divided by this
+    rope_scaling: float = 1.0            # context-extension factor k (1 = plain RoPE); see model/rope.py
+    rope_scaling_type: str = "linear"    # linear (position interpolation) | yarn; L = max_seq_len / k for yarn
     rope_interleaved: bool = False       # False: rotate-half pairs (i, i+d/2) as HF Llama; True: pairs (2i, 2i+1)
     use_flash_attn: bool = True          # flash-attn where importable on CUDA, else SDPA (same results)
     multi_query: bool = False            # shorthand for num_kv_heads = 1
@@ -84,6 +88,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def rope_original_len(self) -> int:
+        """The trained context L that the scaling extends: max_seq_len / rope_scaling."""
+        return max(1, round(self.max_seq_len / self.rope_scaling))
 
     @property
     def gated(self) -> bool:
@@ -244,6 +253,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def overlay_overrides(path: str | Path) -> list[str]:
+    """A YAML overlay (section: {field: value}) as dotted overrides, applied after the base config:
+    e.g. examples/configs/extend-context-4x.yaml on any config."""
+    raw = load_raw(path)
+    if not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{path}: an overlay maps sections to fields (model: {{max_seq_len: 1024}})")
+    return [f"{sec}.{k}={json.dumps(v)}" for sec, fields_ in raw.items() for k, v in fields_.items()]
+
+
 def config_from_dict(raw: dict, world_size: int | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
@@ -324,8 +342,12 @@ def validate(cfg: Config) -> None:
     rot = int(m.head_dim * m.rotary_fraction)
     if rot % 2:
         raise ConfigError(f"model.rotary_fraction: rotates {rot} dims of {m.head_dim}; needs an even number")
-    if m.rope_scaling < 1.0:
-        raise ConfigError(f"model.rope_scaling: expected >= 1 (a position-interpolation factor), got {m.rope_scaling}")
+    check_choice("model.rope_scaling_type", m.rope_scaling_type, SCALING_TYPES)
+    if m.rope_scaling != 1.0 and not m.rope_scaling > 1.0:
+        raise ConfigError(f"model.rope_scaling: expected a factor > 1 (context extension; 1 = no scaling), "
+                          f"got {m.rope_scaling}")
+    if m.rope_scaling_type != "linear" and m.rope_scaling == 1.0:
+        raise ConfigError(f"model.rope_scaling: rope_scaling_type={m.rope_scaling_type} needs a factor > 1, got 1")
     for f in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, f) < 1.0:
             raise ConfigError(f"model.{f}: expected 0 <= p < 1, got {getattr(m, f)}")

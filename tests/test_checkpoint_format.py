@@ -241,7 +241,9 @@ def test_resume_peak_memory_within_ten_percent_of_steady_state(tmp_path):
 # data.seq_len_warmup; model.moe_*, model.mod_*; train.compile): every safetensors file
 # byte-identical to a7befc5's; each rank JSON differs by those fields only (each COMPLETE manifest by those
 # JSONs' hashes). Checked with a script converting with both trees and diffing the files.
-PINNED = "c221713941c725377272af17d093e580203af8243b823e2b30557b4f1945e467"
+# Re-pinned for model.rope_scaling_type (wt-rope): safetensors and the HF directory byte-identical to
+# main 451fcd4's; each rank JSON gains "rope_scaling_type": "linear" (each COMPLETE manifest those JSONs' hashes).
+PINNED = "e83898d63dc98d06adf627d1843452da1dd8ed39f546c64eeff2be696c7ca95a"
 
 
 def _convert_tiny(out: str) -> str:

@@ -28,7 +28,8 @@ def _alone(model, prompt, steps, sampling=None):
     return tokens[0, len(prompt):].tolist(), logits
 
 
-@pytest.mark.parametrize("over", [{}, dict(num_kv_heads=1), dict(rope_scaling=2.0, rope_interleaved=True)])
+@pytest.mark.parametrize("over", [{}, dict(num_kv_heads=1), dict(rope_scaling=2.0, rope_interleaved=True),
+                                  dict(rope_scaling=4.0, rope_scaling_type="yarn")])
 def test_cache_logits_match_recompute(over):
     model = _model(**over)
     prompt = torch.tensor([PROMPTS[1][:6], PROMPTS[1][3:]])                 # [2, 6]

@@ -19,6 +19,8 @@ CASES = {
     "mqa": dict(num_kv_heads=1),
     "mha": dict(num_kv_heads=None),
     "position-interpolation": dict(rope_scaling=2.0, rope_theta=500.0),
+    # head_dim 16, L = 1024: YaRN's ramp runs over dims 1..5 of 8, so all three regimes show
+    "yarn": dict(rope_scaling=4.0, rope_scaling_type="yarn", max_seq_len=4096, num_heads=4),
     "rope-interleaved": dict(rope_interleaved=True),
     "vocab-padded": dict(vocab_size=1000, make_vocab_divisible_by=64),
     "bias": dict(bias=True),

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import ModelConfig
+from ..model.rope import SCALING_TYPES, YARN_BETA_FAST, YARN_BETA_SLOW
 
 GetTensor = Callable[[str], torch.Tensor]
 
@@ -65,9 +66,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         field = "model.workspace_tokens" if cfg.workspace_tokens else "model.adaptive_span"
         raise ConversionError(f"{field}: Llama has no workspace tokens or learned attention spans; this model "
                               f"cannot be exported to HF")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling != 1.0:
-        rope = {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    rope = _rope_to_hf(cfg)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -89,12 +88,23 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         # transformers 5.x reads rope_parameters; 4.x reads rope_theta and rope_scaling
         "rope_parameters": rope,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": {"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0 else None,
+        "rope_scaling": ({k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling != 1.0 else None),
     }
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, float]:
-    """(theta, linear factor) from either the 5.x `rope_parameters` or the 4.x `rope_theta`/`rope_scaling`."""
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """The HF rope parameters of this model's RoPE and its scaling (model/rope.py)."""
+    if cfg.rope_scaling == 1.0:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope = {"rope_type": cfg.rope_scaling_type, "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_type == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope_original_len, beta_fast=YARN_BETA_FAST,
+                    beta_slow=YARN_BETA_SLOW, truncate=True)
+    return rope
+
+
+def _rope_from_hf(hf: dict, max_len: int) -> tuple[float, float, str]:
+    """(theta, factor, scaling type) from either the 5.x `rope_parameters` or the 4.x `rope_theta`/`rope_scaling`."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -102,10 +112,22 @@ def _rope_from_hf(hf: dict) -> tuple[float, float]:
     if partial not in (None, 1, 1.0):
         raise ConversionError(f"partial_rotary_factor: {partial} is not supported (Llama rotates whole heads)")
     if kind == "default":
-        return theta, 1.0
-    if kind == "linear":
-        return theta, float(params["factor"])
-    raise ConversionError(f"rope_parameters.rope_type: {kind!r} is not supported (default or linear only)")
+        return theta, 1.0, "linear"
+    if kind not in SCALING_TYPES:
+        raise ConversionError(f"rope_parameters.rope_type: {kind!r} is not supported (default, linear or yarn)")
+    factor = float(params["factor"])
+    if kind == "yarn":  # megagpt's YaRN: the paper's defaults, L = max_position_embeddings / factor
+        fixed = dict(beta_fast=YARN_BETA_FAST, beta_slow=YARN_BETA_SLOW, truncate=True,
+                     original_max_position_embeddings=max(1, round(max_len / factor)))
+        for key, want in fixed.items():
+            if params.get(key) not in (None, want):
+                raise ConversionError(f"rope_parameters.{key}: {params[key]} is not supported (yarn with "
+                                      f"max_position_embeddings={max_len}, factor={factor} needs {want})")
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if params.get(key) is not None:
+                raise ConversionError(f"rope_parameters.{key}: not supported (yarn's attention factor is "
+                                      f"0.1*ln(factor)+1)")
+    return theta, factor, kind
 
 
 def _bias_flags(hf: dict) -> tuple[bool, bool, bool]:
@@ -142,13 +164,13 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
     if window is not None and window < d["max_position_embeddings"]:
         raise ConversionError(f"sliding_window: {window} < max_position_embeddings="
                               f"{d['max_position_embeddings']}; megagpt has no sliding-window attention")
-    theta, scaling = _rope_from_hf(d)
+    theta, scaling, scaling_type = _rope_from_hf(d, d["max_position_embeddings"])
     cfg = dict(
         vocab_size=d["vocab_size"], max_seq_len=d["max_position_embeddings"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads, ffn_hidden_size=d["intermediate_size"],
         mlp=mlp, norm="rmsnorm", norm_eps=float(d.get("rms_norm_eps", 1e-6)), rotary_fraction=1.0,
-        rope_theta=theta, rope_scaling=scaling, rope_interleaved=False,
+        rope_theta=theta, rope_scaling=scaling, rope_scaling_type=scaling_type, rope_interleaved=False,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)), bias=any(_bias_flags(d)),
         attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0),
     )

@@ -93,7 +93,8 @@ class GPTModel(nn.Module):
         if key not in self._rope_cache:
             cfg = self.cfg
             rot = int(cfg.head_dim * cfg.rotary_fraction)
-            self._rope_cache = {key: rope_tables(s, rot, cfg.rope_theta, cfg.rope_scaling, device, dtype)}
+            self._rope_cache = {key: rope_tables(s, rot, cfg.rope_theta, cfg.rope_scaling, device, dtype,
+                                                   cfg.rope_scaling_type, cfg.rope_original_len)}
         return self._rope_cache[key]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

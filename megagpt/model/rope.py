@@ -1,21 +1,55 @@
-"""Rotary position embeddings with a rotary fraction, base theta and linear position interpolation.
+"""Rotary position embeddings with a rotary fraction, base theta and context-extension scaling.
 
-Position interpolation (Chen et al. 2023) extends the context by dividing positions by a factor,
-so a model trained on L positions sees positions in [0, L) again at factor*L tokens.
+Two scalings stretch a model trained on L positions to factor*L (`model.rope_scaling` is the factor,
+`model.rope_scaling_type` the kind; factor 1 = plain RoPE):
+  linear  position interpolation (Chen et al. 2023): positions are divided by the factor, so
+          factor*L tokens see positions in [0, L) again.
+  yarn    YaRN (Peng et al. 2023): high-frequency dims (more than beta_fast=32 turns over L) are left
+          alone, low-frequency dims (under beta_slow=1 turn) are interpolated, a linear ramp between;
+          cos and sin are multiplied by 0.1*ln(factor) + 1, so attention logits are sharpened by its
+          square. Static, as transformers' `rope_type: yarn` (truncated correction range).
 Two pairings exist in the wild: rotate-half (dim i with i + r/2, HF Llama and Megatron's default)
 and interleaved (dim 2i with 2i+1, Meta's original Llama and GPT-NeoX's option).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+SCALING_TYPES = ("linear", "yarn")
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 
-def rope_tables(seq_len: int, rot_dim: int, theta: float, scaling: float, device, dtype=torch.float32):
-    """cos, sin of shape [s, 1, 1, rot_dim/2] (broadcast over batch and heads)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32) / scaling
+
+def yarn_inv_freq(rot_dim: int, theta: float, factor: float, original_len: int) -> tuple[torch.Tensor, float]:
+    """YaRN's blended inverse frequencies [rot/2] and its cos/sin multiplier (the attention factor)."""
+    base = theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+
+    def dim_of(turns: float) -> float:          # the dim whose wavelength fits `turns` times into original_len
+        return rot_dim * math.log(original_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    low = max(math.floor(dim_of(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(dim_of(YARN_BETA_SLOW)), rot_dim - 1)
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp                              # 1: extrapolate (leave the frequency), 0: interpolate
+    inv_freq = (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_tables(seq_len: int, rot_dim: int, theta: float, scaling: float, device, dtype=torch.float32,
+                kind: str = "linear", original_len: int | None = None):
+    """cos, sin of shape [s, 1, 1, rot_dim/2] (broadcast over batch and heads). `original_len` (the
+    trained context L) is what YaRN's ramp is measured against."""
+    mult = 1.0
+    if kind == "yarn" and scaling != 1.0:
+        inv_freq, mult = yarn_inv_freq(rot_dim, theta, scaling, original_len)
+        inv_freq = inv_freq.to(device)
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32) / scaling
     angles = torch.outer(pos, inv_freq)                         # [s, rot/2]
-    return angles.cos().to(dtype)[:, None, None, :], angles.sin().to(dtype)[:, None, None, :]
+    return ((angles.cos() * mult).to(dtype)[:, None, None, :],
+            (angles.sin() * mult).to(dtype)[:, None, None, :])
 
 
 def _rotate_half_into(out, x, cos, sin, sign: float) -> None:
