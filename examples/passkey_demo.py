@@ -8,7 +8,7 @@ than 256 tokens before the query:
   - extended by the README recipe: examples/configs/extend-context-4x.yaml (position interpolation, factor 4)
     plus a short continued-pretraining run under context parallelism CP=2 (Trainer on 2 forked ranks);
   - with a sliding window (the trained weights, attention limited to W tokens), passkey out of reach;
-  - window plus workspace tokens (only where model.workspace_tokens exists: `workspace_row`).
+  - window plus workspace tokens, a model trained with them (`workspace_row`; where model.workspace_tokens exists).
 Accuracy is exact match of the 5 greedy digits (KV-cache generator); chance is 1e-5 (10% per digit).
 Prints a table and one JSON line; saves passkey_run/passkey.png.
 """
@@ -214,7 +214,9 @@ def accuracy(run_dir: str, model_over: dict, seq_len: int, lo: int, hi: int, see
 
 def workspace_row(base_raw: dict) -> dict:
     """Window plus workspace tokens: a model trained with model.workspace_tokens and the window, asked with the
-    passkey out of the window's reach. Runs only where that config field exists (another branch builds it)."""
+    passkey out of the window's reach: 4 workspace slots every WINDOW positions (each sees everything before
+    it; every token sees them), so the passkey can reach the query through a slot. Runs only where the field
+    exists (model/variants.py), reported as not run otherwise."""
     from megagpt.config import ModelConfig
     if "workspace_tokens" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         return {"note": "not run: workspace tokens not on this branch"}
