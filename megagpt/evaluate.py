@@ -16,14 +16,13 @@ Scoring runs on one process (tp = pp = 1): a `GPTModel`, or a one-element list o
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 from dataclasses import dataclass
 
 import torch
 
+from .jsonl import iter_records
 from .generate import generate_ids
 
 TASK_FIELDS = {"query": "string", "choices": "list of strings", "gold": "integer index into choices",
@@ -48,39 +47,24 @@ class Example:
 
 
 def read_task(path: str) -> list[Example]:
-    if not os.path.isfile(path):
-        raise EvalError(f"{path}: task file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not a JSON object ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise EvalError(f"{where}: expected a JSON object")
-            for key in rec:
-                if key not in TASK_FIELDS:
-                    raise EvalError(f"{where}: unknown field {key!r} (expected {', '.join(TASK_FIELDS)})")
-            if not isinstance(rec.get("query"), str):
-                raise EvalError(f"{where}: field 'query' must be a string")
-            choices, gold, answer = rec.get("choices"), rec.get("gold"), rec.get("answer")
-            if (choices is None) != (gold is None):
-                raise EvalError(f"{where}: fields 'choices' and 'gold' go together")
-            if choices is not None:
-                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                    raise EvalError(f"{where}: field 'choices' must be a list of at least 2 strings")
-                if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                    raise EvalError(f"{where}: field 'gold' must be an index into choices (0..{len(choices) - 1})")
-                choices = tuple(choices)
-            if answer is not None and not isinstance(answer, str):
-                raise EvalError(f"{where}: field 'answer' must be a string")
-            if choices is None and answer is None:
-                raise EvalError(f"{where}: needs 'choices' + 'gold' (log-likelihood) or 'answer' (exact match)")
-            out.append(Example(rec["query"], choices, gold, answer, None if rec.get("id") is None else str(rec["id"])))
+    for where, rec in iter_records(path, EvalError, "task file", TASK_FIELDS):
+        if not isinstance(rec.get("query"), str):
+            raise EvalError(f"{where}: field 'query' must be a string")
+        choices, gold, answer = rec.get("choices"), rec.get("gold"), rec.get("answer")
+        if (choices is None) != (gold is None):
+            raise EvalError(f"{where}: fields 'choices' and 'gold' go together")
+        if choices is not None:
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise EvalError(f"{where}: field 'choices' must be a list of at least 2 strings")
+            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+                raise EvalError(f"{where}: field 'gold' must be an index into choices (0..{len(choices) - 1})")
+            choices = tuple(choices)
+        if answer is not None and not isinstance(answer, str):
+            raise EvalError(f"{where}: field 'answer' must be a string")
+        if choices is None and answer is None:
+            raise EvalError(f"{where}: needs 'choices' + 'gold' (log-likelihood) or 'answer' (exact match)")
+        out.append(Example(rec["query"], choices, gold, answer, None if rec.get("id") is None else str(rec["id"])))
     if not out:
         raise EvalError(f"{path}: the task has no examples")
     return out

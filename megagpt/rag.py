@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .jsonl import iter_records
+
 CORPUS_FIELDS = {"id": "string or integer, unique", "text": "string", "title": "optional string"}
 PASSAGES = "passages.jsonl"
 META = "rag.json"
@@ -50,38 +52,24 @@ def words(text: str) -> list[str]:
 
 def read_corpus(path: str) -> list[dict]:
     """The documents of a JSONL corpus, checked: one line per bad record naming the file, line and field."""
-    if not os.path.isfile(path):
-        raise RagError(f"{path}: corpus file not found")
     docs, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RagError(f"{where}: not a JSON object ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise RagError(f"{where}: expected a JSON object with fields id, text[, title]")
-            for key in rec:
-                if key not in CORPUS_FIELDS:
-                    raise RagError(f"{where}: unknown field {key!r} (expected {', '.join(CORPUS_FIELDS)})")
-            for key in ("id", "text"):
-                if key not in rec:
-                    raise RagError(f"{where}: missing field {key!r} ({CORPUS_FIELDS[key]})")
-            if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
-                raise RagError(f"{where}: field 'id' must be a string or integer, got {rec['id']!r}")
-            for key in ("text", "title"):
-                if key in rec and not isinstance(rec[key], str):
-                    raise RagError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
-            doc_id = str(rec["id"])
-            if not doc_id or any(c.isspace() or c in "[]" for c in doc_id):
-                raise RagError(f"{where}: field 'id' {doc_id!r} must be non-empty, without spaces or brackets")
-            if doc_id in seen:
-                raise RagError(f"{where}: duplicate id {doc_id!r}")
-            seen.add(doc_id)
-            docs.append({"id": doc_id, "text": rec["text"], "title": rec.get("title", "")})
+    for where, rec in iter_records(path, RagError, "corpus file", CORPUS_FIELDS,
+                                   "a JSON object with fields id, text[, title]"):
+        for key in ("id", "text"):
+            if key not in rec:
+                raise RagError(f"{where}: missing field {key!r} ({CORPUS_FIELDS[key]})")
+        if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+            raise RagError(f"{where}: field 'id' must be a string or integer, got {rec['id']!r}")
+        for key in ("text", "title"):
+            if key in rec and not isinstance(rec[key], str):
+                raise RagError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+        doc_id = str(rec["id"])
+        if not doc_id or any(c.isspace() or c in "[]" for c in doc_id):
+            raise RagError(f"{where}: field 'id' {doc_id!r} must be non-empty, without spaces or brackets")
+        if doc_id in seen:
+            raise RagError(f"{where}: duplicate id {doc_id!r}")
+        seen.add(doc_id)
+        docs.append({"id": doc_id, "text": rec["text"], "title": rec.get("title", "")})
     if not docs:
         raise RagError(f"{path}: the corpus has no documents")
     return docs
