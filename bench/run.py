@@ -368,7 +368,7 @@ def print_tables(res: dict) -> None:
 
 
 def print_peer(res: dict) -> None:
-    print(f"\n== megagpt vs transformers LlamaForCausalLM: fp32, 1 thread each, AdamW, step = fwd + bwd + AdamW")
+    print("\n== megagpt vs transformers LlamaForCausalLM: fp32, 1 thread each, AdamW, step = fwd + bwd + AdamW")
     print(f"{'size':5} {'recompute':10} {'impl':18} {'tok/s':>8} {'fwd s':>7} {'bwd s':>7} {'opt s':>7} "
           f"{'vs HF (wall)':>12} {'vs HF (cpu) [quartiles]':>24} {'fwd+bwd (cpu)':>13} {'GEMM GFLOP':>10} {'aten ops':>8}")
     for r in res["peer"]:
