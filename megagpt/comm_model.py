@@ -246,7 +246,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
     if tied:
         holders = sum(1 for ids, pre, post in chunks if pre or post)
         emb = m.padded_vocab(t) // t * h
-        emb = -(-emb // dp) if per_group else emb           # zero2/3 sum the owned shard only
+        emb = -(-emb // (dp * layout.cp)) if per_group else emb   # zero2/3 sum the owned shard (dp x cp) only
         out[("all_reduce", "embedding")] += holders * emb * GRAD_BYTES
     d, grads = dp * layout.cp, "dp" if layout.cp == 1 else "dp_cp"   # parameters are replicated over CP
     if d > 1 and per_group:                             # (zero2/3 are refused with MoE by config.validate)

@@ -325,9 +325,9 @@ def validate(cfg: Config) -> None:
     if t.dp_mode in ("zero2", "zero3") and not p.distributed_optimizer:
         raise ConfigError(f"train.dp_mode: {t.dp_mode} shards the optimizer state, but parallel.distributed_optimizer "
                           f"is false (use dp_mode ddp, or set it true)")
-    if t.dp_mode == "zero3" and (p.cp > 1 or p.ep > 1):
-        raise ConfigError(f"train.dp_mode: zero3 is not supported with parallel.cp={p.cp}, parallel.ep={p.ep} "
-                          f"(it composes with tp and pp only)")
+    if t.dp_mode == "zero3" and p.ep > 1:
+        raise ConfigError(f"train.dp_mode: zero3 is not supported with parallel.ep={p.ep} "
+                          f"(it composes with tp, cp and pp)")
     if t.dp_mode in ("zero2", "zero3") and (m.moe_num_experts or m.mod_layers):
         raise ConfigError(f"train.dp_mode: {t.dp_mode} is not supported with mixture of experts/depths "
                           f"(model.moe_num_experts, model.mod_layers) yet; use zero1 or ddp")

@@ -186,7 +186,7 @@ def memory_per_rank(m: ModelConfig, layout: Layout, dtype: str = "bf16", distrib
                "embedding": flight * rep if r == 0 and m.hidden_dropout > 0 else 0.0,
                "head": 2 * e * rep + logits if r == pp - 1 else 0.0}
         weights, grads = params[r] * per_param["weights"], params[r] * per_param["grads"]
-        if dp_mode == "zero3" and dp > 1:
+        if dp_mode == "zero3" and dp * cp > 1:
             root = params[r] - n_layers * layer_params(m, tp)
             weights += (min(2, n_layers) * layer_params(m, tp) + root) * e
         # expert weights: their optimizer state is sharded over edp = dp/ep, not dp

@@ -206,6 +206,9 @@ CASES = {  # name: (world, raw config); dp is what remains of the world
     "cp2-pp2-tied-full-recompute": (4, _raw(dict(cp=2, pp=2), dict(tie_embeddings=True), dict(recompute="full"))),
     "cp2-dp2-zero1": (4, _raw(dict(cp=2, distributed_optimizer=True, bucket_size_mb=0.05))),
     "cp2-dp2-zero2": (4, _raw(dict(cp=2, distributed_optimizer=True, bucket_size_mb=0.05), train=dict(dp_mode="zero2"))),
+    "cp2-dp2-zero3": (4, _raw(dict(cp=2, distributed_optimizer=True), train=dict(dp_mode="zero3"))),
+    "cp2-pp2-zero3-tied": (4, _raw(dict(cp=2, pp=2, distributed_optimizer=True), dict(tie_embeddings=True),
+                                   dict(dp_mode="zero3"))),
     "cp2-tp2-sp-pp2": (8, _raw(dict(cp=2, tp=2, pp=2, sequence_parallel=True))),
     # hidden dropout: each CP rank draws the whole sequence's mask and keeps its rows (parallel/random.py)
     "cp2-tp2-dropout-full-recompute": (4, _raw(dict(cp=2, tp=2), dict(hidden_dropout=0.2), dict(recompute="full"))),
@@ -247,10 +250,10 @@ def _trainer_worker(rank, world, raw, run_dir):
             losses.append(tr.train_step()["loss"])
         assert (dict(seen.records), dict(seen.calls)) == (dict(ps.counter.records), dict(ps.counter.calls)), \
             f"torch.distributed saw {dict(seen.records)}, the counter {dict(ps.counter.records)}"
-    opt.finish_param_sync()
+    comm = [[k, g, n] for (k, g), n in sorted(ps.counter.records.items())]   # the last step's, before the
+    opt.finish_param_sync()                                  # whole-weight gather below (zero3: every unit)
     params = {n: gather_full(p, p.meta.spec, ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
-    out.update(losses=losses, params=params if main else {},
-               comm=[[k, g, n] for (k, g), n in sorted(ps.counter.records.items())])
+    out.update(losses=losses, params=params if main else {}, comm=comm)
     return out
 
 

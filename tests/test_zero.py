@@ -86,7 +86,7 @@ def test_dp_mode_errors_are_one_line():
     for over, needle in [({"train": {"dp_mode": "zero4"}}, "train.dp_mode: expected one of ddp, zero1, zero2, zero3"),
                          ({"train": {"dp_mode": "zero3"}, "parallel": {"distributed_optimizer": False}},
                           "train.dp_mode: zero3 shards"),
-                         ({"train": {"dp_mode": "zero3"}, "parallel": {"cp": 2}}, "train.dp_mode: zero3 is not supported")]:
+                         ({"train": {"dp_mode": "zero3"}, "parallel": {"ep": 2}}, "train.dp_mode: zero3 is not supported")]:
         with pytest.raises(ConfigError) as e:
             config_from_dict({**over, "model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4,
                                                 "ffn_hidden_size": 128, "max_seq_len": 64},
