@@ -12,13 +12,13 @@ is cut to seq_len), or puts one sample per row (packed=False); the rest of a row
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
 
 from ..data.indexed import DataError, IndexedDataset, IndexedDatasetBuilder, best_dtype
 from ..data.tokenizer import Tokenizer
+from ..jsonl import iter_records
 from ..model.packing import IGNORE_INDEX
 from .chat import apply_chat_template
 
@@ -33,16 +33,10 @@ def preprocess_conversations(input_path: str, output_prefix: str, tokenizer: Tok
                                   tokenizer.fingerprint, tokenizer.eod_id)
     mask_b = IndexedDatasetBuilder(mask_prefix(output_prefix), np.uint8, 2, tokenizer.fingerprint, 0)
     trainable = 0
-    with tok_b, mask_b, open(input_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{input_path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "messages" not in rec:
+    with tok_b, mask_b:
+        for where, rec in iter_records(input_path, DataError, "chat file", None,
+                                       "an object with a 'messages' list"):
+            if "messages" not in rec:
                 raise DataError(f"{where}: expected an object with a 'messages' list")
             ids, mask = apply_chat_template(tokenizer, rec["messages"], where=where)
             tok_b.add_doc(ids)
