@@ -18,24 +18,31 @@ import numpy as np
 from megagpt.data.indexed import DataError
 
 
-def blend_assignment(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index, dataset_sample_index): blend sample i is sample
-    dataset_sample_index[i] of dataset dataset_index[i]. Weights must already be normalized."""
-    k = len(weights)
+def greedy_assignment(target_row, size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy rule itself (module docstring): sample i goes to the dataset furthest behind its
+    target count target_row(i)[d], ties to the lower index -> (dataset_index, dataset_sample_index).
+    Fixed weights (here) and a curriculum (curriculum.py) differ only in their targets."""
     counts = [0] * k
     dataset_index = np.empty(size, dtype=np.int16 if k < 2**15 else np.int32)
     dataset_sample_index = np.empty(size, dtype=np.int64)
     # Plain Python over a few datasets beats numpy's per-call overhead at every step.
     for i in range(size):
-        best, best_err = 0, weights[0] * (i + 1) - counts[0]
+        row = target_row(i)
+        best, best_err = 0, row[0] - counts[0]
         for d in range(1, k):
-            err = weights[d] * (i + 1) - counts[d]
+            err = row[d] - counts[d]
             if err > best_err:
                 best, best_err = d, err
         dataset_index[i] = best
         dataset_sample_index[i] = counts[best]
         counts[best] += 1
     return dataset_index, dataset_sample_index
+
+
+def blend_assignment(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset_index, dataset_sample_index): blend sample i is sample
+    dataset_sample_index[i] of dataset dataset_index[i]. Weights must already be normalized."""
+    return greedy_assignment(lambda i: [w * (i + 1) for w in weights], size, len(weights))
 
 
 def blend_parts(blend: list | None, path: str | None) -> tuple[list[float], list[str]]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blend import greedy_assignment
+
 
 def check_curriculum(knots, n_datasets: int | None) -> None:
     """One-line ValueError naming data.curriculum when the knots are not a valid schedule."""
@@ -59,22 +61,8 @@ def weights_at(knots, steps: np.ndarray) -> np.ndarray:
 def curriculum_assignment(knots, global_batch: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index, dataset_sample_index) for `size` samples, as blend.blend_assignment returns."""
     w = weights_at(knots, np.arange(size) // global_batch)         # [size, k]
-    target = np.cumsum(w, axis=0)                                  # target share after sample i
-    k = w.shape[1]
-    counts = [0] * k
-    dataset_index = np.empty(size, dtype=np.int16 if k < 2 ** 15 else np.int32)
-    dataset_sample_index = np.empty(size, dtype=np.int64)
-    for i in range(size):
-        row = target[i]
-        best, best_err = 0, row[0] - counts[0]
-        for d in range(1, k):
-            err = row[d] - counts[d]
-            if err > best_err:
-                best, best_err = d, err
-        dataset_index[i] = best
-        dataset_sample_index[i] = counts[best]
-        counts[best] += 1
-    return dataset_index, dataset_sample_index
+    target = np.cumsum(w, axis=0).tolist()                         # target share after sample i
+    return greedy_assignment(target.__getitem__, size, w.shape[1])
 
 
 def check_seq_len_warmup(warmup, seq_len: int) -> None:

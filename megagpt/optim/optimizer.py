@@ -32,7 +32,7 @@ from .adamw import PlainAdamW, ShardedAdamW
 from .clip import clip_, counted_ranges, global_norm, intersect
 from .finalize import finalize_grads
 from .grad_buffer import GradBuffer
-from .scaler import LossScaler
+from .scaler import LossScaler, ScaledLoss
 
 __all__ = ["DTYPES", "Optimizer", "build_optimizer"]
 
@@ -40,7 +40,7 @@ from ..config import DTYPES  # noqa: E402  (re-exported: one table, in config)
 SCALAR_KEYS = ("step", "loss_scale", "growth_tracker")   # the non-parameter keys of a checkpoint state
 
 
-class Optimizer:
+class Optimizer(ScaledLoss):
     def __init__(self, chunks: list[nn.Module], ps: ParallelState, train_cfg: TrainConfig,
                  parallel_cfg: ParallelConfig, model_cfg: ModelConfig | None = None):
         """model_cfg: unused (what the optimizer needs of the model is in each parameter's ParamMeta)."""
@@ -127,13 +127,6 @@ class Optimizer:
 
     def no_sync(self):
         return self.buffer.no_sync()
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale_loss(loss)
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale
 
     def step(self, lr: float) -> dict:
         if self.update.pending:     # their bytes took gradients: some param was read outside its module

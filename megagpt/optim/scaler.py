@@ -67,3 +67,14 @@ class LossScaler:
         if self.dynamic:
             self.scale = float(state["loss_scale"])
             self.growth_tracker = int(state["growth_tracker"])
+
+
+class ScaledLoss:
+    """The loss-scale half of an optimizer's interface, for any optimizer that holds `self.scaler`."""
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale_loss(loss)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale

@@ -38,7 +38,7 @@ from .adamw import Segment, ShardedAdamW
 from .clip import clip_, counted_ranges, global_norm, intersect
 from .finalize import finalize_tp_grads
 from .grad_buffer import plan_buckets
-from .scaler import LossScaler
+from .scaler import LossScaler, ScaledLoss
 
 SCALAR_KEYS = ("step", "loss_scale", "growth_tracker")
 
@@ -72,7 +72,7 @@ def make_groups(param_lists: list[list[nn.Parameter]], dp) -> list[FlatGroup]:
     return groups
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(ScaledLoss):
     """zero2 (this class) and zero3 (Zero3Optimizer): the interface of optimizer.Optimizer."""
     shard_params = False               # zero3: the weights themselves are sharded
 
@@ -210,13 +210,6 @@ class ShardedOptimizer:
     def no_sync(self):
         import contextlib
         return contextlib.nullcontext()
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale_loss(loss)
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale
 
     def step(self, lr: float) -> dict:
         self.finish_grad_sync()
