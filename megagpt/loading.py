@@ -9,12 +9,16 @@ import os
 import torch
 
 from .checkpoint.convert import _find_tokenizer, open_source
-from .checkpoint.hf import load_hf_into_model, open_hf_checkpoint
+from .checkpoint.hf import ConversionError, load_hf_into_model, open_hf_checkpoint
 from .checkpoint.sharded import load_checkpoint
 from .checkpoint.store import CheckpointError
 from .config import Config, ConfigError, ParallelConfig, TrainConfig, validate
 from .parallel.state import ParallelState, init_distributed
+from .data.indexed import DataError
 from .pipeline.split import build_stage
+
+# What the inference tools (generate, serve, rag, evaluate) report as one line of bad input, not a traceback.
+INPUT_ERRORS = (ValueError, ConfigError, CheckpointError, ConversionError, DataError, OSError)
 
 
 def inference_config(model_cfg, tp: int, pp: int, world_size: int) -> Config:

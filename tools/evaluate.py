@@ -22,12 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from megagpt.checkpoint.hf import ConversionError  # noqa: E402
-from megagpt.checkpoint.store import CheckpointError  # noqa: E402
-from megagpt.config import ConfigError  # noqa: E402
-from megagpt.data.tokenizer import DataError  # noqa: E402
+from megagpt.loading import INPUT_ERRORS  # noqa: E402
 
-ERRORS = (ValueError, ConfigError, CheckpointError, ConversionError, DataError, OSError)
+ERRORS = INPUT_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
