@@ -46,6 +46,7 @@ from .st_writer import _ST_DTYPES, SafetensorsWriter
 from .store import (clean_stale, find_checkpoint, publish, read_manifest, step_dir_name, verify_file, write_json,
                     write_manifest)
 from .train_state import TrainState
+from ..multimodal.hf_adapters import ADAPTERS_FILE, HF_KEY, hf_multimodal, is_adapter, read_adapter, write_adapters
 
 DTYPES = {k: v for k, v in TRAIN_DTYPES.items() if k in ("fp32", "bf16")}   # what --dtype accepts
 OPTIM_KEYS = ("main", "exp_avg", "exp_avg_sq")
@@ -125,6 +126,8 @@ class HFSource:
             self.files.close()
 
     def param(self, name: str, shape: tuple) -> torch.Tensor:
+        if is_adapter(name):
+            return read_adapter(self.dir, name, shape)
         try:
             full = hf_to_megagpt(name, self.files.get, self.cfg, 1, self.hf_config)
             return fit_rows(name, full, self.cfg.vocab_size, shape)
@@ -175,6 +178,7 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
         hf_config, names = to_mixtral_config(cfg), mixtral_names(cfg)
     else:
         to_hf, hf_config, names = megagpt_to_hf, to_hf_config(cfg), megagpt_names(cfg)
+    names = [n for n in names if not is_adapter(n)]      # the adapters go to their own file (hf_adapters.py)
     shapes = _global_shapes(cfg)
     # the plan: every HF tensor in write order (split on the meta device: shapes only), cut into shards
     plan = [(n, tuple(t.shape)) for name in names for n, t in
@@ -210,6 +214,9 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
             del full, t                            # before the next tensor is read, not after
         for w in writers.values():
             w.close()
+        adapters = write_adapters(tmp, cfg, source.param, shapes, dtype)
+        if adapters:
+            hf_config = {**hf_config, HF_KEY: hf_multimodal(cfg)}
         if len(shards) > 1:
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": sum(math.prod(s) * item for _, s in plan)},
@@ -223,7 +230,8 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"format": "hf", "files": files, "tensors": len(plan), "tokenizer": tokenizer}
+    return {"format": "hf", "files": files + ([ADAPTERS_FILE] if adapters else []), "tensors": len(plan) + len(adapters),
+            "tokenizer": tokenizer}
 
 
 # ----------------------------------------------------------------------------- -> megagpt

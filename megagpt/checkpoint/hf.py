@@ -174,6 +174,8 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
         tie_embeddings=bool(d.get("tie_word_embeddings", False)), bias=any(_bias_flags(d)),
         attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0),
     )
+    from ..multimodal.hf_adapters import multimodal_fields   # an export of a multimodal model (its own key)
+    cfg.update(multimodal_fields(d))
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -220,8 +222,9 @@ _FUSED = {  # megagpt suffix -> the HF suffixes it concatenates, in row order
 
 def megagpt_names(cfg: ModelConfig) -> list[str]:
     """Every global parameter name of the model, in module order (what build_model's state dict has)."""
+    from ..multimodal.hf_adapters import adapter_names      # the multimodal adapters come first
     kinds = ("weight", "bias") if cfg.bias else ("weight",)
-    names = ["embedding.weight"]
+    names = adapter_names(cfg) + ["embedding.weight"]
     for i in range(cfg.num_layers):
         names.append(f"layers.{i}.norm1.weight")
         names += [f"layers.{i}.attention.{m}.{k}" for m in ("qkv", "proj") for k in kinds]
@@ -366,8 +369,9 @@ def iter_hf_to_megagpt(get_tensor: GetTensor, cfg: ModelConfig, tp: int = 1, *, 
 @torch.no_grad()
 def load_hf_into_model(model, get_tensor: GetTensor, hf_config: dict | None = None) -> None:
     """Fill a (possibly TP-sharded, possibly one pipeline stage of a) GPTModel from HF tensors."""
+    from ..multimodal.hf_adapters import is_adapter
     tp = model.tp
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if not is_adapter(n)}   # the LM's tensors only
     for name, full in iter_hf_to_megagpt(get_tensor, model.cfg, tp.size, hf_config=hf_config, names=list(params)):
         p = params[name]
         shape = tuple(p.meta.global_shape)
