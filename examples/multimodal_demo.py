@@ -147,7 +147,7 @@ def caption_png(examples: list[dict], folder: str, path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="multimodal_run")
-    ap.add_argument("--steps", type=int, default=None, help="mixed-run steps (default 600; --quick 60)")
+    ap.add_argument("--steps", type=int, default=None, help="mixed-run steps (default 900; --quick 60)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: small data, few steps (numbers mean little)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     tok = Tokenizer.load(built["tokenizer"])
     image_id, audio_id = media_token_ids(tok)
     seq = 128
-    steps = args.steps or (60 if args.quick else 600)
+    steps = args.steps or (60 if args.quick else 900)
     n_mixed = len(MultimodalRows(MultimodalDataset(built["data"]["train"]), seq))
     n_text = len(MultimodalRows(MultimodalDataset(built["data"]["text_train"]), seq))
     text_steps = max(1, round(steps * n_text / n_mixed))       # the same passes over the same text
