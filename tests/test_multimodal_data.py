@@ -19,7 +19,7 @@ from megagpt.multimodal.dataset import MultimodalDataset, check_runs, media_file
 from megagpt.multimodal.media_io import MediaError, load_audio, load_image, save_audio, save_image
 from megagpt.multimodal.rows import MultimodalRows, make_batch
 from megagpt.multimodal.spec import IMAGE_TOKENS, MIN_AUDIO_SAMPLES, SAMPLE_RATE, add_media_tokens, audio_token_count
-from megagpt.multimodal.synth import (CAPTIONS, DTMF_HZ, caption_digit, digit_pixels, dtmf_clip, transcript_digits,
+from megagpt.multimodal.synth import (CAPTIONS, COLS_HZ, DTMF_HZ, KEYPAD, ROWS_HZ, caption_digit, digit_pixels, dtmf_clip, transcript_digits,
                                       write_digits, write_dtmf)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +166,8 @@ def test_jsonl_to_rows_round_trip(corpus, tok, packed):
     image_id, audio_id = tok.token_id("<image>"), tok.token_id("<audio>")
     assert media.placeholder_counts() == (int((tokens == image_id).sum()), int((tokens == audio_id).sum()))
     assert not ((labels == image_id) | (labels == audio_id)).any()            # no loss predicts a placeholder
+    prompt, target = ds.prompt_and_target(1)                                  # {"prompt": "<image>", "text": " a cat"}
+    assert prompt.tolist() == [image_id] * IMAGE_TOKENS and target.tolist() == tok.encode(" a cat") + [tok.eod_id]
 
 
 def test_no_pickle(corpus):
@@ -330,8 +332,31 @@ def test_dtmf_peaks_at_its_two_frequencies():
         assert min(abs(peaks[0] - low), abs(peaks[0] - high)) < 0.02 * high
 
 
+def dtmf_receiver(clip, win=160, hop=40):
+    """A classic DTMF receiver, independent of the synthesiser: per 20 ms frame, the strongest row and column
+    tone when the two hold over half the frame's energy; a key is 2+ frames of the same pair."""
+    w, t = np.hanning(win), np.arange(win) / SAMPLE_RATE
+    basis = np.exp(-2j * np.pi * np.outer(ROWS_HZ + COLS_HZ, t)) * w
+    frames = []
+    for s in range(0, len(clip) - win + 1, hop):
+        x = clip[s:s + win].astype(np.float64)
+        power = np.abs(basis @ x) ** 2
+        r, c = int(np.argmax(power[:4])), int(np.argmax(power[4:]))
+        all_tone = np.sum((w * x) ** 2) * w.sum() ** 2 / (2 * np.sum(w ** 2))   # the power if x were only tones
+        frames.append(KEYPAD[r][c] if power[r] + power[4 + c] > 0.5 * all_tone else None)
+    keys, prev, run = [], None, 0
+    for k in frames + [None]:
+        if k == prev:
+            run += 1
+            continue
+        if prev is not None and run >= 2:
+            keys.append(prev)
+        prev, run = k, 1
+    return "".join(keys)
+
+
 def test_dtmf_files_transcripts_and_held_out_split(tmp_path):
-    recs = write_dtmf(str(tmp_path), n_train=12, n_test=4, seed=3)
+    recs = write_dtmf(str(tmp_path), n_train=36, n_test=4, seed=3)
     again = write_dtmf(str(tmp_path / "again"), n_train=5, n_test=4, seed=3)
     assert recs["test"] == again["test"]                                         # the test split does not move
     assert open(tmp_path / "dtmf/test_0003.wav", "rb").read() == open(tmp_path / "again/dtmf/test_0003.wav", "rb").read()
@@ -342,7 +367,8 @@ def test_dtmf_files_transcripts_and_held_out_split(tmp_path):
         clip = load_audio(str(tmp_path / r["audio"][0]))
         lengths.add(len(clip))
         assert len(clip) >= 0.15 * SAMPLE_RATE
-    assert len(lengths) == 16                                                    # durations vary
+        assert dtmf_receiver(clip.numpy()) == digits                            # the audio says what the text says
+    assert len(lengths) == 40                                                    # durations vary
 
 
 def test_digits_png_levels_and_captions(tmp_path):

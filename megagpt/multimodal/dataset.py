@@ -326,6 +326,13 @@ class MultimodalDataset:
         off = self.audio_offsets
         return np.asarray(self.images[i0:i1]), [np.asarray(self.audio[off[j]:off[j + 1]]) for j in range(a0, a1)]
 
+    def prompt_and_target(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document i's leading ids without loss (its prompt, placeholder runs included: what generation is
+        given, with `media(i)`) and the ids after them (text and eod: what it should produce)."""
+        ids, mask = self.text.tokens.get(i).astype(np.int64), self.text.masks.get(i)
+        k = int(np.argmax(mask != 0)) if mask.any() else len(ids)
+        return ids[:k], ids[k:]
+
     def sample(self, i: int) -> Sample:
         inputs, labels = self.text.sample(i)
         images, audio = self.media(i)
