@@ -201,18 +201,41 @@ def test_files_must_pair_up(corpus):
 
 
 @pytest.mark.parametrize("way", ["more_placeholders", "fewer_placeholders"])
-def test_placeholder_media_mismatch_when_reading(corpus, way):
-    """Document 1 has one image, document 2 none; the table moves document 1's image to document 2."""
+def test_placeholder_media_mismatch_when_opening(corpus, way):
+    """Documents (start rows of the table): 0 text, 1 one image, 2 a clip, 3 a clip and an image, 4 two of each.
+    The table moves document 1's image to document 2, or document 3's image to document 1."""
     prefix, _ = corpus
     files = media_files(prefix)
     table = np.load(files["table"], allow_pickle=False)
-    table[2, 0] = table[1, 0]                       # doc i owns images table[i, 0]:table[i + 1, 0]
+    if way == "more_placeholders":
+        table[2, 0] = 0                             # doc 1: 16 <image> ids, no image (doc 2: an image, no ids)
+    else:
+        table[2:4, 0] = 2                           # doc 1: 16 <image> ids, two images (doc 3: 16 ids, none)
     np.save(files["table"], table, allow_pickle=False)
-    ds = MultimodalDataset(prefix)
-    doc, ids, images = (1, IMAGE_TOKENS, 0) if way == "more_placeholders" else (2, 0, 1)
     with pytest.raises(DataError) as e:
-        ds.sample(doc)
-    one_line(e, f"document {doc}", f"{ids} <image> placeholder ids but {images} images")
+        MultimodalDataset(prefix)
+    one_line(e, "document 1 has 16 <image> placeholder ids", f"images fill {0 if way == 'more_placeholders' else 32}")
+
+
+def test_runs_checked_when_reading(corpus, tok):
+    """The counts are right but a run is split: document 4's 32 <image> ids lose one to an <audio> id and
+    gain one back from its audio run, so no image run is a whole number of images."""
+    prefix, _ = corpus
+    ds = MultimodalDataset(prefix)
+    start = int(ds.text.tokens.offsets[4])
+    del ds
+    ids = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    image_id, audio_id = tok.token_id("<image>"), tok.token_id("<audio>")
+    aud = start + int(np.argmax(ids[start:] == audio_id))
+    assert ids[start + 5] == image_id and aud > start + 32
+    ids[start + 5], ids[aud] = audio_id, image_id
+    ids.flush()
+    del ids
+    ds = MultimodalDataset(prefix)                  # per-document counts still agree
+    ds.sample(3)
+    with pytest.raises(DataError) as e:
+        ds.sample(4)
+    one_line(e, "document 4", "32 <image> placeholder ids but 2 images", "placeholders and media differ")
 
 
 def test_check_runs_matches_runs_to_media():
