@@ -19,7 +19,7 @@ from megagpt.multimodal.dataset import MultimodalDataset, check_runs, media_file
 from megagpt.multimodal.media_io import MediaError, load_audio, load_image, save_audio, save_image
 from megagpt.multimodal.rows import MultimodalRows, make_batch
 from megagpt.multimodal.spec import IMAGE_TOKENS, MIN_AUDIO_SAMPLES, SAMPLE_RATE, add_media_tokens, audio_token_count
-from megagpt.multimodal.synth import (CAPTIONS, DTMF_HZ, caption_digit, digit_pixels, dtmf_clip, transcript_digits,
+from megagpt.multimodal.synth import (CAPTIONS, COLS_HZ, DTMF_HZ, KEYPAD, ROWS_HZ, caption_digit, digit_pixels, dtmf_clip, transcript_digits,
                                       write_digits, write_dtmf)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +166,8 @@ def test_jsonl_to_rows_round_trip(corpus, tok, packed):
     image_id, audio_id = tok.token_id("<image>"), tok.token_id("<audio>")
     assert media.placeholder_counts() == (int((tokens == image_id).sum()), int((tokens == audio_id).sum()))
     assert not ((labels == image_id) | (labels == audio_id)).any()            # no loss predicts a placeholder
+    prompt, target = ds.prompt_and_target(1)                                  # {"prompt": "<image>", "text": " a cat"}
+    assert prompt.tolist() == [image_id] * IMAGE_TOKENS and target.tolist() == tok.encode(" a cat") + [tok.eod_id]
 
 
 def test_no_pickle(corpus):
@@ -199,18 +201,41 @@ def test_files_must_pair_up(corpus):
 
 
 @pytest.mark.parametrize("way", ["more_placeholders", "fewer_placeholders"])
-def test_placeholder_media_mismatch_when_reading(corpus, way):
-    """Document 1 has one image, document 2 none; the table moves document 1's image to document 2."""
+def test_placeholder_media_mismatch_when_opening(corpus, way):
+    """Documents (start rows of the table): 0 text, 1 one image, 2 a clip, 3 a clip and an image, 4 two of each.
+    The table moves document 1's image to document 2, or document 3's image to document 1."""
     prefix, _ = corpus
     files = media_files(prefix)
     table = np.load(files["table"], allow_pickle=False)
-    table[2, 0] = table[1, 0]                       # doc i owns images table[i, 0]:table[i + 1, 0]
+    if way == "more_placeholders":
+        table[2, 0] = 0                             # doc 1: 16 <image> ids, no image (doc 2: an image, no ids)
+    else:
+        table[2:4, 0] = 2                           # doc 1: 16 <image> ids, two images (doc 3: 16 ids, none)
     np.save(files["table"], table, allow_pickle=False)
-    ds = MultimodalDataset(prefix)
-    doc, ids, images = (1, IMAGE_TOKENS, 0) if way == "more_placeholders" else (2, 0, 1)
     with pytest.raises(DataError) as e:
-        ds.sample(doc)
-    one_line(e, f"document {doc}", f"{ids} <image> placeholder ids but {images} images")
+        MultimodalDataset(prefix)
+    one_line(e, "document 1 has 16 <image> placeholder ids", f"images fill {0 if way == 'more_placeholders' else 32}")
+
+
+def test_runs_checked_when_reading(corpus, tok):
+    """The counts are right but a run is split: document 4's 32 <image> ids lose one to an <audio> id and
+    gain one back from its audio run, so no image run is a whole number of images."""
+    prefix, _ = corpus
+    ds = MultimodalDataset(prefix)
+    start = int(ds.text.tokens.offsets[4])
+    del ds
+    ids = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    image_id, audio_id = tok.token_id("<image>"), tok.token_id("<audio>")
+    aud = start + int(np.argmax(ids[start:] == audio_id))
+    assert ids[start + 5] == image_id and aud > start + 32
+    ids[start + 5], ids[aud] = audio_id, image_id
+    ids.flush()
+    del ids
+    ds = MultimodalDataset(prefix)                  # per-document counts still agree
+    ds.sample(3)
+    with pytest.raises(DataError) as e:
+        ds.sample(4)
+    one_line(e, "document 4", "32 <image> placeholder ids but 2 images", "placeholders and media differ")
 
 
 def test_check_runs_matches_runs_to_media():
@@ -330,8 +355,31 @@ def test_dtmf_peaks_at_its_two_frequencies():
         assert min(abs(peaks[0] - low), abs(peaks[0] - high)) < 0.02 * high
 
 
+def dtmf_receiver(clip, win=160, hop=40):
+    """A classic DTMF receiver, independent of the synthesiser: per 20 ms frame, the strongest row and column
+    tone when the two hold over half the frame's energy; a key is 2+ frames of the same pair."""
+    w, t = np.hanning(win), np.arange(win) / SAMPLE_RATE
+    basis = np.exp(-2j * np.pi * np.outer(ROWS_HZ + COLS_HZ, t)) * w
+    frames = []
+    for s in range(0, len(clip) - win + 1, hop):
+        x = clip[s:s + win].astype(np.float64)
+        power = np.abs(basis @ x) ** 2
+        r, c = int(np.argmax(power[:4])), int(np.argmax(power[4:]))
+        all_tone = np.sum((w * x) ** 2) * w.sum() ** 2 / (2 * np.sum(w ** 2))   # the power if x were only tones
+        frames.append(KEYPAD[r][c] if power[r] + power[4 + c] > 0.5 * all_tone else None)
+    keys, prev, run = [], None, 0
+    for k in frames + [None]:
+        if k == prev:
+            run += 1
+            continue
+        if prev is not None and run >= 2:
+            keys.append(prev)
+        prev, run = k, 1
+    return "".join(keys)
+
+
 def test_dtmf_files_transcripts_and_held_out_split(tmp_path):
-    recs = write_dtmf(str(tmp_path), n_train=12, n_test=4, seed=3)
+    recs = write_dtmf(str(tmp_path), n_train=36, n_test=4, seed=3)
     again = write_dtmf(str(tmp_path / "again"), n_train=5, n_test=4, seed=3)
     assert recs["test"] == again["test"]                                         # the test split does not move
     assert open(tmp_path / "dtmf/test_0003.wav", "rb").read() == open(tmp_path / "again/dtmf/test_0003.wav", "rb").read()
@@ -342,7 +390,8 @@ def test_dtmf_files_transcripts_and_held_out_split(tmp_path):
         clip = load_audio(str(tmp_path / r["audio"][0]))
         lengths.add(len(clip))
         assert len(clip) >= 0.15 * SAMPLE_RATE
-    assert len(lengths) == 16                                                    # durations vary
+        assert dtmf_receiver(clip.numpy()) == digits                            # the audio says what the text says
+    assert len(lengths) == 40                                                    # durations vary
 
 
 def test_digits_png_levels_and_captions(tmp_path):

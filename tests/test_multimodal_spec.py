@@ -29,3 +29,11 @@ def test_mel_of_a_tone_peaks_at_its_band():
     band = int(mel.mean(0).argmax())
     centre = mel_filterbank()[band].argmax() * 8000 / 256           # bin -> Hz
     assert abs(float(centre) - 1209) < 120
+
+
+def test_min_audio_samples_is_tight():
+    """One sample less and the valid convolutions have nothing left to yield."""
+    x = log_mel(torch.randn(MIN_AUDIO_SAMPLES - 1)).t()[None]
+    with pytest.raises(RuntimeError):
+        for _ in range(SUBSAMPLE_LAYERS):
+            x = torch.nn.Conv1d(x.shape[1], 4, SUBSAMPLE_KERNEL, SUBSAMPLE_STRIDE)(x)

@@ -17,9 +17,11 @@ Files of a dataset PREFIX (no pickle anywhere: raw arrays, .npy read with allow_
                                  "image_tokens", "sample_rate", "image_shape", "tokenizer_fingerprint"}
 
 The JSON header is written last, so a dataset without it is incomplete. Opening checks that every file is
-there and pairs up (documents, counts, sizes, tokenizer fingerprint, the placeholder ids); reading a
-document checks that its placeholder runs match its media exactly (image runs a multiple of IMAGE_TOKENS,
-audio runs the sum of their clips' token counts), the same check preprocessing applies to each record.
+there and pairs up (documents, counts, sizes, tokenizer fingerprint, the placeholder ids) and that each
+document's <image>/<audio> ids are as many as its media fill (one vectorised pass), so more placeholders
+than media, or fewer, fail before training starts; reading a document also checks the runs themselves
+(image runs a multiple of IMAGE_TOKENS, audio runs the sum of their clips' token counts, in order), the
+check preprocessing applies to each record.
 
 A record's sample is inputs = ids[:-1], labels = ids[1:] where mask[1:] is 1, IGNORE_INDEX elsewhere (as in
 LLaVA: no label predicts a placeholder; the last placeholder of a run predicts the text after it).
@@ -305,6 +307,23 @@ class MultimodalDataset:
             raise DataError(f"{files['audio']}: {size} bytes, but {files['header']} says {h['audio_samples']} "
                             f"float32 samples ({4 * h['audio_samples']} bytes); truncated, missing or corrupt")
         self.audio = np.memmap(files["audio"], "<f4", "r") if size else np.zeros(0, np.float32)
+        self._check_counts()
+
+    def _check_counts(self) -> None:
+        """Every document's placeholder ids equal what its media fill, checked at open for all documents
+        (one pass over the tokens, memory in the placeholders only); `sample` checks the runs themselves."""
+        tokens, offsets = self.text.tokens, self.text.tokens.offsets
+        where = f"{self.prefix}_audio_offsets.npy"
+        clip_ids = np.array([0] + [_token_count(int(n), where) for n in np.diff(self.audio_offsets)], np.int64).cumsum()
+        for token, want, what in ((self.image_id, IMAGE_TOKENS * np.diff(self.table[:, 0]), "images"),
+                                  (self.audio_id, np.diff(clip_ids[self.table[:, 1]]), "audio clips")):
+            at = np.flatnonzero(np.asarray(tokens._tokens) == token)
+            have = np.bincount(np.searchsorted(offsets, at, "right") - 1, minlength=len(tokens))
+            bad = np.flatnonzero(have != want)
+            if bad.size:
+                i = int(bad[0])
+                raise DataError(f"{self.prefix}: document {i} has {have[i]} {IMAGE_TOKEN if token == self.image_id else AUDIO_TOKEN} placeholder ids "
+                                f"but its {what} fill {want[i]} ({bad.size} documents differ); placeholders and media differ")
 
     def __len__(self) -> int:
         return len(self.text)
@@ -325,6 +344,13 @@ class MultimodalDataset:
         (i0, a0), (i1, a1) = self.table[i], self.table[i + 1]
         off = self.audio_offsets
         return np.asarray(self.images[i0:i1]), [np.asarray(self.audio[off[j]:off[j + 1]]) for j in range(a0, a1)]
+
+    def prompt_and_target(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document i's leading ids without loss (its prompt, placeholder runs included: what generation is
+        given, with `media(i)`) and the ids after them (text and eod: what it should produce)."""
+        ids, mask = self.text.tokens.get(i).astype(np.int64), self.text.masks.get(i)
+        k = int(np.argmax(mask != 0)) if mask.any() else len(ids)
+        return ids[:k], ids[k:]
 
     def sample(self, i: int) -> Sample:
         inputs, labels = self.text.sample(i)

@@ -33,7 +33,9 @@ IMAGE_TOKENS = (IMAGE_SIZE // IMAGE_PATCH) ** 2    # 16 embeddings per image
 SAMPLE_RATE = 8000                                 # Hz: telephone audio, DTMF's home
 N_FFT, HOP, N_MELS = 256, 80, 40                   # 32 ms window, 10 ms hop, no centre padding
 SUBSAMPLE_KERNEL, SUBSAMPLE_STRIDE, SUBSAMPLE_LAYERS = 3, 2, 2   # two stride-2 convs, no padding: 40 ms a token
-MIN_AUDIO_SAMPLES = N_FFT + HOP * (2 ** SUBSAMPLE_LAYERS * (SUBSAMPLE_KERNEL - 1) - 1)  # yields one token
+# the shortest clip that yields one token: frames that survive the valid convs, back through the stft
+MIN_MEL_FRAMES = 1 + (SUBSAMPLE_KERNEL - 1) * sum(SUBSAMPLE_STRIDE ** i for i in range(SUBSAMPLE_LAYERS))
+MIN_AUDIO_SAMPLES = N_FFT + HOP * (MIN_MEL_FRAMES - 1)
 
 
 def mel_frames(num_samples: int) -> int:
