@@ -183,3 +183,21 @@ def test_freeze_lm_trains_adapters_only(tmp_path, pp, dist_opt):
     for r in results[1:]:                                                  # the later stage: nothing trainable
         assert r["trainable"] == r["buffer"] == r["changed"] == [] and r["numel"] == 0
     assert results[-1]["loss"] > 0
+
+
+def _cp_worker(rank, world):
+    from megagpt.parallel.state import ParallelState
+    ps = ParallelState.create(cp=2)
+    model = build_model(ModelConfig(**model_cfg()), ps)
+    tokens, labels, _, media = MixedRows(3, SEQ).batch([0, 1, 2])
+    text = model(tokens[:1, : SEQ // 2], labels[:1, : SEQ // 2])          # text only: CP runs
+    try:
+        model(tokens, labels, media=media)                                # counts match; CP refuses
+    except ValueError as e:
+        return {"error": str(e), "text_ok": bool(torch.isfinite(text).all())}
+    return {"error": None}
+
+
+def test_context_parallel_with_media_is_refused_in_one_line():
+    r = spawn(2, _cp_worker, timeout=120)[0]
+    assert r["text_ok"] and "parallel.cp=2" in r["error"] and "\n" not in r["error"]

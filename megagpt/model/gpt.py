@@ -4,6 +4,9 @@ A pipeline stage builds the same class with `layer_ids` (global layer numbers, s
 names are the same in every layout: `layers.12.mlp.fc1.weight`), `pre_process` (it owns the
 embedding) and `post_process` (final norm, output layer and loss).
 Activations are [s, b, h]; with sequence parallelism each TP rank holds [s/tp, b, h].
+With model.image_token_id / audio_token_id set, the first stage also holds the multimodal adapters
+(replicated over TP, their SP gradients summed over TP: multimodal/adapters.py), whose embeddings replace
+the placeholder rows of the token embeddings (`media`, a spec.Media, through forward).
 """
 from __future__ import annotations
 
