@@ -193,6 +193,11 @@ def main(argv=None) -> int:
         "generation_seconds": res["generation_seconds"], "wall_seconds": time.perf_counter() - t_start,
         "quick": args.quick, "examples": res["examples"],
     }
+    import resource
+    cpu = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))                  # this process and its reaped ranks
+    results["cpu_seconds"], results["quiet_2core_estimate_minutes"] = cpu, cpu / 2 / 60
+    results["load_average_at_end"] = os.getloadavg()
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     ok = lambda good: "met" if good else "NOT met"  # noqa: E731
@@ -206,7 +211,8 @@ def main(argv=None) -> int:
     print(f"{'  change':44s} {100 * rel:+9.2f}%  within 2% {ok(abs(rel) <= 0.02)}")
     for ex in res["examples"]["transcripts"][:4]:
         print(f"  dtmf {ex['truth']:>6s} -> {ex['generated'].strip()!r}")
-    print(f"wall {results['wall_seconds']:.0f} s; wrote {out}/results.json, captions.png, *_loss.png")
+    print(f"wall {results['wall_seconds']:.0f} s at load {os.getloadavg()[0]:.1f}; {cpu:.0f} CPU s, about "
+          f"{cpu / 120:.1f} min on 2 quiet cores; wrote {out}/results.json, captions.png, *_loss.png")
     return 0
 
 

@@ -160,3 +160,34 @@ def test_server_bad_media_is_400_one_line(ckpt, media, message):
     assert e.value.status == 400 and message in e.value.message and "\n" not in e.value.message, e.value.message
     with pytest.raises(APIError, match="only with /v1/completions"):
         _request(ckpt, dict(prompt=["<image>"], max_tokens=2, media={"images": []}))
+
+
+def test_train_cli_trains_and_refuses_bad_data_in_one_line(ckpt, tmp_path, capsys):
+    """examples/train_multimodal.py on a dataset preprocessed from JSONL with an image and a clip: a step runs and
+    its checkpoint generates with the image; a missing dataset and a model id that is not the data's are one line."""
+    import json
+
+    from megagpt.multimodal.dataset import preprocess_multimodal
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_multimodal
+    root, tok = ckpt["root"], ckpt["tok"]
+    recs = [{"prompt": "<image>", "text": " this is a handwritten digit", "images": [str(root / "digit.png")]},
+            {"prompt": "<audio>", "text": " the tones dial one two", "audio": [str(root / "tones.wav")]},
+            {"text": TEXT}]
+    (tmp_path / "mm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    preprocess_multimodal(str(tmp_path / "mm.jsonl"), str(tmp_path / "mm"), tok)
+    common = ["--data", str(tmp_path / "mm"), "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
+              "model.max_seq_len=64", "train.seq_len=64", "model.hidden_size=32", "model.num_heads=4",
+              "model.num_layers=1", "model.ffn_hidden_size=64", "train.micro_batch_size=2",
+              "train.global_batch_size=2", "model.adapter_hidden=16", "model.adapter_layers=1",
+              f"data.tokenizer={root / 'tokenizer.json'}"]
+    assert train_multimodal.main(common) == 0
+    assert tool.main(["--load", str(tmp_path / "run"), "--prompt", "<image>", "--image", str(root / "digit.png"),
+                      "--max-new-tokens", "3", "--print-ids"]) == 0
+    capsys.readouterr()
+    assert train_multimodal.main(["--data", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nothing.media.json: file not found" in err and "\n" not in err
+    assert train_multimodal.main(common + ["model.image_token_id=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.image_token_id: 3, but" in err and "\n" not in err, err
