@@ -18,6 +18,11 @@ same text alone, for the same passes over the text, is the baseline. Then, from 
   - validation loss on the held-out text of both models (target: the mixed model within 2% of the baseline)
 Prints one table, writes multimodal_run/results.json, the loss curves and a PNG of held-out images with
 their generated captions. Nothing is tuned on the held-out sets.
+
+Measured (one run, 1200 + 604 steps, 569 CPU s: about 4.7 min on 2 quiet cores; 23 min wall on the shared
+machine at load 16): digit captions 0.936 of 359 held-out (target 0.90: met); DTMF 0.405 of 200 held-out
+strings exactly, 0.710 of their digits; text validation loss 3.388 mixed vs 3.301 text alone, +2.6% (target
+2%: NOT met -- the 1.1M-parameter decoder shared with two media loses a little on held-out Shakespeare).
 """
 from __future__ import annotations
 
@@ -157,7 +162,7 @@ def caption_png(examples: list[dict], folder: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from megagpt.multimodal.media_io import load_image
-    fig, axes = plt.subplots(2, 8, figsize=(16, 4.6))
+    fig, axes = plt.subplots(2, 8, figsize=(16, 5.4))
     for ax, ex in zip(axes.flat, examples):
         ax.imshow(load_image(os.path.join(folder, ex["image"]))[0].numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(f"{ex['generated'].strip()}\n(truth {ex['truth']})", fontsize=7)
