@@ -161,6 +161,43 @@ def test_ring_attention_one_rank_is_dense(kernel):
         ring_attention(q, k, v, ParallelState.single().cp, kernel="flash")
 
 
+def _ring_order_worker(rank, world, q, k, v, dout):
+    """The backward's events in order: each block's gradient compute and each wait on a dK/dV accumulator
+    (bf16 inputs: the K/V message is bf16, the accumulator fp32, so a wait is known by what was posted)."""
+    from megagpt.parallel import context
+    ps = ParallelState.create(cp=world)
+    local = [zigzag_shard(t, 1, world, rank).bfloat16().requires_grad_(True) for t in (q, k, v)]
+    events, post, wait, bwd = [], context._Ring.post, context._wait, context._math_bwd
+
+    def tagged_post(self, t):
+        buf, works = post(self, t)
+        return buf, [(w, "dkv" if t.dtype == torch.float32 else "kv") for w in works]
+
+    def tagged_wait(works):
+        events.extend({f"wait {tag}" for _, tag in works})
+        wait([w for w, _ in works])
+
+    def logged_bwd(*a):
+        events.append("compute")
+        return bwd(*a)
+    context._Ring.post, context._wait, context._math_bwd = tagged_post, tagged_wait, logged_bwd
+    try:                                          # the forward picks the block kernels: patched first
+        out = ring_attention(*local, ps.cp, kernel="math")
+        out.backward(zigzag_shard(dout, 1, world, rank).bfloat16())
+    finally:
+        context._Ring.post, context._wait, context._math_bwd = post, wait, bwd
+    return [e for e in events if e != "wait kv"]
+
+
+def test_ring_backward_overlaps_the_dkv_hop_with_compute():
+    """Block i's gradients are computed before the wait on its dK/dV accumulator (which the previous
+    rank posted after its own block i - 1), so that hop overlaps compute, as the planner assumes."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 16, 2, 4, generator=g) for _ in range(4))
+    for events in spawn(4, _ring_order_worker, q, k, v, dout):   # (before: wait, then compute)
+        assert events == ["compute"] + ["compute", "wait dkv"] * 3 + ["wait dkv"], events
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_layouts_are_one_line_errors():
