@@ -59,7 +59,7 @@ from .memory import memory_per_rank
 @dataclass
 class Cluster:
     """Hardware (defaults: H100 SXM) and the time model's derating constants. Only gemm_eff was
-    fitted (once, globally); mem_eff, link_eff, latency and dp_overlap are set a priori."""
+    fitted (once, globally); attn_eff, mem_eff, link_eff, latency and dp_overlap are set a priori."""
     name: str = "H100-SXM"
     gpus_per_node: int = 8
     peak_tflops: float = 989.0      # dense bf16
