@@ -70,6 +70,9 @@ def problem(rng: random.Random) -> tuple[str, str, int]:
 
 
 ANSWER = re.compile(r"answer (-?\d+)")
+SFT_ITERS, SFT_LR = 1200, 2e-3   # both SFT styles alike; 300 steps at 1e-3 left the chains' loss still falling
+SC_TEMPERATURE = 0.6            # T=1 sampled a right chain less often than greedy, so votes could not help
+PAIR_SAMPLES = 8                # per training problem: chosen and rejected are both the chain model's samples
 
 def extract(text: str):
     m = ANSWER.search(text)
@@ -113,12 +116,12 @@ def run(rank, world, out_dir, quick):
     from megagpt.align.sft_data import preprocess_conversations
     from megagpt.train import Trainer
     scale = {"smoke": 0.02, "quick": 0.25}.get(quick, 1.0)
-    n_test, n_sc = (20, 10) if quick == "smoke" else (200, 100)
+    n_test, n_sc = (20, 10) if quick == "smoke" else (500, 500)
     it = lambda n: max(4, int(n * scale))  # noqa: E731
     t0, res, timings = time.perf_counter(), {}, {}
     rng = random.Random(0)
     seen, train, test = set(), [], []
-    while len(train) + len(test) < 4200:
+    while len(train) + len(test) < 4200 + n_test:
         p = problem(rng)
         if p[0] not in seen:
             seen.add(p[0])
@@ -154,7 +157,7 @@ def run(rank, world, out_dir, quick):
                 f.write(json.dumps({"messages": [{"role": "user", "content": s},
                                                  {"role": "assistant", "content": reply}]}) + "\n")
         preprocess_conversations(src, src[:-6], tok)
-        tr = SFTTrainer(cfg_for(tok.vocab_size, it(300), 1e-3, 128), os.path.join(out_dir, f"sft_{style}"),
+        tr = SFTTrainer(cfg_for(tok.vocab_size, it(SFT_ITERS), SFT_LR, 128), os.path.join(out_dir, f"sft_{style}"),
                         src[:-6], base=os.path.join(out_dir, "pretrain"))
         hist[f"sft_{style}"] = tr.run()
         tr.save()
@@ -168,29 +171,33 @@ def run(rank, world, out_dir, quick):
     sc_test = test[:n_sc]
     res["self_consistency"] = {}
     for n in (1, 5, 10, 20):
-        texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in sc_test], n=n, temperature=1.0, seed=n, eod=end)
+        texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in sc_test], n=n, temperature=SC_TEMPERATURE, seed=n,
+                         eod=end)
         votes = [vote([extract(t) for t in texts[i * n:(i + 1) * n]]) for i in range(len(sc_test))]
         res["self_consistency"][n] = accuracy(votes, [p[2] for p in sc_test])
     timings["self_consistency"] = time.perf_counter() - t0
 
     # 4. preference pairs from the chain model's own samples on training problems
-    pool = train[:int(400 * scale) + 100]
-    texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=4, temperature=1.0, seed=7, eod=end)
-    pairs_json, gold = [], 0
+    pool, k = train[:int(600 * scale) + 100], PAIR_SAMPLES
+    texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=k, temperature=1.0, seed=7, eod=end)
+    pairs_json, gold = [], []
     for i, (s, chain, ans) in enumerate(pool):
-        outs = texts[4 * i:4 * i + 4]
+        outs = texts[k * i:k * (i + 1)]
         good = [t for t in outs if extract(t) == ans]
-        bad = [t for t in outs if extract(t) != ans and t != chain]
-        if bad:          # chosen: a correct sample, else (a weak model rarely has one) the worked chain itself
-            gold += not good
-            pairs_json.append({"prompt": s, "chosen": good[0] if good else chain, "rejected": bad[0]})
+        bad = [t for t in outs if extract(t) != ans]
+        if good and bad:  # on-policy: both answers are the model's own (a worked chain as chosen is off-policy)
+            pairs_json.append({"prompt": s, "chosen": good[0], "rejected": bad[0]})
+        elif bad and bad[0] != chain:
+            gold.append({"prompt": s, "chosen": chain, "rejected": bad[0]})
+    n_gold = max(0, 64 - len(pairs_json))   # only a model too weak for 64 on-policy pairs (--smoke) gets the chain
+    pairs_json += gold[:n_gold]
     from megagpt.align.prefs import encode_pair
     pairs = [p for p in (encode_pair(tok, r) for r in pairs_json) if len(p[0]) + max(len(p[1]), len(p[2])) <= 120]
     cut = int(0.8 * len(pairs)) // 4 * 4
     train_pairs, held_pairs = pairs[:cut], pairs[cut:]
-    res["pairs"] = {"sampled_problems": len(pool), "train": len(train_pairs), "held_out": len(held_pairs),
-                    "chosen_is_the_worked_chain": gold,
-                    "sample_acc": sum(extract(t) == pool[i // 4][2] for i, t in enumerate(texts)) / len(texts)}
+    res["pairs"] = {"sampled_problems": len(pool), "samples_each": k, "train": len(train_pairs), "held_out": len(held_pairs),
+                    "chosen_is_the_worked_chain": min(n_gold, len(gold)),
+                    "sample_acc": sum(extract(t) == pool[i // k][2] for i, t in enumerate(texts)) / len(texts)}
     timings["pairs"] = time.perf_counter() - t0
 
     # 5. reward model from the chain model
@@ -204,7 +211,7 @@ def run(rank, world, out_dir, quick):
 
     # 6. DPO from the chain model
     dpo = DPOTrainer(cfg_for(tok.vocab_size, it(60), 2e-5, 128, gbs=16, mbs=8, warmup=5),
-                     os.path.join(out_dir, "dpo"), train_pairs, eval_pairs=held_pairs, beta=0.1,
+                     os.path.join(out_dir, "dpo"), train_pairs, eval_pairs=held_pairs, beta=0.1, nll_weight=1.0,
                      base=os.path.join(out_dir, "sft_cot"))
     res["dpo_held_out_start"] = dpo.evaluate_pairs()
     hist["dpo"] = dpo.run()
@@ -220,7 +227,7 @@ def run(rank, world, out_dir, quick):
 
     def score(i, comp):
         return 1.0 if extract(tok.decode([t for t in comp if t != end])) == ppo_train[i][2] else 0.0
-    ppo = PPOTrainer(cfg_for(tok.vocab_size, it(40), 3e-5, 96, gbs=16, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
+    ppo = PPOTrainer(cfg_for(tok.vocab_size, it(40), 5e-5, 96, gbs=32, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
                      prompts, checker_scores(score), PPOConfig(kl_coef=0.05, max_new_tokens=40, ppo_epochs=2), end_id=end,
                      base=os.path.join(out_dir, "sft_cot"), seed=11)
     hist["ppo"] = ppo.run()
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
     rows = [("pretrained base (plain prompt, greedy)", res["base_acc"]),
             ("SFT on direct answers (greedy)", res["sft_direct_acc"]),
             ("SFT on chains of thought (greedy)", res["sft_cot_acc"]),
-            *[(f"SFT chains, self-consistency N={n} (T=1)", sc[n]) for n in sorted(sc)],
+            *[(f"SFT chains, self-consistency N={n} (T={SC_TEMPERATURE})", sc[n]) for n in sorted(sc)],
             ("reward model, held-out pair accuracy (before training)", res["reward_model_pair_acc_start"]),
             ("reward model, held-out pair accuracy", res["reward_model_pair_acc"]),
             ("DPO from the chain model (greedy)", res["dpo_acc"]),
