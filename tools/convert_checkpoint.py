@@ -10,7 +10,11 @@ The input's format is detected: a directory with config.json is HF, else a megag
 step directory (with a COMPLETE manifest). The output of --to megagpt is a published checkpoint that
 training resumes from with --load (dp=1 on disk; any DP loads it). --with-optimizer carries the Adam
 state over (HF input: a fresh state at step 0); training's --load needs it. Tensors stream one layer
-at a time. A thin wrapper over megagpt.checkpoint.convert. Exit codes: 0 ok, 2 bad input or arguments.
+at a time. Post-training checkpoints (megagpt/align/) export too: SFT and DPO policies as Llama with
+their grown vocab; a PPO policy as Llama plus value_head.safetensors (its value head, [1, hidden]); a
+reward model as LlamaForSequenceClassification (num_labels=1, score.weight; pad_token_id = the eos token,
+so HF reads the reward at the last token that is not padding; --tokenizer is required). A tokenizer
+with the chat tokens gets the chat template (align/chat.py) in tokenizer_config.json. A thin wrapper over megagpt.checkpoint.convert. Exit codes: 0 ok, 2 bad input or arguments.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     else:
         what = (f"{len(summary['files'])} safetensors file(s), {summary['tensors']} tensors"
                 + (f", tokenizer from {summary['tokenizer']}" if summary["tokenizer"] else ", no tokenizer")
+                + "".join(f", {h}" for h in summary["heads"])
                 if args.to == "hf" else
                 f"step {summary['step']} in {summary['ranks']} rank files at {summary['path']}"
                 + (", with optimizer state" if summary["optimizer"] else ""))

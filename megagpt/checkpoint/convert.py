@@ -38,8 +38,8 @@ from ..layout import Layout
 from ..parallel.layers import ShardSpec
 from ..pipeline.split import meta_stage
 from .format import VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, rank_params
-from .hf import (ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names, megagpt_to_hf, to_hf_config,
-                 write_hf_tokenizer)
+from .hf import (HEADS, VALUE_HEAD_FILE, ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names,
+                 megagpt_to_hf, to_hf_config, write_hf_tokenizer)
 from .hf_files import HFDirectory
 from .regions import fit_rows
 from .st_writer import _ST_DTYPES, SafetensorsWriter
@@ -78,7 +78,13 @@ class MegagptSource:
         self.cfg = _known(ModelConfig, meta.model_config)
         self.config, self.step, self.dir = meta.config or {}, meta.step, step_dir
         self.scalars = meta.optim_scalars
-        for name, shape in _global_shapes(self.cfg).items():
+        # the post-training heads (align/): a reward model has reward_head and no LM head, PPO's policy a value_head
+        self.heads = tuple(n for n in HEADS if n in self.reader.params)
+        self.shapes = _global_shapes(self.cfg)
+        if "reward_head" in self.heads:
+            self.shapes.pop("lm_head.weight", None)
+        self.shapes.update({n: (1, self.cfg.hidden_size) for n in self.heads})
+        for name, shape in self.shapes.items():
             if name not in self.reader.params:
                 raise ConversionError(f"{step_dir}: no tensor {name} in any rank file (the model config needs it)")
             saved = self.reader.global_shape(name)
@@ -157,7 +163,8 @@ def _parse_size(text) -> int:
 
 
 def _find_tokenizer(config: dict, override: str | None) -> str | None:
-    """The run's tokenizer.json: --tokenizer, else data.tokenizer, else one next to the data prefix."""
+    """The run's tokenizer.json: --tokenizer, else data.tokenizer, else one next to the data prefix
+    (tokenizer.json in its directory, or PREFIX.tokenizer.json as tools/preprocess_chat.py writes it)."""
     data = config.get("data") or {}
     if override or data.get("tokenizer"):
         path = override or data["tokenizer"]
@@ -166,20 +173,30 @@ def _find_tokenizer(config: dict, override: str | None) -> str | None:
             raise ConversionError(f"{where}: {path} not found")
         return path
     if data.get("path"):
-        path = os.path.join(os.path.dirname(data["path"]), "tokenizer.json")
-        return path if os.path.isfile(path) else None
+        for path in (data["path"] + ".tokenizer.json", os.path.join(os.path.dirname(data["path"]), "tokenizer.json")):
+            if os.path.isfile(path):
+                return path
     return None
 
 
 def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) -> dict:
-    cfg = source.cfg
+    cfg, heads = source.cfg, source.heads
+    if heads and cfg.moe_num_experts:
+        raise ConversionError(f"{source.dir}: a mixture of experts with {' and '.join(heads)} has no HF export")
+    if "reward_head" in heads and not tokenizer:
+        raise ConversionError(f"--tokenizer: a reward model's HF export needs its tokenizer.json (the pad token "
+                              f"marks the last real token, where the reward is read)")
     if cfg.moe_num_experts:                        # a mixture of experts exports as Mixtral (hf_mixtral.py)
         from .hf_mixtral import megagpt_to_mixtral as to_hf, mixtral_names, to_mixtral_config
         hf_config, names = to_mixtral_config(cfg), mixtral_names(cfg)
     else:
         to_hf, hf_config, names = megagpt_to_hf, to_hf_config(cfg), megagpt_names(cfg)
     names = [n for n in names if not is_adapter(n)]      # the adapters go to their own file (hf_adapters.py)
-    shapes = _global_shapes(cfg)
+    if "reward_head" in heads:                     # the trunk and a one-label score head, no LM head
+        names = [n for n in names if n != "lm_head.weight"] + ["reward_head"]
+        hf_config.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"},
+                         label2id={"LABEL_0": 0})
+    shapes = source.shapes
     # the plan: every HF tensor in write order (split on the meta device: shapes only), cut into shards
     plan = [(n, tuple(t.shape)) for name in names for n, t in
             to_hf(name, torch.empty(shapes[name], device="meta"), cfg)]
@@ -199,7 +216,7 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
     tmp = f"{dst.rstrip(os.sep)}.tmp-{secrets.token_hex(8)}"    # renamed into place when complete
     os.makedirs(tmp)
     try:
-        eos = write_hf_tokenizer(tmp, tokenizer, cfg) if tokenizer else None
+        eos, end = write_hf_tokenizer(tmp, tokenizer, cfg) if tokenizer else (None, None)
         where = {n: i for i, shard in enumerate(shards) for n, _, _ in shard}
         writers = {}
         for name in names:
@@ -217,21 +234,29 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
         adapters = write_adapters(tmp, cfg, source.param, shapes, dtype)
         if adapters:
             hf_config = {**hf_config, HF_KEY: hf_multimodal(cfg)}
+        if "value_head" in heads:                  # PPO's value head: HF has no place for it, its own file
+            (n, t), = megagpt_to_hf("value_head", source.param("value_head", shapes["value_head"]), cfg)
+            w = SafetensorsWriter(os.path.join(tmp, VALUE_HEAD_FILE), [(n, dtype, tuple(t.shape))], {"format": "pt"})
+            w.write(n, t.to(dtype))
+            w.close()
         if len(shards) > 1:
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": sum(math.prod(s) * item for _, s in plan)},
                         "weight_map": {n: files[where[n]] for n, _ in plan}})
         dname = str(dtype).removeprefix("torch.")
+        # a chat model's turn ends with <|end|>: generation stops there too; padding is the eos token
         write_json(os.path.join(tmp, "config.json"), {**hf_config, "torch_dtype": dname, "dtype": dname,
-                                                      "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": None})
+                                                      "bos_token_id": eos, "eos_token_id": [eos, end] if end else eos,
+                                                      "pad_token_id": eos if "reward_head" in heads else None})
         if os.path.isdir(dst):
             os.rmdir(dst)                          # empty, checked above
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"format": "hf", "files": files + ([ADAPTERS_FILE] if adapters else []), "tensors": len(plan) + len(adapters),
-            "tokenizer": tokenizer}
+    extra_files = ([ADAPTERS_FILE] if adapters else []) + ([VALUE_HEAD_FILE] if "value_head" in heads else [])
+    return {"format": "hf", "files": files + extra_files, "tensors": len(plan) + len(adapters),
+            "tokenizer": tokenizer, "heads": list(heads)}
 
 
 # ----------------------------------------------------------------------------- -> megagpt
