@@ -37,7 +37,7 @@ STEPS = int(os.environ.get("MOE_DEMO_STEPS", 700))
 F, SEQ = 256, 128
 BASE = {"model": dict(vocab_size=4096, max_seq_len=SEQ, hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4,
                       ffn_hidden_size=2 * F, mlp="swiglu"),
-        "train": dict(seq_len=SEQ, micro_batch_size=16, global_batch_size=16, train_iters=STEPS, lr=3e-3, min_lr=3e-4,
+        "train": dict(seq_len=SEQ, micro_batch_size=8, global_batch_size=8, train_iters=STEPS, lr=3e-3, min_lr=3e-4,
                       warmup=50, weight_decay=0.1, eval_interval=0, eval_iters=16, log_interval=10 ** 6,
                       peak_tflops=0.1, seed=1234)}
 MOE = dict(moe_num_experts=8, moe_top_k=2, moe_ffn_hidden_size=F, moe_router_norm_topk=True, moe_aux_loss_coeff=0.01)
