@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Convert checkpoints: megagpt (any TP/PP/VP/DP layout) <-> Hugging Face Llama, and megagpt resharding.
+"""Convert checkpoints: megagpt (any TP/PP/VP/EP/DP layout) <-> Hugging Face Llama or Mixtral, and resharding.
 
     python tools/convert_checkpoint.py --input runs/tiny --output hf_out --to hf [--max-shard-size 2GB]
     python tools/convert_checkpoint.py --input hf_llama --output runs/imported --to megagpt --tp 2 --pp 2
     python tools/convert_checkpoint.py --input runs/tiny --output runs/tp1pp4 --to megagpt --tp 1 --pp 4 \\
         --with-optimizer
+    python tools/convert_checkpoint.py --input hf_mixtral --output runs/moe --to megagpt --ep 2
 
 The input's format is detected: a directory with config.json is HF, else a megagpt run directory or
 step directory (with a COMPLETE manifest). The output of --to megagpt is a published checkpoint that
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="--to megagpt: tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="--to megagpt: pipeline stages (default 1)")
     p.add_argument("--vp", type=int, default=1, help="--to megagpt: virtual stages per pipeline rank (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="--to megagpt: expert-parallel degree (MoE; default 1): the "
+                                                     "experts split over ep ranks, dp = ep on disk")
     p.add_argument("--with-optimizer", action="store_true",
                    help="--to megagpt: write optimizer state (carried over; fresh for HF input)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights' dtype (default: the input's)")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        summary = convert(args.input, args.output, args.to, tp=args.tp, pp=args.pp, vp=args.vp,
+        summary = convert(args.input, args.output, args.to, tp=args.tp, pp=args.pp, vp=args.vp, ep=args.ep,
                           with_optimizer=args.with_optimizer, dtype=args.dtype, max_shard_size=args.max_shard_size,
                           tokenizer=args.tokenizer, seed=args.seed)
     except (ConversionError, CheckpointError, ConfigError) as e:

@@ -2,6 +2,7 @@
 
     convert(src, dst, to="hf")                                  any megagpt layout -> an HF directory
     convert(src, dst, to="megagpt", tp=2, pp=2)                 HF -> a megagpt checkpoint (step 0)
+    convert(src, dst, to="megagpt", ep=2)                       HF Mixtral -> experts split over 2 ep ranks
     convert(src, dst, to="megagpt", tp=1, pp=4, with_optimizer=True)   reshard, optimizer included
 
 Every path is the same loop: for each global parameter (megagpt names, model order), read its global
@@ -15,9 +16,11 @@ The megagpt target is written without any process group: each target rank's chun
 meta device from a virtual ParallelState, which gives every parameter's global shape and ShardSpec.
 Its rank files are written through format.Writer, as save_checkpoint writes them (then the COMPLETE
 manifest, atomic publish, `latest`); the training state is TrainState's, as a new run's would be.
-Optimizer state is written for dp=1 (each rank owns its pieces' whole flat range): which flat ranges
-a DP rank owns depends on bucket sizes and the run's DP degree, and load_checkpoint re-cuts them for
-whatever DP the loading run has, so dp=1 loads into every DP. HF input with `with_optimizer` gets a
+Optimizer state is written for dp=1, or dp = ep with expert parallelism (each rank owns its pieces'
+whole flat range: the dense weights' on dp rank 0, each ep rank its experts'): which flat ranges a DP
+rank owns depends on bucket sizes and the run's DP degree, and load_checkpoint re-cuts them for
+whatever DP (and EP) the loading run has. Experts are stored as each ep rank's piece (as
+save_checkpoint stores them); an HF Mixtral directory maps through hf_mixtral.py. HF input with `with_optimizer` gets a
 fresh state (fp32 copies of the weights, zero moments, step 0): what a new run starts from, and what
 the training loop's --load needs. Only safetensors and JSON are read: nothing is unpickled.
 """
@@ -35,9 +38,9 @@ import torch
 from ..config import DTYPES as TRAIN_DTYPES
 from ..config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate
 from ..layout import Layout
-from ..parallel.layers import ShardSpec
+from ..parallel.layers import ShardSpec, meta_of
 from ..pipeline.split import meta_stage
-from .format import VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, rank_params
+from .format import STATE_BUFFERS, VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, piece_of, rank_params
 from .hf import (HEADS, VALUE_HEAD_FILE, ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names,
                  megagpt_to_hf, to_hf_config, write_hf_tokenizer)
 from .hf_files import HFDirectory
@@ -47,6 +50,10 @@ from .store import (clean_stale, find_checkpoint, publish, read_manifest, step_d
                     write_manifest)
 from .train_state import TrainState
 from ..multimodal.hf_adapters import ADAPTERS_FILE, HF_KEY, hf_multimodal, is_adapter, read_adapter, write_adapters
+
+def _is_buffer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in STATE_BUFFERS
+
 
 DTYPES = {k: v for k, v in TRAIN_DTYPES.items() if k in ("fp32", "bf16")}   # what --dtype accepts
 OPTIM_KEYS = ("main", "exp_avg", "exp_avg_sq")
@@ -60,8 +67,9 @@ def _known(cls, fields: dict):
 
 
 def _global_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Global shape of every parameter: the one-rank model built on the meta device."""
-    return {n: tuple(p.meta.global_shape) for chunk in meta_stage(Config(model=cfg)) for n, p in chunk.named_parameters()}
+    """Global shape of every tensor a checkpoint holds (parameters and state buffers), in model order:
+    the one-rank model built on the meta device."""
+    return {n: tuple(meta_of(p).global_shape) for n, p, _ in rank_params(meta_stage(Config(model=cfg)))}
 
 
 class MegagptSource:
@@ -116,10 +124,18 @@ class HFSource:
     def __init__(self, path: str):
         self.dir, self.files = path, HFDirectory(path)
         self.hf_config = self.files.config
-        self.cfg = from_hf_config(self.hf_config)
+        self.mixtral = (self.hf_config.get("architectures") or [None])[0] == "MixtralForCausalLM"
+        if self.mixtral:                          # experts (hf_mixtral.py): its shapes from the map itself
+            from .hf_mixtral import from_mixtral_config, megagpt_to_mixtral
+            self.cfg = from_mixtral_config(self.hf_config)
+            shapes = {n: tuple(t.shape) for name, shape in _global_shapes(self.cfg).items()
+                      for n, t in megagpt_to_mixtral(name, torch.empty(shape, device="meta"), self.cfg)}
+        else:
+            self.cfg = from_hf_config(self.hf_config)
+            shapes = hf_shapes(self.cfg, self.hf_config)
         self.config, self.step = {}, 0
         try:
-            for hf_name, shape in hf_shapes(self.cfg, self.hf_config).items():
+            for hf_name, shape in shapes.items():
                 if not self.files.has(hf_name):
                     raise ConversionError(f"{path}: tensor {hf_name} is in no file (config.json needs it)")
                 got = self.files.shape(hf_name)
@@ -135,7 +151,11 @@ class HFSource:
         if is_adapter(name):
             return read_adapter(self.dir, name, shape)
         try:
-            full = hf_to_megagpt(name, self.files.get, self.cfg, 1, self.hf_config)
+            if self.mixtral:
+                from .hf_mixtral import mixtral_to_megagpt
+                full = mixtral_to_megagpt(name, self.files.get, self.cfg)
+            else:
+                full = hf_to_megagpt(name, self.files.get, self.cfg, 1, self.hf_config)
             return fit_rows(name, full, self.cfg.vocab_size, shape)
         finally:
             self.files.close()                    # unmaps the files (see the module docstring)
@@ -261,10 +281,10 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
 
 # ----------------------------------------------------------------------------- -> megagpt
 
-def _target_config(source, tp: int, pp: int, vp: int) -> Config:
-    """The source's run config (defaults for HF) in the target layout, with dp = 1."""
+def _target_config(source, tp: int, pp: int, vp: int, ep: int) -> Config:
+    """The source's run config (defaults for HF) in the target layout, with dp = ep (edp = 1)."""
     raw = source.config
-    par = {**(raw.get("parallel") or {}), "tp": tp, "pp": pp, "vp": vp, "world_size": tp * pp}
+    par = {**(raw.get("parallel") or {}), "tp": tp, "pp": pp, "vp": vp, "ep": ep, "world_size": tp * pp * ep}
     par["sequence_parallel"] = bool(par.get("sequence_parallel")) and tp > 1
     if par.get("layers_per_stage") is not None and len(par["layers_per_stage"]) != pp * vp:
         par["layers_per_stage"] = None            # the saved explicit split was for another pp*vp
@@ -272,21 +292,28 @@ def _target_config(source, tp: int, pp: int, vp: int) -> Config:
     train.seq_len = min(train.seq_len, source.cfg.max_seq_len)
     cfg = Config(source.cfg, _known(ParallelConfig, par), train, _known(DataConfig, raw.get("data") or {}))
     # the batch size is the run's business, not the layout's: check the layout with one that fits any pp
-    validate(dataclasses.replace(cfg, train=dataclasses.replace(train, global_batch_size=train.micro_batch_size * pp)))
+    batch = train.micro_batch_size * pp * ep
+    validate(dataclasses.replace(cfg, train=dataclasses.replace(train, global_batch_size=batch)))
     return cfg
 
 
 def _target_ranks(cfg: Config) -> list[dict]:
-    """Per target rank: its coordinates and {name: (global shape, ShardSpec, written)}, from meta chunks."""
+    """Per target rank: its coordinates and {name: (global shape, ShardSpec, written, (piece rank, size))},
+    from meta chunks. dp = ep: an expert weight is written as its EP piece by each ep rank, the rest by dp
+    rank 0 (as save_checkpoint writes them)."""
     # the batch is the run's business, not the layout's: check the layout with one that fits any pp
-    train = dataclasses.replace(cfg.train, global_batch_size=cfg.train.micro_batch_size * cfg.parallel.pp)
+    batch = cfg.train.micro_batch_size * cfg.parallel.pp * cfg.parallel.ep
+    train = dataclasses.replace(cfg.train, global_batch_size=batch)
     layout, out = Layout.from_config(dataclasses.replace(cfg, train=train)), []
-    for rank in range(layout.world_size):         # dp = 1: one rank per (tp, pp) coordinate
+    for rank in range(layout.world_size):         # dp = ep: one rank per (tp, pp, ep) coordinate
         coords = layout.rank_coords(rank)
-        chunks = meta_stage(cfg, coords["tp"], coords["pp"], layout)
+        chunks = meta_stage(cfg, coords["tp"], coords["pp"], layout, coords["ep"])
         params = {}
         for name, param, written in rank_params(chunks):
-            params.setdefault(name, (tuple(param.meta.global_shape), param.meta.spec, written))
+            meta = meta_of(param)
+            one = (chunks[0].ps.edp if meta.expert else chunks[0].ps.dp).rank == 0
+            spec, piece_rank, piece_size = piece_of(meta, chunks[0].ps)
+            params.setdefault(name, (tuple(meta.global_shape), spec, written and one, (piece_rank, piece_size)))
         out.append({"rank": rank, "tp_rank": coords["tp"], "pp_rank": coords["pp"], "ps": chunks[0].ps,
                     "params": params})
     return out
@@ -294,7 +321,7 @@ def _target_ranks(cfg: Config) -> list[dict]:
 
 def _write_megagpt(source, dst: str, cfg: Config, with_optimizer: bool, dtype, seed: int) -> dict:
     p, m = cfg.parallel, cfg.model
-    ranks, names = _target_ranks(cfg), megagpt_names(m)
+    ranks, names = _target_ranks(cfg), list(_global_shapes(m))
     fresh = source.kind == "hf"
     os.makedirs(dst, exist_ok=True)
     clean_stale(dst)
@@ -305,30 +332,36 @@ def _write_megagpt(source, dst: str, cfg: Config, with_optimizer: bool, dtype, s
         for r in ranks:                           # every rank file's metadata and write order (dp = 1)
             r["writer"] = Writer(tmp, step, r["rank"], len(ranks), layout_of(r["ps"], p.order), m, cfg.to_dict())
             for name in names:
-                shape, spec, written = r["params"].get(name, (0, 0, False))
+                shape, spec, written, piece = r["params"].get(name, (0, 0, False, 0))
                 if written:
-                    tp = TPPiece.of(spec, r["tp_rank"], p.tp)
-                    r["writer"].add_param(name, dtype, shape, tp)
-                    if with_optimizer:            # each rank owns its pieces' whole flat range
-                        r["writer"].add_optim(name, 0, math.prod(spec.local_shape(shape, p.tp)), OPTIM_KEYS, shape, tp)
+                    tp = TPPiece.of(spec, *piece)
+                    r["writer"].add_param(name, torch.float32 if _is_buffer(name) else dtype, shape, tp)
+                    if with_optimizer and not _is_buffer(name):     # each rank owns its pieces' whole flat range
+                        r["writer"].add_optim(name, 0, math.prod(spec.local_shape(shape, piece[1])), OPTIM_KEYS,
+                                              shape, tp)
         for name in names:
             # every piece is cut from the global tensor when written and dropped right after: memory
             # holds the global tensor and one piece (each `del` frees before the next read, not after)
             holders = [r for r in ranks if r["params"].get(name, (0, 0, False))[2]]
-            shape, spec, _ = holders[0]["params"][name]
+            shape, spec, _, _ = holders[0]["params"][name]
+            if _is_buffer(name):                   # state, not weights: fp32, no optimizer state
+                full = source.param(name, shape).float()
+                for r in holders:
+                    r["writer"].write(name, full)
+                continue
             full = source.param(name, shape).to(dtype)
             for r in holders:
-                r["writer"].write(name, spec.shard(full, r["tp_rank"], p.tp))
+                r["writer"].write(name, spec.shard(full, *r["params"][name][3]))
             if with_optimizer and fresh:           # a new run's state: fp32 weights, zero moments
                 for r in holders:
-                    r["writer"].write(f"optim/{name}/main", spec.shard(full, r["tp_rank"], p.tp).float().reshape(-1))
+                    r["writer"].write(f"optim/{name}/main", spec.shard(full, *r["params"][name][3]).float().reshape(-1))
                     for key in OPTIM_KEYS[1:]:
                         r["writer"].write_zeros(f"optim/{name}/{key}")
             del full
             for key in OPTIM_KEYS if with_optimizer and not fresh else ():
                 g = source.optim(name, key, shape)
                 for r in holders:
-                    r["writer"].write(f"optim/{name}/{key}", spec.shard(g, r["tp_rank"], p.tp).float().reshape(-1))
+                    r["writer"].write(f"optim/{name}/{key}", spec.shard(g, *r["params"][name][3]).float().reshape(-1))
                 del g
         if with_optimizer and not fresh:
             scalars = source.scalars               # as saved (already in the JSON encoding)
@@ -351,7 +384,8 @@ def _write_megagpt(source, dst: str, cfg: Config, with_optimizer: bool, dtype, s
 # ----------------------------------------------------------------------------- entry point
 
 def convert(src: str, dst: str, to: str, tp: int = 1, pp: int = 1, vp: int = 1, with_optimizer: bool = False,
-            dtype: str | None = None, max_shard_size="2GB", tokenizer: str | None = None, seed: int = 1234) -> dict:
+            dtype: str | None = None, max_shard_size="2GB", tokenizer: str | None = None, seed: int = 1234,
+            ep: int = 1) -> dict:
     """Convert src (megagpt run/step directory or HF directory, detected) to `to` ("hf" or "megagpt")
     at dst. Raises ConversionError / CheckpointError / ConfigError with a one-line message."""
     if to not in ("hf", "megagpt"):
@@ -363,15 +397,16 @@ def convert(src: str, dst: str, to: str, tp: int = 1, pp: int = 1, vp: int = 1, 
     if to == "hf":
         if source.kind == "hf":
             raise ConversionError(f"{src}: already an HF directory (use --to megagpt)")
-        if (tp, pp, vp) != (1, 1, 1) or with_optimizer:
-            raise ConversionError("--tp/--pp/--vp/--with-optimizer: an HF directory has no layout or optimizer state")
+        if (tp, pp, vp, ep) != (1, 1, 1, 1) or with_optimizer:
+            raise ConversionError("--tp/--pp/--vp/--ep/--with-optimizer: an HF directory has no layout or "
+                                  "optimizer state")
         return _write_hf(source, dst, out_dtype, _parse_size(max_shard_size), _find_tokenizer(source.config, tokenizer))
     if source.kind == "megagpt":
-        if with_optimizer and not source.has_optimizer(megagpt_names(source.cfg)):
+        if with_optimizer and not source.has_optimizer([n for n in _global_shapes(source.cfg) if not _is_buffer(n)]):
             raise ConversionError(f"{source.dir}: has no optimizer state for every parameter; drop --with-optimizer")
         if os.path.realpath(dst) in {os.path.realpath(src), os.path.realpath(os.path.dirname(source.dir))}:
             raise ConversionError(f"{dst}: is the input's run directory (refusing to overwrite the input)")
-    cfg = _target_config(source, tp, pp, vp)
+    cfg = _target_config(source, tp, pp, vp, ep)
     # an HF import keeps the model's tokenizer.json next to the checkpoint and names it in the config,
     # so that an export back to HF finds it again
     hf_tokenizer = os.path.join(source.dir, "tokenizer.json")
