@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench passkey-demo multimodal-demo
+.PHONY: install test demo serve-demo rag-demo fewshot-demo self-consistency-demo align-demo bench gpu-bench clean moe-demo moe-bench passkey-demo multimodal-demo
 
 install: .venv/.installed
 
@@ -38,6 +38,9 @@ rag-demo: install
 
 fewshot-demo: install
 	$(PY) examples/fewshot_demo.py
+
+self-consistency-demo: install
+	$(PY) examples/self_consistency_demo.py
 
 align-demo: install
 	$(PY) examples/align_demo.py --out align_run
