@@ -53,6 +53,7 @@ LAYOUTS = {
     "PP2 vp2": (2, 1, None, dict(pp=2, vp=2), {}),
 }
 BASELINE = "1p 2 threads"
+PEER = {"DP2 ZeRO-1": "DP2", "TP2 + SP": "TP2", "PP2 vp2": "PP2"}   # megagpt-only rows: compared with this picotron row
 
 
 # ----------------------------------------------------------------------------- picotron side
@@ -83,8 +84,9 @@ def prepare_picotron(work: str, rows: int) -> dict:
     for i in range(MODEL["num_layers"]):
         p = f"model.layers.{i}."
         w.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-                  p + "self_attn.q_proj.weight": torch.zeros(h, h), p + "self_attn.k_proj.weight": torch.zeros(kv * hd, h),
-                  p + "self_attn.v_proj.weight": torch.zeros(kv * hd, h), p + "self_attn.o_proj.weight": torch.zeros(h, h),
+                  p + "self_attn.q_proj.weight": torch.zeros(h, h), p + "self_attn.o_proj.weight": torch.zeros(h, h),
+                  p + "self_attn.k_proj.weight": torch.zeros(kv * hd, h),
+                  p + "self_attn.v_proj.weight": torch.zeros(kv * hd, h),
                   p + "mlp.gate_proj.weight": torch.zeros(f, h), p + "mlp.up_proj.weight": torch.zeros(f, h),
                   p + "mlp.down_proj.weight": torch.zeros(h, f)})
     os.makedirs(os.path.join(work, "hf_model_safetensors"), exist_ok=True)
@@ -180,7 +182,32 @@ def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def targets(table: dict) -> list[str]:
+    """Issue 18's bars, each MET or NOT MET with the median ratio and its [min, max]."""
+    def get(n, key):
+        return table.get(n, {}).get(key)
+    checks = [(f"megagpt / picotron, {n} >= 1.1", get(n, "megagpt_vs_picotron"), 1.1)
+              for n in ("1p 2 threads", "DP2", "TP2", "PP2")]
+    checks += [("megagpt DP2 / own 1p >= 1.0", get("DP2", "megagpt_vs_own_1p"), 1.0),
+               ("megagpt TP2 / own 1p >= 0.8", get("TP2", "megagpt_vs_own_1p"), 0.8)]
+    vp1, vp2 = get("PP2", "megagpt_round_median_s"), get("PP2 vp2", "megagpt_round_median_s")
+    if vp1 and vp2:                                       # per round: the two ran minutes apart
+        checks.append(("megagpt PP2 vp2 / PP2 vp1 >= 1.0", _spread([a / b for a, b in zip(vp1, vp2)]), 1.0))
+    out = []
+    for name, s, bar in checks:
+        if s is None:
+            out.append(f"  {name}: not measured in this run")
+        else:
+            out.append(f"  {name}: {'MET' if s['median'] >= bar else 'NOT MET'} "
+                       f"({s['median']:.2f}, rounds [{s['min']:.2f}, {s['max']:.2f}])")
+    return out
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--prepare"]:
+        prepare_picotron(argv[1], int(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--picotron", default=os.environ.get("PICOTRON_DIR", "/work/picotron"))
     ap.add_argument("--steps", type=int, default=50)
@@ -196,7 +223,11 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(1)            # forked ranks need a one-thread parent
     work = tempfile.mkdtemp(prefix="vs-picotron-")
-    paths = prepare_picotron(work, rows=TRAIN["global_batch_size"] * (args.steps + 2))
+    # in a child: transformers' import would otherwise sit in this process's pages, which megagpt's
+    # forked ranks inherit and would count in their resident set
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare", work,
+                    str(TRAIN["global_batch_size"] * (args.steps + 2))], check=True)
+    paths = {"model": os.path.join(work, "model"), "data": os.path.join(work, "data")}
     names = [n for n in LAYOUTS if n in args.layouts]
     runs = {(e, n): [] for n in names for e in ("megagpt", "picotron")}
     loads = [os.getloadavg()[0]]
@@ -227,16 +258,17 @@ def main(argv=None) -> int:
             continue
         row = {"megagpt_tok_s": _spread([TOKENS / r["median_s"] for r in m]),
                "megagpt_rss_mb_max": max(max(r["rss_mb"]) for r in m),
-               "megagpt_threads": m[0]["threads"],
+               "megagpt_threads": m[0]["threads"], "megagpt_round_median_s": [r["median_s"] for r in m],
                "megagpt_loss_first_last": [m[0]["losses"][0], m[0]["losses"][-1]]}
         if base and len(base) == len(m):
             row["megagpt_vs_own_1p"] = _spread([b / r["median_s"] for b, r in zip(base, m)])
-        p = runs[("picotron", n)]
-        if p:
+        p = runs.get(("picotron", PEER.get(n, n)), [])
+        if p and len(p) == len(m):
             row.update({"picotron_tok_s": _spread([TOKENS / r["median_s"] for r in p]),
                         "picotron_rss_mb_max": max(max(r["rss_mb"]) for r in p),
                         "picotron_threads": p[0]["threads"],
                         "picotron_loss_first_last": [p[0]["losses"][0], p[0]["losses"][-1]],
+                        "picotron_layout": PEER.get(n, n),
                         "megagpt_vs_picotron": _spread([r["median_s"] / q["median_s"] for q, r in zip(m, p)])})
         table[n] = row
 
@@ -244,15 +276,19 @@ def main(argv=None) -> int:
         return f"{f.format(s['median'])} [{f.format(s['min'])}, {f.format(s['max'])}]" if s else "-"
     print(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {args.reps} repetitions: median [min, max]; "
           f"load {min(loads):.1f}-{max(loads):.1f}")
-    print(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico':>18} | "
+    print(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
           f"{'mg / own 1p':>18} | RSS MB pico / mg")
     for n, row in table.items():
-        print(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | "
-              f"{fmt(row.get('megagpt_vs_picotron'), '{:.2f}'):>18} | {fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
+        vs = f"{fmt(row.get('megagpt_vs_picotron'), '{:.2f}')} ({row.get('picotron_layout', '-')})"
+        print(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
+              f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
               f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
-    out = {"model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM, "reps": args.reps,
-           "torch": torch.__version__, "cores": os.cpu_count(), "load_avg": loads, "table": table,
-           "runs": {f"{e} | {n}": [{k: v for k, v in r.items()} for r in rs] for (e, n), rs in runs.items() if rs}}
+    verdicts = targets(table)
+    for line in verdicts:
+        print(line)
+    out = {"targets": verdicts, "model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM,
+           "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(), "load_avg": loads,
+           "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
