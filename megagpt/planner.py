@@ -139,7 +139,8 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     t, b, cp = L.tp, L.micro_batch, L.cp
     h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s // cp * b      # this rank's tokens
     a_r, kv_r = m.num_heads // t, m.kv_heads_per_rank(t)
-    per_layer = [layer_flops(m, s, t, flash, i) for i in (range(m.num_layers) if m.moe_num_experts else [0])]
+    layers = range(m.num_layers) if m.moe_num_experts or m.mod_layers else [0]        # layers that differ
+    per_layer = [layer_flops(m, s, t, flash, i) for i in layers]
     gemm, attn = (tok * sum(x) / len(per_layer) for x in zip(*per_layer))   # flash skips the masked half
     rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
     shard = tok * e * (2 * (a_r + kv_r) * d * m.rotary_fraction + (3 if m.gated else 2) * f / t)
