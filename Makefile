@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench gpu-bench clean moe-demo moe-bench passkey-demo multimodal-demo
+.PHONY: install test demo serve-demo rag-demo fewshot-demo self-consistency-demo align-demo bench vs-picotron gpu-bench clean moe-demo moe-bench passkey-demo multimodal-demo
 
 install: .venv/.installed
 
@@ -39,6 +39,9 @@ rag-demo: install
 fewshot-demo: install
 	$(PY) examples/fewshot_demo.py
 
+self-consistency-demo: install
+	$(PY) examples/self_consistency_demo.py
+
 align-demo: install
 	$(PY) examples/align_demo.py --out align_run
 
@@ -47,6 +50,10 @@ multimodal-demo: install
 
 bench: install
 	$(PY) bench/run.py
+
+PICOTRON ?= /work/picotron
+vs-picotron: install   # a note, not the suite: picotron cloned at $(PICOTRON) with bench/picotron_cpu.patch applied
+	$(PY) bench/vs_picotron.py --picotron $(PICOTRON)
 
 gpu-bench: install
 	bash tools/gpu_bench.sh

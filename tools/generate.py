@@ -162,17 +162,19 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    import torch.distributed as dist
     try:
         rc = run(args)
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():  # no rank leaves while another still talks to it
             dist.barrier()
-            dist.destroy_process_group()
         return rc
     except ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"generate: {msg}", file=sys.stderr)
         return 2
+    finally:  # an error after start-up too: the caller's process (a test) must not keep this world
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
