@@ -18,7 +18,11 @@ Why the earlier version did not learn to read (0.133 with retrieval after 6000 s
 carried 3 answer tokens of loss for ~55 tokens of compute, and every sample was the hardest case (three
 passages, two sharing a name with the gold one), so the copy circuit had too little signal to form.
 Now 1 to 3 passages (a single passage teaches copying the attribute; more teach finding the person)
-and four questions per sample.
+and four questions per sample. Measured (1 thread, shared 2-core machine at load 13-20, 184 s of CPU):
+after 1200 steps closed book 0.035 (chance 0.031), BM25 top-1 0.347 [0.324, 0.372] with the gold
+passage cited in 0.524, top-3 0.119, recall@1/3/5 1.000; the loss still falling fast (3.39 -> 2.5).
+The default 4000 steps (about 10 min of CPU) was not measured in full: "high accuracy with retrieval"
+is NOT shown yet.
 
     python examples/rag_demo.py [--steps 4000] [--out rag_demo_run]        # make rag-demo
 """
