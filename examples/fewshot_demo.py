@@ -6,13 +6,17 @@ sequence a freshly drawn mapping task: 2 to 6 items (numbers 0..99) each given o
 (drawn from a pool of nonsense words), the items then shown in random order with their labels. No
 mapping is a fact the model can store: the label of an item must be read from the solved examples
 before it (an induction-style task). Three held-out mapping tasks go to local task files (JSONL: query,
-choices, gold), each 4 items with a random labelling, and `tools/evaluate.py` scores them by the
-log-likelihood of each label after k shots drawn from the file's other rows. With no shot the model can
-only guess (0.5). One shot shows the query's own item in a quarter of the prompts: about 0.62 for a
-reader that is otherwise guessing. Five shots show it in 1 - (3/4)^5 = 76% of them: about 0.88. Those
-are the ceilings; the table shows what the trained model reaches, and its JSON goes to results.json.
+answer), each 4 items, 2 per label, and `tools/evaluate.py` scores them by exact match of the label the
+model generates after k shots drawn from the file's other rows. With no shot the model can
+only guess (1/16: the labels are generated, out of 16 words). The table shows beside the model a
+reference reader on the very same seeded prompts: the label of a shot with the query's item, else a
+guess among the labels the shots show. Measured (3000 steps, 86 s of CPU on the shared 2-core machine
+at load ~20): k=0 0.000, k=1 0.508 [0.468, 0.548], k=5 0.513 [0.473, 0.553], reference 0.062 / 0.508 /
+0.869. The model learns the task's labels from the first shot (it answers with a label the shots show)
+but does not match the query's item against the shots: its training loss stays at ~0.92, the level of
+that strategy (0.57 for a perfect reader). Rising from k=1 to k=5 is NOT shown.
 
-    python examples/fewshot_demo.py [--steps 1500] [--out fewshot_demo_run]      # make fewshot-demo
+    python examples/fewshot_demo.py [--steps 3000] [--lr 3e-3] [--layers 2] [--out fewshot_demo_run]      # make fewshot-demo
 """
 from __future__ import annotations
 
