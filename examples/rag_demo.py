@@ -18,7 +18,12 @@ Why the earlier version did not learn to read (0.133 with retrieval after 6000 s
 carried 3 answer tokens of loss for ~55 tokens of compute, and every sample was the hardest case (three
 passages, two sharing a name with the gold one), so the copy circuit had too little signal to form.
 Now 1 to 3 passages (a single passage teaches copying the attribute; more teach finding the person)
-and four questions per sample.
+and four questions per sample. Measured (1 thread, shared 2-core machine at load 7-16): after 2400
+steps (338 s of CPU) closed book 0.033 [0.025, 0.043] (chance 0.031), BM25 top-1 0.675 [0.651, 0.698]
+with the gold passage cited in 1.000, top-3 0.287 [0.264, 0.310] cited 0.194, recall@1/3/5 1.000; after
+1200 steps top-1 0.347, top-3 0.119. The loss was still falling (3.3 -> 1.7). The default 4000 steps
+(about 9.5 min of CPU) was not measured in full: high accuracy is met only in part (top-1 0.675, top-3
+NOT): telling the person from two who share a name is not learnt yet.
 
     python examples/rag_demo.py [--steps 4000] [--out rag_demo_run]        # make rag-demo
 """
