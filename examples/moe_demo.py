@@ -13,7 +13,8 @@ Reported: validation loss (the corpus' held-out split, and per domain on held-ou
 median step time (wall, and CPU time of the one-thread process: robust to a busy
 machine), training FLOPs; the expert load by domain of each MoE layer on the held-out documents
 (demo_run/moe/expert_load.png), loss curves (demo_run/moe/loss.png). Two runs at a time (2 cores;
-MOE_DEMO_JOBS changes it). MOE_DEMO_STEPS (default 700) sets dense's steps.
+MOE_DEMO_JOBS changes it). MOE_DEMO_STEPS (default 700) sets dense's steps; MOE_DEMO_REPORT_ONLY=1 prints
+the report again from the last runs' JSON files.
 """
 from __future__ import annotations
 
@@ -168,15 +169,17 @@ def plot_load(results: list, path: str) -> None:
     import matplotlib.pyplot as plt
     runs = [r for r in results if r["domain_load"][DOMAINS[0]]]
     layers = sorted(runs[0]["domain_load"][DOMAINS[0]], key=int)
-    fig, axes = plt.subplots(len(runs), len(layers), figsize=(3.2 * len(layers), 2.8 * len(runs)), squeeze=False)
+    top = max(max(v) for r in runs for d in DOMAINS for v in r["domain_load"][d].values())
+    fig, axes = plt.subplots(len(runs), len(layers), figsize=(3 * len(layers) + 2, 2.8 * len(runs)), squeeze=False)
     for row, r in zip(axes, runs):
-        for ax, layer in zip(row, layers):
+        for col, (ax, layer) in enumerate(zip(row, layers)):
             grid = torch.tensor([r["domain_load"][d][layer] for d in DOMAINS])          # [domains, E]
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=0.5, aspect="auto")
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.5, top), aspect="auto")
             ax.set_title(f"{r['name']}  layer {layer}", fontsize=9)
-            ax.set_yticks(range(len(DOMAINS)), DOMAINS, fontsize=7)
+            ax.set_yticks(range(len(DOMAINS)), DOMAINS if col == 0 else [""] * len(DOMAINS), fontsize=8)
             ax.set_xticks(range(grid.shape[1]))
             ax.set_xlabel("expert", fontsize=8)
+    fig.suptitle("expert load by domain on held-out documents (uniform = 0.125)", fontsize=10)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the domain's selections")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -232,12 +235,15 @@ def main():
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
     start = time.time()
-    prepare_data()
     names = os.environ.get("MOE_DEMO_VARIANTS", ",".join(VARIANTS)).split(",")
+    paths = {n: os.path.join(OUT, f"{n}.json") for n in names}
+    if os.environ.get("MOE_DEMO_REPORT_ONLY"):              # the table and plots again from the runs' JSON
+        report([json.load(open(paths[n])) for n in names])
+        return
+    prepare_data()
     jobs = int(os.environ.get("MOE_DEMO_JOBS", 2))            # runs at a time (2 cores: 2)
     print(f"training {', '.join(f'{n} ({steps_for(n)} steps)' for n in names)}, {jobs} at a time", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    paths = {n: os.path.join(OUT, f"{n}.json") for n in names}
     for i in range(0, len(names), jobs):
         procs = [subprocess.Popen([sys.executable, __file__, n, paths[n]], env=env) for n in names[i:i + jobs]]
         if any(p.wait() for p in procs):
