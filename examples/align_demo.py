@@ -17,10 +17,9 @@ RewardTrainer, DPOTrainer) and the KV-cache generator:
   6. DPO from the chain model on the same pairs: greedy accuracy and the implicit reward margin
   7. PPO from the chain model with the checker's reward and a KL penalty to the chain model
 
-Measured (make align-demo; 500 held-out problems, greedy unless said). Pretrain + both SFTs: one full run,
-449 CPU s in all (one process, one thread: ~7.5 min on a quiet machine; 27 min wall at load 15-28);
-the stages after SFT were rerun on those SFT checkpoints (--reuse; seeded, the SFT accuracies came out
-the same) with the final settings, 197 CPU s, 8.4 min wall at load 5-16. Whole demo ~570 CPU s (< 20 min):
+Measured (make align-demo, one full run; 500 held-out problems, greedy unless said): 526 CPU s in one
+process on one thread (~9 min on a quiet machine, under the 20-minute budget; 27 min wall at load 7-16).
+Every stage is seeded: a run with --reuse of the pretrain/SFT checkpoints gave the same numbers:
   base 0.000 | SFT direct 0.778 | SFT chains 0.930 | self-consistency of the chains, T=0.6: N=1 0.926,
   5 0.932, 10 0.928, 20 0.922; T=1: 0.890, 0.930, 0.926, 0.920 | reward model, 149 held-out pairs of the
   chain model's own samples (right vs wrong): 0.526 -> 0.480 | DPO (+NLL) 0.930, held-out implicit margin 0 -> +0.106
