@@ -1,34 +1,45 @@
 """Post-training on multi-step arithmetic: pretrain -> SFT (direct vs chain of thought) -> self-consistency
--> reward model -> DPO, each stage measured on held-out problems.
+-> reward model -> DPO -> PPO, each stage measured on held-out problems.
 
-    python examples/align_demo.py [--quick]      (make align-demo; writes align_run/results.json and PNGs)
+    python examples/align_demo.py [--quick | --smoke] [--reuse]   (make align-demo; align_run/results.json, align.png)
 
-The task is generated here: "a=7; b=a*3-4; c=b+a; c=?", 2 or 3 derived variables, single-digit
-constants. A worked chain of thought is "b=7*3-4=17; c=17+7=24; answer 24"; a direct answer is
-"answer 24". Tokens are bytes (a byte-level tokenizer with no merges: digits stay digits), plus the
+The task is generated here: "a=7;b=a+5;c=b-a;c=?", 2 or 3 derived variables, + or - a single-digit
+constant or an earlier variable, values kept in 0..99. A worked chain of thought is
+"b=7+5=12;c=12-7=5;answer 5"; a direct answer is "answer 5". Tokens are bytes (a byte-level tokenizer with no merges: digits stay digits), plus the
 chat tokens. One process on one thread runs every stage through the real loops (Trainer, SFTTrainer,
 RewardTrainer, DPOTrainer) and the KV-cache generator:
   1. pretrain on the task's text: the problems' statements and, separately, single arithmetic facts
-     ("7*3-4=17") from the training problems, never a whole solution, so the base cannot answer
+     ("7+5=12") from the training problems, never a whole solution, so the base cannot answer
   2. SFT from the base (the embedding grows to the chat tokens) on direct answers, and on chains
-  3. self-consistency of the chain model: N sampled chains at temperature 1, majority vote
-  4. pairs: 4 chains sampled per training problem by the chain model, checked; (correct, incorrect)
+  3. self-consistency of the chain model: N sampled chains at T=0.6 (and at T=1), majority vote
+  4. pairs: 8 chains sampled (T=1) per training problem by the chain model, checked: (a right one, a wrong one)
   5. reward model from the chain model on those pairs: accuracy on held-out pairs
   6. DPO from the chain model on the same pairs: greedy accuracy and the implicit reward margin
   7. PPO from the chain model with the checker's reward and a KL penalty to the chain model
 
-Measured (one run, 784 s on 2 shared CPU cores under load from other jobs; every stage is seeded, and a
-second run gave the same numbers up to PPO), 200 held-out problems, greedy unless said:
-  base 0.000 | SFT direct 0.215 | SFT chains 0.140 | self-consistency of the chains at T=1, 100 problems:
-  N=1 0.09, 5 0.04, 10 0.10, 20 0.14 | reward model held-out pairs 0.442 -> 0.606 | DPO 0.060, held-out
-  implicit margin 0.000 -> +0.052 (pair accuracy 0.67) | PPO mean reward 0.094 -> 0.125, greedy 0.120,
-  KL 0.91 nats/seq at the end (max 2.2)
-What did not help, and the likely why: at this budget (300 SFT steps of a 0.36M-parameter model) a chain
-is right only when all of its 2-3 steps are, and the chain model samples a right answer 9.5% of the
-time at T=1, so chains lose to direct answers, votes over mostly-wrong chains rise only at N=20, 344
-of the 400 DPO pairs have the worked chain (not a sample) as the chosen answer (off-policy: DPO raised
-the margin but lowered greedy accuracy), and PPO's 16 rollouts per step at a 9% success rate are too
-few for its reward to climb clearly in 40 steps. The task was not tuned to look better.
+Measured (make align-demo, one full run; 500 held-out problems, greedy unless said): 526 CPU s in one
+process on one thread (~9 min on a quiet machine, under the 20-minute budget; 27 min wall at load 7-16).
+Every stage is seeded: a run with --reuse of the pretrain/SFT checkpoints gave the same numbers:
+  base 0.000 | SFT direct 0.778 | SFT chains 0.930 | self-consistency of the chains, T=0.6: N=1 0.926,
+  5 0.932, 10 0.928, 20 0.922; T=1: 0.890, 0.930, 0.926, 0.920 | reward model, 149 held-out pairs of the
+  chain model's own samples (right vs wrong): 0.526 -> 0.480 | DPO (+NLL) 0.930, held-out implicit margin 0 -> +0.106
+  (pair accuracy 0.70) | PPO mean reward 0.802 -> 0.846 (first / last fifth of 60 steps, 32 rollouts at T=1
+  each), greedy 0.918, KL 0.29 nats/seq at the end (max 10.6 at one step)
+What changed from the first version (0.215 direct, 0.140 chains): SFT was under-trained (300 steps at
+lr 1e-3 left the chain loss at 0.31 nats/token; 1200 at 2e-3 reach 0.03); T=1 sampled a right chain
+less often than greedy, so self-consistency now uses T=0.6 (T=1 is shown too); pairs are on-policy
+(both answers sampled; the first version took the worked chain as "chosen" for 344 of 400 pairs);
+DPO adds the chosen answer's NLL (nll_weight=1, as IRPO); held-out problems 200 -> 500 (less noise).
+What did not help, and why: the chain model is now right 93% of the time greedy and 92.7% of its T=1
+samples, and its errors repeat across samples, so votes (N=5..20) stay at the greedy accuracy (they only
+recover what T=1 loses at N=1); only 741 of 4200 training problems gave a right/wrong pair; DPO kept
+the greedy accuracy (0.930 -> 0.930) though its held-out margin rose; PPO's checker reward rose by 0.044
+(about two standard errors of 384 rollouts) but greedy accuracy fell by 0.012 (6 of 500), with the KL
+penalty holding the policy near the chain model except for one spike. The reward model does not
+generalise: at lr 3e-4 for 120 steps it did not fit its 592 training pairs (train pair accuracy ~0.5,
+held-out 0.546); at lr 1e-3 for 240 steps (kept) it fits them (train accuracy 0.47 -> ~0.78) but held-out
+falls to 0.480: a right and a wrong chain differ in one digit of one step, and 592 pairs teach this
+0.36M-parameter model to memorise pairs, not to check arithmetic. The task was not tuned to look better.
 """
 from __future__ import annotations
 
@@ -213,7 +224,7 @@ def run(rank, world, out_dir, quick, reuse=False):
     timings["pairs"] = time.perf_counter() - t0
 
     # 5. reward model from the chain model
-    rm = RewardTrainer(cfg_for(tok.vocab_size, it(120), 3e-4, 128, gbs=16, mbs=8, warmup=5),
+    rm = RewardTrainer(cfg_for(tok.vocab_size, it(240), 1e-3, 128, gbs=16, mbs=8, warmup=10),
                        os.path.join(out_dir, "reward"), train_pairs, eval_pairs=held_pairs,
                        base=os.path.join(out_dir, "sft_cot"))
     res["reward_model_pair_acc_start"] = rm.evaluate_pairs()["accuracy"]

@@ -11,7 +11,7 @@ string ("<|user|>") is encoded as plain bytes, never as the marker: a user canno
 (tools/generate.py, the server).
 
 CHAT_TEMPLATE is the same template as the Jinja string an HF export writes into tokenizer_config.json
-(checkpoint/hf.py write_hf_tokenizer), so that transformers' apply_chat_template gives these ids token
+(checkpoint/hf_files.py write_hf_tokenizer), so that transformers' apply_chat_template gives these ids token
 for token. HF tokenizes the rendered text, where a marker string in a message would become the marker:
 the Jinja template refuses such a message (raise_exception) instead of forging a turn.
 """

@@ -42,8 +42,8 @@ from ..parallel.layers import ShardSpec, meta_of
 from ..pipeline.split import meta_stage
 from .format import STATE_BUFFERS, VOCAB_PADDED, Reader, TPPiece, Writer, layout_of, piece_of, rank_params
 from .hf import (HEADS, VALUE_HEAD_FILE, ConversionError, from_hf_config, hf_shapes, hf_to_megagpt, megagpt_names,
-                 megagpt_to_hf, to_hf_config, write_hf_tokenizer)
-from .hf_files import HFDirectory
+                 megagpt_to_hf, to_hf_config)
+from .hf_files import HFDirectory, write_hf_tokenizer
 from .regions import fit_rows
 from .st_writer import _ST_DTYPES, SafetensorsWriter
 from .store import (clean_stale, find_checkpoint, publish, read_manifest, step_dir_name, verify_file, write_json,
@@ -204,8 +204,8 @@ def _write_hf(source, dst: str, dtype, max_shard: int, tokenizer: str | None) ->
     if heads and cfg.moe_num_experts:
         raise ConversionError(f"{source.dir}: a mixture of experts with {' and '.join(heads)} has no HF export")
     if "reward_head" in heads and not tokenizer:
-        raise ConversionError(f"--tokenizer: a reward model's HF export needs its tokenizer.json (the pad token "
-                              f"marks the last real token, where the reward is read)")
+        raise ConversionError("--tokenizer: a reward model's HF export needs its tokenizer.json (the pad token "
+                              "marks the last real token, where the reward is read)")
     if cfg.moe_num_experts:                        # a mixture of experts exports as Mixtral (hf_mixtral.py)
         from .hf_mixtral import megagpt_to_mixtral as to_hf, mixtral_names, to_mixtral_config
         hf_config, names = to_mixtral_config(cfg), mixtral_names(cfg)

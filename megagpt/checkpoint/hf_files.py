@@ -1,13 +1,16 @@
 """The one reader of a Hugging Face model directory: config.json plus model.safetensors, or
 model.safetensors.index.json and the shards its weight map names. Tensors are read lazily with
-safe_open (nothing is unpickled); close() unmaps the files (mapped pages count as resident)."""
+safe_open (nothing is unpickled); close() unmaps the files (mapped pages count as resident).
+write_hf_tokenizer writes the tokenizer files of an exported directory."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..config import ModelConfig
 from .hf import ConversionError
 from .store import CheckpointError, inside, read_json
 
@@ -78,3 +81,32 @@ class HFDirectory:
 
     def get(self, hf_name: str) -> torch.Tensor:
         return self._handle(hf_name).get_tensor(hf_name)
+
+
+def write_hf_tokenizer(out_dir: str, tokenizer_json: str, cfg: ModelConfig, eos_token: str = "<|endoftext|>"):
+    """Copy a tokenizers tokenizer.json into an HF model directory with a minimal tokenizer_config.json,
+    so AutoTokenizer loads it offline. A tokenizer with the chat tokens (SFT, DPO, PPO, reward models)
+    gets the chat template (align/chat.py CHAT_TEMPLATE). The eos token is also the pad token: HF's
+    sequence classification scores the last token that is not padding. Returns the eos token's id
+    (None when it has no such token) and the end-of-turn token's (None without a chat template)."""
+    from tokenizers import Tokenizer
+
+    from ..align.chat import CHAT_TEMPLATE, CHAT_TOKENS, END_TOKEN
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
+        raise ConversionError(f"{tokenizer_json}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise ConversionError(f"{tokenizer_json}: {n} tokens, more than model.vocab_size={cfg.vocab_size}")
+    with open(tokenizer_json, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
+        dst.write(src.read())
+    eos = tok.token_to_id(eos_token)
+    chat = all(tok.token_to_id(t) is not None for t in CHAT_TOKENS)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+              "clean_up_tokenization_spaces": False,
+              **({"eos_token": eos_token, "pad_token": eos_token} if eos is not None else {}),
+              **({"chat_template": CHAT_TEMPLATE} if chat else {})}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return eos, tok.token_to_id(END_TOKEN) if chat else None
