@@ -12,13 +12,16 @@ VOCAB = 62
 
 class MixedRows:
     """Sample i: text only (i % 3 == 0), text around an image (1) or an audio clip (2); one sample a row,
-    padded to seq (segment 0, no loss). batch(indices) -> tokens, labels, segment ids [b, s], Media."""
+    padded to seq (segment 0, no loss). batch(indices) -> tokens, labels, segment ids [b, s], Media.
+    Every 4th sample opens with a long head (seq 40: its medium starts at 20-23), so that under SP the
+    second TP rank's rows hold media too and a missing TP sum of an adapter's gradient shows."""
 
     def __init__(self, n: int, seq: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.seq, self.samples = seq, []
         for i in range(n):
-            head = torch.randint(0, TEXT_VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+            n_head = int(torch.randint(2, 6, (1,), generator=g)) + (seq // 2 - 2 if i % 4 == 3 else 0)
+            head = torch.randint(0, TEXT_VOCAB, (n_head,), generator=g).tolist()
             tail = torch.randint(0, TEXT_VOCAB, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
             kind, medium, mid = i % 3, None, []
             if kind == 1:

@@ -89,7 +89,7 @@ class ShardedAdamW:
     def step(self, lr: float, step: int) -> None:
         """One AdamW update of the owned segments; `step` counts from 1 (bias correction). One fused
         kernel pass per group (torch.optim.AdamW(fused=True)'s kernel, CPU and CUDA) instead of eight
-        foreach passes: moments bit-identical, weights within an ulp or two."""
+        foreach passes: exp_avg bit-identical; exp_avg_sq and the weights within an ulp or two."""
         cfg = self.cfg
         if not self.segments:
             return
