@@ -190,9 +190,10 @@ def targets(table: dict) -> list[str]:
               for n in ("1p 2 threads", "DP2", "TP2", "PP2")]
     checks += [("megagpt DP2 / own 1p >= 1.0", get("DP2", "megagpt_vs_own_1p"), 1.0),
                ("megagpt TP2 / own 1p >= 0.8", get("TP2", "megagpt_vs_own_1p"), 0.8)]
-    vp1, vp2 = get("PP2", "megagpt_round_median_s"), get("PP2 vp2", "megagpt_round_median_s")
-    if vp1 and vp2:                                       # per round: the two ran minutes apart
-        checks.append(("megagpt PP2 vp2 / PP2 vp1 >= 1.0", _spread([a / b for a, b in zip(vp1, vp2)]), 1.0))
+    vp1, vp2 = get("PP2", "megagpt_rep_median_s"), get("PP2 vp2", "megagpt_rep_median_s")
+    both = [k for k in (vp1 or {}) if k in (vp2 or {})]
+    if both:                                              # per repetition: the two ran minutes apart
+        checks.append(("megagpt PP2 vp2 / PP2 vp1 >= 1.0", _spread([vp1[k] / vp2[k] for k in both]), 1.0))
     out = []
     for name, s, bar in checks:
         if s is None:
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     names = [n for n in LAYOUTS if n in args.layouts]
     runs = {(e, n): [] for n in names for e in ("megagpt", "picotron")}
     loads = [os.getloadavg()[0]]
+    failures: list[str] = []
     try:
         for rep in range(args.reps):
             for n in (names if rep % 2 == 0 else names[::-1]):
@@ -238,9 +240,14 @@ def main(argv=None) -> int:
                 for e in engines:
                     if e not in args.engines or (e == "picotron" and LAYOUTS[n][2] is None):
                         continue
-                    r = run_megagpt(n, args.steps) if e == "megagpt" else \
-                        run_picotron(n, args.steps, args.picotron, work, paths)
-                    r["median_s"] = statistics.median(r["walls"][WARM:])
+                    try:
+                        r = run_megagpt(n, args.steps) if e == "megagpt" else \
+                            run_picotron(n, args.steps, args.picotron, work, paths)
+                    except Exception as exc:  # noqa: BLE001 -- one failed run must not lose the others
+                        failures.append(f"rep {rep} {e} {n}: {str(exc).splitlines()[0]}")
+                        print(f"  FAILED: {failures[-1]}", flush=True)
+                        continue
+                    r["median_s"], r["rep"] = statistics.median(r["walls"][WARM:]), rep
                     r["load"] = os.getloadavg()[0]
                     runs[(e, n)].append(r)
                     print(f"  rep {rep} {e:8} {n:13} {TOKENS / r['median_s']:6.0f} tok/s  rss "
@@ -250,7 +257,14 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base = [r["median_s"] for r in runs.get(("megagpt", BASELINE), [])]
+    for line in failures:
+        print(f"  FAILED: {line}")
+    base = {r["rep"]: r["median_s"] for r in runs.get(("megagpt", BASELINE), [])}
+
+    def paired(a: list, b) -> list[tuple[float, float]]:   # (a's, b's) median step of each repetition both ran
+        other = b if isinstance(b, dict) else {r["rep"]: r["median_s"] for r in b}
+        return [(r["median_s"], other[r["rep"]]) for r in a if r["rep"] in other]
+
     table = {}
     for n in names:
         m = runs[("megagpt", n)]
@@ -258,18 +272,18 @@ def main(argv=None) -> int:
             continue
         row = {"megagpt_tok_s": _spread([TOKENS / r["median_s"] for r in m]),
                "megagpt_rss_mb_max": max(max(r["rss_mb"]) for r in m),
-               "megagpt_threads": m[0]["threads"], "megagpt_round_median_s": [r["median_s"] for r in m],
+               "megagpt_threads": m[0]["threads"], "megagpt_rep_median_s": {r["rep"]: r["median_s"] for r in m},
                "megagpt_loss_first_last": [m[0]["losses"][0], m[0]["losses"][-1]]}
-        if base and len(base) == len(m):
-            row["megagpt_vs_own_1p"] = _spread([b / r["median_s"] for b, r in zip(base, m)])
+        if paired(m, base):
+            row["megagpt_vs_own_1p"] = _spread([b / a for a, b in paired(m, base)])
         p = runs.get(("picotron", PEER.get(n, n)), [])
-        if p and len(p) == len(m):
+        if paired(m, p):
             row.update({"picotron_tok_s": _spread([TOKENS / r["median_s"] for r in p]),
                         "picotron_rss_mb_max": max(max(r["rss_mb"]) for r in p),
                         "picotron_threads": p[0]["threads"],
                         "picotron_loss_first_last": [p[0]["losses"][0], p[0]["losses"][-1]],
                         "picotron_layout": PEER.get(n, n),
-                        "megagpt_vs_picotron": _spread([r["median_s"] / q["median_s"] for q, r in zip(m, p)])})
+                        "megagpt_vs_picotron": _spread([b / a for a, b in paired(m, p)])})
         table[n] = row
 
     def fmt(s, f="{:.0f}"):
@@ -286,7 +300,7 @@ def main(argv=None) -> int:
     verdicts = targets(table)
     for line in verdicts:
         print(line)
-    out = {"targets": verdicts, "model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM,
+    out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM,
            "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(), "load_avg": loads,
            "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
