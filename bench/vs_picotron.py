@@ -12,7 +12,8 @@ token stream (megagpt's SyntheticDataset, fed to picotron as text through a word
 and reversing the layout order on odd repetitions. A run's figure is the median step time over steps
 6..N (steps 1-5 are warm-up); tokens/s = 2048 / that. Ratios are taken per repetition (same minute of
 the machine) and reported as median [min, max]. RSS is the peak resident set of each rank process
-(ru_maxrss). Results: bench/out/vs_picotron.json.
+(ru_maxrss). Two extra megagpt rows run the opt-in train.compile (1 process, DP2), each compared with
+picotron's eager row of that layout. Results: bench/out/vs_picotron.json.
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ LAYOUTS = {
     "TP2 + SP": (2, 1, None, dict(tp=2, sequence_parallel=True), {}),
     "PP2": (2, 1, dict(pp_size=2), dict(pp=2), {}),
     "PP2 vp2": (2, 1, None, dict(pp=2, vp=2), {}),
+    "1p 2t compile": (1, 2, None, {}, dict(compile=True)),          # train.compile: true (opt-in)
+    "DP2 compile": (2, 1, None, {}, dict(dp_mode="ddp", compile=True)),
 }
 BASELINE = "1p 2 threads"
-PEER = {"DP2 ZeRO-1": "DP2", "TP2 + SP": "TP2", "PP2 vp2": "PP2"}   # megagpt-only rows: compared with this picotron row
+PEER = {"DP2 ZeRO-1": "DP2", "TP2 + SP": "TP2", "PP2 vp2": "PP2", "1p 2t compile": "1p 2 threads",
+        "DP2 compile": "DP2"}   # megagpt-only rows: compared with this picotron row
 
 
 # ----------------------------------------------------------------------------- picotron side
@@ -188,6 +192,8 @@ def targets(table: dict) -> list[str]:
         return table.get(n, {}).get(key)
     checks = [(f"megagpt / picotron, {n} >= 1.1", get(n, "megagpt_vs_picotron"), 1.1)
               for n in ("1p 2 threads", "DP2", "TP2", "PP2")]
+    checks += [(f"(opt-in train.compile) megagpt {n} / picotron {PEER[n]} >= 1.1", get(n, "megagpt_vs_picotron"), 1.1)
+               for n in ("1p 2t compile", "DP2 compile")]
     checks += [("megagpt DP2 / own 1p >= 1.0", get("DP2", "megagpt_vs_own_1p"), 1.0),
                ("megagpt TP2 / own 1p >= 0.8", get("TP2", "megagpt_vs_own_1p"), 0.8)]
     vp1, vp2 = get("PP2", "megagpt_rep_median_s"), get("PP2 vp2", "megagpt_rep_median_s")
@@ -300,8 +306,9 @@ def main(argv=None) -> int:
     verdicts = targets(table)
     for line in verdicts:
         print(line)
-    out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM,
-           "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(), "load_avg": loads,
+    out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps,
+           "warmup_steps": WARM, "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(),
+           "load_avg": loads,
            "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
