@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo serve-demo rag-demo fewshot-demo align-demo bench vs-picotron gpu-bench clean moe-demo moe-bench passkey-demo
+.PHONY: install test demo serve-demo rag-demo fewshot-demo self-consistency-demo align-demo bench vs-picotron gpu-bench clean moe-demo moe-bench passkey-demo multimodal-demo
 
 install: .venv/.installed
 
@@ -39,8 +39,14 @@ rag-demo: install
 fewshot-demo: install
 	$(PY) examples/fewshot_demo.py
 
+self-consistency-demo: install
+	$(PY) examples/self_consistency_demo.py
+
 align-demo: install
 	$(PY) examples/align_demo.py --out align_run
+
+multimodal-demo: install
+	$(PY) examples/multimodal_demo.py --out multimodal_run
 
 bench: install
 	$(PY) bench/run.py
@@ -53,4 +59,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out passkey_run
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out passkey_run multimodal_run

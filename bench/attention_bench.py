@@ -6,8 +6,10 @@ save (the visible (query, key) pairs it keeps, against full causal's).
 
 Rows:
   full                 SDPA is_causal (torch's fused CPU flash kernel)
-  window (dense mask)  SDPA with the band as a bool mask: what core_attention runs; all s^2 scores computed
+  window (dense mask)  SDPA with the band as a bool mask: all s^2 scores computed (what core_attention runs
+                       with packed samples or attention dropout)
   window (blocked)     model/variants.blocked_attention: blocks of queries against the keys the window reaches
+                       (what the model runs for a window without flash-attn)
   window+global        blocked_attention with workspace slots (the model's one-process path)
 Shape: b=1, 8 heads (4 KV heads), head dim 64, fp32, one thread. Contenders alternate round by round and
 the median time per round is reported; the machine is shared, so read ratios, not absolute numbers.

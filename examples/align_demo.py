@@ -70,6 +70,9 @@ def problem(rng: random.Random) -> tuple[str, str, int]:
 
 
 ANSWER = re.compile(r"answer (-?\d+)")
+SFT_ITERS, SFT_LR = 1200, 2e-3   # both SFT styles alike; 300 steps at 1e-3 left the chains' loss still falling
+SC_TEMPERATURE = 0.6            # T=1 sampled a right chain less often than greedy, so votes could not help
+PAIR_SAMPLES = 8                # per training problem: chosen and rejected are both the chain model's samples
 
 def extract(text: str):
     m = ANSWER.search(text)
@@ -106,19 +109,31 @@ def vote(answers):
     real = [a for a in answers if a is not None]
     return max(set(real), key=real.count) if real else None
 
-def run(rank, world, out_dir, quick):
+def trained(make, run_dir, reuse):
+    """make(load) -> a trainer; trained here, or with reuse loaded from run_dir's checkpoint (every stage is
+    seeded, so a finished stage retrained gives the same weights) -> (trainer, loss history)."""
+    done = reuse and os.path.exists(os.path.join(run_dir, "latest"))
+    tr = make(run_dir if done else None)
+    if not done:
+        hist = tr.run()
+        tr.save()
+        return tr, hist
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return tr, [r for r in map(json.loads, f) if "loss" in r and "step" in r]
+
+def run(rank, world, out_dir, quick, reuse=False):
     from megagpt.align.dpo import DPOTrainer
     from megagpt.align.reward import RewardTrainer
     from megagpt.align.sft import SFTTrainer
     from megagpt.align.sft_data import preprocess_conversations
     from megagpt.train import Trainer
     scale = {"smoke": 0.02, "quick": 0.25}.get(quick, 1.0)
-    n_test, n_sc = (20, 10) if quick == "smoke" else (200, 100)
+    n_test, n_sc = (20, 10) if quick == "smoke" else (500, 500)
     it = lambda n: max(4, int(n * scale))  # noqa: E731
     t0, res, timings = time.perf_counter(), {}, {}
     rng = random.Random(0)
     seen, train, test = set(), [], []
-    while len(train) + len(test) < 4200:
+    while len(train) + len(test) < 4200 + n_test:
         p = problem(rng)
         if p[0] not in seen:
             seen.add(p[0])
@@ -137,9 +152,9 @@ def run(rank, world, out_dir, quick):
             for fact in chain.split(";")[:-1]:
                 b.add_doc(base_tok.encode(fact.split("=", 1)[1]) + [base_tok.eod_id])
         b.finalize()
-    base = Trainer(cfg_for(base_tok.vocab_size, it(300), 2e-3, 64, gbs=32), os.path.join(out_dir, "pretrain"), prefix)
-    hist = {"pretrain": base.run()}
-    base.save()
+    base, h = trained(lambda load: Trainer(cfg_for(base_tok.vocab_size, it(300), 2e-3, 64, gbs=32),
+                                           os.path.join(out_dir, "pretrain"), prefix, load), os.path.join(out_dir, "pretrain"), reuse)
+    hist = {"pretrain": h}
     timings["pretrain"] = time.perf_counter() - t0
     texts = generate(base, base_tok, [base_tok.encode(s) for s, _, _ in test], max_new=40, eod=base_tok.eod_id)
     res["base_acc"] = accuracy([extract(t) for t in texts], test_truth)
@@ -154,10 +169,10 @@ def run(rank, world, out_dir, quick):
                 f.write(json.dumps({"messages": [{"role": "user", "content": s},
                                                  {"role": "assistant", "content": reply}]}) + "\n")
         preprocess_conversations(src, src[:-6], tok)
-        tr = SFTTrainer(cfg_for(tok.vocab_size, it(300), 1e-3, 128), os.path.join(out_dir, f"sft_{style}"),
-                        src[:-6], base=os.path.join(out_dir, "pretrain"))
-        hist[f"sft_{style}"] = tr.run()
-        tr.save()
+        tr, hist[f"sft_{style}"] = trained(
+            lambda load: SFTTrainer(cfg_for(tok.vocab_size, it(SFT_ITERS), SFT_LR, 128), os.path.join(out_dir, f"sft_{style}"),
+                                    src[:-6], load, base=os.path.join(out_dir, "pretrain")),
+            os.path.join(out_dir, f"sft_{style}"), reuse)
         texts = generate(tr, tok, [chat_prompt(tok, s) for s, _, _ in test], eod=end)
         res[f"sft_{style}_acc"] = accuracy([extract(t) for t in texts], test_truth)
         sft[style] = tr
@@ -166,35 +181,39 @@ def run(rank, world, out_dir, quick):
 
     # 3. self-consistency of the chain model
     sc_test = test[:n_sc]
-    res["self_consistency"] = {}
-    for n in (1, 5, 10, 20):
-        texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in sc_test], n=n, temperature=1.0, seed=n, eod=end)
-        votes = [vote([extract(t) for t in texts[i * n:(i + 1) * n]]) for i in range(len(sc_test))]
-        res["self_consistency"][n] = accuracy(votes, [p[2] for p in sc_test])
+    for key, temp in (("self_consistency", SC_TEMPERATURE), ("self_consistency_t1", 1.0)):
+        res[key] = {}
+        for n in (1, 5, 10, 20):
+            texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in sc_test], n=n, temperature=temp, seed=n, eod=end)
+            votes = [vote([extract(t) for t in texts[i * n:(i + 1) * n]]) for i in range(len(sc_test))]
+            res[key][n] = accuracy(votes, [p[2] for p in sc_test])
     timings["self_consistency"] = time.perf_counter() - t0
 
     # 4. preference pairs from the chain model's own samples on training problems
-    pool = train[:int(400 * scale) + 100]
-    texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=4, temperature=1.0, seed=7, eod=end)
-    pairs_json, gold = [], 0
+    pool, k = train[:int(len(train) * scale)], PAIR_SAMPLES
+    texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=k, temperature=1.0, seed=7, eod=end)
+    pairs_json, gold = [], []
     for i, (s, chain, ans) in enumerate(pool):
-        outs = texts[4 * i:4 * i + 4]
+        outs = texts[k * i:k * (i + 1)]
         good = [t for t in outs if extract(t) == ans]
-        bad = [t for t in outs if extract(t) != ans and t != chain]
-        if bad:          # chosen: a correct sample, else (a weak model rarely has one) the worked chain itself
-            gold += not good
-            pairs_json.append({"prompt": s, "chosen": good[0] if good else chain, "rejected": bad[0]})
+        bad = [t for t in outs if extract(t) != ans]
+        if good and bad:  # on-policy: both answers are the model's own (a worked chain as chosen is off-policy)
+            pairs_json.append({"prompt": s, "chosen": good[0], "rejected": bad[0]})
+        elif bad and bad[0] != chain:
+            gold.append({"prompt": s, "chosen": chain, "rejected": bad[0]})
+    n_gold = max(0, 64 - len(pairs_json))   # only a model too weak for 64 on-policy pairs (--smoke) gets the chain
+    pairs_json += gold[:n_gold]
     from megagpt.align.prefs import encode_pair
     pairs = [p for p in (encode_pair(tok, r) for r in pairs_json) if len(p[0]) + max(len(p[1]), len(p[2])) <= 120]
     cut = int(0.8 * len(pairs)) // 4 * 4
     train_pairs, held_pairs = pairs[:cut], pairs[cut:]
-    res["pairs"] = {"sampled_problems": len(pool), "train": len(train_pairs), "held_out": len(held_pairs),
-                    "chosen_is_the_worked_chain": gold,
-                    "sample_acc": sum(extract(t) == pool[i // 4][2] for i, t in enumerate(texts)) / len(texts)}
+    res["pairs"] = {"sampled_problems": len(pool), "samples_each": k, "train": len(train_pairs), "held_out": len(held_pairs),
+                    "chosen_is_the_worked_chain": min(n_gold, len(gold)),
+                    "sample_acc": sum(extract(t) == pool[i // k][2] for i, t in enumerate(texts)) / len(texts)}
     timings["pairs"] = time.perf_counter() - t0
 
     # 5. reward model from the chain model
-    rm = RewardTrainer(cfg_for(tok.vocab_size, it(60), 3e-4, 128, gbs=16, mbs=8, warmup=5),
+    rm = RewardTrainer(cfg_for(tok.vocab_size, it(120), 3e-4, 128, gbs=16, mbs=8, warmup=5),
                        os.path.join(out_dir, "reward"), train_pairs, eval_pairs=held_pairs,
                        base=os.path.join(out_dir, "sft_cot"))
     res["reward_model_pair_acc_start"] = rm.evaluate_pairs()["accuracy"]
@@ -203,8 +222,8 @@ def run(rank, world, out_dir, quick):
     timings["reward"] = time.perf_counter() - t0
 
     # 6. DPO from the chain model
-    dpo = DPOTrainer(cfg_for(tok.vocab_size, it(60), 2e-5, 128, gbs=16, mbs=8, warmup=5),
-                     os.path.join(out_dir, "dpo"), train_pairs, eval_pairs=held_pairs, beta=0.1,
+    dpo = DPOTrainer(cfg_for(tok.vocab_size, it(60), 5e-5, 128, gbs=16, mbs=8, warmup=5),
+                     os.path.join(out_dir, "dpo"), train_pairs, eval_pairs=held_pairs, beta=0.1, nll_weight=1.0,
                      base=os.path.join(out_dir, "sft_cot"))
     res["dpo_held_out_start"] = dpo.evaluate_pairs()
     hist["dpo"] = dpo.run()
@@ -220,7 +239,7 @@ def run(rank, world, out_dir, quick):
 
     def score(i, comp):
         return 1.0 if extract(tok.decode([t for t in comp if t != end])) == ppo_train[i][2] else 0.0
-    ppo = PPOTrainer(cfg_for(tok.vocab_size, it(40), 3e-5, 96, gbs=16, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
+    ppo = PPOTrainer(cfg_for(tok.vocab_size, it(60), 2e-4, 96, gbs=32, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
                      prompts, checker_scores(score), PPOConfig(kl_coef=0.05, max_new_tokens=40, ppo_epochs=2), end_id=end,
                      base=os.path.join(out_dir, "sft_cot"), seed=11)
     hist["ppo"] = ppo.run()
@@ -274,16 +293,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="align_run")
     ap.add_argument("--quick", action="store_const", const="quick", help="a quarter of the steps")
     ap.add_argument("--smoke", dest="quick", action="store_const", const="smoke", help="a wiring check: 2%% of the steps")
+    ap.add_argument("--reuse", action="store_true", help="load the pretrained and SFT models that --out already holds "
+                                                         "(the same seeds give the same weights) instead of training them")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    res = spawn(1, run, os.path.abspath(args.out), args.quick, timeout=3600, gloo_timeout=600)[0]
+    res = spawn(1, run, os.path.abspath(args.out), args.quick, args.reuse, timeout=3600, gloo_timeout=600)[0]
     res["total_s"] = round(time.perf_counter() - t0, 1)
     sc = res["self_consistency"]
     rows = [("pretrained base (plain prompt, greedy)", res["base_acc"]),
             ("SFT on direct answers (greedy)", res["sft_direct_acc"]),
             ("SFT on chains of thought (greedy)", res["sft_cot_acc"]),
-            *[(f"SFT chains, self-consistency N={n} (T=1)", sc[n]) for n in sorted(sc)],
+            *[(f"SFT chains, self-consistency N={n} (T={SC_TEMPERATURE})", sc[n]) for n in sorted(sc)],
+            *[(f"SFT chains, self-consistency N={n} (T=1)", v) for n, v in sorted(res["self_consistency_t1"].items())],
             ("reward model, held-out pair accuracy (before training)", res["reward_model_pair_acc_start"]),
             ("reward model, held-out pair accuracy", res["reward_model_pair_acc"]),
             ("DPO from the chain model (greedy)", res["dpo_acc"]),

@@ -1,7 +1,8 @@
 """Train a reward model or DPO on preference pairs, in any layout.
 
     torchrun --nproc-per-node=2 examples/preference.py --mode dpo --pairs prefs.jsonl --tokenizer data/chat.tokenizer.json \
-        --base runs/sft --run-dir runs/dpo --beta 0.1 --train-iters 100 [--loss-type ipo] [--label-smoothing 0.1]
+        --base runs/sft --run-dir runs/dpo --beta 0.1 --train-iters 100 [--loss-type ipo] [--label-smoothing 0.1] \
+        [--nll-weight 1.0]
     python examples/preference.py --mode rm --pairs prefs.jsonl --eval-pairs held.jsonl --tokenizer ... --base runs/sft
 
 Pairs are JSONL {"prompt": str or chat messages, "chosen": str, "rejected": str} (megagpt/align/prefs.py).
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--loss-type", default="sigmoid")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--nll-weight", type=float, default=0.0, help="DPO + this x the chosen answer's mean NLL")
     ap.add_argument("--margin", type=float, default=0.0)
     mine, rest = ap.parse_known_args(argv)
     args = parse_args(rest, os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml"))
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         if mine.mode == "dpo":
             from megagpt.align.dpo import DPOTrainer
             tr = DPOTrainer(cfg, args.run_dir, pairs, args.load, held, mine.beta, mine.loss_type, mine.label_smoothing,
-                            base=mine.base, reference=mine.reference)
+                            base=mine.base, reference=mine.reference, nll_weight=mine.nll_weight)
         else:
             from megagpt.align.reward import RewardTrainer
             tr = RewardTrainer(cfg, args.run_dir, pairs, args.load, held, mine.margin, base=mine.base)

@@ -3,24 +3,24 @@
 A seeded generator invents 500 people (invented first and last names) with a birth city (invented), a
 birth year and a trade, one short biography each: the corpus, indexed with BM25 (megagpt/rag.py).
 A tiny model of the flagship architecture learns to read: every training sample is a freshly invented
-person (a name not in the knowledge base, random city, year and trade) shown among two distractors that
-share the first or the last name, as BM25's neighbours do, with a question ("where was Ilsa Varn born ?");
-it answers and cites the passage ("Trelos [p017#0]"). A tenth of the samples come without passages
-(closed book). Nothing of the knowledge base is ever trained on, so closed-book answers about it can
-only be guesses (chance is about 1/32), while with BM25 top-3 retrieval the answer is in the prompt.
-Reported: closed-book and retrieval accuracy on the knowledge base's 1500 questions with Wilson 95%
-intervals, citation accuracy, BM25 recall@1/3/5, a table and JSON; the loss curve goes to a PNG.
-Then the trained checkpoint answers one question through `tools/rag.py ask`.
+person (a name not in the knowledge base, random city, year and trade) shown with 0 to 2 distractors
+that share the first or the last name, as BM25's neighbours do, in random order with random passage ids,
+then a question ("where was Ilsa Varn born ?") that it answers and cites ("Trelos [p017#0]"), then three
+more questions on the people shown (more answers to learn from per passage read). A tenth of the
+samples come without passages (closed book). Nothing of the knowledge base is ever trained on, so
+closed-book answers about it can only be guesses (chance is about 1/32), while with BM25 retrieval the
+answer is in the prompt. Reported: closed-book accuracy and accuracy with BM25 top-1 and top-3
+retrieval on the knowledge base's 1500 questions, with Wilson 95% intervals, citation accuracy, BM25
+recall@1/3/5, a table and JSON; the loss curve goes to a PNG. Then the trained checkpoint answers one
+question through `tools/rag.py ask`.
 
-Measured, one thread, on a 2-core machine shared with other jobs: at 6000 steps (the default; 12 min of
-wall clock) closed book 0.026 [0.019, 0.035] (chance 0.031), with BM25 top-3 retrieval 0.133 [0.116,
-0.151], the gold passage cited in 0.199 of answers; at 3000 steps retrieval 0.069, citations 0.077.
-BM25 recall@1/3/5 = 1.000. The loss was still falling (6.6 -> 2.2): the model is only starting to read,
-so the target "retrieval accuracy high" is NOT met yet. Still to try: more steps or a larger model
-(about 0.09 s of CPU per step now), easier distractors first. (The question placed before the passages
-did no better: 0.047 at 2000 steps.)
+Why the earlier version did not learn to read (0.133 with retrieval after 6000 steps): each sample
+carried 3 answer tokens of loss for ~55 tokens of compute, and every sample was the hardest case (three
+passages, two sharing a name with the gold one), so the copy circuit had too little signal to form.
+Now 1 to 3 passages (a single passage teaches copying the attribute; more teach finding the person)
+and four questions per sample.
 
-    python examples/rag_demo.py [--steps 6000] [--out rag_demo_run]        # make rag-demo
+    python examples/rag_demo.py [--steps 4000] [--out rag_demo_run]        # make rag-demo
 """
 from __future__ import annotations
 
@@ -96,36 +96,50 @@ def questions(people):
     return [(p, attr, QUESTIONS[attr].format(name=p["name"])) for p in people for attr in QUESTIONS]
 
 
-def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool):
-    """(ids, prompt length) of one training sample, freshly invented so nothing can be memorized: a person
-    whose name is not in the knowledge base, two distractors that share the first or the last name (as
-    BM25 neighbours do), in random order with random passage ids; then the answer and its citation."""
-    while True:
-        first, last = rng.choice(pools["first"]), rng.choice(pools["last"])
-        if (first, last) not in taken:
-            break
-    others = [(first, rng.choice(pools["last"])), (rng.choice(pools["first"]), last)]
+def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool, n_questions: int = 4):
+    """(ids, answer spans) of one training sample, freshly invented so nothing can be memorized: a person
+    whose name is not in the knowledge base and up to two distractors (not in it either) that share the first or the last
+    name (as BM25's neighbours do), 1 to 3 passages in random order with random passage ids; then
+    n_questions questions, the first on that person, the others on any person shown, each followed by
+    its answer, the citation and EOD. The spans [start, end) are the answer tokens (and citation and EOD)
+    that carry the loss. The first question with its answer is exactly the prompt `tools/rag.py ask`
+    sends and the reply it expects; the later ones give the sample more answers to learn from for the
+    same passages (an answer costs 3 tokens, a passage 15). Closed book: one question, no passage."""
+    names: list[tuple[str, str]] = []
+
+    def fresh(first=None, last=None):        # a name neither in the knowledge base nor already in the sample
+        while True:
+            pair = (first or rng.choice(pools["first"]), last or rng.choice(pools["last"]))
+            if pair not in taken and pair not in names:
+                names.append(pair)
+                return pair
+    first, last = fresh()
+    fresh(first=first), fresh(last=last)
     ids = [f"p{i:03d}" for i in rng.sample(range(n_ids), 3)]
-    people = [person(rng, pools, f"{f} {ln}", pid) for (f, ln), pid in zip([(first, last)] + others, ids)]
-    gold = people[0]
+    people = [person(rng, pools, f"{f} {ln}", pid) for (f, ln), pid in zip(names, ids)]
+    people = people[:rng.randint(1, 3)]          # 1 to 3 passages: the easy cases teach copying first
     passages = [Passage(f"{p['id']}#0", p["id"], p["text"]) for p in people]
     rng.shuffle(passages)
-    attr = rng.choice(list(QUESTIONS))
-    question = QUESTIONS[attr].format(name=gold["name"])
-    if closed:
-        prompt, target = build_prompt(question, []), gold[attr]
-    else:
-        prompt, target = build_prompt(question, passages), f"{gold[attr]} [{gold['id']}#0]"
-    p_ids, t_ids = tok.encode(prompt), tok.encode(target) + [tok.eod_id]
-    return p_ids + t_ids, len(p_ids)
+    out, spans = [], []
+    for j in range(1 if closed else n_questions):
+        asked = people[0] if j == 0 else rng.choice(people)
+        attr = rng.choice(list(QUESTIONS))
+        question = QUESTIONS[attr].format(name=asked["name"])
+        prompt = build_prompt(question, [] if closed else passages if j == 0 else [])
+        target = asked[attr] if closed else f"{asked[attr]} [{asked['id']}#0]"
+        out += tok.encode(prompt)
+        t_ids = tok.encode(target) + [tok.eod_id]
+        spans.append((len(out), len(out) + len(t_ids)))
+        out += t_ids
+    return out, spans
 
 
 def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, log=print):
-    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, hidden_size=64, num_layers=3, num_heads=4,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=128, hidden_size=64, num_layers=3, num_heads=4,
                       num_kv_heads=2, ffn_hidden_size=256, make_vocab_divisible_by=1, tie_embeddings=True,
                       use_flash_attn=False)
     model = build_model(cfg, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
     rng, taken = random.Random(seed + 1), {tuple(p["name"].split()) for p in kb}
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w")
@@ -135,8 +149,9 @@ def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, log=print):
         width = max(len(r) for r, _ in rows)
         data = torch.tensor([r + [tok.eod_id] * (width - len(r)) for r, _ in rows])           # [b, s+1]
         mask = torch.zeros(len(rows), width - 1)
-        for i, (r, n_prompt) in enumerate(rows):
-            mask[i, n_prompt - 1:len(r) - 1] = 1.0                  # predict the answer, citation and EOD
+        for i, (r, spans) in enumerate(rows):
+            for a, b in spans:
+                mask[i, a - 1:b - 1] = 1.0                          # predict the answer, citation and EOD
         model.train()
         losses = model(data[:, :-1], data[:, 1:])                    # [b, s]
         loss = (losses * mask).sum() / mask.sum()
@@ -180,7 +195,7 @@ def score(model, tok, index, qs, k: int | None) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--out", default="rag_demo_run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -204,18 +219,20 @@ def main(argv=None) -> dict:
     model = train(tok, kb, pools, args.steps, args.out, args.seed)
     train_s = time.perf_counter() - t0
     closed = score(model, tok, index, test_q, None)
+    rag1 = score(model, tok, index, test_q, 1)
     rag3 = score(model, tok, index, test_q, 3)
     chance = sum(1 / n for n in (len({p["city"] for p in kb}), 100, len(TRADES))) / 3
-    res = {"held_out_questions": len(test_q), "closed_book": closed, "retrieval_top3": rag3,
-           "chance": chance,
+    res = {"held_out_questions": len(test_q), "closed_book": closed, "retrieval_top1": rag1,
+           "retrieval_top3": rag3, "chance": chance,
            "recall": {f"@{k}": v for k, v in recall.items()}, "steps": args.steps,
            "train_seconds": round(train_s, 1), "threads": torch.get_num_threads()}
-    print(f"\n{'questions on the knowledge base (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)")
-    for name, r in [("closed book", closed), ("with BM25 top-3 retrieval", rag3)]:
-        print(f"{name:<38}{r['accuracy']:>9.3f}   [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    print(f"\n{'questions on the knowledge base (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)"
+          f"   gold passage cited")
+    for name, r in [("closed book", closed), ("with BM25 top-1 retrieval", rag1), ("with BM25 top-3 retrieval", rag3)]:
+        cited = f"{r['citation_accuracy']:>12.3f}" if "citation_accuracy" in r else ""
+        print(f"{name:<38}{r['accuracy']:>9.3f}   [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]   {cited}")
     print(f"{'chance (a uniform guess)':<38}{chance:>9.3f}")
-    print(f"citations: the gold passage cited in {rag3['citation_accuracy']:.3f} of answers; "
-          f"{rag3['made_up_ids']} answers cite an id not in the prompt")
+    print(f"made-up citations (an id not in the prompt): {rag1['made_up_ids']} (top-1), {rag3['made_up_ids']} (top-3)")
     print("BM25 recall: " + "  ".join(f"@{k} {v:.3f}" for k, v in recall.items()))
     print(f"example:\n{rag3['example']['prompt']}\n-> {rag3['example']['output']}")
     try:

@@ -4,10 +4,12 @@ A tiny model of the flagship architecture learns two-digit addition ("23+45=68\\
 character) for a few hundred steps on the CPU, on purpose not to convergence, so a single sampled
 answer is often wrong. On held-out sums, N chains are sampled at temperature 1 from one prefill of
 the prompt, the answer is pulled out with a regex, and the majority answer is scored.
-About 20 s on one core:  python examples/self_consistency_demo.py
+Prints a table and its JSON. About 20 s on one core:
+    python examples/self_consistency_demo.py [steps]          # make self-consistency-demo
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -75,7 +77,7 @@ def accuracy(model, pairs, n: int, seed: int, sample: bool = True) -> tuple[floa
     return right / len(pairs), agree / len(pairs)
 
 
-def main(steps: int = 500, questions: int = 200, ns=(1, 5, 10, 20)) -> dict:
+def main(steps: int = 500, questions: int = 500, ns=(1, 5, 10, 20)) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     train_pairs, test_pairs = problems()
@@ -87,6 +89,9 @@ def main(steps: int = 500, questions: int = 200, ns=(1, 5, 10, 20)) -> dict:
           f"({time.perf_counter() - t0:.0f} s in all); greedy accuracy {greedy:.3f}")
     for n, (acc, agree) in res.items():
         print(f"  N = {n:>2} chains at temperature 1: majority-vote accuracy {acc:.3f}, mean agreement {agree:.2f}")
+    print(json.dumps({"steps": steps, "questions": len(test), "greedy": greedy,
+                      "majority_vote": {str(n): {"accuracy": acc, "agreement": agree} for n, (acc, agree) in res.items()},
+                      "seconds": round(time.perf_counter() - t0, 1)}))
     return res
 
 

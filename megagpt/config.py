@@ -78,6 +78,11 @@ class ModelConfig:
     # mixture of depths (model/mod.py): on these layers a router keeps mod_capacity of each sequence
     mod_layers: list | None = None
     mod_capacity: float = 0.125
+    # multimodal adapters (megagpt/multimodal/): a placeholder id turns its adapter on, on the first stage
+    image_token_id: int | None = None    # the <image> id (spec.add_media_tokens): a ViT adapter for 8x8 images
+    audio_token_id: int | None = None    # the <audio> id: a log-mel + conv subsampler adapter
+    adapter_hidden: int = 64             # the adapters' encoder width (a multiple of 4, the ViT's heads)
+    adapter_layers: int = 2              # the vision encoder's transformer layers
 
     @property
     def kv_heads(self) -> int:
@@ -164,6 +169,7 @@ class TrainConfig:
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
     dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
     compile: bool = False                # torch.compile each transformer block (model/compile.py)
+    freeze_lm: bool = False              # train the multimodal adapters only: the decoder is frozen (no optimizer state)
 
 
 @dataclass
@@ -355,6 +361,7 @@ def validate(cfg: Config) -> None:
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.make_vocab_divisible_by", m.make_vocab_divisible_by)
     _validate_moe(m)
+    _validate_media(m, t)
     if p.sequence_parallel and p.tp == 1:
         p.sequence_parallel = False  # nothing to shard over; as Megatron, SP is switched off for tp=1
     if t.seq_len > m.max_seq_len:
@@ -405,6 +412,23 @@ def _validate_variants(m: ModelConfig, seq_len: int) -> None:
             raise ConfigError(f"model.span_ramp: expected a positive number of tokens, got {m.span_ramp}")
         if m.span_penalty < 0:
             raise ConfigError(f"model.span_penalty: expected >= 0, got {m.span_penalty}")
+
+
+def _validate_media(m: ModelConfig, t: TrainConfig) -> None:
+    """The multimodal adapters' fields (megagpt/multimodal/adapters.py)."""
+    ids = [(f, getattr(m, f)) for f in ("image_token_id", "audio_token_id") if getattr(m, f) is not None]
+    for f, tid in ids:
+        if isinstance(tid, bool) or not 0 <= tid < m.vocab_size:
+            raise ConfigError(f"model.{f}: expected a token id in [0, model.vocab_size={m.vocab_size}), got {tid!r}")
+    if len(ids) == 2 and ids[0][1] == ids[1][1]:
+        raise ConfigError(f"model.audio_token_id: {ids[1][1]} is also model.image_token_id (one id per medium)")
+    if m.adapter_hidden < 4 or m.adapter_hidden % 4:
+        raise ConfigError(f"model.adapter_hidden: expected a positive multiple of 4 (the ViT's heads), got {m.adapter_hidden}")
+    if m.adapter_layers < 0:
+        raise ConfigError(f"model.adapter_layers: expected >= 0, got {m.adapter_layers}")
+    if t.freeze_lm and not ids:
+        raise ConfigError("train.freeze_lm: true trains the adapters only, but none is on "
+                          "(set model.image_token_id or model.audio_token_id)")
 
 
 def _validate_curriculum(cfg: Config) -> None:
@@ -532,13 +556,15 @@ def chunk_param_numels(m: ModelConfig, tp: int, num_layers: int, pre: bool, post
     per rank when kv_heads < tp (replicated); norms and row-parallel biases are replicated. A chunk
     with the embedding (pre, or post with tied embeddings) holds a [padded_vocab/tp, h] shard;
     post adds the final norm and, untied, an LM-head shard of the same shape; pre the workspace
-    vectors [n, h] (replicated). layer_ids: the chunk's global layers (default: the first num_layers;
+    vectors [n, h] (replicated) and, before everything, the multimodal adapters (replicated). layer_ids: the chunk's global layers (default: the first num_layers;
     they matter for MoE and MoD layers); ep: the experts are split over ep ranks. kinds: (numel, is an
     expert weight) pairs instead."""
+    from .multimodal.adapters import adapter_param_numels
     h = m.hidden_size
     norm = [h, h] if m.norm == "layernorm" else [h]
     emb = m.padded_vocab(tp) // tp * h
-    out = [(emb, False)] if pre or (post and m.tie_embeddings) else []
+    out = [(n, False) for n in adapter_param_numels(m)] if pre else []    # multimodal adapters, registered first
+    out += [(emb, False)] if pre or (post and m.tie_embeddings) else []
     out += [(m.workspace_tokens * h, False)] if pre and m.workspace_tokens else []   # workspace vectors (variants.py)
     for i in (range(num_layers) if layer_ids is None else layer_ids):
         out += layer_param_numels(m, tp, i, ep)
@@ -570,7 +596,10 @@ def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
     """Forward FLOPs per token of one transformer layer on one TP rank: (matmuls, attention scores
     and values). causal: the masked half is skipped (flash attention), else all s^2 scores.
     A MoE layer's MLP is its router and top_k experts (and its shared expert): its tokens are split
-    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires)."""
+    over TP by sequence parallelism (MoE with TP assumes SP, as Megatron requires).
+    A mixture-of-depths layer (model.mod_layers) runs its block on mod_capacity c of the tokens, which
+    attend among themselves (c * s keys): per token of the sequence, c of the matmuls and c^2 of the
+    attention, plus its router and predictor (h each; the predictor only in training, counted anyway)."""
     h, d = m.hidden_size, m.head_dim
     q, kv = m.num_heads // tp, m.kv_heads_per_rank(tp)
     if m.is_moe_layer(layer_id):
@@ -578,13 +607,15 @@ def layer_flops(m: ModelConfig, seq_len: int, tp: int = 1, causal: bool = True,
     else:
         mlp = (3 if m.gated else 2) * h * m.ffn_hidden_size // tp
     matmul = 2 * (h * (q + 2 * kv) * d + q * d * h + mlp)
-    return matmul, 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
+    attention = 2 * 2 * q * d * (seq_len / 2 if causal else seq_len)
+    if layer_id in (m.mod_layers or ()):
+        c = math.ceil(m.mod_capacity * seq_len) / seq_len       # the kept fraction (mod.mod_keep's k / s)
+        return c * matmul + 2 * 2 * h, c * c * attention
+    return matmul, attention
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores
-    (MoE layers: the active experts only)."""
-    if not m.moe_num_experts:
-        return 3.0 * (m.num_layers * sum(layer_flops(m, seq_len)) + 2 * m.hidden_size * m.vocab_size)
+    (MoE layers: the active experts only; MoD layers: their kept tokens)."""
     layers = sum(sum(layer_flops(m, seq_len, layer_id=i)) for i in range(m.num_layers))
     return 3.0 * (layers + 2 * m.hidden_size * m.vocab_size)

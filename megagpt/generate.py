@@ -66,9 +66,10 @@ class Runner:
         return caches
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache], media=None) -> torch.Tensor | None:
         """tokens [b, s] (the same on every rank) -> the last slot's logits [b, vocab] (fp32) on the
-        last stage, None elsewhere."""
+        last stage, None elsewhere. media (a multimodal spec.Media): the prompts' images and audio,
+        embedded by the first chunk into their placeholder rows (the prefill)."""
         b, s = tokens.shape
         shape = (s, b, self.cfg.hidden_size)                      # what crosses a stage boundary
         x, sends = tokens, []
@@ -80,7 +81,8 @@ class Runner:
                 ((x, works),) = self._link(shape).post([("recv", prev, None)])
                 for w in works:
                     w.wait()
-            x = self.chunks[c // self.pp](x, cache=caches[c // self.pp])   # [s, b, h], or logits [s, b, V/tp]
+            kw = {"media": media} if c == 0 and media is not None else {}
+            x = self.chunks[c // self.pp](x, cache=caches[c // self.pp], **kw)   # [s, b, h], or logits [s, b, V/tp]
             nxt = (c + 1) % self.pp
             if c < self.n - 1 and nxt != self.me:
                 sends += self._link(shape).post([("send", nxt, x)])
@@ -109,9 +111,10 @@ class Runner:
 def stream(chunks, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None, *,
            ps: ParallelState | None = None, eod_id: int | None = None,
            stop: Callable[[list[int]], bool] | None = None, num_samples: int = 1,
-           generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           generator: torch.Generator | None = None, media=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields (tokens [B], finished [B]) once per new token, B = len(prompts) * num_samples (row i's
-    samples are rows i*n .. i*n+n-1). A row finishes on eod_id or when stop(its generated ids) is
+    samples are rows i*n .. i*n+n-1). media: the prompts' images and audio (multimodal spec.Media, in
+    the order of their placeholder runs), used by the prefill. A row finishes on eod_id or when stop(its generated ids) is
     true; finished rows then yield eod_id (or 0). Stops when every row has finished or after
     max_new_tokens (fewer if the context fills). The prompts are prefilled once, whatever num_samples."""
     sampling = (sampling or Sampling()).validate()
@@ -131,7 +134,7 @@ def stream(chunks, prompts: list[list[int]], max_new_tokens: int, sampling: Samp
     for i, p in enumerate(prompts):
         seen[i, torch.tensor(p, dtype=torch.long, device=dev)] = True
     caches = run.new_caches(b, width + steps, pad.to(dev))
-    logits = run.forward(tokens.to(dev), caches)                           # prefill: [b, V] on the last stage
+    logits = run.forward(tokens.to(dev), caches, media.to(dev) if media is not None else None)  # prefill: [b, V]
     if n > 1:                                                               # share the prompt's cache
         caches = [c.repeat(n) for c in caches]
         seen = seen.repeat_interleave(n, dim=0)

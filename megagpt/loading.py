@@ -51,8 +51,10 @@ def load_for_generation(path: str, tp: int = 1, pp: int = 1, tokenizer: str | No
     chunks = build_stage(cfg, ps, seed, dtype=torch.float32)
     if source.kind == "hf":
         hf_config, get_tensor, close = open_hf_checkpoint(path)
+        from .multimodal.hf_adapters import load_adapters_into
         for c in chunks:
             load_hf_into_model(c, get_tensor, hf_config)
+            load_adapters_into(c, path)                   # a multimodal export's adapters.safetensors, if any
         close()
         found = os.path.join(path, "tokenizer.json")
         tok_path = tokenizer or (found if os.path.isfile(found) else None)

@@ -28,6 +28,11 @@ logits) is that of seq_len/cp; ring attention keeps no s^2 term whatever the ker
 k, v, its output and the fp32 log-sum-exp, as flash attention does). Parameters are replicated
 over cp, so weights and grads do not shrink, and the distributed optimizer shards over dp*cp.
 Not counted: the ring's transient buffers (two K/V blocks, and in backward a dK/dV block in fp32).
+
+Attention variants: a sliding window (and the workspace mask) saves FLOPs, not activations. Flash-attn
+with a window keeps q, k, v, out and the LSE as without one, so no term changes; on the CPU the
+block-sparse path (model/variants.blocked_attention) keeps the same plus per-block K/V copies, linear in
+s (tests/test_attention_variants.py::test_window_keeps_no_s2_activations measures it).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ Every bad request is an `APIError`: an HTTP status and one line naming the field
 (missing fields, wrong types, top_p outside (0, 1], a negative temperature, n over the server's limit,
 an unknown model). A prompt whose tokens plus max_tokens exceed the model's context is refused, never
 truncated. Extensions beyond OpenAI's fields: `top_k`, `repetition_penalty`, `return_token_ids` (each
-choice's generated ids), `ignore_eos` (go on past the end-of-document token).
+choice's generated ids), `ignore_eos` (go on past the end-of-document token), `media` (a multimodal model's
+images and audio for a completion's one string prompt with <image>/<audio> placeholders: {"images": [...],
+"audio": [...]}, each a file path on the server or {"base64": the PNG/WAV bytes}; multimodal/prompt.py).
 Fields this server does not implement (logprobs, echo, suffix, best_of > 1, tools, ...) are refused
 rather than ignored; harmless ones (user, presence/frequency_penalty of 0) are accepted.
 """
@@ -52,11 +54,13 @@ class GenRequest:
     include_usage: bool = False               # stream_options.include_usage: a last chunk with the usage
     return_token_ids: bool = False
     ignore_eos: bool = False                  # go on past the end-of-document token (benchmarks, tests)
+    media: dict | None = None                 # the prompt's images and audio as JSON (multimodal/prompt.py)
 
     def command(self) -> dict:
         """The JSON-able part every rank needs to run it in lockstep."""
         return {"prompts": self.prompts, "max_tokens": self.max_tokens, "sampling": self.sampling.__dict__,
-                "n": self.n, "stop": self.stop, "stop_ids": self.stop_ids, "ignore_eos": self.ignore_eos}
+                "n": self.n, "stop": self.stop, "stop_ids": self.stop_ids, "ignore_eos": self.ignore_eos,
+                "media": self.media}
 
 
 def chat_template(tok, messages: list[dict]) -> tuple[list[int], list[str], list[int]]:
@@ -152,8 +156,23 @@ def _stop(body: dict) -> list[str]:
     return s
 
 
-def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int, max_n: int) -> GenRequest:
-    """Check a /v1/completions ("completion") or /v1/chat/completions ("chat") body -> GenRequest."""
+def _media(kind: str, body: dict, tok, model_cfg) -> tuple[list[int], dict]:
+    """The `media` extension: (the prompt's ids with placeholder runs, the media as JSON); 400 on bad media."""
+    from .multimodal.prompt import request_media
+    if kind != "completion" or not isinstance(body.get("prompt"), str):
+        raise APIError(400, "media: only with /v1/completions and one string prompt", param="media")
+    if model_cfg is None or (model_cfg.image_token_id is None and model_cfg.audio_token_id is None):
+        raise APIError(400, "media: this model has no image or audio adapter", param="media")
+    try:
+        return request_media(body["media"], tok, model_cfg, body["prompt"])
+    except ValueError as e:                                      # MediaError, DataError: one line
+        raise APIError(400, str(e) if str(e).startswith("media") else f"media: {e}", param="media") from None
+
+
+def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int, max_n: int,
+                  model_cfg=None) -> GenRequest:
+    """Check a /v1/completions ("completion") or /v1/chat/completions ("chat") body -> GenRequest.
+    model_cfg: the served ModelConfig (its adapters, for the `media` extension)."""
     if not isinstance(body, dict):
         raise APIError(400, "body: expected a JSON object")
     if "model" not in body:
@@ -172,6 +191,10 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
         default_max = None                                       # chat: up to the context
     else:
         prompts, stop, limit, default_max = _prompts(body, tok), _stop(body), body.get("max_tokens"), 16
+    media = None
+    if body.get("media") is not None:
+        prompt, media = _media(kind, body, tok, model_cfg)
+        prompts = [prompt]
     for i, p in enumerate(prompts):
         if not p:
             raise APIError(400, f"prompt: prompt {i} is empty (at least one token is needed)", param="prompt")
@@ -210,7 +233,7 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
                         seed=secrets.randbits(31) if seed is None else seed)
     return GenRequest(kind, prompts, max_tokens, sampling, n, stop, stop_ids, body.get("stream", False),
                       bool(opts.get("include_usage", False)), body.get("return_token_ids", False),
-                      body.get("ignore_eos", False))
+                      body.get("ignore_eos", False), media)
 
 
 # -- responses

@@ -2,8 +2,11 @@
 memory (megagpt.memory) fits, predict each one's step time, rank by throughput.
 
 Time model (per optimizer step, for the slowest pipeline rank; every constant lives in Cluster):
-  - matmul FLOPs (GEMMs and the attention score/value products) at `gemm_eff` of peak: one
-    global constant, the same for every layout and model. Backward is 2x forward.
+  - matmul FLOPs (GEMMs, and without flash attention the score/value products) at `gemm_eff` of
+    peak: one global constant, the same for every layout and model. Backward is 2x forward. With
+    flash attention (and always under CP: the ring's blocks are flash-attn 2 calls on a GPU) the
+    attention FLOPs run at `attn_eff` instead: flash-attn 2 reaches about 35% of an H100's peak
+    (Shah et al. 2024, FlashAttention-3, sec. 1 and fig. 5), half of what the GEMMs reach.
   - memory-bound elementwise work (norms, bias-dropout-add, RoPE, activation function, and
     without flash attention the s^2 softmax/dropout traffic) at `mem_eff` of HBM bandwidth;
     this is what makes small-h / long-s models less efficient, with no size-dependent fudge.
@@ -23,7 +26,13 @@ Time model (per optimizer step, for the slowest pipeline rank; every constant li
     [2, b, s/c, kv_r, d] forward, and backward c-1 K/V blocks plus c dK/dV blocks in fp32
     (comm_model.cp_ring_bytes); each hop overlaps one of the c equal attention blocks, so only
     what a hop takes beyond its block (and the last dK/dV hop) is exposed. The ring's ranks are
-    tp apart. Ring attention keeps no s^2 term, as flash attention.
+    tp apart; its hops are point-to-point, so a hop that leaves the node gets one NIC (a collective
+    ring spreads over the node's NICs, a p2p hop does not), and the ring runs at its slowest hop.
+    Memory-bound ring work (parallel/context.py as written, PyTorch eager ops): each forward hop
+    merges a block into the fp32 output (the block output made fp32, the output rescaled, a
+    rescaled copy of the block added: 34 bytes per output element, all query rows on the most loaded
+    rank); each backward step adds dq and dK/dV blocks into fp32 accumulators (18 bytes per element).
+    Ring attention keeps no s^2 term, as flash attention.
   - EP (MoE models, ep in 1, 2, 4, .. dividing the experts and dp): per MoE layer per microbatch
     2 all-to-alls forward and 2 backward of k*s*b(/t) rows, (ep-1)/ep of them leaving the rank,
     over the EP ring (ranks tp apart); MoE layers' FLOPs count the router and top_k experts.
@@ -50,7 +59,7 @@ from .memory import memory_per_rank
 @dataclass
 class Cluster:
     """Hardware (defaults: H100 SXM) and the time model's derating constants. Only gemm_eff was
-    fitted (once, globally); mem_eff, link_eff, latency and dp_overlap are set a priori."""
+    fitted (once, globally); attn_eff, mem_eff, link_eff, latency and dp_overlap are set a priori."""
     name: str = "H100-SXM"
     gpus_per_node: int = 8
     peak_tflops: float = 989.0      # dense bf16
@@ -60,6 +69,8 @@ class Cluster:
     network_gbps: float = 400.0     # Gb/s per GPU, each direction
     gemm_eff: float = 0.70          # achieved fraction of peak for the matmuls: one global constant, fitted once
                                     # on Narayanan et al. 2021 Table 1 (max error 5.5%), assumed to carry to H100
+    attn_eff: float = 0.35          # achieved fraction of peak for flash attention (flash-attn 2 on H100: 35%,
+                                    # FlashAttention-3 paper); set a priori, not fitted
     mem_eff: float = 0.8            # achieved fraction of HBM bandwidth for elementwise kernels
     link_eff: float = 0.8           # achieved fraction of link bandwidth for collectives and p2p
     latency_us: float = 10.0        # per collective / p2p message
@@ -108,6 +119,15 @@ def _ring_bw(c: Cluster, size: int, stride: int) -> float:
     return min(nvlink, per_node * c.network_gbps / 8 * 1e9 * c.link_eff)
 
 
+def _p2p_ring_bw(c: Cluster, size: int, stride: int) -> float:
+    """Per-rank bytes/s of a ring of point-to-point hops over `size` ranks `stride` apart: NVLink
+    within a node; once the ring leaves the node its slowest hop is one GPU's NIC."""
+    nvlink = c.nvlink_gbps / 2 * 1e9 * c.link_eff
+    if size * stride <= c.gpus_per_node:
+        return nvlink
+    return min(nvlink, c.network_gbps / 8 * 1e9 * c.link_eff)
+
+
 def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: Cluster) -> dict:
     """Seconds for one layer and one microbatch on one rank, forward only (backward = 2x).
 
@@ -115,32 +135,38 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     and two bias-dropout-adds (read 2h, write h, 1-byte mask if dropout); TP-sharded RoPE on Q
     and K (read + write) and the activation function (GELU 2f/t, SwiGLU 3f/t); without flash,
     per score element: write scores, softmax read + write, PV read (+ dropout read, write, mask).
-    Flash attention FLOPs skip the causal half and run at gemm_eff like the GEMMs."""
+    Flash attention FLOPs skip the causal half and run at attn_eff."""
     t, b, cp = L.tp, L.micro_batch, L.cp
     h, d, f, tok = m.hidden_size, m.head_dim, m.ffn_hidden_size, s // cp * b      # this rank's tokens
     a_r, kv_r = m.num_heads // t, m.kv_heads_per_rank(t)
-    per_layer = [layer_flops(m, s, t, flash, i) for i in (range(m.num_layers) if m.moe_num_experts else [0])]
+    layers = range(m.num_layers) if m.moe_num_experts or m.mod_layers else [0]        # layers that differ
+    per_layer = [layer_flops(m, s, t, flash, i) for i in layers]
     gemm, attn = (tok * sum(x) / len(per_layer) for x in zip(*per_layer))   # flash skips the masked half
     rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
     shard = tok * e * (2 * (a_r + kv_r) * d * m.rotary_fraction + (3 if m.gated else 2) * f / t)
     core = 0.0 if flash else tok * a_r * s * (4 * e + (2 * e + 1 if m.attention_dropout > 0 else 0))
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff
+    attn_s = attn / (c.peak_tflops * 1e12 * c.attn_eff) if flash else attn / flop_s
     comm = 0.0
     if t > 1:
         comm = 4 * ((t - 1) / t * tok * h * e / _ring_bw(c, t, 1) + c.latency_us * 1e-6)
-    cp_fwd = cp_bwd = 0.0
+    cp_fwd = cp_bwd = cp_mem_fwd = cp_mem_bwd = 0.0
     if cp > 1:   # each hop hides behind one of the cp equal attention blocks (backward: 2x the compute)
-        bw, lat = _ring_bw(c, cp, t), c.latency_us * 1e-6
+        bw, lat = _p2p_ring_bw(c, cp, t), c.latency_us * 1e-6
         kv = 2 * tok * kv_r * d                                   # elements of one K/V block
-        step = attn / flop_s / cp
+        step = attn_s / cp
         cp_fwd = (cp - 1) * max(0.0, kv * e / bw + lat - step)
         cp_bwd = (cp - 1) * max(0.0, kv * (e + 4) / bw + 2 * lat - 2 * step) + kv * 4 / bw + lat
+        q_el = tok * a_r * d                                      # elements of this rank's attention output
+        cp_mem_fwd = (cp - 1) * q_el * 34 / byte_s                # online-softmax merges, fp32
+        cp_mem_bwd = cp * (q_el + kv) * 18 / byte_s               # dq, dK/dV accumulation, fp32
     if L.ep > 1:     # 2 all-to-alls of k*tok/t rows forward (dispatch, combine), (ep-1)/ep of them leaving
         share = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / m.num_layers
         rows = m.moe_top_k * tok / (t if L.sp else 1)
         comm += share * 2 * ((L.ep - 1) / L.ep * rows * h * e / _ring_bw(c, L.ep, t) + c.latency_us * 1e-6)
-    return {"gemm": gemm / flop_s, "attn": attn / flop_s, "mem": (rep + shard) / byte_s, "core_mem": core / byte_s,
-            "comm": comm, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "flops": gemm + attn}
+    return {"gemm": gemm / flop_s, "attn": attn_s, "mem": (rep + shard) / byte_s, "core_mem": core / byte_s,
+            "comm": comm, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "cp_mem_fwd": cp_mem_fwd, "cp_mem_bwd": cp_mem_bwd,
+            "flops": gemm + attn}
 
 
 def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype: str = "bf16", flash: bool = True,
@@ -162,13 +188,15 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     pp_bw = c.nvlink_gbps / 2 * 1e9 * c.link_eff if t * cp * L.dp * pp <= c.gpus_per_node \
         else c.network_gbps / 8 * 1e9 * c.link_eff
     p2p = vp * 2 * (act_bytes / t / pp_bw + c.latency_us * 1e-6) if pp > 1 else 0.0
-    fwd = lc["gemm"] + lc["attn"] + lc["mem"] + lc["core_mem"] + lc["comm"] + lc["cp_fwd"]
-    rc = {"none": 0.0, "selective": lc["attn"] + lc["core_mem"] + lc["cp_fwd"], "full": fwd}[L.recompute]
+    fwd = lc["gemm"] + lc["attn"] + lc["mem"] + lc["core_mem"] + lc["comm"] + lc["cp_fwd"] + lc["cp_mem_fwd"]
+    rc = {"none": 0.0, "selective": lc["attn"] + lc["core_mem"] + lc["cp_fwd"] + lc["cp_mem_fwd"],
+          "full": fwd}[L.recompute]
     head_flops = 3 * 2 * tok * h * vpad / t
 
     ranks = []
     for r, n in enumerate(mem["layers_per_rank"]):
-        parts = {"compute": n * 3 * (lc["gemm"] + lc["attn"]), "memory_bound": n * 3 * (lc["mem"] + lc["core_mem"]),
+        parts = {"compute": n * 3 * (lc["gemm"] + lc["attn"]),
+                 "memory_bound": n * (3 * (lc["mem"] + lc["core_mem"]) + lc["cp_mem_fwd"] + lc["cp_mem_bwd"]),
                  "tp_comm": n * 2 * lc["comm"], "cp_comm": n * (lc["cp_fwd"] + lc["cp_bwd"]),
                  "recompute": n * rc, "pp_p2p": p2p}
         flops = n * 3 * lc["flops"] + (n * lc["flops"] * (L.recompute == "full"))

@@ -23,3 +23,20 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+def plot_curves(curves: dict, png_path: str, xlabel: str = "step", ylabel: str = "train loss (nats/token)") -> None:
+    """Several runs' curves in one plot: curves {label: (xs, ys)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(list(xs), list(ys), label=label, linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

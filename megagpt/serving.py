@@ -131,8 +131,10 @@ class Engine:
     def execute(self, cmd: dict, on_step=None) -> None:
         """Run one generation command (every rank, same cmd). On rank 0, on_step(tokens [B], done [B]) says
         whether to go on; its answer ends the loop on every rank at the same step."""
+        from .multimodal.prompt import media_from_json
         steps = stream(self.chunks, cmd["prompts"], cmd["max_tokens"], Sampling(**cmd["sampling"]), ps=self.ps,
-                       eod_id=None if cmd["ignore_eos"] else self.eod_id, num_samples=cmd["n"])
+                       eod_id=None if cmd["ignore_eos"] else self.eod_id, num_samples=cmd["n"],
+                       media=media_from_json(cmd.get("media")))
         for tok, done in steps:
             go_on = on_step(tok.tolist(), done.tolist()) if on_step is not None else True
             if not self._agree(go_on):
@@ -216,7 +218,7 @@ class Engine:
                 break
             self.stats["cancelled"] += 1
         batch, req = [head], head.req
-        if req.sampling.do_sample:
+        if req.sampling.do_sample or req.media is not None:       # a request with media runs alone
             return batch
         key = (req.sampling.repetition_penalty, req.ignore_eos)
         rows, longest, most = head.width, max(map(len, req.prompts)), req.max_tokens
@@ -224,7 +226,8 @@ class Engine:
             if job is None:
                 break
             r = job.req
-            if r.sampling.do_sample or (r.sampling.repetition_penalty, r.ignore_eos) != key or job.cancelled:
+            if r.sampling.do_sample or r.media is not None or (r.sampling.repetition_penalty, r.ignore_eos) != key \
+                    or job.cancelled:
                 continue
             wide, long_, many = rows + job.width, max(longest, *map(len, r.prompts)), max(most, r.max_tokens)
             if wide <= self.max_batch and long_ + many <= self.context:
@@ -245,7 +248,7 @@ class Engine:
             prompts += req.prompts if alone else [p for p in req.prompts for _ in range(req.n)]
         cmd = self._command({"op": "generate", "prompts": prompts, "max_tokens": max(j.req.max_tokens for j in jobs),
                              "sampling": first.sampling.__dict__, "n": first.n if alone else 1,
-                             "ignore_eos": first.ignore_eos})
+                             "ignore_eos": first.ignore_eos, "media": first.media})
         self.stats["batches"] += 1
 
         def on_step(tokens, done) -> bool:
@@ -309,6 +312,7 @@ def make_app(engine: Engine, model: str, max_n: int = 16):
             except ValueError:
                 raise APIError(400, "body: expected a JSON object (the request body is not valid JSON)") from None
             req = parse_request(kind, body, engine.tok, model=model, context=engine.context, vocab=engine.vocab,
+                                model_cfg=engine.chunks[0].cfg,
                                 max_n=max_n)
             job = engine.submit(req, asyncio.get_running_loop())
         except APIError as e:

@@ -30,6 +30,7 @@ from .layout import Layout
 from .metrics_log import Logger
 from .model.compile import compile_blocks
 from .model.moe import update_router_biases
+from .multimodal.adapters import freeze_decoder
 from .model.variants import insert_workspace, loss_tokens, mean_spans, set_span_grad_weight
 from .optim.lr import lr_at
 from .optim.optimizer import build_optimizer
@@ -59,6 +60,8 @@ class Trainer:
                 print(f"sequence parallelism on {dist.get_backend()}: TP reduce-scatters run as {how}", flush=True)
         self.chunks = build_stage(cfg, self.ps, seed=t.seed, tracker=self.tracker, dtype=self.dtype,
                                   layout=self.layout, model_cls=self.model_cls)
+        if t.freeze_lm:                    # adapters only (multimodal/adapters.py): before the optimizer's walk
+            freeze_decoder(self.chunks)
         if t.compile:
             n = compile_blocks(self.chunks)
             if self.is_logger:

@@ -274,3 +274,19 @@ def test_measured_activation_memory_with_workspace_at_cp2():
     one = spawn(1, _meter_worker, cfg, tokens, labels)[0]
     two = spawn(2, _meter_worker, cfg, tokens, labels)
     assert two[0] == two[1] and 0.45 < two[0] / one < 0.55, (one, two)
+
+
+def test_window_keeps_no_s2_activations():
+    """A sliding window without flash-attn runs block-sparse (blocked_attention): the bytes autograd keeps
+    grow linearly in s and stay near full causal attention's (whose fused kernel keeps q, k, v, out and
+    the LSE); the dense-mask SDPA it replaced kept the [s, s] mask, 1.6x full causal at s = 1024.
+    A window saves FLOPs, not activation memory: memory.py counts the same bytes with or without one."""
+    from tests.dist import batch, tiny_model_cfg
+    from tests.test_context_parallel import _meter_worker
+    got = {}
+    for s in (512, 1024):
+        for window in (None, 64):
+            cfg = tiny_model_cfg(max_seq_len=s, use_flash_attn=False, attention_window=window)
+            got[s, window] = spawn(1, _meter_worker, cfg, *batch(cfg, b=1, s=s))[0]
+    assert got[1024, 64] / got[512, 64] < 2.05, got
+    assert got[1024, 64] / got[1024, None] < 1.2, got

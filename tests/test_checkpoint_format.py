@@ -243,7 +243,10 @@ def test_resume_peak_memory_within_ten_percent_of_steady_state(tmp_path):
 # JSONs' hashes). Checked with a script converting with both trees and diffing the files.
 # Re-pinned for model.rope_scaling_type (wt-rope): safetensors and the HF directory byte-identical to
 # main 451fcd4's; each rank JSON gains "rope_scaling_type": "linear" (each COMPLETE manifest those JSONs' hashes).
-PINNED = "e83898d63dc98d06adf627d1843452da1dd8ed39f546c64eeff2be696c7ca95a"
+# Re-pinned for the multimodal adapters (wt-mmcore, issue 16): every safetensors file and the HF directory
+# byte-identical to main baa900d's; each rank JSON gains model.image_token_id, audio_token_id, adapter_hidden,
+# adapter_layers and train.freeze_lm (each COMPLETE manifest those JSONs' hashes).
+PINNED = "d5db1e68422c7100459e4f30437b26b128c5c5290adbbe1ad8db6172a2153356"
 
 
 def _convert_tiny(out: str) -> str:

@@ -136,9 +136,11 @@ def run_layouts(kind, tok, tmp_path, kw):
     return pairs, ref
 
 
-def test_dpo_layouts_match_one_process_and_formula(tmp_path, tok):
+@pytest.mark.parametrize("nll_weight", [0.0, 0.5])
+def test_dpo_layouts_match_one_process_and_formula(tmp_path, tok, nll_weight):
+    """nll_weight > 0: DPO + the chosen answers' mean per-token NLL (align/dpo.py), the same in every layout."""
     beta = 1.0
-    pairs, ref = run_layouts("dpo", tok, tmp_path, {"beta": beta})
+    pairs, ref = run_layouts("dpo", tok, tmp_path, {"beta": beta, "nll_weight": nll_weight})
     # direct: reference = the initial model, policy = fc1 x 3; backward(1): the global batch of pairs 1..4
     model = build_model(ModelConfig(**mcfg(tok.vocab_size)), seed=1234)
     tokens, labels = dpo_rows(pairs, SEQ)
@@ -150,7 +152,8 @@ def test_dpo_layouts_match_one_process_and_formula(tmp_path, tok):
                 p.mul_(3.0)
     logp = -model(tokens[rows], labels[rows]).sum(1)
     h = (logp[0::2] - logp[1::2]) - (ref_logp[0::2] - ref_logp[1::2])
-    want = -F.logsigmoid(beta * h).mean()
+    n_chosen = (labels[rows][0::2] != IGNORE_INDEX).sum(1)
+    want = (-F.logsigmoid(beta * h) - nll_weight * logp[0::2] / n_chosen).mean()
     assert abs(ref["rec"]["loss"] - want.item()) <= 1e-5 * want.item()
     margin = beta * ((logp[0::2] - ref_logp[0::2]) - (logp[1::2] - ref_logp[1::2]))
     assert abs(ref["rec"]["margin"] - margin.mean().item()) <= 1e-5 * max(abs(margin.mean().item()), 1e-3)

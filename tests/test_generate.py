@@ -216,3 +216,11 @@ def test_self_consistency_prefills_once():
     assert vote.chains == generate_ids(model, [PROMPTS[1]], 5, SAMPLED, num_samples=6)
     assert vote.answers == [str(c[0] % 3) for c in vote.chains]
     assert vote.agreement == vote.counts[vote.answer] / 6 and sum(vote.counts.values()) == 6
+
+
+def test_unsupported_combinations_are_one_line():
+    class CP2:                                                # the one thing Runner asks of the layout
+        sizes = {"cp": 2}
+    with pytest.raises(ValueError) as e:
+        generate_ids(_model(), [[1, 2]], 2, ps=CP2())
+    assert "context parallelism (parallel.cp > 1) is not supported" in str(e.value) and "\n" not in str(e.value)

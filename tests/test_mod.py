@@ -115,3 +115,22 @@ def test_mod_refuses_sequence_parallel_and_the_kv_cache():
     model = build_model(tiny_model_cfg(mod_layers=[0]))
     with pytest.raises(NotImplementedError, match="model.mod_layers: generation with a KV cache"):
         generate_ids(model, [[1, 2, 3]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("mod", [False, True])
+def test_layer_flops_equal_the_counted_matmuls(mod):
+    """config.layer_flops' matmul part (the one FLOP formula; flops_per_token sums it) against torch's FLOP
+    counter on one block's training forward: a MoD layer at 12.5% runs its matmuls on ceil(c s) tokens
+    of each sequence, plus its router and predictor on every token. (The counter does not count the CPU
+    attention kernel, so the scores term is not checked here.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    from megagpt.config import layer_flops
+    cfg = tiny_model_cfg(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                         **(dict(mod_layers=[0], mod_capacity=0.125) if mod else {}))
+    block = make_block(cfg)
+    s, b = 32, 2
+    x = torch.randn(s, b, cfg.hidden_size, dtype=torch.float64)
+    cos, sin = rope_tables(s, cfg.head_dim, cfg.rope_theta, 1.0, "cpu", torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        block(x, cos, sin)
+    assert counter.get_total_flops() == pytest.approx(layer_flops(cfg, s)[0] * s * b, rel=1e-12)

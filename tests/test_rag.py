@@ -149,13 +149,16 @@ def test_rag_demo_training_samples_never_show_the_knowledge_base(tmp_path):
     tok = demo.word_tokenizer(kb, index, pools)
     taken, rng = {tuple(p["name"].split()) for p in kb}, random.Random(0)
     for i in range(50):
-        ids, n_prompt = demo.example(tok, rng, pools, taken, len(kb), closed=i % 5 == 0)
-        prompt, target = tok.decode(ids[:n_prompt]), tok.decode(ids[n_prompt:-1])
-        name = prompt.split("question: ")[1].split(" born ?")[0].split(" work as")[0].split(" ", 2)[-1]
-        assert tuple(name.split()) not in taken and ids[-1] == tok.eod_id and "<unk>" not in prompt + target
-        if i % 5:
-            cited = rag.citations(target)[0]
-            assert len(cited) == 1 and f"[{cited[0]}] {name} was born in" in prompt
-            assert rag.strip_citations(target) in prompt.split(f"[{cited[0]}]")[1].split("[")[0]
-        else:
-            assert "[" not in prompt + target
+        ids, spans = demo.example(tok, rng, pools, taken, len(kb), closed=i % 5 == 0)
+        prompt = tok.decode(ids[:spans[0][0]])
+        assert len(spans) == (1 if i % 5 == 0 else 4) and spans[-1][1] == len(ids) and "<unk>" not in tok.decode(ids)
+        for j, (a, b) in enumerate(spans):
+            question, target = tok.decode(ids[:a]).split("question: ")[-1], tok.decode(ids[a:b - 1])
+            name = question.split(" born ?")[0].split(" work as")[0].split(" ", 2)[-1]
+            assert ids[b - 1] == tok.eod_id and tuple(name.split()) not in taken
+            if i % 5:
+                cited = rag.citations(target)[0]
+                assert len(cited) == 1 and f"[{cited[0]}] {name} was born in" in prompt    # a passage shown
+                assert rag.strip_citations(target) in prompt.split(f"[{cited[0]}]")[1].split("[")[0]
+            else:
+                assert "[" not in prompt + target

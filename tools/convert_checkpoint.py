@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Convert checkpoints: megagpt (any TP/PP/VP/DP layout) <-> Hugging Face Llama, and megagpt resharding.
+"""Convert checkpoints: megagpt (any TP/PP/VP/EP/DP layout) <-> Hugging Face Llama or Mixtral, and resharding.
 
     python tools/convert_checkpoint.py --input runs/tiny --output hf_out --to hf [--max-shard-size 2GB]
     python tools/convert_checkpoint.py --input hf_llama --output runs/imported --to megagpt --tp 2 --pp 2
     python tools/convert_checkpoint.py --input runs/tiny --output runs/tp1pp4 --to megagpt --tp 1 --pp 4 \\
         --with-optimizer
+    python tools/convert_checkpoint.py --input hf_mixtral --output runs/moe --to megagpt --ep 2
 
 The input's format is detected: a directory with config.json is HF, else a megagpt run directory or
 step directory (with a COMPLETE manifest). The output of --to megagpt is a published checkpoint that
 training resumes from with --load (dp=1 on disk; any DP loads it). --with-optimizer carries the Adam
 state over (HF input: a fresh state at step 0); training's --load needs it. Tensors stream one layer
-at a time. A thin wrapper over megagpt.checkpoint.convert. Exit codes: 0 ok, 2 bad input or arguments.
+at a time. Post-training checkpoints (megagpt/align/) export too: SFT and DPO policies as Llama with
+their grown vocab; a PPO policy as Llama plus value_head.safetensors (its value head, [1, hidden]); a
+reward model as LlamaForSequenceClassification (num_labels=1, score.weight; pad_token_id = the eos token,
+so HF reads the reward at the last token that is not padding; --tokenizer is required). A tokenizer
+with the chat tokens gets the chat template (align/chat.py) in tokenizer_config.json. A thin wrapper over megagpt.checkpoint.convert. Exit codes: 0 ok, 2 bad input or arguments.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="--to megagpt: tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="--to megagpt: pipeline stages (default 1)")
     p.add_argument("--vp", type=int, default=1, help="--to megagpt: virtual stages per pipeline rank (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="--to megagpt: expert-parallel degree (MoE; default 1): the "
+                                                     "experts split over ep ranks, dp = ep on disk")
     p.add_argument("--with-optimizer", action="store_true",
                    help="--to megagpt: write optimizer state (carried over; fresh for HF input)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights' dtype (default: the input's)")
@@ -52,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        summary = convert(args.input, args.output, args.to, tp=args.tp, pp=args.pp, vp=args.vp,
+        summary = convert(args.input, args.output, args.to, tp=args.tp, pp=args.pp, vp=args.vp, ep=args.ep,
                           with_optimizer=args.with_optimizer, dtype=args.dtype, max_shard_size=args.max_shard_size,
                           tokenizer=args.tokenizer, seed=args.seed)
     except (ConversionError, CheckpointError, ConfigError) as e:
@@ -65,6 +72,7 @@ def main(argv=None) -> int:
     else:
         what = (f"{len(summary['files'])} safetensors file(s), {summary['tensors']} tensors"
                 + (f", tokenizer from {summary['tokenizer']}" if summary["tokenizer"] else ", no tokenizer")
+                + "".join(f", {h}" for h in summary["heads"])
                 if args.to == "hf" else
                 f"step {summary['step']} in {summary['ranks']} rank files at {summary['path']}"
                 + (", with optimizer state" if summary["optimizer"] else ""))

@@ -6,6 +6,7 @@
     torchrun --nproc-per-node 4 tools/generate.py --load runs/tiny --tp 2 --pp 2 --prompt-file q.txt
     python tools/generate.py --load runs/tiny --prompt "Q: 2+3=" --temperature 0.7 --self-consistency 10 \\
         --answer-regex "A: *(\\d+)"
+    python tools/generate.py --load multimodal_run/mixed --prompt "<image>" --image digit.png --greedy
 
 The prompt comes from --prompt, --prompt-file, --prompt-ids or stdin. Text streams to stdout token by
 token (global rank 0 prints; other DP replicas generate the same). --print-ids prints the generated ids,
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the chat template "
                    "(megagpt/align/chat.py); generation stops at <|end|>")
     p.add_argument("--system", metavar="TEXT", help="with --chat: a system turn first")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an 8x8 grayscale PNG for the prompt's next <image> (repeat for several)")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="a 16-bit mono WAV at 8 kHz for the prompt's next <audio> (repeat for several)")
     p.add_argument("--self-consistency", type=int, metavar="N", help="sample N chains and vote on the answer")
     p.add_argument("--answer-regex", default=r"(-?\d+(?:\.\d+)?)",
                    help="--self-consistency: the answer in each chain (its first group; last match wins)")
@@ -68,13 +73,16 @@ def sampling_from(args) -> Sampling:
                     repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
 
 
-def read_prompt(args, tok) -> list[int]:
+def read_prompt(args, tok, cfg=None, media=((), ())) -> tuple[list[int], object]:
+    """(prompt ids, the multimodal spec.Media of --image/--audio or None); media: load_media's tensors."""
     if args.prompt_ids is not None:
+        if args.image or args.audio:
+            raise ValueError("--image/--audio: need a text prompt with <image>/<audio> placeholders, not --prompt-ids")
         try:
             ids = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
         except ValueError:
             raise ValueError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
-        return ids
+        return ids, None
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file is not None:
@@ -87,8 +95,13 @@ def read_prompt(args, tok) -> list[int]:
     if args.chat:
         from megagpt.align.chat import apply_chat_template
         turns = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
-        return apply_chat_template(tok, turns, add_generation_prompt=True, require_assistant=False, where="--chat")[0]
-    return tok.encode(text)
+        if args.image or args.audio:
+            raise ValueError("--image/--audio: not combined with --chat")
+        return apply_chat_template(tok, turns, add_generation_prompt=True, require_assistant=False, where="--chat")[0], None
+    if args.image or args.audio or "<image>" in text or "<audio>" in text:
+        from megagpt.multimodal.prompt import media_prompt
+        return media_prompt(tok, cfg, text, *media, where="--prompt")
+    return tok.encode(text), None
 
 
 def run(args) -> int:
@@ -96,8 +109,12 @@ def run(args) -> int:
     from megagpt.loading import load_for_generation
     from megagpt.self_consistency import regex_extractor, self_consistency
     sampling = sampling_from(args)
+    loaded = ((), ())
+    if args.image or args.audio:                   # bad media files fail before the model loads
+        from megagpt.multimodal.prompt import load_media
+        loaded = load_media(args.image, args.audio)
     chunks, ps, tok, eod = load_for_generation(args.load, args.tp, args.pp, args.tokenizer)
-    prompt = read_prompt(args, tok)
+    prompt, media = read_prompt(args, tok, chunks[0].cfg, loaded)
     bad = [i for i in prompt if not 0 <= i < chunks[0].cfg.vocab_size]
     if bad:
         raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary of {chunks[0].cfg.vocab_size}")
@@ -110,6 +127,10 @@ def run(args) -> int:
         from megagpt.align.chat import END_TOKEN
         eod = tok.token_id(END_TOKEN)              # the template checked it exists
     kw = dict(ps=ps, eod_id=None if args.no_eod else eod, stop=stop)
+    if media is not None:
+        if args.self_consistency:
+            raise ValueError("--self-consistency: not combined with --image/--audio")
+        kw["media"] = media
     if args.self_consistency:
         extract = regex_extractor(args.answer_regex, decode or (lambda ids: " ".join(map(str, ids))))
         vote = self_consistency(chunks, prompt, args.self_consistency, args.max_new_tokens, sampling, extract, **kw)

@@ -9,18 +9,42 @@ its <|end|> (the model must learn to stop) and 0 elsewhere. Text that happens to
 string ("<|user|>") is encoded as plain bytes, never as the marker: a user cannot forge a turn.
 `apply_chat_template(..., add_generation_prompt=True)` ends with <|assistant|>, for generation
 (tools/generate.py, the server).
+
+CHAT_TEMPLATE is the same template as the Jinja string an HF export writes into tokenizer_config.json
+(checkpoint/hf.py write_hf_tokenizer), so that transformers' apply_chat_template gives these ids token
+for token. HF tokenizes the rendered text, where a marker string in a message would become the marker:
+the Jinja template refuses such a message (raise_exception) instead of forging a turn.
 """
 from __future__ import annotations
 
 import re
 
+import json
+
 from ..data.indexed import DataError
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import EOD_TOKEN, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {r: f"<|{r}|>" for r in ROLES}
 END_TOKEN = "<|end|>"
 CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN)
+
+# the template above in Jinja (transformers' chat_template): errors as apply_chat_template's, one line
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in " + json.dumps(list(ROLES)) + " or message['content'] is not string -%}"
+    "{{ raise_exception('message ' ~ loop.index0 ~ ' must be {role: system|user|assistant, content: a string}') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' and not loop.first -%}"
+    "{{ raise_exception('message ' ~ loop.index0 ~ ' is a system turn; only the first message may be one') }}"
+    "{%- endif -%}"
+    "{%- for marker in " + json.dumps([*CHAT_TOKENS, EOD_TOKEN]) + " -%}{%- if marker in message['content'] -%}"
+    "{{ raise_exception('message ' ~ loop.index0 ~ ' contains the marker ' ~ marker ~ ' (it would forge a turn)') }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '" + END_TOKEN + "' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ROLE_TOKENS["assistant"] + "' }}{%- endif -%}"
+)
 
 
 class TemplateError(DataError):

@@ -7,11 +7,16 @@ is given and the table is summed over DP, so the last stage of every replica hol
 A row's log-probability is minus the sum of its per-token losses (labels only on the answer).
 Logged: loss, implicit rewards beta (pi - ref) of the chosen and rejected answers, their margin and
 the fraction of pairs where it is positive.
+nll_weight > 0 adds nll_weight x the chosen answer's mean per-token negative log-likelihood to each
+pair's loss (DPO+NLL, as Pang et al. 2024 "Iterative Reasoning Preference Optimization" and TRL's
+rpo_alpha): on reasoning chains, DPO alone lowers the chosen answers' likelihood along with the
+rejected ones'. It is a per-pair term, so the layouts stay equal to one process; 0 (default) is DPO.
 """
 from __future__ import annotations
 
 import torch
 
+from ..model.packing import IGNORE_INDEX
 from .losses import check_dpo_args, dpo_loss
 from .pairs import PairTrainer
 from .prefs import dpo_rows
@@ -21,9 +26,12 @@ class DPOTrainer(PairTrainer):
     stat_names = ("reward_chosen", "reward_rejected", "margin", "reward_accuracy")
 
     def __init__(self, cfg, run_dir, pairs, load=None, eval_pairs=None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, base: str | None = None, reference: str | None = None):
+                 label_smoothing: float = 0.0, base: str | None = None, reference: str | None = None,
+                 nll_weight: float = 0.0):
         check_dpo_args(beta, loss_type, label_smoothing)               # before any work
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        if not nll_weight >= 0:
+            raise ValueError(f"dpo.nll_weight: must be >= 0, got {nll_weight}")
+        self.beta, self.loss_type, self.label_smoothing, self.nll_weight = beta, loss_type, label_smoothing, nll_weight
         self.ref = None
         super().__init__(cfg, run_dir, pairs, load, eval_pairs)
         if base and not load:
@@ -74,6 +82,7 @@ class DPOTrainer(PairTrainer):
 
     def run_pairs(self, rows, *args, **kw):
         self.ref_now = self.ref if rows is self.train_data else self.ref_valid     # this pass's reference table
+        self.rows_now = rows
         return super().run_pairs(rows, *args, **kw)
 
     def pair_loss(self, i, per_token, row_ids):
@@ -82,4 +91,7 @@ class DPOTrainer(PairTrainer):
         losses, rc, rr = dpo_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], self.beta, self.loss_type,
                                   self.label_smoothing)
         margin = rc - rr
+        if self.nll_weight:
+            n_tok = (self.rows_now[1][row_ids[0::2]] != IGNORE_INDEX).sum(1).to(logp.device)   # [n] chosen lengths
+            losses = losses - self.nll_weight * logp[0::2] / n_tok.clamp(min=1)
         return losses.sum().float(), [rc.sum(), rr.sum(), margin.sum(), (margin > 0).sum()]

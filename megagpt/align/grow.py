@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..checkpoint.format import VOCAB_PADDED, Reader, rank_params
 from ..checkpoint.store import CheckpointError, find_checkpoint
-from ..parallel.layers import ShardSpec
+from ..parallel.layers import ShardSpec, meta_of
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def load_grown(path: str, chunks, ps, model_cfg, verify: bool = True, new_params
         reader.check_config(replace(model_cfg, vocab_size=saved_vocab))     # every other architecture field must match
         # this model's params only: the checkpoint's LM head is not read into the reward model
         for name, p, _ in rank_params(chunks):
-            shape, spec = tuple(p.meta.global_shape), p.meta.spec
+            shape, spec = tuple(meta_of(p).global_shape), meta_of(p).spec
             if name in new_params and name not in reader.params:
                 continue
             if name in VOCAB_PADDED and saved_vocab < model_cfg.vocab_size:

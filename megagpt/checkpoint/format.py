@@ -155,12 +155,19 @@ def decode_json(obj):
     return obj
 
 
-def rank_params(chunks) -> list[tuple[str, torch.nn.Parameter, bool]]:
-    """(global name, param, written) for a rank's chunks. With tied embeddings and pp > 1 the last stage
-    holds a copy of the embedding; the first stage's is written and both are loaded from it."""
+# buffers that are model state a resume needs, saved and loaded (and resharded) like replicated
+# parameters: the MoE selection bias of auxiliary-loss-free balancing (model/moe.py), moved every step
+STATE_BUFFERS = ("selection_bias",)
+
+
+def rank_params(chunks) -> list[tuple[str, torch.Tensor, bool]]:
+    """(global name, param or state buffer, written) for a rank's chunks. With tied embeddings and pp > 1
+    the last stage holds a copy of the embedding; the first stage's is written and both are loaded from
+    it. Each chunk's STATE_BUFFERS follow its parameters (their meta: meta_of, replicated)."""
     out, seen = [], set()
     for chunk in chunks:
-        for name, p in chunk.named_parameters():
+        buffers = [(n, b) for n, b in chunk.named_buffers() if n.rsplit(".", 1)[-1] in STATE_BUFFERS]
+        for name, p in [*chunk.named_parameters(), *buffers]:
             copy = meta_of(p).tied_copy
             out.append((name, p, name not in seen and not copy))
             seen.add(name)

@@ -11,6 +11,8 @@ Layouts (megagpt -> HF):
   layers.i.mlp.fc2.weight                 -> model.layers.i.mlp.down_proj.weight
   layers.i.norm1 / norm2 / final_norm     -> input_layernorm / post_attention_layernorm / model.norm
   lm_head.weight (untied only)            -> lm_head.weight
+  reward_head [1, h] (align/reward.py)    -> score.weight (LlamaForSequenceClassification, num_labels=1)
+  value_head [1, h] (align/ppo.py)        -> value_head.weight in value_head.safetensors (HF has no value head)
 HF rotates Q and K by "rotate half" (dim j pairs with j + d/2). A model trained with
 `rope_interleaved` pairs 2j with 2j+1 instead; its Q and K rows are permuted per head (even dims,
 then odd dims) so that HF's pairing meets the same numbers. Q and K get the same permutation, so
@@ -174,6 +176,8 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
         tie_embeddings=bool(d.get("tie_word_embeddings", False)), bias=any(_bias_flags(d)),
         attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0),
     )
+    from ..multimodal.hf_adapters import multimodal_fields   # an export of a multimodal model (its own key)
+    cfg.update(multimodal_fields(d))
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -218,10 +222,15 @@ _FUSED = {  # megagpt suffix -> the HF suffixes it concatenates, in row order
 }
 
 
+HEADS = {"reward_head": "score.weight", "value_head": "value_head.weight"}   # the post-training heads
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
 def megagpt_names(cfg: ModelConfig) -> list[str]:
     """Every global parameter name of the model, in module order (what build_model's state dict has)."""
+    from ..multimodal.hf_adapters import adapter_names      # the multimodal adapters come first
     kinds = ("weight", "bias") if cfg.bias else ("weight",)
-    names = ["embedding.weight"]
+    names = adapter_names(cfg) + ["embedding.weight"]
     for i in range(cfg.num_layers):
         names.append(f"layers.{i}.norm1.weight")
         names += [f"layers.{i}.attention.{m}.{k}" for m in ("qkv", "proj") for k in kinds]
@@ -241,6 +250,8 @@ def hf_names_for(name: str, cfg: ModelConfig) -> list[str]:
         return ["model.norm.weight"]
     if name == "lm_head.weight":
         return [] if cfg.tie_embeddings else ["lm_head.weight"]
+    if name in HEADS:
+        return [HEADS[name]]
     m = _LAYER.fullmatch(name)
     if m:
         i, rest = m.groups()
@@ -366,8 +377,9 @@ def iter_hf_to_megagpt(get_tensor: GetTensor, cfg: ModelConfig, tp: int = 1, *, 
 @torch.no_grad()
 def load_hf_into_model(model, get_tensor: GetTensor, hf_config: dict | None = None) -> None:
     """Fill a (possibly TP-sharded, possibly one pipeline stage of a) GPTModel from HF tensors."""
+    from ..multimodal.hf_adapters import is_adapter
     tp = model.tp
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if not is_adapter(n)}   # the LM's tensors only
     for name, full in iter_hf_to_megagpt(get_tensor, model.cfg, tp.size, hf_config=hf_config, names=list(params)):
         p = params[name]
         shape = tuple(p.meta.global_shape)
@@ -387,8 +399,13 @@ def open_hf_checkpoint(path: str) -> tuple[dict, GetTensor, Callable[[], None]]:
 
 def write_hf_tokenizer(out_dir: str, tokenizer_json: str, cfg: ModelConfig, eos_token: str = "<|endoftext|>"):
     """Copy a tokenizers tokenizer.json into an HF model directory with a minimal tokenizer_config.json,
-    so AutoTokenizer loads it offline. Returns the eos token's id (None when it has no such token)."""
+    so AutoTokenizer loads it offline. A tokenizer with the chat tokens (SFT, DPO, PPO, reward models)
+    gets the chat template (align/chat.py CHAT_TEMPLATE). The eos token is also the pad token: HF's
+    sequence classification scores the last token that is not padding. Returns the eos token's id
+    (None when it has no such token) and the end-of-turn token's (None without a chat template)."""
     from tokenizers import Tokenizer
+
+    from ..align.chat import CHAT_TEMPLATE, CHAT_TOKENS, END_TOKEN
     try:
         tok = Tokenizer.from_file(tokenizer_json)
     except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
@@ -399,8 +416,11 @@ def write_hf_tokenizer(out_dir: str, tokenizer_json: str, cfg: ModelConfig, eos_
     with open(tokenizer_json, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
         dst.write(src.read())
     eos = tok.token_to_id(eos_token)
+    chat = all(tok.token_to_id(t) is not None for t in CHAT_TOKENS)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
-              "clean_up_tokenization_spaces": False, **({"eos_token": eos_token} if eos is not None else {})}
+              "clean_up_tokenization_spaces": False,
+              **({"eos_token": eos_token, "pad_token": eos_token} if eos is not None else {}),
+              **({"chat_template": CHAT_TEMPLATE} if chat else {})}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    return eos
+    return eos, tok.token_to_id(END_TOKEN) if chat else None

@@ -30,6 +30,7 @@ def check_mixtral(cfg: ModelConfig) -> None:
              ("moe_router_norm_topk", cfg.moe_router_norm_topk, "Mixtral renormalises the top-k"),
              ("moe_shared_expert_size", cfg.moe_shared_expert_size == 0, "Mixtral has no shared expert"),
              ("moe_capacity_factor", cfg.moe_capacity_factor is None, "Mixtral is dropless"),
+             ("moe_router_bias_rate", not cfg.moe_router_bias_rate, "Mixtral's router has no selection bias"),
              ("mlp", cfg.mlp == "swiglu", "Mixtral's experts are SwiGLU"),
              ("mod_layers", not cfg.mod_layers, "Mixtral has no mixture of depths")]
     for name, ok, why in rules:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..faults import fault_point
+from ..parallel.layers import meta_of
 from .format import Reader, TPPiece, Writer, layout_of, piece_of, rank_params
 from .store import (CheckpointError, clean_stale, find_checkpoint, prune, publish, rank_file, step_dir_name,
                     write_manifest)
@@ -75,9 +76,10 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
     for name, (p, written) in params.items():
         if not written:
             continue                                          # the tied copy: the first stage's is kept
-        tp = TPPiece.of(*piece_of(p.meta, ps))
-        if (ps.edp if p.meta.expert else ps.dp_cp).rank == 0:      # one replica (over DP and CP) writes
-            writer.add_param(name, p.dtype, p.meta.global_shape, tp)
+        meta = meta_of(p)                                     # a state buffer has none: replicated
+        tp = TPPiece.of(*piece_of(meta, ps))
+        if (ps.edp if meta.expert else ps.dp_cp).rank == 0:        # one replica (over DP and CP) writes
+            writer.add_param(name, p.dtype, meta.global_shape, tp)
             tensors.append((name, p))
         value = state.get(name)
         if isinstance(value, dict) and "start" in value:
@@ -88,7 +90,7 @@ def _write_rank(tmp_dir: str, step: int, chunks, ps, model_cfg: ModelConfig, cfg
                     raise CheckpointError(f"optimizer state {name}.{k}: {value[k].numel()} elements for range "
                                           f"[{start}, {end})")
             dtype = value[keys[0]].dtype if keys else torch.float32
-            writer.add_optim(name, start, end, keys, p.meta.global_shape, tp, dtype)
+            writer.add_optim(name, start, end, keys, meta.global_shape, tp, dtype)
             tensors += [(f"optim/{name}/{k}", value[k].reshape(-1)) for k in keys]
     for key, t in tensors:
         writer.write(key, t)
@@ -209,7 +211,8 @@ def load_checkpoint(path: str, chunks, ps, cfg=None, optimizer=None, verify: boo
         reader.check_config(_model_cfg(cfg, chunks))
         layouts = {}
         for name, p, _ in rank_params(chunks):
-            layouts[name] = (tuple(p.meta.global_shape), *piece_of(p.meta, ps))
+            meta = meta_of(p)
+            layouts[name] = (tuple(meta.global_shape), *piece_of(meta, ps))
             p.copy_(reader.read_param(name, *layouts[name]))
         if optimizer is not None:
             optimizer.load_from_checkpoint(_optimizer_state(reader, layouts, optimizer.owned_ranges()))

@@ -95,9 +95,14 @@ class Attention(nn.Module):
             if cp_method(m) == "allgather":
                 return allgather_attention(q, k, v, self.cp, m, q.shape[1] * self.cp.size)
             return ring_attention(q, k, v, self.cp, window=w)
-        if m.workspace_tokens:                                   # the workspace mask, block-sparse
-            return blocked_attention(q, k, v, m)
         p = self.cfg.attention_dropout if self.training else 0.0
+        flash = (self.cfg.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                 and _flash_attn_func() is not None)
+        if m.workspace_tokens or (w is not None and mask is None and p == 0 and not flash):
+            # the workspace mask, or a window without flash-attn: block-sparse, so neither the FLOPs nor the
+            # saved tensors grow as s^2 (SDPA with the band as a dense mask computes every score and keeps
+            # the [s, s] mask for backward)
+            return blocked_attention(q, k, v, m)
         if p > 0 and self.tracker is not None:
             with self.tracker.fork(TP_SHARDED):                  # heads are sharded over TP
                 return core_attention(q, k, v, p, self.cfg.use_flash_attn, w, mask)

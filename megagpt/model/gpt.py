@@ -4,6 +4,9 @@ A pipeline stage builds the same class with `layer_ids` (global layer numbers, s
 names are the same in every layout: `layers.12.mlp.fc1.weight`), `pre_process` (it owns the
 embedding) and `post_process` (final norm, output layer and loss).
 Activations are [s, b, h]; with sequence parallelism each TP rank holds [s/tp, b, h].
+With model.image_token_id / audio_token_id set, the first stage also holds the multimodal adapters
+(replicated over TP, their SP gradients summed over TP: multimodal/adapters.py), whose embeddings replace
+the placeholder rows of the token embeddings (`media`, a spec.Media, through forward).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..parallel.layers import (REPLICATED, ColumnParallelLinear, VocabParallelEm
                                make_param, parallel_lm_logits)
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
+from ..multimodal.adapters import build_adapters, merge_media
 from .block import Block
 from .moe import MoEContext
 from .norm import Norm
@@ -45,6 +49,9 @@ class GPTModel(nn.Module):
         self.full_recompute_ids = set(self.layer_ids[:n_full]) if recompute == "full" else set()
         h = cfg.hidden_size
         kw = dict(device=device, dtype=dtype)
+        if pre_process:   # the media adapters (multimodal/adapters.py), registered first: last in the grad buffer
+            for name, adapter in build_adapters(cfg, self.sp, device, dtype).items():
+                setattr(self, name, adapter)
         # The tied output layer reads the embedding; a last stage without the embedding keeps a copy,
         # whose gradient is summed with the first stage's (optim/finalize.py).
         if pre_process or (post_process and cfg.tie_embeddings):
@@ -97,9 +104,13 @@ class GPTModel(nn.Module):
                                                    cfg.rope_scaling_type, cfg.rope_original_len)}
         return self._rope_cache[key]
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> [s(/tp), b, h]."""
+    def embed(self, tokens: torch.Tensor, media=None) -> torch.Tensor:
+        """tokens [b, s] -> [s(/tp), b, h]; media (a spec.Media) fill the placeholder rows."""
         x = self.embedding(tokens)
+        if self.cfg.image_token_id is not None or self.cfg.audio_token_id is not None:
+            x = merge_media(self, tokens, x, media)
+        elif media is not None and media.placeholder_counts() != (0, 0):
+            raise ValueError("media: this model has no adapters (model.image_token_id, model.audio_token_id unset)")
         if self.cfg.workspace_tokens:                                     # the workspace slots take their vectors
             m, s_all = self.cfg, tokens.shape[1] * self.ps.cp.size
             pos = self._local_positions(s_all, tokens.device)
@@ -116,23 +127,24 @@ class GPTModel(nn.Module):
         return zigzag_shard(torch.arange(seq_len, device=device), 0, cp.size, cp.rank)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, media=None) -> torch.Tensor:
         """x: tokens [b, s] on the first stage, else hidden [s(/tp), b, h] from the previous stage.
         Returns per-token losses [b, s] (fp32) when labels are given on the last stage, logits
         [s, b, V/tp] without labels on the last stage, and hidden [s(/tp), b, h] elsewhere.
         cache: a `KVCache` of this chunk's layers (generation): x holds the s tokens after the cached
         ones, RoPE takes each row's positions from the cache, which then advances by s.
         packing: samples packed in each row (model/packing.py): positions restart per sample and
-        attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0."""
-        x = self.trunk(x, cache, packing)
+        attention stays within it. Labels < 0 (IGNORE_INDEX) carry no loss: their per-token loss is 0.
+        media: the microbatch's images and audio (multimodal/spec.Media), used by the first stage only."""
+        x = self.trunk(x, cache, packing, media)
         if not self.post_process:
             return x
         return self.head(x, labels, cache)
 
-    def trunk(self, x: torch.Tensor, cache=None, packing: Packing | None = None) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, cache=None, packing: Packing | None = None, media=None) -> torch.Tensor:
         """The embedding (first stage) and this chunk's layers: -> hidden [s(/tp), b, h]."""
         if self.pre_process:
-            x = self.embed(x)
+            x = self.embed(x, media)
         s = x.shape[0] * (self.tp.size if self.sp else 1)
         if cache is not None:
             cos, sin = cache.rope(*self._rope(cache.max_len, x.device, torch.float32), s)  # [s, b, 1, rot/2]

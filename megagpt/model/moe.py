@@ -168,7 +168,8 @@ class MoE(nn.Module):
         self.shared = MLP(replace(cfg, mlp="swiglu", ffn_hidden_size=cfg.moe_shared_expert_size, bias=False),
                           tp, sequence_parallel, device, dtype) if cfg.moe_shared_expert_size else None
         # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias, moved after each step
-        # by update_router_biases from the step's token counts; a buffer, not trained (and not checkpointed)
+        # by update_router_biases from the step's token counts; a buffer, not trained, saved and resharded by
+        # checkpoints (checkpoint/format.STATE_BUFFERS)
         self.register_buffer("selection_bias", torch.zeros(cfg.moe_num_experts, device=device, dtype=torch.float32)
                              if cfg.moe_router_bias_rate else None)
 

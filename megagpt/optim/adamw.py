@@ -181,10 +181,13 @@ class PlainAdamW:
                    "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         fused = buffer.data.device.type in ("cuda", "cpu")     # one kernel pass instead of foreach passes
+        # None: nothing trainable here (a frozen stage under train.freeze_lm)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, fused=fused or None)
+                                     eps=cfg.adam_eps, fused=fused or None) if groups else None
 
     def step(self, lr: float, step: int) -> None:
+        if self.opt is None:
+            return
         for g in self.opt.param_groups:
             g["lr"] = lr
         for m, p in zip(self.mains, self.params):
@@ -233,7 +236,7 @@ class PlainAdamW:
 
     def state_bytes(self) -> int:
         copies = sum(m.numel() * 4 for m, p in zip(self.mains, self.params) if m is not p)
-        moments = sum(t.numel() * t.element_size() for st in self.opt.state.values()
+        moments = sum(t.numel() * t.element_size() for st in (self.opt.state.values() if self.opt else ())
                       for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
         return copies + moments
 

@@ -38,7 +38,7 @@ def finalize_grads(chunks: list[nn.Module], ps: ParallelState, grad_of=main_grad
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             tied = meta_of(p).tied
-            if tied is None:
+            if tied is None or not p.requires_grad:      # frozen (train.freeze_lm): on every stage alike
                 continue
             if grad_of(p) is None:  # its peer would wait in the all-reduce forever
                 raise RuntimeError(f"tied parameter {name} (group {tied}) has no gradient on pp rank {ps.pp.rank}")

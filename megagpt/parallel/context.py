@@ -19,7 +19,8 @@ Every off-diagonal step is half a block, so every rank does the same work. Block
 online softmax with the log-sum-exp, in fp32. Backward recomputes each block's probabilities from
 the final log-sum-exp (p = exp(s - lse), D = rowsum(dO * O)), K/V travel the ring again, and a
 dK/dV accumulator (fp32) travels with them: after cp steps and one more hop it is back at its
-owner, summed over every rank's queries.
+owner, summed over every rank's queries. A block's gradients are computed before its accumulator is
+waited for, so the accumulator's hop overlaps that compute as the K/V hop does.
 
 Bytes per call and rank (counted in the CP group's CommCounter as send and recv, each of them;
 comm_model.cp_ring_bytes is the formula): forward (cp-1) K/V blocks [2, b, s/cp, nkv, d] in the
@@ -308,13 +309,14 @@ class RingAttention(torch.autograd.Function):
             kv_works = []
             if i + 1 < cp:
                 nxt, kv_works = ring.post(kv)
-            _wait(dkv_works)                                     # the accumulator for this K/V block
             plan = _plan(cp, r, (r - i) % cp, c, ctx.window)
-            if plan is not None:
+            if plan is not None:                                 # computed while the accumulator arrives
                 qs, ks, mask = plan
                 gq, gk, gv = ctx.block_bwd(dout[:, qs], q[:, qs], kv[0, :, ks], kv[1, :, ks], out[:, qs],
                                            lse[..., qs], delta[..., qs], mask, scale)
                 dq[:, qs] += gq
+            _wait(dkv_works)                                     # the accumulator for this K/V block
+            if plan is not None:
                 dkv[0, :, ks] += gk
                 dkv[1, :, ks] += gv
             if ring is not None:                                 # on to the next holder (the owner after cp hops)

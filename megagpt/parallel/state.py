@@ -186,17 +186,19 @@ class ParallelState:
 
     @classmethod
     def virtual(cls, tp: int = 1, pp: int = 1, dp: int = 1, tp_rank: int = 0, pp_rank: int = 0,
-                dp_rank: int = 0, cp: int = 1, cp_rank: int = 0, ep: int = 1) -> "ParallelState":
+                dp_rank: int = 0, cp: int = 1, cp_rank: int = 0, ep: int = 1, ep_rank: int = 0) -> "ParallelState":
         """A rank of a layout without any process group: to build a model on the meta device and
-        count what one rank would hold (dry runs, planning). Collectives cannot run on it."""
+        count what one rank would hold (dry runs, planning, the converter). Collectives cannot run on it.
+        With ep > 1 and dp a multiple of ep, the edp group is dp/ep ranks (this rank at dp_rank // ep)."""
         counter = CommCounter()
         sizes = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp}
-        coords = {"tp": tp_rank, "cp": cp_rank, "ep": 0, "dp": dp_rank, "pp": pp_rank}
+        coords = {"tp": tp_rank, "cp": cp_rank, "ep": ep_rank, "dp": dp_rank, "pp": pp_rank}
         groups = {a: Group(a, list(range(sizes[a])), coords[a], None, counter) for a in AXES}
         groups["mp"] = Group("mp", list(range(tp * cp * pp)), (pp_rank * cp + cp_rank) * tp + tp_rank, None, counter)
         groups["dp_cp"] = groups["dp"] if cp == 1 else \
             Group("dp_cp", list(range(dp * cp)), dp_rank * cp + cp_rank, None, counter)
-        groups["edp"] = groups["dp"]
+        groups["edp"] = groups["dp"] if ep == 1 or dp % ep else \
+            Group("edp", list(range(dp // ep)), dp_rank // ep, None, counter)
         return cls(tp * cp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
 
     @classmethod

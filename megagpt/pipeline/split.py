@@ -68,10 +68,13 @@ def build_stage(cfg: Config, ps: ParallelState, seed: int, tracker=None, dtype=t
             for ids, pre, post in layout.stage_chunks(cfg.model, ps.pp.rank)]
 
 
-def meta_stage(cfg: Config, tp_rank: int = 0, pp_rank: int = 0, layout: Layout | None = None) -> list[GPTModel]:
-    """The chunks of the rank at (tp_rank, pp_rank) on the meta device: shapes, ShardSpecs and
-    parameter counts of the real model, with nothing allocated and no process group."""
+def meta_stage(cfg: Config, tp_rank: int = 0, pp_rank: int = 0, layout: Layout | None = None,
+               ep_rank: int = 0) -> list[GPTModel]:
+    """The chunks of the rank at (tp_rank, pp_rank, ep_rank) on the meta device: shapes, ShardSpecs
+    and parameter counts of the real model, with nothing allocated and no process group. With ep > 1
+    it is the rank of dp = ep (edp = 1) at dp index ep_rank."""
     p = cfg.parallel
-    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep)
+    ps = ParallelState.virtual(tp=p.tp, pp=p.pp, tp_rank=tp_rank, pp_rank=pp_rank, ep=p.ep, ep_rank=ep_rank,
+                               **({"dp": p.ep, "dp_rank": ep_rank} if p.ep > 1 else {}))
     return build_stage(cfg, ps, seed=0, layout=layout)
 
