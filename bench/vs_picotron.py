@@ -236,12 +236,16 @@ def main(argv=None) -> int:
                     str(TRAIN["global_batch_size"] * (args.steps + 2))], check=True)
     paths = {"model": os.path.join(work, "model"), "data": os.path.join(work, "data")}
     names = [n for n in LAYOUTS if n in args.layouts]
+    # run order: two-rank layouts first, one-process ones last; odd repetitions reverse it, so the 2-thread
+    # runs (the most sensitive to other load: an OpenMP barrier waits for a descheduled thread) sit together
+    # in the middle of the measurement
+    order = sorted(names, key=lambda n: -LAYOUTS[n][0])
     runs = {(e, n): [] for n in names for e in ("megagpt", "picotron")}
     loads = [os.getloadavg()[0]]
     failures: list[str] = []
     try:
         for rep in range(args.reps):
-            for n in (names if rep % 2 == 0 else names[::-1]):
+            for n in (order if rep % 2 == 0 else order[::-1]):
                 engines = ["megagpt", "picotron"] if rep % 2 == 0 else ["picotron", "megagpt"]
                 for e in engines:
                     if e not in args.engines or (e == "picotron" and LAYOUTS[n][2] is None):
