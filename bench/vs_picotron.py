@@ -260,15 +260,24 @@ def main(argv=None) -> int:
                     r["median_s"], r["rep"] = statistics.median(r["walls"][WARM:]), rep
                     r["load"] = os.getloadavg()[0]
                     runs[(e, n)].append(r)
+                    report(runs, names, loads, failures, args, rep + 1, show=False)
                     print(f"  rep {rep} {e:8} {n:13} {TOKENS / r['median_s']:6.0f} tok/s  rss "
                           f"{'/'.join(f'{x:.0f}' for x in r['rss_mb'])} MB  threads {r['threads']}  "
                           f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}  load {r['load']:.1f}", flush=True)
                 loads.append(os.getloadavg()[0])
+            # after every repetition: a run cut short still leaves the table of the repetitions done
+            report(runs, names, loads, failures, args, rep + 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
+
+def report(runs: dict, names: list[str], loads: list[float], failures: list[str], args, reps_done: int,
+           show: bool = True) -> None:
+    """Write args.out from the runs done so far (the repetitions begun); print the table and the bars if show."""
+    say = print if show else (lambda *a, **k: None)
     for line in failures:
-        print(f"  FAILED: {line}")
+        say(f"  FAILED: {line}")
     base = {r["rep"]: r["median_s"] for r in runs.get(("megagpt", BASELINE), [])}
 
     def paired(a: list, b) -> list[tuple[float, float]]:   # (a's, b's) median step of each repetition both ran
@@ -298,27 +307,26 @@ def main(argv=None) -> int:
 
     def fmt(s, f="{:.0f}"):
         return f"{f.format(s['median'])} [{f.format(s['min'])}, {f.format(s['max'])}]" if s else "-"
-    print(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {args.reps} repetitions: median [min, max]; "
-          f"load {min(loads):.1f}-{max(loads):.1f}")
-    print(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
-          f"{'mg / own 1p':>18} | RSS MB pico / mg")
+    say(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {reps_done} of {args.reps} repetitions: "
+        f"median [min, max]; load {min(loads):.1f}-{max(loads):.1f}")
+    say(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
+        f"{'mg / own 1p':>18} | RSS MB pico / mg")
     for n, row in table.items():
         vs = f"{fmt(row.get('megagpt_vs_picotron'), '{:.2f}')} ({row.get('picotron_layout', '-')})"
-        print(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
-              f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
-              f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
+        say(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
+            f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
+            f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
     verdicts = targets(table)
     for line in verdicts:
-        print(line)
+        say(line)
     out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps,
-           "warmup_steps": WARM, "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(),
+           "warmup_steps": WARM, "reps": reps_done, "torch": torch.__version__, "cores": os.cpu_count(),
            "load_avg": loads,
            "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
-    print(f"results: {args.out}")
-    return 0
+    say(f"results: {args.out}", flush=True)
 
 
 if __name__ == "__main__":
