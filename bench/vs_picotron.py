@@ -12,7 +12,8 @@ token stream (megagpt's SyntheticDataset, fed to picotron as text through a word
 and reversing the layout order on odd repetitions. A run's figure is the median step time over steps
 6..N (steps 1-5 are warm-up); tokens/s = 2048 / that. Ratios are taken per repetition (same minute of
 the machine) and reported as median [min, max]. RSS is the peak resident set of each rank process
-(ru_maxrss). Results: bench/out/vs_picotron.json.
+(ru_maxrss). Two extra megagpt rows run the opt-in train.compile (1 process, DP2), each compared with
+picotron's eager row of that layout. Results: bench/out/vs_picotron.json.
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ LAYOUTS = {
     "TP2 + SP": (2, 1, None, dict(tp=2, sequence_parallel=True), {}),
     "PP2": (2, 1, dict(pp_size=2), dict(pp=2), {}),
     "PP2 vp2": (2, 1, None, dict(pp=2, vp=2), {}),
+    "1p 2t compile": (1, 2, None, {}, dict(compile=True)),          # train.compile: true (opt-in)
+    "DP2 compile": (2, 1, None, {}, dict(dp_mode="ddp", compile=True)),
 }
 BASELINE = "1p 2 threads"
-PEER = {"DP2 ZeRO-1": "DP2", "TP2 + SP": "TP2", "PP2 vp2": "PP2"}   # megagpt-only rows: compared with this picotron row
+PEER = {"DP2 ZeRO-1": "DP2", "TP2 + SP": "TP2", "PP2 vp2": "PP2", "1p 2t compile": "1p 2 threads",
+        "DP2 compile": "DP2"}   # megagpt-only rows: compared with this picotron row
 
 
 # ----------------------------------------------------------------------------- picotron side
@@ -188,11 +192,14 @@ def targets(table: dict) -> list[str]:
         return table.get(n, {}).get(key)
     checks = [(f"megagpt / picotron, {n} >= 1.1", get(n, "megagpt_vs_picotron"), 1.1)
               for n in ("1p 2 threads", "DP2", "TP2", "PP2")]
+    checks += [(f"(opt-in train.compile) megagpt {n} / picotron {PEER[n]} >= 1.1", get(n, "megagpt_vs_picotron"), 1.1)
+               for n in ("1p 2t compile", "DP2 compile")]
     checks += [("megagpt DP2 / own 1p >= 1.0", get("DP2", "megagpt_vs_own_1p"), 1.0),
                ("megagpt TP2 / own 1p >= 0.8", get("TP2", "megagpt_vs_own_1p"), 0.8)]
-    vp1, vp2 = get("PP2", "megagpt_round_median_s"), get("PP2 vp2", "megagpt_round_median_s")
-    if vp1 and vp2:                                       # per round: the two ran minutes apart
-        checks.append(("megagpt PP2 vp2 / PP2 vp1 >= 1.0", _spread([a / b for a, b in zip(vp1, vp2)]), 1.0))
+    vp1, vp2 = get("PP2", "megagpt_rep_median_s"), get("PP2 vp2", "megagpt_rep_median_s")
+    both = [k for k in (vp1 or {}) if k in (vp2 or {})]
+    if both:                                              # per repetition: the two ran minutes apart
+        checks.append(("megagpt PP2 vp2 / PP2 vp1 >= 1.0", _spread([vp1[k] / vp2[k] for k in both]), 1.0))
     out = []
     for name, s, bar in checks:
         if s is None:
@@ -229,28 +236,54 @@ def main(argv=None) -> int:
                     str(TRAIN["global_batch_size"] * (args.steps + 2))], check=True)
     paths = {"model": os.path.join(work, "model"), "data": os.path.join(work, "data")}
     names = [n for n in LAYOUTS if n in args.layouts]
+    # run order: two-rank layouts first, one-process ones last; odd repetitions reverse it, so the 2-thread
+    # runs (the most sensitive to other load: an OpenMP barrier waits for a descheduled thread) sit together
+    # in the middle of the measurement
+    order = sorted(names, key=lambda n: -LAYOUTS[n][0])
     runs = {(e, n): [] for n in names for e in ("megagpt", "picotron")}
     loads = [os.getloadavg()[0]]
+    failures: list[str] = []
     try:
         for rep in range(args.reps):
-            for n in (names if rep % 2 == 0 else names[::-1]):
+            for n in (order if rep % 2 == 0 else order[::-1]):
                 engines = ["megagpt", "picotron"] if rep % 2 == 0 else ["picotron", "megagpt"]
                 for e in engines:
                     if e not in args.engines or (e == "picotron" and LAYOUTS[n][2] is None):
                         continue
-                    r = run_megagpt(n, args.steps) if e == "megagpt" else \
-                        run_picotron(n, args.steps, args.picotron, work, paths)
-                    r["median_s"] = statistics.median(r["walls"][WARM:])
+                    try:
+                        r = run_megagpt(n, args.steps) if e == "megagpt" else \
+                            run_picotron(n, args.steps, args.picotron, work, paths)
+                    except Exception as exc:  # noqa: BLE001 -- one failed run must not lose the others
+                        failures.append(f"rep {rep} {e} {n}: {str(exc).splitlines()[0]}")
+                        print(f"  FAILED: {failures[-1]}", flush=True)
+                        continue
+                    r["median_s"], r["rep"] = statistics.median(r["walls"][WARM:]), rep
                     r["load"] = os.getloadavg()[0]
                     runs[(e, n)].append(r)
+                    report(runs, names, loads, failures, args, rep + 1, show=False)
                     print(f"  rep {rep} {e:8} {n:13} {TOKENS / r['median_s']:6.0f} tok/s  rss "
                           f"{'/'.join(f'{x:.0f}' for x in r['rss_mb'])} MB  threads {r['threads']}  "
                           f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}  load {r['load']:.1f}", flush=True)
                 loads.append(os.getloadavg()[0])
+            # after every repetition: a run cut short still leaves the table of the repetitions done
+            report(runs, names, loads, failures, args, rep + 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
-    base = [r["median_s"] for r in runs.get(("megagpt", BASELINE), [])]
+
+def report(runs: dict, names: list[str], loads: list[float], failures: list[str], args, reps_done: int,
+           show: bool = True) -> None:
+    """Write args.out from the runs done so far (the repetitions begun); print the table and the bars if show."""
+    say = print if show else (lambda *a, **k: None)
+    for line in failures:
+        say(f"  FAILED: {line}")
+    base = {r["rep"]: r["median_s"] for r in runs.get(("megagpt", BASELINE), [])}
+
+    def paired(a: list, b) -> list[tuple[float, float]]:   # (a's, b's) median step of each repetition both ran
+        other = b if isinstance(b, dict) else {r["rep"]: r["median_s"] for r in b}
+        return [(r["median_s"], other[r["rep"]]) for r in a if r["rep"] in other]
+
     table = {}
     for n in names:
         m = runs[("megagpt", n)]
@@ -258,42 +291,42 @@ def main(argv=None) -> int:
             continue
         row = {"megagpt_tok_s": _spread([TOKENS / r["median_s"] for r in m]),
                "megagpt_rss_mb_max": max(max(r["rss_mb"]) for r in m),
-               "megagpt_threads": m[0]["threads"], "megagpt_round_median_s": [r["median_s"] for r in m],
+               "megagpt_threads": m[0]["threads"], "megagpt_rep_median_s": {r["rep"]: r["median_s"] for r in m},
                "megagpt_loss_first_last": [m[0]["losses"][0], m[0]["losses"][-1]]}
-        if base and len(base) == len(m):
-            row["megagpt_vs_own_1p"] = _spread([b / r["median_s"] for b, r in zip(base, m)])
+        if paired(m, base):
+            row["megagpt_vs_own_1p"] = _spread([b / a for a, b in paired(m, base)])
         p = runs.get(("picotron", PEER.get(n, n)), [])
-        if p and len(p) == len(m):
+        if paired(m, p):
             row.update({"picotron_tok_s": _spread([TOKENS / r["median_s"] for r in p]),
                         "picotron_rss_mb_max": max(max(r["rss_mb"]) for r in p),
                         "picotron_threads": p[0]["threads"],
                         "picotron_loss_first_last": [p[0]["losses"][0], p[0]["losses"][-1]],
                         "picotron_layout": PEER.get(n, n),
-                        "megagpt_vs_picotron": _spread([r["median_s"] / q["median_s"] for q, r in zip(m, p)])})
+                        "megagpt_vs_picotron": _spread([b / a for a, b in paired(m, p)])})
         table[n] = row
 
     def fmt(s, f="{:.0f}"):
         return f"{f.format(s['median'])} [{f.format(s['min'])}, {f.format(s['max'])}]" if s else "-"
-    print(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {args.reps} repetitions: median [min, max]; "
-          f"load {min(loads):.1f}-{max(loads):.1f}")
-    print(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
-          f"{'mg / own 1p':>18} | RSS MB pico / mg")
+    say(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {reps_done} of {args.reps} repetitions: "
+        f"median [min, max]; load {min(loads):.1f}-{max(loads):.1f}")
+    say(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
+        f"{'mg / own 1p':>18} | RSS MB pico / mg")
     for n, row in table.items():
         vs = f"{fmt(row.get('megagpt_vs_picotron'), '{:.2f}')} ({row.get('picotron_layout', '-')})"
-        print(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
-              f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
-              f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
+        say(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
+            f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
+            f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
     verdicts = targets(table)
     for line in verdicts:
-        print(line)
-    out = {"targets": verdicts, "model": MODEL, "train": TRAIN, "steps": args.steps, "warmup_steps": WARM,
-           "reps": args.reps, "torch": torch.__version__, "cores": os.cpu_count(), "load_avg": loads,
+        say(line)
+    out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps,
+           "warmup_steps": WARM, "reps": reps_done, "torch": torch.__version__, "cores": os.cpu_count(),
+           "load_avg": loads,
            "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
-    print(f"results: {args.out}")
-    return 0
+    say(f"results: {args.out}", flush=True)
 
 
 if __name__ == "__main__":
