@@ -130,7 +130,7 @@ def eval_worker(rank, world, out_dir, built, seq):
     from megagpt.multimodal.media_io import load_audio, load_image
     from megagpt.multimodal.synth import caption_digit, transcript_digits
     res = {}
-    for name in ("mixed", "text_only"):
+    for name in ("mixed", "text_only", "text_only_b8"):
         chunks, _, tok, _ = load_for_generation(os.path.join(out_dir, name))
         res[f"{name}_text_val_loss"] = text_loss(chunks, built["data"]["text_valid"], chunks[0].cfg, seq)
         if name != "mixed":
@@ -204,11 +204,14 @@ def main(argv=None) -> int:
     n_text = len(MultimodalRows(MultimodalDataset(built["data"]["text_train"]), seq))
     steps = args.steps or (60 if args.quick else -(-n_mixed // 16))     # one pass over the mix by default
     text_steps = max(1, round(steps * n_text / n_mixed))       # the same passes over the same text
+    # the same passes at batch 8: about the text rows per step of the mixed run, so about its step count too
+    b8_steps = max(1, round(steps * n_text / n_mixed * 2))
     print(f"rows of {seq} tokens: mixed {n_mixed}, text alone {n_text}; steps {steps} and {text_steps} "
           f"(batch 16: {steps * 16 / n_mixed:.1f} passes)", flush=True)
     timing = {}
-    for name, data, n in (("mixed", "train", steps), ("text_only", "text_train", text_steps)):
-        cfg = make_cfg(tok.vocab_size, image_id, audio_id, n, seq)
+    for name, data, n, gbs in (("mixed", "train", steps, 16), ("text_only", "text_train", text_steps, 16),
+                               ("text_only_b8", "text_train", b8_steps, 8)):
+        cfg = make_cfg(tok.vocab_size, image_id, audio_id, n, seq, gbs)
         cfg.data.tokenizer = built["tokenizer"]
         print(f"training {name}: {n} steps ...", flush=True)
         r = spawn(WORLD, train_worker, cfg, os.path.join(out, name), built["data"][data], built["data"]["text_valid"],
@@ -220,13 +223,16 @@ def main(argv=None) -> int:
     caption_png(res["examples"]["captions"], os.path.dirname(built["jsonl"]["digits_test"]),
                 os.path.join(out, "captions.png"))
     rel = res["mixed_text_val_loss"] / res["text_only_text_val_loss"] - 1
+    rel8 = res["mixed_text_val_loss"] / res["text_only_b8_text_val_loss"] - 1
     results = {
         "digit_caption_accuracy": res["digit_caption_accuracy"], "digit_caption_target": 0.90,
         "dtmf_string_accuracy": res["dtmf_string_accuracy"], "dtmf_digit_accuracy": res["dtmf_digit_accuracy"],
         "text_val_loss_mixed": res["mixed_text_val_loss"], "text_val_loss_text_only": res["text_only_text_val_loss"],
         "text_val_loss_change": rel, "text_val_loss_target": 0.02,
+        "text_val_loss_text_only_b8": res["text_only_b8_text_val_loss"], "text_val_loss_change_vs_b8": rel8,
         "n_digits_test": res["n_digits_test"], "n_dtmf_test": res["n_dtmf_test"],
-        "steps_mixed": steps, "steps_text_only": text_steps, "train_seconds": timing,
+        "steps_mixed": steps, "steps_text_only": text_steps, "steps_text_only_b8": b8_steps,
+        "train_seconds": timing,
         "generation_seconds": res["generation_seconds"], "wall_seconds": time.perf_counter() - t_start,
         "quick": args.quick, "examples": res["examples"],
     }
@@ -246,6 +252,9 @@ def main(argv=None) -> int:
     print(f"{'text val loss, mixed model':44s} {results['text_val_loss_mixed']:10.4f}")
     print(f"{'text val loss, text-only model':44s} {results['text_val_loss_text_only']:10.4f}")
     print(f"{'  change':44s} {100 * rel:+9.2f}%  within 2% {ok(abs(rel) <= 0.02)}")
+    print(f"{'text val loss, text-only model at batch 8':44s} {results['text_val_loss_text_only_b8']:10.4f}  "
+          f"({b8_steps} steps: about the mixed run's steps and text per step)")
+    print(f"{'  change':44s} {100 * rel8:+9.2f}%  within 2% {ok(abs(rel8) <= 0.02)}")
     for ex in res["examples"]["transcripts"][:4]:
         print(f"  dtmf {ex['truth']:>6s} -> {ex['generated'].strip()!r}")
     print(f"wall {results['wall_seconds']:.0f} s at load {os.getloadavg()[0]:.1f}; {cpu:.0f} CPU s, about "
