@@ -13,8 +13,12 @@ Reported: validation loss (the corpus' held-out split, and per domain on held-ou
 median step time (wall, and CPU time of the one-thread process: robust to a busy
 machine), training FLOPs; the expert load by domain of each MoE layer on the held-out documents
 (demo_run/moe/expert_load.png), loss curves (demo_run/moe/loss.png). Two runs at a time (2 cores;
-MOE_DEMO_JOBS changes it). MOE_DEMO_STEPS (default 700) sets dense's steps; MOE_DEMO_REPORT_ONLY=1 prints
+MOE_DEMO_JOBS changes it). MOE_DEMO_STEPS (default 2000) sets dense's steps; MOE_DEMO_REPORT_ONLY=1 prints
 the report again from the last runs' JSON files.
+
+Measured at 2000 steps (quiet machine, 15:12 wall, 1,700 CPU s): val loss dense 2.1063, moe 2.0437,
+moe-noaux 2.1418 (busiest expert 3.44x the mean load, 1.17x with the balancing loss), mod 2.0531 at
+dense's training FLOPs (step CPU 0.219 s vs 0.185 s). At 700 steps MoE was 0.013 behind dense.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from moe_domains import DOMAINS, documents  # noqa: E402
 
 OUT = os.path.join(ROOT, "demo_run", "moe")
 DATA = os.path.join(OUT, "data")
-STEPS = int(os.environ.get("MOE_DEMO_STEPS", 700))
+STEPS = int(os.environ.get("MOE_DEMO_STEPS", 2000))
 F, SEQ = 256, 128
 BASE = {"model": dict(vocab_size=4096, max_seq_len=SEQ, hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=4,
                       ffn_hidden_size=2 * F, mlp="swiglu"),

@@ -41,6 +41,11 @@ CASES = {
     "ep2xpp2": (1, 2, 2, False, 4, dict(num_layers=4, moe_layers=[1, 2, 3]), 1, 8, 8),
     "ep2xtp2-sp-recompute": (2, 1, 2, True, 4, dict(_train=dict(recompute="full")), 2, 8, 8),
     "ep2xtp2xpp2": (2, 2, 2, True, 8, dict(num_layers=4, moe_layer_freq=2), 1, 8, 8),
+    # capacity drops (decided on the whole sequence) in each layout the issue lists, not only under TP
+    "ep2-capacity": (1, 1, 2, False, 2, dict(moe_capacity_factor=0.5), 2, 8, 8),
+    "ep4-capacity": (1, 1, 4, False, 4, dict(moe_capacity_factor=0.5), 1, 8, 8),
+    "ep2xdp2-capacity": (1, 1, 2, False, 4, dict(moe_capacity_factor=0.5), 1, 8, 8),
+    "ep2xtp2xpp2-capacity": (2, 2, 2, True, 8, dict(num_layers=4, moe_layer_freq=2, moe_capacity_factor=0.5), 1, 8, 8),
 }
 BY_WORLD = {w: [n for n, c in CASES.items() if c[4] == w] for w in (2, 4, 8)}
 
