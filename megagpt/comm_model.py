@@ -65,7 +65,7 @@ loads per MoE layer (the selection-bias update); with SP the router and expert g
 all-reduce (their weights are whole on every TP rank); expert buckets reduce over edp (group
 "edp" when ep > 1, size d/ep). MoE with full recompute and MoD layers are not modelled.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
-checkpoint's success-flag collectives (not per step).
+checkpoint's success-flag all-reduce and tmp-dir nonce broadcast (not per step).
 """
 from __future__ import annotations
 

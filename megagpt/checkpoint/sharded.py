@@ -43,6 +43,7 @@ def _all_ok(ps, ok: bool) -> bool:
     if ps.world_size == 1:
         return ok
     flag = torch.tensor([0 if ok else 1], device=ps.device)
+    # direct, not through parallel/: a save's control flag, not a step's traffic (comm_model leaves it out)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
@@ -50,7 +51,7 @@ def _all_ok(ps, ok: bool) -> bool:
 def _shared_nonce(ps) -> str:
     """One random tmp-dir suffix for all ranks (rank 0's, broadcast)."""
     value = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=ps.device)
-    if ps.world_size > 1:
+    if ps.world_size > 1:  # direct, uncounted on purpose: once per save, not per step (comm_model's docstring)
         dist.broadcast(value, src=0)
     return f"{value.item():016x}"
 

@@ -39,7 +39,8 @@ class P2P:
         if group.size > 1 and dist.get_backend(group.pg) == "nccl":
             # NCCL: the first batched p2p on a group must involve all its ranks, and the first
             # batches of a pipeline involve only neighbours. A collective here (every rank builds
-            # its engine at start-up) makes the group's communicators exist before that.
+            # its engine at start-up) makes the group's communicators exist before that. Uncounted on
+            # purpose: start-up only, never a step's bytes (comm_model's docstring says so).
             dist.all_reduce(torch.zeros(1, device=self.device), group=group.pg)
 
     def post(self, ops: list[tuple[str, int, torch.Tensor | None]]) -> list[tuple[torch.Tensor, list]]:
@@ -66,6 +67,6 @@ class P2P:
             tensors.append(tensor)
             if self.counter is not None:
                 self.counter.add(direction, "pp", self.nbytes)
-        works = dist.batch_isend_irecv(p2p_ops)
+        works = dist.batch_isend_irecv(p2p_ops)      # each op counted above, one by one
         per_op = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
         return list(zip(tensors, per_op))
