@@ -11,7 +11,8 @@ import time
 import torch
 
 from megagpt.checkpoint.hf import iter_megagpt_to_hf, to_hf_config
-from megagpt.config import ModelConfig, count_params
+from megagpt.config import ModelConfig
+from megagpt.model_size import count_params
 from megagpt.generate import generate_ids, generate_recompute
 from megagpt.model.gpt import build_model
 

@@ -45,7 +45,8 @@ sys.path.insert(0, ROOT)
 
 from megagpt.checkpoint.hf import iter_megagpt_to_hf, to_hf_config  # noqa: E402
 from megagpt.comm_model import expected_comm_bytes, summary  # noqa: E402
-from megagpt.config import ModelConfig, config_from_dict, count_params  # noqa: E402
+from megagpt.config import ModelConfig, config_from_dict  # noqa: E402
+from megagpt.model_size import count_params  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
 from megagpt.parallel.spawn import spawn  # noqa: E402
 

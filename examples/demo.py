@@ -89,7 +89,8 @@ def sample():
 
 
 def flagship_counts():
-    from megagpt.config import count_params, load_config
+    from megagpt.config import load_config
+    from megagpt.model_size import count_params
     for name in ("gpt4plus-seed", "gpt4plus-70b"):
         cfg = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"))
         print(f"[0/4] {name}: {count_params(cfg.model):,} parameters")

@@ -8,7 +8,7 @@ is a tiny decoder trained in its own process by the project's Trainer, same batc
               the same active parameters per token as dense (plus an 8 x h router), 4x its MLP in total
   moe-noaux   the same without the balancing loss (does the routing collapse?)
   mod         8 layers, mixture of depths at 12.5% capacity on every other one, trained for the steps
-              that give it dense's training FLOPs (config.flops_per_token, MoD included)
+              that give it dense's training FLOPs (model_size.flops_per_token, MoD included)
 Reported: validation loss (the corpus' held-out split, and per domain on held-out documents), parameters,
 median step time (wall, and CPU time of the one-thread process: robust to a busy
 machine), training FLOPs; the expert load by domain of each MoE layer on the held-out documents
@@ -61,7 +61,7 @@ def config(name: str, steps: int | None = None):
 
 def steps_for(name: str) -> int:
     """dense's steps, or for MoD the steps that spend dense's training FLOPs (one formula: config.py)."""
-    from megagpt.config import flops_per_token
+    from megagpt.model_size import flops_per_token
     if name != "mod":
         return STEPS
     return round(STEPS * flops_per_token(config("dense").model, SEQ) / flops_per_token(config("mod").model, SEQ))
@@ -138,7 +138,7 @@ def domain_eval(model, batches: dict) -> tuple[dict, dict]:
 
 def run_variant(name: str, prefix: str) -> dict:
     """One model, in this process: train, evaluate, return the record."""
-    from megagpt.config import active_params, count_params, flops_per_token
+    from megagpt.model_size import active_params, count_params, flops_per_token
     from megagpt.parallel.spawn import spawn
     steps = steps_for(name)
 

@@ -72,7 +72,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .config import DTYPES, Config, ModelConfig, chunk_param_numels, dp_mode, layer_param_numels
+from .config import DTYPES, Config, ModelConfig, dp_mode
+from .model_size import chunk_param_numels, layer_param_numels
 from .layout import Layout
 from .model.variants import cp_method
 from .optim.grad_buffer import plan_buckets

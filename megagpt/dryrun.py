@@ -2,11 +2,12 @@
 
 The counts come from the real model classes (`split.meta_stage`, the builder training uses), not
 from a formula, so they cannot drift from what training allocates; tests check them against the
-analytic memory model (which the planner uses), config.count_params and a materialised tiny model.
+analytic memory model (which the planner uses), model_size.count_params and a materialised tiny model.
 """
 from __future__ import annotations
 
-from .config import Config, active_params, count_params, dp_mode, vocab_padding_note
+from .config import Config, dp_mode, vocab_padding_note
+from .model_size import active_params, count_params
 from .layout import Layout
 from .memory import memory_per_rank
 from .pipeline.split import meta_stage, stage_chunks  # noqa: F401  (stage_chunks re-exported)

@@ -32,7 +32,7 @@ The layer split (`chunk_layers`). The model is cut into pp*vp chunks of consecut
 chunk c lives on pp rank c % pp as local chunk c // pp (the layout of `pipeline/schedule.py`).
 Without an explicit `parallel.layers_per_stage`, each chunk's cost is counted in layer-equivalents
 of forward FLOPs per token (backward is ~2x forward for every part, so the ratio holds for
-training): a layer is `config.layer_flops`; the LM head on the last chunk is 2*h*V_padded (about
+training): a layer is `model_size.layer_flops`; the LM head on the last chunk is 2*h*V_padded (about
 V/(12h) of a layer for an MHA 4h-MLP model: 0.6 for the 70B flagship, several layers for a tiny
 model with a big vocab); the embedding is a row gather and costs 0. The split minimises the most
 expensive chunk, with at least one layer per chunk. Among the splits that reach that minimum,
@@ -48,7 +48,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from .config import Config, ConfigError, ModelConfig, layer_flops
+from .config import Config, ConfigError, ModelConfig
+from .model_size import layer_flops
 
 AXES = ("tp", "cp", "ep", "dp", "pp")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")   # interleaved = 1f1b over vp > 1 chunks (1f1b itself when vp = 1)

@@ -7,7 +7,7 @@ Conventions
 -----------
 Parameters on a rank. Layers are split into pp*vp chunks by `Layout.chunk_layers`, the split
 the model is built with; pp rank r holds chunks r, r+pp, r+2pp, ... Each chunk's parameters
-are `config.chunk_param_numels`: Q, the output projection and the MLP are split over tp; K and V
+are `model_size.chunk_param_numels`: Q, the output projection and the MLP are split over tp; K and V
 by whole heads when kv_heads % tp == 0, otherwise each rank holds the one KV head its query
 heads use (replicated over tp/kv_heads ranks); norm weights and the row-parallel biases are
 replicated. The first stage also holds the embedding shard [padded_vocab/tp, h]; the last stage
@@ -36,7 +36,8 @@ s (tests/test_attention_variants.py::test_window_keeps_no_s2_activations measure
 """
 from __future__ import annotations
 
-from .config import DTYPES, RECOMPUTE, ModelConfig, check_choice, chunk_param_numels, layer_params
+from .config import DTYPES, RECOMPUTE, ModelConfig, check_choice
+from .model_size import chunk_param_numels, layer_params
 from .layout import Layout
 
 

@@ -40,7 +40,7 @@ Time model (per optimizer step, for the slowest pipeline rank; every constant li
     (d-1)/d of the rank's bytes (all-reduce of fp32 grads without it); `dp_overlap` (0.5) of it
     is assumed hidden behind backward / next forward. Plus the Adam step at HBM bandwidth. With CP
     the gradients are reduced (and the optimizer sharded) over dp*cp ranks.
-Throughput is reported as model FLOPs (config.flops_per_token: 3x forward, causal attention,
+Throughput is reported as model FLOPs (model_size.flops_per_token: 3x forward, causal attention,
 no recompute) per GPU, and MFU = that / peak. `paper_flops` is Megatron's 96Bslh^2(...) formula
 (which counts the recompute forward), used only for the Narayanan et al. 2021 validation.
 """
@@ -51,7 +51,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DTYPES, RECOMPUTE, ConfigError, ModelConfig, count_params, flops_per_token, layer_flops, load_config
+from .config import DTYPES, RECOMPUTE, ConfigError, ModelConfig, load_config
+from .model_size import count_params, flops_per_token, layer_flops
 from .layout import Layout
 from .memory import memory_per_rank
 

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint.train_state import TrainState
-from .config import DTYPES, Config, flops_per_token
+from .config import DTYPES, Config
+from .model_size import flops_per_token
 from .data.blend import BlendedDataset, blend_parts
 from .data.curriculum import curriculum_assignment, seq_len_at
 from .data.sampler import MicroBatchSampler, make_batch

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from megagpt.config import ConfigError, count_params, load_config, vocab_padding_note
+from megagpt.config import ConfigError, load_config, vocab_padding_note
+from megagpt.model_size import count_params
 
 SEED, B70, TINY = "examples/configs/gpt4plus-seed.yaml", "examples/configs/gpt4plus-70b.yaml", "examples/configs/tiny.yaml"
 

@@ -6,7 +6,8 @@ import sys
 import torch
 
 from dist import spawn
-from megagpt.config import count_params, load_config
+from megagpt.config import load_config
+from megagpt.model_size import count_params
 from megagpt.dryrun import dry_run, meta_rank_params, stage_chunks
 from megagpt.model.gpt import GPTModel, build_model
 from megagpt.parallel.state import ParallelState

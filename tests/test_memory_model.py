@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from megagpt.config import ConfigError, ModelConfig, count_params, layer_params
+from megagpt.config import ConfigError, ModelConfig
+from megagpt.model_size import count_params, layer_params
 from megagpt.layout import Layout
 from megagpt.memory import (bytes_per_param, in_flight, layer_activation_bytes, layer_activation_terms,
                             memory_per_rank, params_per_rank)

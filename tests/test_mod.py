@@ -119,12 +119,12 @@ def test_mod_refuses_sequence_parallel_and_the_kv_cache():
 
 @pytest.mark.parametrize("mod", [False, True])
 def test_layer_flops_equal_the_counted_matmuls(mod):
-    """config.layer_flops' matmul part (the one FLOP formula; flops_per_token sums it) against torch's FLOP
+    """model_size.layer_flops' matmul part (the one FLOP formula; flops_per_token sums it) against torch's FLOP
     counter on one block's training forward: a MoD layer at 12.5% runs its matmuls on ceil(c s) tokens
     of each sequence, plus its router and predictor on every token. (The counter does not count the CPU
     attention kernel, so the scores term is not checked here.)"""
     from torch.utils.flop_counter import FlopCounterMode
-    from megagpt.config import layer_flops
+    from megagpt.model_size import layer_flops
     cfg = tiny_model_cfg(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
                          **(dict(mod_layers=[0], mod_capacity=0.125) if mod else {}))
     block = make_block(cfg)

@@ -12,7 +12,8 @@ import torch
 
 from dist import spawn
 from megagpt.comm_model import _chunk_param_numels, expected_comm_bytes
-from megagpt.config import active_params, config_from_dict, count_params
+from megagpt.config import config_from_dict
+from megagpt.model_size import active_params, count_params
 from megagpt.model.gpt import GPTModel
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.split import stage_chunks

@@ -7,7 +7,8 @@ import torch
 
 from dist import assert_close_rel, gather_full, spawn
 from mm_rows import AUDIO_ID, IMAGE_ID, VOCAB, MixedRows
-from megagpt.config import ConfigError, ModelConfig, chunk_param_numels, config_from_dict
+from megagpt.config import ConfigError, ModelConfig, config_from_dict
+from megagpt.model_size import chunk_param_numels
 from megagpt.model.gpt import build_model
 from megagpt.multimodal.spec import IMAGE_TOKENS, Media, audio_token_count
 

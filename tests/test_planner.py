@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megagpt.config import ConfigError, count_params
+from megagpt.config import ConfigError
+from megagpt.model_size import count_params
 from megagpt.planner import (Cluster, Candidate, a100_selene, choose_layout, enumerate_layouts, flagship, gpt3_style,
                              gpt4plus_70b, narayanan2021_rows, paper_flops, predict, rank_layouts,
                              validate_narayanan2021)

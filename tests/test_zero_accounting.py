@@ -10,7 +10,8 @@ import pytest
 from comm_intercept import CommInterceptor, group_names
 from dist import spawn
 from megagpt.comm_model import expected_comm_bytes, ring_factor
-from megagpt.config import chunk_param_numels, config_from_dict
+from megagpt.config import config_from_dict
+from megagpt.model_size import chunk_param_numels
 from test_comm_accounting import raw_config
 
 

@@ -7,7 +7,8 @@ zero1 DP1 and zero2 DP4, training continues as the uninterrupted zero3 run does 
 import pytest
 
 from dist import spawn
-from megagpt.config import ParallelConfig, layer_params
+from megagpt.config import ParallelConfig
+from megagpt.model_size import layer_params
 from megagpt.memory import bytes_per_param
 from megagpt.model.gpt import build_model
 from megagpt.optim import DTYPES, build_optimizer

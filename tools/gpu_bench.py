@@ -12,7 +12,7 @@ Contenders, built in turn on the same GPU in one run (each one freed before the 
   transformers         LlamaForCausalLM from `to_hf_config` (SDPA attention), bf16 weights,
                        torch.optim.AdamW (fused): the like-for-like peer of the row above.
 Reported per contender: step time (median over the timed steps), tokens/s, model TFLOP/s
-(`config.flops_per_token`: 3x forward, causal attention, no recompute), MFU against the GPU's
+(`model_size.flops_per_token`: 3x forward, causal attention, no recompute), MFU against the GPU's
 dense bf16 peak (from nvidia-smi's name: H100/H200 989, A100 312, else --peak-tflops or n/a),
 and peak allocated memory.
 """
@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megagpt.checkpoint.hf import to_hf_config  # noqa: E402
-from megagpt.config import ModelConfig, ParallelConfig, TrainConfig, count_params, flops_per_token  # noqa: E402
+from megagpt.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from megagpt.model_size import count_params, flops_per_token  # noqa: E402
 from megagpt.model.attention import _flash_attn_func  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
 from megagpt.optim.optimizer import build_optimizer  # noqa: E402

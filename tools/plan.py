@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megagpt.config import ConfigError, active_params, count_params, load_config  # noqa: E402
+from megagpt.config import ConfigError, load_config  # noqa: E402
+from megagpt.model_size import active_params, count_params  # noqa: E402
 from megagpt.planner import (Cluster, a100_selene, flagship, gpt4plus_70b, rank_layouts,  # noqa: E402
                              validate_narayanan2021)
 
