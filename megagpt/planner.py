@@ -12,8 +12,10 @@ Time model (per optimizer step, for the slowest pipeline rank; every constant li
     this is what makes small-h / long-s models less efficient, with no size-dependent fudge.
   - TP: per layer per microbatch 4 collectives forward and 4 backward (all-reduces, or with SP
     all-gathers + reduce-scatters, same bytes: GUIDE "Communication volume"); the all-gathers
-    that SP repeats in backward are assumed hidden behind the weight-gradient GEMMs. Not
-    overlapped with compute. Over NVLink (per-direction = nvlink_gbps/2) within a node.
+    that SP repeats in backward are assumed hidden behind the weight-gradient GEMMs. Of the 4
+    backward collectives, the QKV and fc1 input-gradient ones overlap their layer's weight-gradient
+    GEMM (parallel/tp_overlap.py): only what each takes beyond that GEMM is exposed; the other 6
+    are not overlapped. Over NVLink (per-direction = nvlink_gbps/2) within a node.
   - PP: per microbatch and chunk one [s/t, b, h] activation forward and one gradient backward
     (scatter-gather when SP is off), over the network when stages span nodes; not overlapped.
   - bubble: (pp-1)/vp of the slowest stage's per-microbatch time; that stage includes the
@@ -148,9 +150,15 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     core = 0.0 if flash else tok * a_r * s * (4 * e + (2 * e + 1 if m.attention_dropout > 0 else 0))
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff
     attn_s = attn / (c.peak_tflops * 1e12 * c.attn_eff) if flash else attn / flop_s
-    comm = 0.0
+    comm = hidden = 0.0
     if t > 1:
-        comm = 4 * ((t - 1) / t * tok * h * e / _ring_bw(c, t, 1) + c.latency_us * 1e-6)
+        one = (t - 1) / t * tok * h * e / _ring_bw(c, t, 1) + c.latency_us * 1e-6
+        comm = 4 * one
+        # backward: the QKV and fc1 input-gradient collectives run during their weight-gradient GEMMs
+        # (parallel/tp_overlap.py, always on for tp > 1); a MoE layer's experts are not column-parallel
+        wgrad = [tok * 2 * h * (a_r + 2 * kv_r) * d]                               # QKV weight gradient
+        wgrad += [] if m.moe_num_experts else [tok * 2 * h * (2 * f if m.gated else f) / t]   # fc1's
+        hidden = sum(min(one, w / flop_s) for w in wgrad)
     cp_fwd = cp_bwd = cp_mem_fwd = cp_mem_bwd = 0.0
     if cp > 1:   # each hop hides behind one of the cp equal attention blocks (backward: 2x the compute)
         bw, lat = _p2p_ring_bw(c, cp, t), c.latency_us * 1e-6
@@ -166,7 +174,7 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
         rows = m.moe_top_k * tok / (t if L.sp else 1)
         comm += share * 2 * ((L.ep - 1) / L.ep * rows * h * e / _ring_bw(c, L.ep, t) + c.latency_us * 1e-6)
     return {"gemm": gemm / flop_s, "attn": attn_s, "mem": (rep + shard) / byte_s, "core_mem": core / byte_s,
-            "comm": comm, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "cp_mem_fwd": cp_mem_fwd, "cp_mem_bwd": cp_mem_bwd,
+            "comm": comm, "comm_hidden": hidden, "cp_fwd": cp_fwd, "cp_bwd": cp_bwd, "cp_mem_fwd": cp_mem_fwd, "cp_mem_bwd": cp_mem_bwd,
             "flops": gemm + attn}
 
 
@@ -198,7 +206,7 @@ def predict(m: ModelConfig, L: Candidate, seq_len: int, cluster: Cluster, dtype:
     for r, n in enumerate(mem["layers_per_rank"]):
         parts = {"compute": n * 3 * (lc["gemm"] + lc["attn"]),
                  "memory_bound": n * (3 * (lc["mem"] + lc["core_mem"]) + lc["cp_mem_fwd"] + lc["cp_mem_bwd"]),
-                 "tp_comm": n * 2 * lc["comm"], "cp_comm": n * (lc["cp_fwd"] + lc["cp_bwd"]),
+                 "tp_comm": n * (2 * lc["comm"] - lc["comm_hidden"]), "cp_comm": n * (lc["cp_fwd"] + lc["cp_bwd"]),
                  "recompute": n * rc, "pp_p2p": p2p}
         flops = n * 3 * lc["flops"] + (n * lc["flops"] * (L.recompute == "full"))
         if r == 0:

@@ -172,3 +172,16 @@ def test_planner_cp_ring_cost():
         assert cost[16]["cp_fwd"] == pytest.approx(15 * max(0.0, kv / nic + 1e-5 - cost[16]["attn"] / 16))
         assert cost[16]["cp_mem_fwd"] / cost[4]["cp_mem_fwd"] == pytest.approx(15 / 3 * 4 / 16)
     assert cost[16]["cp_fwd"] > 0.0
+
+
+def test_planner_tp_backward_overlap():
+    """parallel/tp_overlap.py runs the QKV and fc1 input-gradient collectives during their weight-gradient
+    GEMMs: for the 70B at tp 4 those GEMMs are longer than the collectives, so 2 of a layer's 8 TP
+    collectives are hidden; on a slow link (collective longer than the GEMM) only the GEMM's time is."""
+    from megagpt.planner import Candidate, _layer_costs
+    m, s = gpt4plus_70b(), 8192
+    L = Candidate(tp=4, cp=1, pp=1, vp=1, dp=1, ep=1, sp=True, recompute="none", micro_batch=1, num_microbatches=1)
+    lc = _layer_costs(m, L, s, 2, True, Cluster())
+    assert lc["comm_hidden"] == pytest.approx(2 * lc["comm"] / 4)
+    slow = _layer_costs(m, L, s, 2, True, Cluster(nvlink_gbps=1.0))
+    assert 0 < slow["comm_hidden"] < 2 * slow["comm"] / 4
