@@ -60,3 +60,23 @@ def tp_worker(rank, world, cfg, tp, sp, tokens, labels):
     finalize_grads([model], ps, grad_of=lambda p: p.grad)
     grads = full_grads(model, ps.tp)
     return {"loss": loss.detach(), "grads": grads} if rank == 0 else None
+
+
+def trainer_grads(tr, vocab: int) -> dict:
+    """A post-training trainer's DP-reduced gradients after its backward, every one whole (TP-gathered; the
+    embedding and LM head cut to the real vocab). ZeRO-1 leaves each DP rank the reduced sum of its own shard
+    of every bucket only (the rest is stale local values): the owned shards are summed over DP first, so the
+    gradients read as DDP's."""
+    from megagpt.optim.finalize import finalize_grads
+    buf = tr.optimizer.buffer
+    buf.finish_grad_sync()
+    if buf.reduce_scatter:
+        full = torch.zeros_like(buf.data)
+        for b in buf.buckets:
+            lo, hi = buf.owned_range(b)
+            full[lo:hi] = buf.data[lo:hi]
+        tr.ps.dp.all_reduce(full)
+        buf.data.copy_(full)
+    finalize_grads(tr.chunks, tr.ps)
+    return {n: gather_full(p.main_grad, p.meta.spec, tr.ps.tp)[:vocab] if n in ("embedding.weight", "lm_head.weight")
+            else gather_full(p.main_grad, p.meta.spec, tr.ps.tp) for c in tr.chunks for n, p in c.named_parameters()}

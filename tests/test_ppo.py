@@ -1,18 +1,19 @@
-"""PPO on the engine: for a fixed rollout batch, TP2+SP, PP2 and DP2 give the one-process PPO losses, stats and
-every gradient (fp32, 1e-5 relative); the first pass has ratio 1 (no clipping) and, with the policy equal to
-the reference, KL 0; rollouts come from the KV-cache generator and a training step runs."""
+"""PPO on the engine: for a fixed rollout batch, TP2+SP, PP2, DP2 and DP2 with the distributed optimizer (ZeRO-1)
+give the one-process PPO losses, stats and every gradient (fp32, 1e-5 relative); in every layout the first pass
+has ratio 1 (mean and max |ratio - 1| within 1e-6) and, with the policy equal to the reference, KL 0; rollouts
+come from the KV-cache generator and a training step runs."""
 import torch
 
-from dist import assert_close_rel, gather_full, spawn
+from dist import assert_close_rel, spawn, trainer_grads
 from megagpt.config import config_from_dict
 
 V, SEQ = 61, 24
 
 
-def cfg_for(tp=1, pp=1, dp=1, sp=False):
+def cfg_for(tp=1, pp=1, dp=1, sp=False, zero=False, **model_over):
     model = dict(vocab_size=V, max_seq_len=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                 ffn_hidden_size=64, make_vocab_divisible_by=8, init_std=0.05)
-    return config_from_dict({"model": model, "parallel": dict(tp=tp, pp=pp, sequence_parallel=sp, distributed_optimizer=False),
+                 ffn_hidden_size=64, make_vocab_divisible_by=8, init_std=0.05, **model_over)
+    return config_from_dict({"model": model, "parallel": dict(tp=tp, pp=pp, sequence_parallel=sp, distributed_optimizer=zero),
                              "train": dict(seq_len=SEQ, micro_batch_size=2, global_batch_size=8, eval_interval=0,
                                            train_iters=2, lr=1e-3)}, world_size=tp * pp * dp)
 
@@ -28,14 +29,14 @@ def check(i, comp):
     return float(i % 2) if comp[-1] == 0 else -0.5
 
 
-def _worker(rank, world, layouts, run_dir, perturb):
+def _worker(rank, world, layouts, run_dir, perturb, model_over=None):
     from megagpt.align.ppo import PPOConfig, PPOTrainer, checker_scores
-    from megagpt.optim.finalize import finalize_grads
     out = {}
-    for name, (tp, pp, dp, sp) in layouts.items():
+    for name, (tp, pp, dp, sp, *zero) in layouts.items():
         if tp * pp * dp != world:
             continue
-        tr = PPOTrainer(cfg_for(tp, pp, dp, sp), f"{run_dir}/{name}", PROMPTS, checker_scores(check), PPOConfig(kl_coef=0.1, max_new_tokens=6))
+        tr = PPOTrainer(cfg_for(tp, pp, dp, sp, *zero, **(model_over or {})), f"{run_dir}/{name}", PROMPTS,
+                        checker_scores(check), PPOConfig(kl_coef=0.1, max_new_tokens=6))
         if perturb:
             with torch.no_grad():
                 for c in tr.chunks:
@@ -45,10 +46,7 @@ def _worker(rank, world, layouts, run_dir, perturb):
         idx = tr.my_prompts(0)
         batch = tr.prepare(idx, [completion(i) for i in idx])
         rec = tr.backward(batch)
-        tr.optimizer.buffer.finish_grad_sync()
-        finalize_grads(tr.chunks, tr.ps)
-        grads = {n: gather_full(p.main_grad, p.meta.spec, tr.ps.tp)[:V] if n in ("embedding.weight", "lm_head.weight")
-                 else gather_full(p.main_grad, p.meta.spec, tr.ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
+        grads = trainer_grads(tr, V)
         step = None
         if name == "serial":                    # a whole step: rollouts from the KV-cache generator
             tr.optimizer.zero_grad()
@@ -58,7 +56,13 @@ def _worker(rank, world, layouts, run_dir, perturb):
     return out
 
 
-LAYOUTS = {"serial": (1, 1, 1, False), "tp2-sp": (2, 1, 1, True), "pp2": (1, 2, 1, False), "dp2": (1, 1, 2, False)}
+LAYOUTS = {"serial": (1, 1, 1, False), "tp2-sp": (2, 1, 1, True), "pp2": (1, 2, 1, False), "dp2": (1, 1, 2, False),
+           "dp2-zero1": (1, 1, 2, False, True)}      # the default distributed optimizer: reduce-scattered grads
+
+
+def assert_first_pass_ratio_one(rec, name):
+    """The first pass runs the policy that sampled: every ratio exp(logp - old_logp) is 1."""
+    assert rec["ratio_max_dev"] <= 1e-6 and abs(rec["ratio_mean"] - 1.0) <= 1e-6, (name, rec)
 
 
 def run(tmp_path, perturb):
@@ -75,7 +79,9 @@ def test_ppo_layouts_match_one_process(tmp_path):
     res = run(tmp_path, perturb=True)
     ref = res["serial"]
     assert ref["stats"]["kl"] != 0.0 and ref["rec"]["clip_frac"] == 0.0         # ratio 1 on the first pass
-    for name in ("tp2-sp", "pp2", "dp2"):
+    for name in LAYOUTS:
+        assert_first_pass_ratio_one(res[name]["rec"], name)
+    for name in ("tp2-sp", "pp2", "dp2", "dp2-zero1"):
         got = res[name]
         for part in ("rec", "stats"):
             for k, v in ref[part].items():
@@ -91,6 +97,7 @@ def test_ppo_policy_equal_reference_kl_zero(tmp_path):
     res = spawn(1, _worker, {"serial": LAYOUTS["serial"]}, str(tmp_path), False, timeout=120)[0]
     r = next(iter(res.values()))
     assert r["stats"]["kl"] == 0.0 and r["rec"]["clip_frac"] == 0.0
+    assert_first_pass_ratio_one(r["rec"], "serial")
 
 
 def _rm_score_worker(rank, world, pp, run_dir):

@@ -1,5 +1,6 @@
-"""PPO arithmetic: GAE against a hand-computed example, the KL penalty's placement, ratio 1 and KL 0 when the
-policy is the one that sampled and equals the reference, clipping against its formula, no NaN on empty masks."""
+"""PPO arithmetic: GAE against a hand-computed example, the KL penalty's placement, KL 0 when the policy equals
+the reference, the ratio statistics (sum, max |ratio - 1|) against known ratios, clipping against its formula,
+no NaN on empty masks."""
 import torch
 
 from megagpt.align.ppo_math import gae, per_token_rewards, policy_loss, value_loss, whiten
@@ -33,9 +34,19 @@ def test_rewards_kl_and_first_minibatch():
     torch.testing.assert_close(kl, 0.3 * mask.float())
     torch.testing.assert_close(rewards, -0.03 * mask.float() + torch.tensor([[0, 0, 0, 1.0, 0], [0, 0, 0, 0, -1.0]]))
     adv = whiten(torch.randn(2, 5, generator=g), mask)
-    loss, clipped, ratio_sum = policy_loss(logp, logp.detach(), adv, mask, 0.2)   # the first minibatch: ratio 1
-    assert float(clipped) == 0.0 and float(ratio_sum) == float(mask.sum())
-    torch.testing.assert_close(loss, -(adv * mask).sum())
+    # the ratio statistics measure the ratio (the engine's first-pass ratio 1 is tests/test_ppo.py's):
+    # a policy 5% likelier on every token, and one with a single token 30% less likely
+    loss, clipped, ratio_sum, dev = policy_loss(logp + torch.log(torch.tensor(1.05)), logp, adv, mask, 0.2)
+    assert float(clipped) == 0.0
+    torch.testing.assert_close(float(ratio_sum), 1.05 * float(mask.sum()))
+    torch.testing.assert_close(float(dev), 0.05)
+    torch.testing.assert_close(loss, -1.05 * (adv * mask).sum())
+    off = torch.zeros(2, 5)
+    off[1, 3], off[0, 0] = torch.log(torch.tensor(0.7)), 5.0                  # [0, 0] is masked: not counted
+    loss, clipped, ratio_sum, dev = policy_loss(logp + off, logp, adv, mask, 0.2)
+    assert float(clipped) == 1.0
+    torch.testing.assert_close(float(ratio_sum), float(mask.sum()) - 0.3)
+    torch.testing.assert_close(float(dev), 0.3)
 
 
 def test_clipping_formulas():
@@ -43,10 +54,11 @@ def test_clipping_formulas():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5]]))
     mask = torch.ones(1, 4)
-    loss, clipped, _ = policy_loss(logp, old, adv, mask, 0.2)
+    loss, clipped, _, dev = policy_loss(logp, old, adv, mask, 0.2)
     # A>0: min(r, clip(r)) -> 1.2 and 0.5; A<0: max(r, clip(r)) -> 1.5 and 0.8; loss = -sum of A * that
     torch.testing.assert_close(loss, torch.tensor(-(1.2 + 0.5) + (1.5 + 0.8)))
     assert float(clipped) == 4.0
+    torch.testing.assert_close(float(dev), 0.5)
     v, ov, ret = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 3.0]])
     # token 0: max((2-0)^2, (1.2-0)^2) = 4; token 1: max((0-3)^2, (0.8-3)^2) = 9
     torch.testing.assert_close(value_loss(v, ov, ret, torch.ones(1, 2), 0.2), torch.tensor(0.5 * (4 + 9)))

@@ -94,4 +94,4 @@ class DPOTrainer(PairTrainer):
         if self.nll_weight:
             n_tok = (self.rows_now[1][row_ids[0::2]] != IGNORE_INDEX).sum(1).to(logp.device)   # [n] chosen lengths
             losses = losses - self.nll_weight * logp[0::2] / n_tok.clamp(min=1)
-        return losses.sum().float(), [rc.sum(), rr.sum(), margin.sum(), (margin > 0).sum()]
+        return losses, [rc, rr, margin, (margin > 0).double()]

@@ -39,18 +39,21 @@ class PairTrainer(AlignTrainer):
         self.train_data = self.make_rows(self.pairs)
         self.valid_data = self.make_rows(self.eval_pairs)
 
-    def pair_batches(self, rows, first_pair: int, num_microbatches: int | None = None) -> list[torch.Tensor]:
-        """This replica's row ids [mbs] of each microbatch, from global pair first_pair on."""
-        t, n = self.cfg.train, rows[0].shape[0] // 2
-        sampler = MicroBatchSampler(1 << 62, first_pair, t.micro_batch_size // 2, self.ps.dp.rank, self.dp)
-        out = []
-        for pairs in itertools.islice(sampler, num_microbatches or self.num_microbatches):
-            out.append(torch.tensor([2 * (p % n) + k for p in pairs for k in (0, 1)]))
-        return out
+    def pair_ids(self, first_pair: int) -> list[list[int]]:
+        """This replica's global pair indices of each microbatch, from first_pair on (they run past the data)."""
+        sampler = MicroBatchSampler(1 << 62, first_pair, self.cfg.train.micro_batch_size // 2, self.ps.dp.rank, self.dp)
+        return list(itertools.islice(sampler, self.num_microbatches))
 
-    def run_pairs(self, rows, first_pair: int, loss_scale: float, forward_only: bool = False) -> list[float]:
-        """One pass of the engine over a global batch of pairs: [loss sum, *stat sums] over the global batch."""
-        ids = self.pair_batches(rows, first_pair)
+    def pair_batches(self, rows, first_pair: int) -> list[torch.Tensor]:
+        """This replica's row ids [mbs] of each microbatch, from global pair first_pair on (cycling the data)."""
+        n = rows[0].shape[0] // 2
+        return [torch.tensor([2 * (p % n) + k for p in pairs for k in (0, 1)]) for pairs in self.pair_ids(first_pair)]
+
+    def run_pairs(self, rows, first_pair: int, loss_scale: float, forward_only: bool = False,
+                  limit: int | None = None) -> list[float]:
+        """One pass of the engine over a global batch of pairs: [loss sum, *stat sums] over the global batch.
+        limit: only pairs with global index < limit count (evaluation: a wrapped pair is not counted twice)."""
+        ids, pids = self.pair_batches(rows, first_pair), self.pair_ids(first_pair)
         dev = self.ps.device
         sums = torch.zeros(1 + len(self.stat_names), dtype=torch.float64)
 
@@ -58,8 +61,11 @@ class PairTrainer(AlignTrainer):
             return rows[0][ids[i]].to(dev), rows[1][ids[i]].to(dev)
 
         def loss_fn(i, out):
-            loss, stats = self.pair_loss(i, out, ids[i])
-            sums.add_(torch.tensor([float(loss.detach()), *(float(s) for s in stats)], dtype=torch.float64))
+            losses, stats = self.pair_loss(i, out, ids[i])                   # [n] per pair
+            keep = torch.tensor([limit is None or p < limit for p in pids[i]], device=losses.device)
+            loss = torch.where(keep, losses, torch.zeros_like(losses)).sum().float()
+            sums.add_(torch.tensor([float(loss.detach()), *(float((s.detach() * keep).sum()) for s in stats)],
+                                   dtype=torch.float64))
             return loss
 
         kw = {} if forward_only else dict(before_last_backward=lambda: self.optimizer.set_sync(True))
@@ -68,7 +74,7 @@ class PairTrainer(AlignTrainer):
         return self.last_stage_sum(sums.tolist())
 
     def pair_loss(self, i: int, out: torch.Tensor, row_ids: torch.Tensor):
-        """-> (sum of this microbatch's per-pair losses, [sums of the stats in stat_names])."""
+        """-> (this microbatch's per-pair losses [n], [the per-pair stats in stat_names, each [n]])."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ steps
@@ -91,17 +97,16 @@ class PairTrainer(AlignTrainer):
 
     @torch.no_grad()
     def evaluate_pairs(self, pairs_rows=None) -> dict:
-        """Means over the held-out pairs (one pass, the last partial batch wrapping around)."""
+        """Means over the held-out pairs, each counted once (one pass; the last partial batch wraps around
+        to fill the engine's fixed shapes, and the wrapped pairs are left out of the sums)."""
         rows = self.valid_data if pairs_rows is None else pairs_rows
         n, per = rows[0].shape[0] // 2, self.cfg.train.global_batch_size // 2
         self.eval_mode(True)
         total = [0.0] * (1 + len(self.stat_names))
-        batches = -(-n // per)
-        for k in range(batches):
-            total = [a + b for a, b in zip(total, self.run_pairs(rows, k * per, 1.0, forward_only=True))]
+        for k in range(-(-n // per)):
+            total = [a + b for a, b in zip(total, self.run_pairs(rows, k * per, 1.0, forward_only=True, limit=n))]
         self.eval_mode(False)
-        seen = batches * per
-        return {"loss": total[0] / seen, **{k: v / seen for k, v in zip(self.stat_names, total[1:])}}
+        return {"loss": total[0] / n, **{k: v / n for k, v in zip(self.stat_names, total[1:])}}
 
     def evaluate(self) -> float:
         return self.evaluate_pairs()["loss"]

@@ -13,13 +13,15 @@ is unchanged). Each step:
   3. GAE       rewards = score on the last token - kl_coef (logp - ref_logp); advantages whitened with
                the global mean and variance over the response tokens of all replicas
   4. update    ppo_epochs passes over the rollout batch, each one optimizer step on
-               (policy loss + vf_coef value loss) summed over response tokens / their global count
+               (policy loss + vf_coef value loss) summed over response tokens / their global count;
+               each pass reports ratio_mean and ratio_max_dev (max |ratio - 1|): 1 and 0 on the first
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 from ..model.gpt import GPTModel
@@ -205,7 +207,8 @@ class PPOTrainer(AlignTrainer):
     # ------------------------------------------------------------------ 4. the clipped objective
     def backward(self, batch) -> dict:
         """One pass over the rollout batch; gradients left DP-reduced in the optimizer's buffer."""
-        mbs, dev, sums = self.cfg.train.micro_batch_size, self.ps.device, torch.zeros(4, dtype=torch.float64)
+        mbs, dev, sums = self.cfg.train.micro_batch_size, self.ps.device, torch.zeros(5, dtype=torch.float64)
+        worst = [0.0]                                                    # max |ratio - 1| on this rank
         self.optimizer.zero_grad()
         self.optimizer.set_sync(False)
 
@@ -214,30 +217,37 @@ class PPOTrainer(AlignTrainer):
 
         def loss_fn(i, out):
             logp, values, mask = -out[0], out[1], part("mask", i)
-            pl, clipped, _ = policy_loss(logp, part("old_logp", i), part("adv", i), mask, self.ppo.clip)
+            pl, clipped, ratio, dev = policy_loss(logp, part("old_logp", i), part("adv", i), mask, self.ppo.clip)
             vl = value_loss(values, part("old_values", i), part("returns", i), mask, self.ppo.value_clip)
             err = (((values - part("returns", i)) ** 2) * mask).sum()
-            sums.add_(torch.tensor([float(pl.detach()), float(vl.detach()), float(clipped), float(err.detach())], dtype=torch.float64))
+            sums.add_(torch.tensor([float(pl.detach()), float(vl.detach()), float(clipped), float(err.detach()),
+                                    float(ratio)], dtype=torch.float64))
+            worst[0] = max(worst[0], float(dev))
             return pl + self.ppo.vf_coef * vl
 
         count = max(batch["count"], 1.0)
         self.engine.forward_backward(lambda i: (part("tokens", i), part("labels", i)), self.num_microbatches,
                                      self.optimizer.loss_scale / count, loss_fn=loss_fn,
                                      before_last_backward=lambda: self.optimizer.set_sync(True))
-        pl, vl, clipped, err = self.last_stage_sum(sums.tolist())
+        pl, vl, clipped, err, ratio = self.last_stage_sum(sums.tolist())
+        worst = torch.tensor(worst, dtype=torch.float64, device=dev)       # 0 off the last stage
+        self.ps.world.all_reduce(worst, op=dist.ReduceOp.MAX)
         return {"loss": (pl + self.ppo.vf_coef * vl) / count, "policy_loss": pl / count, "value_loss": vl / count,
-                "clip_frac": clipped / count, "value_error": err / count}
+                "clip_frac": clipped / count, "value_error": err / count,
+                "ratio_mean": ratio / count if batch["count"] else 1.0, "ratio_max_dev": float(worst[0])}
 
     def train_step(self) -> dict:
         idx = self.my_prompts(self.step)
         batch = self.prepare(idx, self.sample(self.step))
         lr = lr_at(self.step, self.cfg.train)
-        for _ in range(self.ppo.ppo_epochs):
+        for epoch in range(self.ppo.ppo_epochs):
             rec = self.backward(batch)
+            first = rec if epoch == 0 else first
             stats = self.optimizer.step(lr)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        return {**rec, **batch["stats"], "lr": lr, **stats}
+        # the last pass's losses; the first pass's max |ratio - 1| (0 unless old log-probs are stale)
+        return {**rec, **batch["stats"], "lr": lr, **stats, "first_ratio_max_dev": first["ratio_max_dev"]}
 
     def evaluate(self) -> float:
         return 0.0

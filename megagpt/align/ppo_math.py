@@ -47,12 +47,14 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def policy_loss(logp, old_logp, adv, mask, clip: float):
-    """-> (summed clipped-surrogate loss over the response tokens, summed clipped indicator, summed ratio)."""
+    """-> (summed clipped-surrogate loss over the response tokens, summed clipped indicator, summed ratio,
+    max |ratio - 1| over the response tokens: 0 on the first pass, when the policy is the one that sampled)."""
     m = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     clipped = ((ratio - 1).abs() > clip).to(logp.dtype)
-    return (loss * m).sum(), (clipped * m).sum().detach(), (ratio * m).sum().detach()
+    dev = ((ratio - 1).abs() * m).max() if m.numel() else ratio.new_zeros(())
+    return (loss * m).sum(), (clipped * m).sum().detach(), (ratio * m).sum().detach(), dev.detach()
 
 
 def value_loss(values, old_values, returns, mask, clip: float):

@@ -61,6 +61,5 @@ class RewardTrainer(PairTrainer):
 
     def pair_loss(self, i, rewards, row_ids):
         r_c, r_r = rewards[0::2], rewards[1::2]                              # [n] each
-        loss = reward_pair_loss(r_c, r_r, self.margin).sum()
         d = (r_c - r_r).detach()
-        return loss, [(d > 0).sum(), r_c.detach().sum(), r_r.detach().sum(), d.sum()]
+        return reward_pair_loss(r_c, r_r, self.margin), [(d > 0).double(), r_c.detach(), r_r.detach(), d]
