@@ -1,7 +1,7 @@
 """The post-training tools' bad input, each a one-line error (exit code 2) naming the field or file, before any
 work: a conversation with no assistant turn, a preference pair with identical answers, beta <= 0, a DPO
 reference checkpoint of another model, a conversation the template cannot render (at preprocessing and at
-generation). The same messages at the library level: tests/test_sft.py, tests/test_dpo_rm.py."""
+generation), a missing --pairs or --eval-pairs file, a pair too long for train.seq_len (naming file and line). The same messages at the library level: tests/test_sft.py, tests/test_dpo_rm.py."""
 import importlib.util
 import json
 import os
@@ -80,13 +80,21 @@ def test_preference_errors_before_any_work(tmp_path, capfd):
         "--train-iters", "2"]
     common = ["--pairs", str(src), "--tokenizer", tok_path, *arch]
     spawn(1, _save_other, tok.vocab_size, str(tmp_path / "other"), timeout=120)
-    runs = {"beta0": ["--beta", "0"], "beta_neg": ["--beta", "-0.5"], "ref": ["--reference", str(tmp_path / "other")]}
-    for name, extra in runs.items():
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+1", "chosen": "2", "rejected": "3"}) + "\n"
+                    + json.dumps({"prompt": "1+1", "chosen": " ".join(["1+1=2"] * 20), "rejected": "3"}) + "\n")
+    beta = ["dpo.beta: must be > 0"]
+    runs = {"beta0": (["--beta", "0"], beta), "beta_neg": (["--beta", "-0.5"], beta),
+            "ref": (["--reference", str(tmp_path / "other")], ["model.hidden_size", "other"]),
+            "no_pairs": (["--pairs", str(tmp_path / "none.jsonl")], [f"{tmp_path / 'none.jsonl'}: pairs file not found"]),
+            "no_eval": (["--eval-pairs", str(tmp_path / "held.jsonl")], [f"{tmp_path / 'held.jsonl'}: pairs file not found"]),
+            "too_long": (["--eval-pairs", str(long)], ["long.jsonl:2: ", "do not fit train.seq_len"])}
+    for name, (extra, needles) in runs.items():
         capfd.readouterr()
-        assert spawn(1, _pref_cli, ["--mode", "dpo", *extra, "--run-dir", str(tmp_path / name), *common],
+        assert spawn(1, _pref_cli, ["--mode", "dpo", "--run-dir", str(tmp_path / name), *common, *extra],
                      timeout=120) == [2]
         err = "\n".join(x for x in capfd.readouterr().err.splitlines() if x.startswith("error"))
-        one_line_error(err, *(["model.hidden_size", "other"] if name == "ref" else ["dpo.beta: must be > 0"]))
+        one_line_error(err, *needles)
         assert not (tmp_path / name / "metrics.jsonl").exists()           # no step ran
     src.write_text(json.dumps({"prompt": "q", "chosen": "1", "rejected": "1"}) + "\n")
     capfd.readouterr()

@@ -1,13 +1,14 @@
 """DPO and the reward model: the losses against their formulas, the pair rows (answers only, rewards at
 the last real token), ln 2 at initialisation, and TP2+SP, PP2, DP2 against one process (loss and every
-gradient, fp32, 1e-5 relative) and against a direct one-process computation without the engine."""
+gradient, fp32, 1e-5 relative; DP2 also with the default distributed optimizer, ZeRO-1) and against a direct
+one-process computation without the engine; held-out means count each pair once when the batch wraps."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dist import assert_close_rel, gather_full, spawn
+from dist import assert_close_rel, spawn, trainer_grads
 from megagpt.align.chat import END_TOKEN, add_chat_tokens
 from megagpt.align.losses import dpo_loss, reward_pair_loss
 from megagpt.align.prefs import dpo_rows, encode_pair, reward_rows
@@ -77,9 +78,9 @@ def mcfg(vocab):
                 ffn_hidden_size=64, make_vocab_divisible_by=8, init_std=0.05)
 
 
-def cfg_for(vocab, tp=1, pp=1, dp=1, sp=False):
-    return config_from_dict({"model": mcfg(vocab), "parallel": dict(tp=tp, pp=pp, sequence_parallel=sp,
-                                                                     distributed_optimizer=False),
+def cfg_for(vocab, tp=1, pp=1, dp=1, sp=False, zero=False, **model_over):
+    return config_from_dict({"model": {**mcfg(vocab), **model_over}, "parallel": dict(tp=tp, pp=pp, sequence_parallel=sp,
+                                                                                      distributed_optimizer=zero),
                              "train": dict(seq_len=SEQ, micro_batch_size=4, global_batch_size=8, eval_interval=0,
                                            train_iters=1)}, world_size=tp * pp * dp)
 
@@ -87,12 +88,11 @@ def cfg_for(vocab, tp=1, pp=1, dp=1, sp=False):
 def _worker(rank, world, kind, layouts, vocab, pairs, run_dir, kw):
     from megagpt.align.dpo import DPOTrainer
     from megagpt.align.reward import RewardTrainer
-    from megagpt.optim.finalize import finalize_grads
     out = {}
-    for name, (tp, pp, dp, sp) in layouts.items():
+    for name, (tp, pp, dp, sp, *zero) in layouts.items():
         if tp * pp * dp != world:
             continue
-        cfg = cfg_for(vocab, tp, pp, dp, sp)
+        cfg = cfg_for(vocab, tp, pp, dp, sp, *zero)
         cls = DPOTrainer if kind == "dpo" else RewardTrainer
         tr = cls(cfg, f"{run_dir}/{name}", pairs, **kw)
         if kind == "dpo":        # move the policy off the reference first, so the loss is not just ln 2 (fc1 x 3)
@@ -102,17 +102,15 @@ def _worker(rank, world, kind, layouts, vocab, pairs, run_dir, kw):
                         if n.endswith("fc1.weight"):
                             p.mul_(3.0)
         rec = tr.backward(1)
-        tr.optimizer.buffer.finish_grad_sync()
-        finalize_grads(tr.chunks, tr.ps)
-        grads = {n: gather_full(p.main_grad, p.meta.spec, tr.ps.tp)[:vocab] if n in ("embedding.weight", "lm_head.weight")
-                 else gather_full(p.main_grad, p.meta.spec, tr.ps.tp) for c in tr.chunks for n, p in c.named_parameters()}
+        grads = trainer_grads(tr, vocab)
         ev = tr.evaluate_pairs()
         if tr.ps.tp.rank == 0 and tr.ps.dp.rank == 0:
             out[f"{name}@{tr.ps.pp.rank}"] = {"rec": rec, "grads": grads, "eval": ev}
     return out
 
 
-LAYOUTS = {"serial": (1, 1, 1, False), "tp2-sp": (2, 1, 1, True), "pp2": (1, 2, 1, False), "dp2": (1, 1, 2, False)}
+LAYOUTS = {"serial": (1, 1, 1, False), "tp2-sp": (2, 1, 1, True), "pp2": (1, 2, 1, False), "dp2": (1, 1, 2, False),
+           "dp2-zero1": (1, 1, 2, False, True)}      # the default distributed optimizer: reduce-scattered grads
 
 
 def run_layouts(kind, tok, tmp_path, kw):
@@ -124,7 +122,7 @@ def run_layouts(kind, tok, tmp_path, kw):
                 name = key.split("@")[0]
                 res.setdefault(name, {**v, "grads": {}})["grads"].update(v["grads"])
     ref = res["serial"]
-    for name in ("tp2-sp", "pp2", "dp2"):
+    for name in ("tp2-sp", "pp2", "dp2", "dp2-zero1"):
         got = res[name]
         for k, v in ref["rec"].items():   # implicit rewards are beta (pi - ref), differences of sums of
             # ~20 log-probs each (|beta pi| ~ 1): 1e-5 relative to that scale, not to the small difference
@@ -160,10 +158,21 @@ def test_dpo_layouts_match_one_process_and_formula(tmp_path, tok, nll_weight):
     assert abs(ref["rec"]["loss"] - math.log(2)) > 1e-3                  # the policy really moved
 
 
-def _init_worker(rank, world, vocab, pairs, run_dir, kw):
+def _init_worker(rank, world, vocab, pairs, run_dir, kw, model_over=None):
     from megagpt.align.dpo import DPOTrainer
-    tr = DPOTrainer(cfg_for(vocab), run_dir, pairs, **kw)
-    return {"rec": tr.backward(0), "eval": tr.evaluate_pairs()}
+    tr = DPOTrainer(cfg_for(vocab, **(model_over or {})), run_dir, pairs, **kw)
+    return {"rec": tr.backward(0), "eval": tr.evaluate_pairs(),
+            "dropout": (tr.cfg.model.hidden_dropout, tr.cfg.model.attention_dropout)}
+
+
+def test_dpo_runs_without_dropout(tmp_path, tok, capfd):
+    """A config with dropout: DPO runs with it off (align/base.py, as TRL), so the loss at initialisation is
+    still ln 2 (with dropout on in the update it was 0.70093 at hidden_dropout 0.3), and says so."""
+    r = spawn(1, _init_worker, tok.vocab_size, make_pairs(tok), str(tmp_path), {"beta": 0.1},
+              {"hidden_dropout": 0.3, "attention_dropout": 0.1}, timeout=120)[0]
+    assert abs(r["rec"]["loss"] - math.log(2)) <= 1e-6 * math.log(2) and r["rec"]["margin"] == 0.0
+    assert r["dropout"] == (0.0, 0.0)
+    assert "dpo: runs with dropout off (model.hidden_dropout=0.3 and model.attention_dropout=0.1" in capfd.readouterr().out
 
 
 def test_dpo_at_init_is_ln2_and_bad_reference(tmp_path, tok):
@@ -238,3 +247,28 @@ def test_preference_cli(tmp_path, tok, capfd):
     assert spawn(1, _pref_cli, ["--mode", "rm", "--run-dir", str(tmp_path / "y"), *common], timeout=60) == [2]
     err = capfd.readouterr().err
     assert "dpo.beta: must be > 0" in err and "p.jsonl:1: 'chosen' and 'rejected' are the same answer" in err
+
+
+def _eval_worker(rank, world, vocab, pairs, held, run_dir):
+    from megagpt.align.reward import RewardTrainer
+    tr = RewardTrainer(cfg_for(vocab, dp=world), run_dir, pairs, eval_pairs=held)
+    return tr.evaluate_pairs()
+
+
+def test_held_out_pairs_counted_once(tmp_path, tok):
+    """5 held-out pairs in global batches of 4: the second batch wraps (pairs 0-2 again), and the means are
+    still over the 5 pairs, each once, in one process and under DP2 (the wrapped pairs on both replicas)."""
+    from megagpt.align.reward import RewardModel
+    pairs, held = make_pairs(tok), make_pairs(tok, 13)[8:]
+    model = build_model(ModelConfig(**mcfg(tok.vocab_size)), seed=1234, model_cls=RewardModel)
+    tokens, last = reward_rows(held, SEQ)
+    with torch.no_grad():
+        r = model(tokens, last)
+    d = r[0::2] - r[1::2]
+    want = {"loss": -F.logsigmoid(d).mean().item(), "accuracy": (d > 0).double().mean().item(),
+            "margin": d.mean().item(), "reward_chosen": r[0::2].mean().item()}
+    assert len(set(d.tolist())) == 5                                   # 5 different pairs
+    for dp in (1, 2):
+        got = spawn(dp, _eval_worker, tok.vocab_size, pairs, held, str(tmp_path / f"dp{dp}"), timeout=120)[0]
+        for k, v in want.items():
+            assert abs(got[k] - v) <= 1e-5 * max(abs(v), 1e-3), (dp, k, got[k], v)

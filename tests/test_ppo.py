@@ -100,6 +100,16 @@ def test_ppo_policy_equal_reference_kl_zero(tmp_path):
     assert_first_pass_ratio_one(r["rec"], "serial")
 
 
+def test_ppo_runs_without_dropout(tmp_path):
+    """A config with dropout: PPO runs with it off (align/base.py, as TRL), so the first pass still has ratio 1
+    (with dropout on in the update, clip_frac was 0.27 at hidden_dropout 0.3)."""
+    r = spawn(1, _worker, {"serial": LAYOUTS["serial"]}, str(tmp_path), True,
+              {"hidden_dropout": 0.3, "attention_dropout": 0.1}, timeout=120)[0]
+    rec = next(iter(r.values()))["rec"]
+    assert rec["clip_frac"] == 0.0
+    assert_first_pass_ratio_one(rec, "serial with dropout in the config")
+
+
 def _rm_score_worker(rank, world, pp, run_dir):
     from megagpt.align.ppo import RewardScorer
     from megagpt.align.reward import RewardTrainer

@@ -23,6 +23,7 @@ from .prefs import dpo_rows
 
 
 class DPOTrainer(PairTrainer):
+    no_dropout = "dpo"                          # align/base.py: the policy and reference log-probs must agree
     stat_names = ("reward_chosen", "reward_rejected", "margin", "reward_accuracy")
 
     def __init__(self, cfg, run_dir, pairs, load=None, eval_pairs=None, beta: float = 0.1, loss_type: str = "sigmoid",

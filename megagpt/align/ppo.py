@@ -111,6 +111,7 @@ class PPOConfig:
 
 class PPOTrainer(AlignTrainer):
     model_cls = PolicyValueModel
+    no_dropout = "ppo"                          # align/base.py: the first pass must have ratio 1
 
     def __init__(self, cfg, run_dir, prompts, score_fn, ppo: PPOConfig | None = None, end_id: int = 0,
                  base: str | None = None, seed: int = 0):

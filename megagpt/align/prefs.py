@@ -8,12 +8,11 @@ reward model it is (ids, the index of its last token, <|end|>: the reward is rea
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..data.indexed import DataError
 from ..data.tokenizer import Tokenizer
+from ..jsonl import iter_records
 from ..model.packing import IGNORE_INDEX
 from .chat import END_TOKEN, _encode_plain, apply_chat_template, chat_token_ids
 
@@ -34,26 +33,30 @@ def encode_pair(tokenizer: Tokenizer, rec, where: str = "pair") -> tuple[list[in
     return ids, _encode_plain(tokenizer, rec["chosen"], special) + [end], _encode_plain(tokenizer, rec["rejected"], special) + [end]
 
 
-def load_pairs(path: str, tokenizer: Tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                pairs.append(encode_pair(tokenizer, rec, f"{path}:{n}"))
+class Pairs(list):
+    """The pairs of one file, each with its "path:line" in `where` (errors found later name the line)."""
+    where: list
+
+
+def load_pairs(path: str, tokenizer: Tokenizer) -> Pairs:
+    pairs = Pairs()
+    pairs.where = []
+    for where, rec in iter_records(path, DataError, "pairs file", None,
+                                   "an object with 'prompt', 'chosen' and 'rejected'"):
+        pairs.append(encode_pair(tokenizer, rec, where))
+        pairs.where.append(where)
     if not pairs:
         raise DataError(f"{path}: no preference pairs")
     return pairs
 
 
 def _rows(pairs, seq_len: int):
+    where = getattr(pairs, "where", None)
     for k, (prompt, chosen, rejected) in enumerate(pairs):
         for answer in (chosen, rejected):
             if len(prompt) + len(answer) > seq_len + 1:
-                raise DataError(f"pair {k}: {len(prompt) + len(answer)} tokens do not fit train.seq_len={seq_len} (+1)")
+                raise DataError(f"{where[k] if where else f'pair {k}'}: {len(prompt) + len(answer)} tokens do not fit "
+                                f"train.seq_len={seq_len} (+1)")
             yield prompt, answer
 
 
