@@ -352,3 +352,28 @@ def test_packed_with_recompute(prefix, recompute):
         out.append({n: p.grad for n, p in model.named_parameters()})
     for n in out[0]:
         assert_close_rel(out[1][n], out[0][n], name=n)
+
+
+def _val_worker(rank, world, prefix, held, run_dir):
+    import dataclasses
+    from megagpt.align.sft import SFTTrainer
+    cfg = sft_cfg(SFTDataset(prefix).vocab_size)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_iters=2, eval_interval=1, eval_iters=1))
+    SFTTrainer(cfg, f"{run_dir}/no_held", prefix).run()
+    SFTTrainer(cfg, f"{run_dir}/held", prefix, eval_data_path=held).run()
+
+
+def test_val_loss_is_held_out_only(tmp_path, prefix, tok):
+    """val_loss is the loss on --eval-data conversations (the direct one-process loss on them); without
+    them SFT logs no val_loss at all (it was the training set's loss under that name)."""
+    src = tmp_path / "held.jsonl"
+    src.write_text("".join(json.dumps(convo(i)) + "\n" for i in range(20, 26)))
+    held = str(tmp_path / "held")
+    preprocess_conversations(str(src), held, tok)
+    spawn(1, _val_worker, prefix, held, str(tmp_path), timeout=180)
+    logs = {d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("no_held", "held")}
+    assert not any("val_loss" in r for r in logs["no_held"])
+    val = [r for r in logs["held"] if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 1, 2]
+    want = direct_loss(held, 0, 4)                      # step 0: the initial weights; one batch of 4 rows
+    assert abs(val[0]["val_loss"] - want) <= 1e-5 * want and abs(direct_loss(prefix, 0, 4) - want) > 1e-3

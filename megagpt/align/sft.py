@@ -12,9 +12,12 @@ Differences from pretraining (train.py), and nothing else:
             adds 0 to both sums, and a step without any gives loss 0, not NaN
   weights   `base` (a pretrained checkpoint) is loaded with the embedding grown to the chat
             tokenizer's vocab (align/grow.py), before the optimizer takes its copy
+  val_loss  on `eval_data_path` (held-out conversations, preprocessed the same way) only; without it
+            there is no validation (train.eval_interval is set to 0), never a training-set loss as val_loss
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -27,24 +30,31 @@ from .sft_data import SFTDataset, SFTRows, make_rows_batch
 
 class SFTTrainer(AlignTrainer):
     def __init__(self, cfg, run_dir: str, data_path: str | None, load: str | None = None, base: str | None = None,
-                 packed: bool = True):
+                 packed: bool = True, eval_data_path: str | None = None):
         if not data_path:
             raise ValueError("sft: --data PREFIX (conversations preprocessed by tools/preprocess_chat.py) is required")
-        self.packed = packed
+        self.packed, self.eval_data_path = packed, eval_data_path
+        no_val = not eval_data_path and cfg.train.eval_interval
+        if no_val:                   # never report a training-set loss as val_loss
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=0))
         super().__init__(cfg, run_dir, data_path, load)
+        if no_val and self.is_logger:
+            print("sft: no held-out conversations (--eval-data): no validation (train.eval_interval set to 0)", flush=True)
         if base and not load:
             from .grow import load_grown
             load_grown(base, self.chunks, self.ps, cfg.model)
             self.reload_optimizer()
 
     def _build_data(self, data_path):
-        data = SFTDataset(data_path)
+        self.needs_data = True
+        self.train_data, self.valid_data = (self._rows(p) if p else None for p in (data_path, self.eval_data_path))
+
+    def _rows(self, path: str) -> SFTRows:
+        data = SFTDataset(path)
         if data.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size: {self.cfg.model.vocab_size} is smaller than the vocab {data.vocab_size} "
-                             f"of the tokenizer that made {data_path}")
-        self.needs_data = True
-        self.train_data = SFTRows(data, self.cfg.train.seq_len, self.packed)
-        self.valid_data = self.train_data
+                             f"of the tokenizer that made {path}")
+        return SFTRows(data, self.cfg.train.seq_len, self.packed)
 
     def _microbatch_fn(self, dataset, first_sample: int):
         """(get(i) -> (tokens, labels) of microbatch i, kwargs(i) -> {"packing"}, this replica's trainable count)."""
@@ -86,7 +96,10 @@ class SFTTrainer(AlignTrainer):
         return self.last_stage_sum([sum(float(x) for x in per_mb)])[0], self.dp_sum([local])[0]
 
     def evaluate(self) -> float:
-        """Mean loss over the trainable labels of eval_iters batches (the rows cycle: SFT data is small)."""
+        """Mean loss over the trainable labels of eval_iters batches of the held-out conversations (the rows
+        cycle: SFT data is small)."""
+        if self.valid_data is None:
+            raise ValueError("sft: no held-out conversations to evaluate (--eval-data PREFIX)")
         self.eval_mode(True)
         sums = [self._eval_batch(k) for k in range(self.cfg.train.eval_iters)]
         self.eval_mode(False)
