@@ -12,11 +12,20 @@ RewardTrainer, DPOTrainer) and the KV-cache generator:
      ("7+5=12") from the training problems, never a whole solution, so the base cannot answer
   2. SFT from the base (the embedding grows to the chat tokens) on direct answers, and on chains
   3. self-consistency of the chain model: N sampled chains at T=0.6 (and at T=1), majority vote
-  4. pairs: 8 chains sampled (T=1) per training problem by the chain model, checked: (a right one, a wrong one)
-  5. reward model from the chain model on those pairs: accuracy on held-out pairs
-  6. DPO from the chain model on the same pairs: greedy accuracy and the implicit reward margin
-  7. PPO from the chain model with the checker's reward and a KL penalty to the chain model
+  4. pairs: 8 chains sampled (T=1) per problem by the chain model, checked: (a right one, a wrong one);
+     training pairs from training problems, held-out pairs from the held-out problems (never pretrained on,
+     fine-tuned on, or in a training pair)
+  5. reward model from the chain model on the training pairs: accuracy on the held-out pairs
+  6. DPO from the chain model on the same pairs: greedy accuracy and the held-out implicit reward margin
+  7. PPO from the chain model with the checker's reward and a KL penalty to the chain model; its reward
+     start -> end is the checker's mean over 4 samples (T=1, one seed) per held-out problem, the same
+     prompts before and after (the training rollouts' reward, a different prompt set each step, is the curve)
 
+The numbers below were measured BEFORE the held-out pairs moved to held-out problems and PPO's start/end reward
+to one fixed held-out prompt set: then the reward model's and DPO's held-out pairs were the last 20% of the
+pairs from training problems (train pairs 592, held 149), and PPO's "start -> end" was the mean training-rollout
+reward of the first vs the last fifth of the steps (different prompts). The full demo has not been rerun since
+(--smoke runs: the wiring works); its reward-model, DPO-margin and PPO-reward figures are to be re-measured.
 Measured (make align-demo, one full run; 500 held-out problems, greedy unless said): 526 CPU s in one
 process on one thread (~9 min on a quiet machine, under the 20-minute budget; 27 min wall at load 7-16).
 Every stage is seeded: a run with --reuse of the pretrain/SFT checkpoints gave the same numbers:
@@ -83,7 +92,8 @@ def problem(rng: random.Random) -> tuple[str, str, int]:
 ANSWER = re.compile(r"answer (-?\d+)")
 SFT_ITERS, SFT_LR = 1200, 2e-3   # both SFT styles alike; 300 steps at 1e-3 left the chains' loss still falling
 SC_TEMPERATURE = 0.6            # T=1 sampled a right chain less often than greedy, so votes could not help
-PAIR_SAMPLES = 8                # per training problem: chosen and rejected are both the chain model's samples
+PAIR_SAMPLES = 8                # per problem: chosen and rejected are both the chain model's samples
+PPO_EVAL_SAMPLES = 4            # T=1 samples per held-out problem for PPO's reward before and after
 
 def extract(text: str):
     m = ANSWER.search(text)
@@ -119,6 +129,27 @@ def accuracy(answers, truth) -> float:
 def vote(answers):
     real = [a for a in answers if a is not None]
     return max(set(real), key=real.count) if real else None
+
+def sample_pairs(probs, texts, k, least):
+    """(pairs, how many use the worked chain): per problem, one of its k samples that is right as chosen and one
+    that is wrong as rejected (on-policy); only a model too weak for `least` such pairs (--smoke) gets the
+    worked chain as chosen against a wrong sample."""
+    pairs, gold = [], []
+    for i, (s, chain, ans) in enumerate(probs):
+        outs = texts[k * i:k * (i + 1)]
+        good = [t for t in outs if extract(t) == ans]
+        bad = [t for t in outs if extract(t) != ans]
+        if good and bad:
+            pairs.append({"prompt": s, "chosen": good[0], "rejected": bad[0]})
+        elif bad and bad[0] != chain:
+            gold.append({"prompt": s, "chosen": chain, "rejected": bad[0]})
+    n_gold = min(max(0, least - len(pairs)), len(gold))
+    return pairs + gold[:n_gold], n_gold
+
+def checker_reward(tr, tok, probs, n, end):
+    """Mean checker reward (1 right, 0 wrong) of n samples at T=1 per problem, as PPO's rollouts are drawn."""
+    texts = generate(tr, tok, [chat_prompt(tok, s) for s, _, _ in probs], n=n, temperature=1.0, seed=5, eod=end)
+    return sum(extract(t) == probs[i // n][2] for i, t in enumerate(texts)) / len(texts)
 
 def trained(make, run_dir, reuse):
     """make(load) -> a trainer; trained here, or with reuse loaded from run_dir's checkpoint (every stage is
@@ -200,27 +231,20 @@ def run(rank, world, out_dir, quick, reuse=False):
             res[key][n] = accuracy(votes, [p[2] for p in sc_test])
     timings["self_consistency"] = time.perf_counter() - t0
 
-    # 4. preference pairs from the chain model's own samples on training problems
+    # 4. preference pairs from the chain model's own samples: training pairs on training problems, held-out
+    #    pairs on the held-out problems (never in pretraining, SFT, or any training pair)
     pool, k = train[:int(len(train) * scale)], PAIR_SAMPLES
-    texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in pool], n=k, temperature=1.0, seed=7, eod=end)
-    pairs_json, gold = [], []
-    for i, (s, chain, ans) in enumerate(pool):
-        outs = texts[k * i:k * (i + 1)]
-        good = [t for t in outs if extract(t) == ans]
-        bad = [t for t in outs if extract(t) != ans]
-        if good and bad:  # on-policy: both answers are the model's own (a worked chain as chosen is off-policy)
-            pairs_json.append({"prompt": s, "chosen": good[0], "rejected": bad[0]})
-        elif bad and bad[0] != chain:
-            gold.append({"prompt": s, "chosen": chain, "rejected": bad[0]})
-    n_gold = max(0, 64 - len(pairs_json))   # only a model too weak for 64 on-policy pairs (--smoke) gets the chain
-    pairs_json += gold[:n_gold]
     from megagpt.align.prefs import encode_pair
-    pairs = [p for p in (encode_pair(tok, r) for r in pairs_json) if len(p[0]) + max(len(p[1]), len(p[2])) <= 120]
-    cut = int(0.8 * len(pairs)) // 4 * 4
-    train_pairs, held_pairs = pairs[:cut], pairs[cut:]
-    res["pairs"] = {"sampled_problems": len(pool), "samples_each": k, "train": len(train_pairs), "held_out": len(held_pairs),
-                    "chosen_is_the_worked_chain": min(n_gold, len(gold)),
-                    "sample_acc": sum(extract(t) == pool[i // k][2] for i, t in enumerate(texts)) / len(texts)}
+    res["pairs"] = {"samples_each": k}
+    split = {}
+    for part, probs, least in (("train", pool, 64), ("held_out", test, 16)):
+        texts = generate(cot, tok, [chat_prompt(tok, s) for s, _, _ in probs], n=k, temperature=1.0, seed=7, eod=end)
+        pairs_json, n_gold = sample_pairs(probs, texts, k, least)
+        split[part] = [p for p in (encode_pair(tok, r) for r in pairs_json) if len(p[0]) + max(len(p[1]), len(p[2])) <= 120]
+        right = sum(extract(t) == probs[i // k][2] for i, t in enumerate(texts)) / len(texts)
+        res["pairs"].update({f"{part}_problems": len(probs), part: len(split[part]),
+                             f"{part}_chosen_is_the_worked_chain": n_gold, f"{part}_sample_acc": right})
+    train_pairs, held_pairs = split["train"], split["held_out"]
     timings["pairs"] = time.perf_counter() - t0
 
     # 5. reward model from the chain model
@@ -253,11 +277,14 @@ def run(rank, world, out_dir, quick, reuse=False):
     ppo = PPOTrainer(cfg_for(tok.vocab_size, it(60), 2e-4, 96, gbs=32, mbs=8, warmup=2), os.path.join(out_dir, "ppo"),
                      prompts, checker_scores(score), PPOConfig(kl_coef=0.05, max_new_tokens=40, ppo_epochs=2), end_id=end,
                      base=os.path.join(out_dir, "sft_cot"), seed=11)
+    # the reward start -> end on one fixed set of held-out prompts, the same samples' seed before and after
+    res["ppo_reward_start"] = checker_reward(ppo, tok, test, PPO_EVAL_SAMPLES, end)
     hist["ppo"] = ppo.run()
+    res["ppo_reward_end"] = checker_reward(ppo, tok, test, PPO_EVAL_SAMPLES, end)
     h = hist["ppo"]
-    k = max(1, len(h) // 5)
-    res["ppo_reward_start"] = sum(r["reward"] for r in h[:k]) / k
-    res["ppo_reward_end"] = sum(r["reward"] for r in h[-k:]) / k
+    k = max(1, len(h) // 5)           # the training rollouts' reward (different prompts each step): for the curve only
+    res["ppo_rollout_reward_first_fifth"] = sum(r["reward"] for r in h[:k]) / k
+    res["ppo_rollout_reward_last_fifth"] = sum(r["reward"] for r in h[-k:]) / k
     res["ppo_kl"] = h[-1]["kl"]
     res["ppo_kl_max"] = max(r["kl"] for r in h)
     texts = generate(ppo, tok, [chat_prompt(tok, s) for s, _, _ in test], eod=end)
@@ -288,7 +315,7 @@ def plot(res, path):
     axes[2].plot([r["step"] for r in h], [r["accuracy"] for r in h], label="RM train pair accuracy")
     axes[2].set_title("margins / accuracy")
     h = res["history"]["ppo"]
-    axes[3].plot([r["step"] for r in h], [r["reward"] for r in h], label="PPO mean reward (checker)")
+    axes[3].plot([r["step"] for r in h], [r["reward"] for r in h], label="PPO training-rollout reward (checker)")
     axes[3].plot([r["step"] for r in h], [r["kl"] for r in h], label="PPO KL to the chain model (nats/seq)")
     axes[3].set_title("PPO")
     for ax in axes:
@@ -322,14 +349,16 @@ def main(argv=None) -> int:
             ("DPO from the chain model (greedy)", res["dpo_acc"]),
             ("PPO from the chain model (greedy)", res["ppo_acc"])]
     print(f"\nheld-out problems: {res['n_test']} (self-consistency: the first {res['n_sc']}); timings {res['timings_s']}")
-    print(f"pairs from the chain model's samples: {res['pairs']}")
+    print(f"pairs from the chain model's samples (held-out pairs on the held-out problems): {res['pairs']}")
     for name, v in rows:
         print(f"  {name:<58} {v:.3f}")
     s, e = res["dpo_held_out_start"], res["dpo_held_out_end"]
     print(f"  DPO held-out implicit reward margin {s['margin']:+.3f} -> {e['margin']:+.3f}, "
           f"pair accuracy {s['reward_accuracy']:.3f} -> {e['reward_accuracy']:.3f}, loss {s['loss']:.4f} -> {e['loss']:.4f}")
-    print(f"  PPO mean reward {res['ppo_reward_start']:.3f} (first fifth of steps) -> {res['ppo_reward_end']:.3f} "
-          f"(last fifth), KL at the end {res['ppo_kl']:.3f} nats/seq (max {res['ppo_kl_max']:.3f})")
+    print(f"  PPO mean checker reward on the held-out problems ({PPO_EVAL_SAMPLES} samples each at T=1) "
+          f"{res['ppo_reward_start']:.3f} -> {res['ppo_reward_end']:.3f}; training rollouts {res['ppo_rollout_reward_first_fifth']:.3f} "
+          f"(first fifth of steps) -> {res['ppo_rollout_reward_last_fifth']:.3f} (last fifth, other prompts); "
+          f"KL at the end {res['ppo_kl']:.3f} nats/seq (max {res['ppo_kl_max']:.3f})")
     out = {**{k: v for k, v in res.items() if k != "history"}, "reward_model_pair_acc": res["reward_model_pair_acc"]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1)
