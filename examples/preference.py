@@ -6,7 +6,8 @@
     python examples/preference.py --mode rm --pairs prefs.jsonl --eval-pairs held.jsonl --tokenizer ... --base runs/sft
 
 Pairs are JSONL {"prompt": str or chat messages, "chosen": str, "rejected": str} (megagpt/align/prefs.py).
---reference: DPO's frozen reference checkpoint (default: the policy's starting weights). The rest is pretrain.py's
+--reference: DPO's frozen reference checkpoint (default: the policy's starting weights). DPO runs with dropout
+off (model.hidden_dropout / attention_dropout set to 0 with a note, as TRL does: align/base.py). The rest is pretrain.py's
 (dotted overrides, --tp/--pp; micro and global batch sizes count rows, two per pair; model.vocab_size
 follows the tokenizer with the chat tokens unless given).
 """
