@@ -1,7 +1,8 @@
 """SFT: the chat template and its loss mask, the indexed mask files, packing (positions restart, block-diagonal
 causal attention: packed == each sample alone), the loss normalised by the global trainable count
 (TP2+SP, PP2 and DP2 give the one-process loss and every gradient, fp32, 1e-5 relative; a sample or a
-whole step without trainable tokens gives 0, not NaN), and the embedding grown to the chat tokens."""
+whole step without trainable tokens gives 0, not NaN), the embedding grown to the chat tokens, and val_loss
+only on held-out conversations."""
 import json
 
 import numpy as np
