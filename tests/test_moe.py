@@ -166,8 +166,11 @@ def test_moe_model_trains_in_one_process_and_every_expert_param_gets_a_grad():
 
 @pytest.mark.parametrize("override, message", [
     ("model.moe_top_k=5", "model.moe_top_k: expected 1 <= top-k <= model.moe_num_experts=4"),
-    ("model.moe_capacity_factor=0", "model.moe_capacity_factor: expected > 0"),
-    ("model.moe_capacity_factor=-0.5", "model.moe_capacity_factor: expected > 0"),
+    ("model.moe_capacity_factor=0", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=-0.5", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=inf", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=.inf", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=nan", "model.moe_capacity_factor: expected a finite number > 0"),
     ("model.moe_layers=[0,9]", "model.moe_layers: layer ids must lie in [0, model.num_layers=2)"),
     ("model.mod_layers=[2]", "model.mod_layers: layer ids must lie in [0, model.num_layers=2)"),
     ("parallel.ep=3", "parallel.ep: 3 does not divide model.moe_num_experts=4"),
