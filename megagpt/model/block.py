@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype, cp)
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         if cfg.is_moe_layer(layer_id):
-            self.mlp = MoE(cfg, layer_id, tp, ep, sequence_parallel, moe_context, device, dtype)
+            self.mlp = MoE(cfg, layer_id, tp, ep, sequence_parallel, moe_context, device, dtype, cp)
         else:
             self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
         self.mod = MoDRouter(cfg.hidden_size, cfg.mod_capacity, layer_id, moe_context, device, dtype) \
