@@ -58,11 +58,18 @@ class MoEContext:
     aux: list = field(default_factory=list)        # (layer id, balancing loss, z-loss): this rank's piece
     load: dict = field(default_factory=dict)       # layer id -> selections per expert [E] (summed over TP)
     mod: list = field(default_factory=list)        # (layer id, predictor BCE, predictor accuracy): model/mod.py
+    rows: list = field(default_factory=list)       # (layer id, rows sent, rows received) by the all-to-all (ep > 1)
 
     def clear(self):
         self.aux.clear()
         self.load.clear()
         self.mod.clear()
+        self.rows.clear()
+
+    def dispatched_rows(self) -> int:
+        """Rows this rank's dispatch all-to-alls sent plus received: what comm_model's moe_rows takes
+        (with capacity drops they depend on the routing)."""
+        return sum(sent + got for _, sent, got in self.rows)
 
 
 class _AttachAux(torch.autograd.Function):
@@ -234,6 +241,8 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         if self.training and torch.is_grad_enabled():
             self.context.aux.append((self.layer_id, lb.detach(), z.detach()))
+            if self.ep.size > 1:
+                self.context.rows.append((self.layer_id, sum(plan.send), sum(plan.recv)))
             prev = self.context.load.get(self.layer_id)
             self.context.load[self.layer_id] = counts if prev is None else prev + counts
             out = attach_aux(out, aux, self.context.scale)
