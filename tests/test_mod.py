@@ -1,6 +1,7 @@
 """Mixture of depths: a MoD block equals a naive per-sequence loop (forward and every gradient, fp64),
 unselected tokens ride the residual bit for bit, the causal predictor is trained only by its own BCE,
-and a model with MoD layers trains in one process and under TP2 (forked ranks, to 1e-5)."""
+and a model with MoD layers trains in one process and under TP2 (forked ranks, to 1e-5). Generation
+with MoD (the predictor routes): tests/test_generate_moe.py."""
 from __future__ import annotations
 
 import math
@@ -104,17 +105,13 @@ def test_mod_model_under_tp2_equals_one_process():
         assert_close_rel(res["grads"][n], p.grad, name=n)
 
 
-def test_mod_refuses_sequence_parallel_and_the_kv_cache():
+def test_mod_refuses_sequence_parallel():
     with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel: mixture of depths"):
         load_config(None, ["model.mod_layers=[0]", "parallel.tp=2", "parallel.sequence_parallel=true",
                            "model.num_layers=2", "train.seq_len=64", "model.max_seq_len=64"], world_size=2)
     with pytest.raises(ConfigError, match=r"^model.mod_capacity: expected 0 < fraction <= 1"):
         load_config(None, ["model.mod_layers=[0]", "model.mod_capacity=0", "model.num_layers=2",
                            "train.seq_len=64", "model.max_seq_len=64"])
-    from megagpt.generate import generate_ids
-    model = build_model(tiny_model_cfg(mod_layers=[0]))
-    with pytest.raises(NotImplementedError, match="model.mod_layers: generation with a KV cache"):
-        generate_ids(model, [[1, 2, 3]], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("mod", [False, True])

@@ -35,12 +35,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         if self.mod is None:
             return self._body(x, cos, sin, cache, mask)
-        if cache is not None:
-            raise NotImplementedError("model.mod_layers: generation with a KV cache through a mixture-of-depths "
-                                      "layer is not supported (its top-k routing is not causal)")
         if mask is not None:
             raise NotImplementedError("model.mod_layers: packed samples through a mixture-of-depths layer are not "
                                       "supported (its top-k picks tokens across the samples)")
+        if cache is not None or (self.mod.context.causal_routing and not self.training):
+            return self.mod.causal(x, cos, sin, self._body, cache)        # generation: the causal predictor routes
         return self.mod(x, cos, sin, self._body)
 
     def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:

@@ -59,6 +59,7 @@ class MoEContext:
     load: dict = field(default_factory=dict)       # layer id -> selections per expert [E] (summed over TP)
     mod: list = field(default_factory=list)        # (layer id, predictor BCE, predictor accuracy): model/mod.py
     rows: list = field(default_factory=list)       # (layer id, rows sent, rows received) by the all-to-all (ep > 1)
+    causal_routing: bool = False    # eval without a KV cache routes MoD layers by their predictor (generation's rule)
 
     def clear(self):
         self.aux.clear()
