@@ -183,3 +183,26 @@ def test_bad_moe_config_is_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, base + [override], world_size=6)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_router_runs_in_fp32_in_a_bf16_model(monkeypatch):
+    """bf16 weights and activations: the router's logits are fp32, and the experts chosen are those of
+    fp32 routing of the upcast input and router weight (the expert computation itself stays bf16)."""
+    import megagpt.model.moe as moe_module
+    cfg = moe_cfg(moe_num_experts=8, moe_top_k=2)
+    moe, _ = make_moe(cfg, dtype=torch.bfloat16)
+    seen = []
+
+    def spy(logits, cfg_, bias=None):
+        out = route(logits, cfg_, bias)
+        seen.append((logits, out[1]))
+        return out
+    route = moe_module.route
+    monkeypatch.setattr(moe_module, "route", spy)
+    x = torch.randn(32, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y = moe(x)
+    (logits, experts), = seen
+    assert logits.dtype == torch.float32 and y.dtype == torch.bfloat16
+    ref = F.linear(x.reshape(-1, cfg.hidden_size).float(), moe.router.weight.float())     # [N, E] fp32
+    torch.testing.assert_close(logits, ref, rtol=0, atol=0)
+    assert torch.equal(experts, ref.softmax(-1).topk(2, dim=-1).indices)
