@@ -105,3 +105,23 @@ def test_the_predictor_decides_the_routing_at_generation(sign):
     assert torch.equal(out[~keep], x[~keep])                                  # unprocessed: x bit for bit
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert (out[keep] != x[keep]).any(-1).all()
+
+
+def _layout_worker(rank, world, tp, pp, over, steps):
+    from megagpt.config import Config, ParallelConfig, TrainConfig
+    from megagpt.parallel.state import ParallelState
+    from megagpt.pipeline.split import build_stage
+    ps = ParallelState.create(tp=tp, pp=pp)
+    cfg = Config(model=ModelConfig(**{**MODEL, **over}), parallel=ParallelConfig(tp=tp, pp=pp, world_size=world),
+                 train=TrainConfig(seq_len=32, micro_batch_size=1, global_batch_size=pp))
+    return generate_ids(build_stage(cfg, ps, seed=1234), PROMPTS, steps, ps=ps)
+
+
+def test_tp2_pp2_generates_the_one_process_tokens_through_moe_and_mod():
+    """MoE (capacity factor, dropless at generation) and MoD (the predictor routes) under TP2 x PP2:
+    every rank's greedy tokens are the one-process model's."""
+    from dist import spawn
+    over = dict(MOE, moe_capacity_factor=0.5, mod_layers=[1, 2], mod_capacity=0.25)
+    want = generate_ids(_model(**over), PROMPTS, 8)
+    for rank, got in enumerate(spawn(4, _layout_worker, 2, 2, over, 8, timeout=180)):
+        assert got == want, f"rank {rank}"
