@@ -54,16 +54,20 @@ receives, per layer and microbatch, (c-1) K/V blocks [2, b, s/c, nkv_local, d] x
 again backward plus c dK/dV blocks in fp32 (`cp_ring_bytes`), and the forward's once more for each
 layer whose attention is recomputed (full recompute, or selective: the core is rerun). A sliding
 window skips blocks but not hops: the bytes are the same.
-MoE layers (model/moe.py), per microbatch: no TP collective in the routed MLP (the shared expert's, if
-any, are the dense MLP's); with SP an all_reduce (tp) of the E int64 expert counts, and with a
-capacity factor an all_gather (tp) of the chosen weights (fp32) and experts (int64), [s/t*b, k] each;
-with ep > 1, all_to_all (ep): the E int64 counts, then M = s_l*b*k rows of h (s_l = s/t with SP) each
-way forward and backward, dispatched and combined: E*8 + 2*(M + R)*h*e with R the rows received.
-R depends on the routing: the model counts R = M (the world sum, and each rank under balance, are
-exact; dropless only). Once per step: with moe_router_bias_rate, an all_reduce (dp) of the E int64
-loads per MoE layer (the selection-bias update); with SP the router and expert gradients join the TP-partial
-all-reduce (their weights are whole on every TP rank); expert buckets reduce over edp (group
-"edp" when ep > 1, size d/ep). MoE with full recompute and MoD layers are not modelled.
+MoE layers (model/moe.py), per microbatch, s_l = s/cp (/t with SP) tokens of this rank: no TP
+collective in the routed MLP (the shared expert's, if any, are the dense MLP's); with SP an all_reduce
+(tp), with cp > 1 an all_reduce (cp), of the E int64 expert counts; with a capacity factor an
+all_gather (tp, under SP) of the chosen weights (fp32) and experts (int64), [s_l*b, k] each, then with
+cp > 1 an all_gather (cp) of the TP-gathered [s/cp*b, k] ones; with ep > 1, all_to_all (ep): the E int64
+counts, then the M kept rows of h each way forward and backward, dispatched and combined:
+E*8 + 2*(M + R)*h*e with R the rows received. M and R depend on the routing: given the rank's
+M + R summed over its MoE calls (`moe_rows`, MoEContext.dispatched_rows() after the step) the bytes are
+exact per rank, drops included; without it the model counts R = M = s_l*b*k, dropless (then the world
+sum is exact, and each rank's under balance; with a capacity factor an upper bound). Once per step:
+with moe_router_bias_rate, an all_reduce (dp) of the E int64 loads per MoE layer (the selection-bias
+update); with SP the router and expert gradients join the TP-partial all-reduce (their weights are
+whole on every TP rank); expert buckets reduce over edp (group "edp" when ep > 1, size d/ep*cp: an
+expert is replicated over CP too). MoE with full recompute and MoD layers are not modelled.
 Not counted by the counter, so not here: NCCL's warm-up all-reduce in P2P, barriers, and the
 checkpoint's success-flag all-reduce and tmp-dir nonce broadcast (not per step).
 """
@@ -144,7 +148,7 @@ def group_sizes(cfg: Config, world_size: int) -> dict[str, int]:
     layout = Layout.from_config(cfg, world_size)
     return layout.sizes | {"mp": layout.tp * layout.cp * layout.pp, "world": world_size,
                            "embedding": 2 if layout.pp > 1 else 1, "dp_cp": layout.dp * layout.cp,
-                           "edp": layout.dp // layout.ep}
+                           "edp": layout.dp // layout.ep * layout.cp}
 
 
 def cp_ring_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
@@ -175,7 +179,7 @@ def cp_allgather_bytes(layout: Layout, m, e: int) -> tuple[int, int]:
 
 
 def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
-                backend: str = "nccl") -> dict[tuple[str, str], int]:
+                backend: str = "nccl", moe_rows: int | None = None) -> dict[tuple[str, str], int]:
     p, m, tr = cfg.parallel, cfg.model, cfg.train
     sizes, layout = group_sizes(cfg, world_size), Layout.from_config(cfg, world_size)
     t, pp, vp, dp, sp = layout.tp, layout.pp, layout.vp, layout.dp, layout.sp
@@ -214,7 +218,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
         for kind in ("send", "recv"):
             if ring_f:
                 out[(kind, "cp")] += mb * (n * (ring_f + ring_b) + reruns * ring_f)
-        _moe_microbatch_bytes(cfg, layout, ids, e, mb, out)
+        _moe_microbatch_bytes(cfg, layout, ids, e, mb, out, moe_rows is None)
         ag_f, ag_b = cp_allgather_bytes(layout, m, e)
         if ag_f:
             out[("all_gather", "cp")] += mb * (n + reruns) * ag_f
@@ -226,6 +230,8 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
                 out[("send", "pp")] += mb * act
                 out[("recv", "pp")] += mb * act
 
+    if moe_rows is not None and layout.ep > 1:          # the kept rows the dispatches moved (module docstring)
+        out[("all_to_all", "ep")] += 2 * moe_rows * h * e
     # -------------------------------------------------------------- once per step: the optimizer
     mode = dp_mode(tr, p)
     per_group = mode in ("zero2", "zero3")        # TP-partial grads finished per group and microbatch
@@ -278,16 +284,20 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
 
 
 def expected_comm_bytes(cfg: Config, world_size: int, dtype_bytes: int | None = None,
-                        rank: int | None = None, backend: str = "nccl") -> dict[tuple[str, str], int]:
+                        rank: int | None = None, backend: str = "nccl",
+                        moe_rows: list[int] | None = None) -> dict[tuple[str, str], int]:
     """Bytes per (kind, group) recorded in one training step: by `rank`'s counter, or summed over
     every rank of the world when rank is None. dtype_bytes defaults to train.dtype's. backend: the
-    SP reduce-scatters are counted as all-reduces on gloo (parallel/state.py sp_reduce_kind)."""
+    SP reduce-scatters are counted as all-reduces on gloo (parallel/state.py sp_reduce_kind).
+    moe_rows: per rank, the rows its MoE all-to-alls moved in the step (MoEContext.dispatched_rows,
+    summed over its chunks); without it they are counted dropless (module docstring)."""
     e = dtype_bytes if dtype_bytes is not None else DTYPES[cfg.train.dtype].itemsize
     if rank is not None:
-        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"], backend)
+        return _rank_bytes(cfg, world_size, e, Layout.from_config(cfg, world_size).rank_coords(rank)["pp"], backend,
+                           None if moe_rows is None else moe_rows[rank])
     total: dict[tuple[str, str], int] = defaultdict(int)
     for r in range(world_size):
-        for key, n in expected_comm_bytes(cfg, world_size, e, r, backend).items():
+        for key, n in expected_comm_bytes(cfg, world_size, e, r, backend, moe_rows).items():
             total[key] += n
     return dict(total)
 
@@ -320,18 +330,26 @@ def _moe_tp_partial(m: ModelConfig, t: int, ep: int, ids: list[int]) -> int:
                for i in ids if m.is_moe_layer(i))
 
 
-def _moe_microbatch_bytes(cfg: Config, layout: Layout, ids: list[int], e: int, mb: int, out: dict) -> None:
-    """One chunk's MoE collectives over mb microbatches (module docstring), added to out."""
+def _moe_microbatch_bytes(cfg: Config, layout: Layout, ids: list[int], e: int, mb: int, out: dict,
+                          dropless_rows: bool = True) -> None:
+    """One chunk's MoE collectives over mb microbatches (module docstring), added to out; the
+    all-to-all's rows as if dropless when dropless_rows (else the caller adds the measured ones)."""
     m = cfg.model
     n_moe = sum(1 for i in ids if m.is_moe_layer(i))
     if not n_moe:
         return
-    t, sp, E, k, h = layout.tp, layout.sp, m.moe_num_experts, m.moe_top_k, m.hidden_size
-    tokens = (layout.seq_len // t if sp else layout.seq_len) * layout.micro_batch
+    t, sp, E, k, h, cp = layout.tp, layout.sp, m.moe_num_experts, m.moe_top_k, m.hidden_size, layout.cp
+    local = layout.seq_len // cp * layout.micro_batch                      # this CP rank's tokens
+    tokens = local // t if sp else local
+    capacity = m.moe_capacity_factor is not None
     if sp:
         out[("all_reduce", "tp")] += mb * n_moe * E * 8
-        if m.moe_capacity_factor is not None:
+        if capacity:
             out[("all_gather", "tp")] += mb * n_moe * tokens * k * (4 + 8)
+    if cp > 1:
+        out[("all_reduce", "cp")] += mb * n_moe * E * 8
+        if capacity:
+            out[("all_gather", "cp")] += mb * n_moe * local * k * (4 + 8)
     if layout.ep > 1:
-        rows = tokens * k                                   # M = R: each rank's selections (dropless)
+        rows = tokens * k if dropless_rows else 0           # M = R: each rank's selections (dropless)
         out[("all_to_all", "ep")] += mb * n_moe * (E * 8 + 2 * 2 * rows * h * e)

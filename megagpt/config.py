@@ -472,8 +472,8 @@ def _validate_moe(m: ModelConfig) -> None:
         if m.moe_layer_freq < 1:
             raise ConfigError(f"model.moe_layer_freq: expected >= 1, got {m.moe_layer_freq}")
         check_choice("model.moe_router_score", m.moe_router_score, ("softmax", "sigmoid"))
-        if m.moe_capacity_factor is not None and not m.moe_capacity_factor > 0:
-            raise ConfigError(f"model.moe_capacity_factor: expected > 0 (or null for dropless), "
+        if m.moe_capacity_factor is not None and not (m.moe_capacity_factor > 0 and math.isfinite(m.moe_capacity_factor)):
+            raise ConfigError(f"model.moe_capacity_factor: expected a finite number > 0 (or null for dropless), "
                               f"got {m.moe_capacity_factor}")
         for f in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_size", "moe_router_bias_rate"):
             if not getattr(m, f) >= 0:

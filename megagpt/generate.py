@@ -190,17 +190,22 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, top_k: int = 0, tempe
 def generate_recompute(model, prompt: torch.Tensor, new_tokens: int, sampling: Sampling | None = None,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The reference without a cache (one process, rows of equal length): re-runs the whole prefix for
-    every token. Returns tokens [b, s + new_tokens] and each step's logits [b, vocab]."""
+    every token, with generation's routing (mixture of depths by its causal predictor, model/mod.py).
+    Returns tokens [b, s + new_tokens] and each step's logits [b, vocab]."""
     sampling = (sampling or Sampling()).validate()
     if generator is None and sampling.do_sample:
         generator = torch.Generator().manual_seed(sampling.seed)
     model.eval()
     tokens, all_logits = prompt, []
     seen = torch.zeros(prompt.shape[0], model.cfg.vocab_size, dtype=torch.bool).scatter_(1, prompt, True)
-    for _ in range(new_tokens):
-        logits = model.gather_logits(model(tokens))[:, -1, :].float()     # [b, vocab]
-        all_logits.append(logits)
-        nxt = next_tokens(logits, seen, sampling, generator)
-        seen[torch.arange(len(nxt)), nxt] = True
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    model.moe.causal_routing, before = True, model.moe.causal_routing
+    try:
+        for _ in range(new_tokens):
+            logits = model.gather_logits(model(tokens))[:, -1, :].float()     # [b, vocab]
+            all_logits.append(logits)
+            nxt = next_tokens(logits, seen, sampling, generator)
+            seen[torch.arange(len(nxt)), nxt] = True
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    finally:
+        model.moe.causal_routing = before
     return tokens, all_logits

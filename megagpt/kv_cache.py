@@ -35,6 +35,35 @@ class _LayerView:
         c.v[self.layer_id][:, start:end] = v
         return c.k[self.layer_id][:, :end], c.v[self.layer_id][:, :end]
 
+    def routed(self, keep: torch.Tensor) -> "_RoutedView":
+        """Mixture of depths at generation (model/mod.py): keep [b, s] marks the step's tokens this layer
+        processes. Every token's keys are stored, but those of unprocessed tokens are hidden from all
+        queries of the layer (a query still sees itself, which keeps its softmax finite; its output is
+        discarded), so the processed tokens attend among themselves, as in training."""
+        c = self.cache
+        route = c.route.setdefault(self.layer_id, torch.zeros(c.batch, c.max_len, dtype=torch.bool, device=keep.device))
+        route[:, c.length:c.length + keep.shape[1]] = keep
+        return _RoutedView(self, route[:, :c.length + keep.shape[1]], keep.shape[1])
+
+
+class _RoutedView:
+    """A layer view whose mask also hides the keys of tokens the layer did not process."""
+
+    def __init__(self, view: _LayerView, keys: torch.Tensor, s: int):
+        self.view, self.keys, self.s = view, keys, s          # keys [b, T]: processed, per slot so far
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view.update(k, v)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        T = self.keys.shape[1]
+        keys = torch.arange(T, device=self.keys.device)
+        slots = torch.arange(T - self.s, T, device=self.keys.device)
+        base = self.view.mask                                 # None: every earlier key visible (causal)
+        base = (keys[None, :] <= slots[:, None])[None, None] if base is None else base   # [b|1, 1, s, T]
+        return base & (self.keys[:, None, None, :] | (keys[None, :] == slots[:, None]))  # [b, 1, s, T]
+
 
 class KVCache:
     """Keys/values [b, max_len, nkv_local, head_dim] per layer of `chunk`, with per-row left padding."""
@@ -51,6 +80,7 @@ class KVCache:
         self.padded = bool(self.pad.any())
         self.last_only = False              # True: the model computes logits of the last slot only (generation)
         self.k, self.v = {}, {}
+        self.route = {}                     # layer id -> [b, max_len] bool: the tokens a MoD layer processed
         for i, layer in chunk.layers.items():
             att = layer.attention
             shape = (batch, max_len, att.nkv_local, att.head_dim)
@@ -91,6 +121,7 @@ class KVCache:
         out.pad, out.padded, out.last_only = self.pad.repeat_interleave(n), self.padded, self.last_only
         out.k = {i: t.repeat_interleave(n, dim=0) for i, t in self.k.items()}
         out.v = {i: t.repeat_interleave(n, dim=0) for i, t in self.v.items()}
+        out.route = {i: t.repeat_interleave(n, dim=0) for i, t in self.route.items()}
         return out
 
     def nbytes(self) -> int:

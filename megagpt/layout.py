@@ -24,8 +24,10 @@ The dense weights are replicated over all dp ranks; the experts of a MoE layer a
 of them, so each expert lives on dp/ep ranks: the expert-data-parallel (edp) group, over which
 its gradients are reduced and its optimizer state sharded. On the world grid the order string's
 "dp" axis is then edp (size dp/ep), and the DP group is the product of the ep and edp axes
-(`grid_sizes`, `rank_coords`). Megatron-Core carves ep out of dp*cp; MoE layers with cp > 1 are
-refused for now (their routing statistics are not yet reduced over CP), so the two agree.
+(`grid_sizes`, `rank_coords`). Under CP an expert is also replicated over the cp ranks: its
+gradients reduce (and its ZeRO shards spread) over edp x cp, Megatron-Core's edp; here ep must
+divide dp (Megatron-Core allows dp*cp). MoE routing statistics and capacity drops are reduced over
+CP (model/moe.py); mixture of depths is refused with cp > 1 (its top-k needs the whole sequence).
 Expert weights are whole on every TP rank (expert TP = 1).
 
 The layer split (`chunk_layers`). The model is cut into pp*vp chunks of consecutive layers; global
@@ -152,9 +154,9 @@ class Layout:
                               f"parallel.sequence_parallel off (got {m.hidden_dropout}); set it to 0 or turn SP off")
         if cp > 1:
             _check_cp_method(m, cp)
-        if cp > 1 and (m.moe_num_experts or m.mod_layers):   # routing needs the whole sequence's statistics
-            raise ConfigError(f"parallel.cp: mixture of experts/depths (model.moe_num_experts, model.mod_layers) "
-                              f"is not supported with parallel.cp={cp} > 1 yet; use cp=1")
+        if cp > 1 and m.mod_layers:   # its top-k over the sequence would need the whole sequence on each rank
+            raise ConfigError(f"parallel.cp: mixture of depths (model.mod_layers) is not supported with "
+                              f"parallel.cp={cp} > 1 (its top-k needs the whole sequence); use cp=1")
         if self.sp and m.mod_layers:
             raise ConfigError("parallel.sequence_parallel: mixture of depths (model.mod_layers) needs the whole "
                               "sequence on each rank; turn sequence parallelism off")

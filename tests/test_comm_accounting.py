@@ -52,7 +52,9 @@ CASES = {  # name: (world size, raw config)
 }
 
 
-def _one_step(rank, world, raw, run_dir):
+def _one_step(rank, world, raw, run_dir, moe_rows: bool = False):
+    """One Trainer step; returns the counter's records, and with moe_rows also the rows this rank's
+    MoE all-to-alls moved (model/moe.py MoEContext.dispatched_rows)."""
     from megagpt.train import Trainer
     cfg = config_from_dict(raw, world)
     with contextlib.redirect_stdout(io.StringIO()):      # the split description
@@ -63,7 +65,8 @@ def _one_step(rank, world, raw, run_dir):
     assert (dict(seen.records), dict(seen.calls)) == (dict(counter.records), dict(counter.calls)), \
         f"torch.distributed saw bytes {dict(seen.records)} in calls {dict(seen.calls)}; the counter " \
         f"{dict(counter.records)} in {dict(counter.calls)}"
-    return [[kind, group, n] for (kind, group), n in sorted(counter.records.items())]
+    records = [[kind, group, n] for (kind, group), n in sorted(counter.records.items())]
+    return (records, sum(c.moe.dispatched_rows() for c in trainer.chunks)) if moe_rows else records
 
 
 @pytest.mark.parametrize("case", list(CASES))

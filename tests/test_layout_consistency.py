@@ -114,9 +114,11 @@ def test_rank_coords_are_the_process_groups_grid(order):
             assert group.index(rank) == coords[axis], (rank, axis)
 
 
-def test_moe_with_context_parallel_is_refused_in_one_line():
+def test_mod_with_context_parallel_is_refused_in_one_line_and_moe_is_not():
+    """MoE runs under CP (tests/test_moe_cp.py); mixture of depths' top-k needs the whole sequence."""
+    load_config(TINY, ["parallel.cp=2", "model.moe_num_experts=4", "train.seq_len=64"], world_size=2)
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, ["parallel.cp=2", "model.moe_num_experts=4", "train.seq_len=64"], world_size=2)
-    assert str(e.value).startswith("parallel.cp: ") and "not supported with parallel.cp=2" in str(e.value)
+        load_config(TINY, ["parallel.cp=2", "model.mod_layers=[0]", "train.seq_len=64"], world_size=2)
+    assert str(e.value).startswith("parallel.cp: mixture of depths") and "parallel.cp=2" in str(e.value)
     assert "\n" not in str(e.value)
 

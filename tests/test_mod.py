@@ -1,6 +1,7 @@
 """Mixture of depths: a MoD block equals a naive per-sequence loop (forward and every gradient, fp64),
 unselected tokens ride the residual bit for bit, the causal predictor is trained only by its own BCE,
-and a model with MoD layers trains in one process and under TP2 (forked ranks, to 1e-5)."""
+and a model with MoD layers trains in one process and under TP2 (forked ranks, to 1e-5). Generation
+with MoD (the predictor routes): tests/test_generate_moe.py."""
 from __future__ import annotations
 
 import math
@@ -104,17 +105,13 @@ def test_mod_model_under_tp2_equals_one_process():
         assert_close_rel(res["grads"][n], p.grad, name=n)
 
 
-def test_mod_refuses_sequence_parallel_and_the_kv_cache():
+def test_mod_refuses_sequence_parallel():
     with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel: mixture of depths"):
         load_config(None, ["model.mod_layers=[0]", "parallel.tp=2", "parallel.sequence_parallel=true",
                            "model.num_layers=2", "train.seq_len=64", "model.max_seq_len=64"], world_size=2)
     with pytest.raises(ConfigError, match=r"^model.mod_capacity: expected 0 < fraction <= 1"):
         load_config(None, ["model.mod_layers=[0]", "model.mod_capacity=0", "model.num_layers=2",
                            "train.seq_len=64", "model.max_seq_len=64"])
-    from megagpt.generate import generate_ids
-    model = build_model(tiny_model_cfg(mod_layers=[0]))
-    with pytest.raises(NotImplementedError, match="model.mod_layers: generation with a KV cache"):
-        generate_ids(model, [[1, 2, 3]], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("mod", [False, True])
@@ -134,3 +131,31 @@ def test_layer_flops_equal_the_counted_matmuls(mod):
     with FlopCounterMode(display=False) as counter:
         block(x, cos, sin)
     assert counter.get_total_flops() == pytest.approx(layer_flops(cfg, s)[0] * s * b, rel=1e-12)
+
+
+def test_mod_router_and_predictor_run_in_fp32_in_a_bf16_model(monkeypatch):
+    """bf16 block: the router's scores (top-k) and the predictor's logits (generation's routing) are fp32
+    ones of the upcast input, and the tokens kept are the fp32 top-k's."""
+    import megagpt.model.mod as mod_module
+    cfg = tiny_model_cfg(num_heads=4, num_kv_heads=2, hidden_size=32, ffn_hidden_size=48, mod_layers=[0],
+                         mod_capacity=0.25)
+    block = make_block(cfg).to(torch.bfloat16)
+    seen = []
+
+    def spy(scores, capacity):
+        seen.append(scores)
+        return keep_rule(scores, capacity)
+    keep_rule = mod_module.mod_keep
+    monkeypatch.setattr(mod_module, "mod_keep", spy)
+    s, b = 32, 2
+    cos, sin = rope_tables(s, cfg.head_dim, cfg.rope_theta, 1.0, "cpu", torch.float32)
+    x = torch.randn(s, b, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    block(x, cos, sin)
+    (scores,), ref = seen, x.float() @ block.mod.weight[0].float()                       # [s, b] fp32
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, ref, rtol=0, atol=0)
+    assert torch.equal(keep_rule(scores, 0.25), torch.topk(ref, 8, dim=0).indices.sort(dim=0).values)
+    guess = block.mod._scores(x, block.mod.predictor)
+    assert guess.dtype == torch.float32
+    torch.testing.assert_close(guess, x.float() @ block.mod.predictor[0].float(), rtol=0, atol=0)
+    assert torch.equal(block.mod.predict(x), (x.float() @ block.mod.predictor[0].float()) > 0)

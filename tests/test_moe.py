@@ -15,7 +15,7 @@ from megagpt.model.moe import MoE, MoEContext, capacity_keep
 from megagpt.parallel.state import Group, ParallelState
 from megagpt.parallel.token_dispatch import combine, dispatch, dispatch_plan
 
-from dist import tiny_model_cfg
+from dist import spawn, tiny_model_cfg
 
 ONE = Group("x", [0], 0)
 
@@ -154,6 +154,42 @@ def test_permute_unpermute_with_weights_one_over_k_is_the_identity(experts):
     torch.testing.assert_close(x.grad, g, rtol=0, atol=1e-15)
 
 
+def _dispatch_worker(rank, world, experts):
+    """Each ep rank routes its own tokens; the local experts scale their rows by (global expert + 1)."""
+    ep = ParallelState.create(ep=world).ep
+    k, n, h = 2, 6, 5
+    g = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    expert_of = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]).reshape(-1)
+    token_of = torch.arange(n).repeat_interleave(k)
+    plan = dispatch_plan(expert_of, experts, ep)
+    rows, counts = dispatch(x[token_of], plan)
+    local = experts // ep.size
+    scale = torch.cat([torch.full((c,), float(ep.rank * local + i + 1), dtype=torch.float64)
+                       for i, c in enumerate(counts)]) if counts else torch.zeros(0, dtype=torch.float64)
+    weight = torch.full((n * k,), 1.0 / k, dtype=torch.float64)
+    identity = combine(rows, weight, token_of, n, plan)
+    scaled = combine(rows * scale[:, None], weight, token_of, n, plan)
+    grad_out = torch.randn(n, h, dtype=torch.float64, generator=g)
+    x_grad = torch.autograd.grad(identity, x, grad_out, retain_graph=True)[0]
+    factor = (expert_of.view(n, k).double() + 1).mean(-1, keepdim=True)              # [n, 1]
+    return dict(x=x.detach(), out=identity.detach(), grad_out=grad_out, x_grad=x_grad, scaled=scaled.detach(),
+                want_scaled=(x * factor).detach(), received=sum(counts), sent=plan.send)
+
+
+@pytest.mark.parametrize("experts", [4, 64])
+def test_permute_unpermute_is_the_identity_at_ep2(experts):
+    """The same over two forked ep ranks (the all-to-all with variable splits; 64 experts: most get no
+    row): dispatch -> combine with weights 1/k returns the input and its gradient the gradient, and the
+    rows reach the right experts (each expert scaling its rows by its id + 1 gives x * mean(id + 1))."""
+    ranks = spawn(2, _dispatch_worker, experts, timeout=120)
+    assert sum(r["received"] for r in ranks) == 2 * 6 * 2 and all(0 < r["sent"][1] for r in ranks)
+    for r in ranks:
+        torch.testing.assert_close(r["out"], r["x"], rtol=0, atol=1e-15)
+        torch.testing.assert_close(r["x_grad"], r["grad_out"], rtol=0, atol=1e-15)
+        torch.testing.assert_close(r["scaled"], r["want_scaled"], rtol=1e-14, atol=1e-14)
+
+
 def test_moe_model_trains_in_one_process_and_every_expert_param_gets_a_grad():
     cfg = moe_cfg(num_layers=3, moe_layers=[0, 2], moe_shared_expert_size=16)
     model = build_model(cfg, ParallelState.single())
@@ -166,8 +202,11 @@ def test_moe_model_trains_in_one_process_and_every_expert_param_gets_a_grad():
 
 @pytest.mark.parametrize("override, message", [
     ("model.moe_top_k=5", "model.moe_top_k: expected 1 <= top-k <= model.moe_num_experts=4"),
-    ("model.moe_capacity_factor=0", "model.moe_capacity_factor: expected > 0"),
-    ("model.moe_capacity_factor=-0.5", "model.moe_capacity_factor: expected > 0"),
+    ("model.moe_capacity_factor=0", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=-0.5", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=inf", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=.inf", "model.moe_capacity_factor: expected a finite number > 0"),
+    ("model.moe_capacity_factor=nan", "model.moe_capacity_factor: expected a finite number > 0"),
     ("model.moe_layers=[0,9]", "model.moe_layers: layer ids must lie in [0, model.num_layers=2)"),
     ("model.mod_layers=[2]", "model.mod_layers: layer ids must lie in [0, model.num_layers=2)"),
     ("parallel.ep=3", "parallel.ep: 3 does not divide model.moe_num_experts=4"),
@@ -180,3 +219,26 @@ def test_bad_moe_config_is_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, base + [override], world_size=6)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_router_runs_in_fp32_in_a_bf16_model(monkeypatch):
+    """bf16 weights and activations: the router's logits are fp32, and the experts chosen are those of
+    fp32 routing of the upcast input and router weight (the expert computation itself stays bf16)."""
+    import megagpt.model.moe as moe_module
+    cfg = moe_cfg(moe_num_experts=8, moe_top_k=2)
+    moe, _ = make_moe(cfg, dtype=torch.bfloat16)
+    seen = []
+
+    def spy(logits, cfg_, bias=None):
+        out = route(logits, cfg_, bias)
+        seen.append((logits, out[1]))
+        return out
+    route = moe_module.route
+    monkeypatch.setattr(moe_module, "route", spy)
+    x = torch.randn(32, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y = moe(x)
+    (logits, experts), = seen
+    assert logits.dtype == torch.float32 and y.dtype == torch.bfloat16
+    ref = F.linear(x.reshape(-1, cfg.hidden_size).float(), moe.router.weight.float())     # [N, E] fp32
+    torch.testing.assert_close(logits, ref, rtol=0, atol=0)
+    assert torch.equal(experts, ref.softmax(-1).topk(2, dim=-1).indices)

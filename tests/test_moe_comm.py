@@ -2,8 +2,11 @@
 
 Bytes: one real Trainer step per case (test_comm_accounting's harness: every torch.distributed call
 is also intercepted and must equal the counter). Every (kind, group) of every rank equals
-comm_model's prediction exactly, except the all-to-all, whose per-rank bytes depend on where the
-router sends the tokens: its sum over the world is exact (what one rank sends another receives).
+comm_model's prediction exactly. The all-to-all's rows depend on where the router sends the tokens
+(and, with a capacity factor, on how many it keeps): given each rank's rows from its MoE context it
+is exact per rank; without them the dropless model's world sum is exact for dropless cases.
+Cases cover the expert-data-parallel group (ep2 of dp4: edp 2, ZeRO-1 and DDP), capacity drops with
+ep > 1, and context parallelism (counts and capacity gathers over cp, experts reduced over edp x cp).
 Counts: chunk_param_numels equals the meta-device model for MoE/MoD configs at any ep; the dry run
 reports total and active parameters.
 """
@@ -27,6 +30,11 @@ CASES = {
     "tp2-sp-capacity": (2, raw_config(model=dict(MOE, moe_capacity_factor=1.0), parallel=dict(tp=2, sequence_parallel=True))),
     "ep2-tp2-sp-pp2": (8, raw_config(model=dict(MOE, num_layers=4, moe_layers=[1, 2]),
                                      parallel=dict(ep=2, tp=2, pp=2, sequence_parallel=True), dp=2)),
+    # dp 4, ep 2: each expert on edp = 2 ranks, whose buckets reduce-scatter / all-reduce over "edp"
+    "ep2-dp4-edp2-zero1": (4, raw_config(model=MOE, parallel=dict(ep=2), dp=4)),
+    "ep2-dp4-edp2-ddp": (4, raw_config(model=MOE, parallel=dict(ep=2, distributed_optimizer=False), dp=4)),
+    "ep2-dp2-capacity": (2, raw_config(model=dict(MOE, moe_capacity_factor=0.5), parallel=dict(ep=2), dp=2)),
+    "ep2-cp2-capacity": (4, raw_config(model=dict(MOE, moe_capacity_factor=0.5), parallel=dict(ep=2, cp=2), dp=2)),
 }
 
 
@@ -34,17 +42,23 @@ CASES = {
 def test_moe_bytes_equal_the_model(case, tmp_path):
     world, raw = CASES[case]
     cfg = config_from_dict(raw, world)
-    results = spawn(world, _one_step, raw, str(tmp_path), timeout=300)
+    results = spawn(world, _one_step, raw, str(tmp_path), True, timeout=300)
+    rows = [n for _, n in results]
     a2a = ("all_to_all", "ep")
     total = 0
-    for rank, records in enumerate(results):
+    for rank, (records, _) in enumerate(results):
         measured = {(kind, group): n for kind, group, n in records}
-        expected = expected_comm_bytes(cfg, world, rank=rank, backend="gloo")
-        total += measured.pop(a2a, 0)
-        expected.pop(a2a, None)
+        expected = expected_comm_bytes(cfg, world, rank=rank, backend="gloo", moe_rows=rows)
+        total += measured.get(a2a, 0)
         assert measured == expected, f"{case}, rank {rank}:\n measured {measured}\n expected {expected}"
-    assert total == expected_comm_bytes(cfg, world, backend="gloo").get(a2a, 0)
+    if "edp2" in case or "cp2" in case:      # the expert buckets' own group carried bytes
+        assert any(group == "edp" for records, _ in results for _, group, n in records if n)
     assert (total > 0) == (cfg.parallel.ep > 1)
+    dropless = expected_comm_bytes(cfg, world, backend="gloo").get(a2a, 0)   # the model without measured rows
+    if cfg.model.moe_capacity_factor is None:
+        assert total == dropless
+    elif cfg.parallel.ep > 1:                                                 # drops: fewer rows than dropless
+        assert total < dropless
 
 
 @pytest.mark.parametrize("over, ep", [(dict(MOE, moe_layers=[1]), 1), (dict(MOE, moe_shared_expert_size=16), 2),

@@ -6,7 +6,8 @@ The one-process reference runs the same microbatches one after another with grad
 the aux losses are per microbatch (per model replica), as in Megatron, weighted 1/(microbatches x dp).
 Layouts: EP2, EP4, EP2xDP2, EP2xTP2 with SP (dropless, with capacity drops, with full recompute),
 EP2xTP2 without SP, EP2xPP2, EP2xTP2xPP2, and EP2 with 16 experts on 4-token microbatches (more experts than tokens:
-most experts, and often a whole rank, receive no token).
+most experts, and often a whole rank, receive no token). Under context parallelism (CP_CASES, zigzag-sharded
+sequences; expert grads reduce over edp x cp): CP2, EP2xCP2 and TP2(SP)xCP2, dropless and with capacity drops.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megagpt.model.moe import MoE, Experts
 from megagpt.optim.clip import global_norm
 from megagpt.optim.finalize import finalize_grads
 from megagpt.optim.optimizer import build_optimizer
+from megagpt.parallel.context import zigzag_shard
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.engine import PipelineEngine
 from megagpt.pipeline.split import build_stage
@@ -47,19 +49,29 @@ CASES = {
     "ep2xdp2-capacity": (1, 1, 2, False, 4, dict(moe_capacity_factor=0.5), 1, 8, 8),
     "ep2xtp2xpp2-capacity": (2, 2, 2, True, 8, dict(num_layers=4, moe_layer_freq=2, moe_capacity_factor=0.5), 1, 8, 8),
 }
+# context parallelism: the routing counts are all-reduced over CP, capacity drops decided on the whole sequence
+CP2 = dict(_parallel=dict(cp=2))
+CP_CASES = {
+    "cp2": (1, 1, 1, False, 2, dict(CP2), 2, 8, 8),
+    "ep2xcp2": (1, 1, 2, False, 4, dict(CP2, moe_shared_expert_size=16), 1, 8, 8),
+    "cp2-capacity": (1, 1, 1, False, 2, dict(CP2, moe_capacity_factor=0.5), 2, 8, 8),
+    "ep2xcp2-capacity": (1, 1, 2, False, 4, dict(CP2, moe_capacity_factor=0.5), 1, 8, 8),
+    "tp2-sp-cp2-capacity": (2, 1, 1, True, 4, dict(CP2, moe_capacity_factor=0.5), 2, 8, 8),
+}
 BY_WORLD = {w: [n for n, c in CASES.items() if c[4] == w] for w in (2, 4, 8)}
+CP_BY_WORLD = {w: [n for n, c in CP_CASES.items() if c[4] == w] for w in (2, 4)}
 
 
 def raw_cfg(name):
-    tp, pp, ep, sp, world, over, micro, glob, seq = CASES[name]
+    tp, pp, ep, sp, world, over, micro, glob, seq = (CASES | CP_CASES)[name]
     model = dict(vocab_size=96, max_seq_len=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                  ffn_hidden_size=48, make_vocab_divisible_by=1, init_std=0.05, moe_num_experts=4, moe_top_k=2,
                  moe_ffn_hidden_size=24, moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01)
     over = dict(over)
-    train = over.pop("_train", {})
+    train, parallel = over.pop("_train", {}), over.pop("_parallel", {})
     model.update(over)
     return {"model": model,
-            "parallel": dict(tp=tp, pp=pp, ep=ep, sequence_parallel=sp, distributed_optimizer=True),
+            "parallel": dict(tp=tp, pp=pp, ep=ep, sequence_parallel=sp, distributed_optimizer=True, **parallel),
             "train": dict(seq_len=seq, micro_batch_size=micro, global_batch_size=glob, lr=LR, adam_eps=1e-4,
                           weight_decay=0.1, clip_grad=0.05, **train)}
 
@@ -105,9 +117,9 @@ def _forward_backward(cfg, ps, chunks, opt, engine, seed: int = 0):
     tokens, labels = data(cfg, seed)
     m, b = t.global_batch_size // (t.micro_batch_size * ps.dp.size), t.micro_batch_size
 
-    def get(i):  # DP rank d reads microbatches d*m .. d*m + m - 1
+    def get(i):  # DP rank d reads microbatches d*m .. d*m + m - 1; CP rank c its zigzag positions [b, s/cp]
         rows = slice((ps.dp.rank * m + i) * b, (ps.dp.rank * m + i + 1) * b)
-        return tokens[rows], labels[rows]
+        return tuple(zigzag_shard(x[rows], 1, ps.cp.size, ps.cp.rank) for x in (tokens, labels))
     opt.zero_grad()
     opt.set_sync(False)
     losses = engine.forward_backward(get, m, 1.0 / tokens.numel(), before_last_backward=lambda: opt.set_sync(True))
@@ -135,9 +147,9 @@ def _worker(rank, world, names):
     out = {}
     for name in names:
         RECEIVED.clear()
-        tp, pp, ep, *_ = CASES[name]
+        tp, pp, ep, *_ = (CASES | CP_CASES)[name]
         cfg = config_from_dict(raw_cfg(name), world_size=world)
-        ps = ParallelState.create(tp=tp, pp=pp, ep=ep)
+        ps = ParallelState.create(tp=tp, pp=pp, ep=ep, cp=cfg.parallel.cp)
         # 1. plain AdamW: every rank holds its buckets' whole reduced gradient
         chunks, opt, ce, aux = _run(name, cfg, ps, zero=False)
         opt.buffer.finish_grad_sync()
@@ -152,13 +164,13 @@ def _worker(rank, world, names):
         params = {n: _full(p, p.detach(), ps) for c in chunks for n, p in c.named_parameters()}
         reporter = ps.tp.rank == 0 and ps.dp.rank == 0
         out[name] = dict(totals=totals, norm=stats["grad_norm"], plain_norm=plain_norm,
-                         groups={a: ps.groups[a].ranks for a in ("tp", "ep", "edp", "dp", "pp")}, grads=grads if reporter else {},
+                         groups={a: ps.groups[a].ranks for a in ("tp", "cp", "ep", "edp", "dp", "pp")}, grads=grads if reporter else {},
                          params=params if reporter else {}, received=RECEIVED[:])
     return out
 
 
 def reference(name):
-    cfg = config_from_dict(raw_cfg(name), world_size=CASES[name][4])
+    cfg = config_from_dict(raw_cfg(name), world_size=(CASES | CP_CASES)[name][4])
     t = cfg.train
     model = build_model(cfg.model, seed=SEED)
     skew_router(name, [model])
@@ -185,10 +197,11 @@ def reference(name):
 def runs():
     cache = {}
 
-    def get(world):
-        if world not in cache:
-            cache[world] = spawn(world, _worker, BY_WORLD[world], timeout=240)
-        return cache[world]
+    def get(world, names=None):
+        names = tuple(names or BY_WORLD[world])
+        if names not in cache:
+            cache[names] = spawn(world, _worker, list(names), timeout=240)
+        return cache[names]
     return get
 
 
@@ -208,10 +221,10 @@ def test_process_groups_are_the_layouts_grid(runs, name):
             assert all(coords[r][a] == coords[rank][a] for r in ranks for a in others), (rank, axis)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(CP_CASES))
 def test_expert_parallel_equals_one_process(runs, name):
-    world = CASES[name][4]
-    ranks = [r[name] for r in runs(world)]
+    world = (CASES | CP_CASES)[name][4]
+    ranks = [r[name] for r in runs(world, CP_BY_WORLD[world] if name in CP_CASES else None)]
     ref = reference(name)
     ce, aux = ranks[0]["totals"]
     t = config_from_dict(raw_cfg(name), world_size=world).train
@@ -232,6 +245,9 @@ def test_expert_parallel_equals_one_process(runs, name):
         assert r["plain_norm"] == pytest.approx(ref["norm"], rel=1e-5), name
     for n, p in ref["params"].items():
         assert_close_rel(params[n], p, name=f"{name} param {n} after a ZeRO-1 step")
+    if name in CP_CASES:       # an expert's replicas are edp x cp: its grads reduce over them
+        layout = Layout.from_config(config_from_dict(raw_cfg(name), world_size=world), world)
+        assert all(len(r["groups"]["edp"]) == layout.dp // layout.ep * layout.cp == 2 for r in ranks)
     if name == "ep2-sparse":   # the edge cases ran: experts, and a whole rank, with no row
         calls = [counts for r in ranks for counts in r["received"]]
         assert any(0 in counts for counts in calls) and any(sum(counts) == 0 for counts in calls)

@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.attention = Attention(cfg, tp, sequence_parallel, tracker, selective_recompute, device, dtype, cp)
         self.norm2 = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, sequence_parallel, device, dtype)
         if cfg.is_moe_layer(layer_id):
-            self.mlp = MoE(cfg, layer_id, tp, ep, sequence_parallel, moe_context, device, dtype)
+            self.mlp = MoE(cfg, layer_id, tp, ep, sequence_parallel, moe_context, device, dtype, cp)
         else:
             self.mlp = MLP(cfg, tp, sequence_parallel, device, dtype)
         self.mod = MoDRouter(cfg.hidden_size, cfg.mod_capacity, layer_id, moe_context, device, dtype) \
@@ -35,12 +35,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
         if self.mod is None:
             return self._body(x, cos, sin, cache, mask)
-        if cache is not None:
-            raise NotImplementedError("model.mod_layers: generation with a KV cache through a mixture-of-depths "
-                                      "layer is not supported (its top-k routing is not causal)")
         if mask is not None:
             raise NotImplementedError("model.mod_layers: packed samples through a mixture-of-depths layer are not "
                                       "supported (its top-k picks tokens across the samples)")
+        if cache is not None or (self.mod.context.causal_routing and not self.training):
+            return self.mod.causal(x, cos, sin, self._body, cache)        # generation: the causal predictor routes
         return self.mod(x, cos, sin, self._body)
 
     def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None) -> torch.Tensor:

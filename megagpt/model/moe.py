@@ -12,14 +12,18 @@ Balancing, both attached to the gradient by `attach_aux` (no scalar ever crosses
     probability (softmax scores; sigmoid scores normalised per token). Equal to coeff when balanced.
   - z-loss: coeff * mean over tokens of logsumexp(logits)^2.
 T is the tokens of the microbatch on one model replica. Under sequence parallelism each TP rank
-holds s/tp of them: c_e is summed over TP (an all-reduce of E integers), S_e and the z-loss sums
-stay local and are divided by the global T, so the TP ranks' pieces sum to the one-process loss.
+holds s/tp of them, under context parallelism each CP rank s/cp (its zigzag pair of chunks): c_e is
+summed over TP (with SP) and CP (an all-reduce of E integers each), S_e and the z-loss sums stay
+local and are divided by the global T, so the ranks' pieces sum to the one-process loss (their
+gradients meet in the TP-partial and dp x cp reductions).
 
 Capacity (model.moe_capacity_factor): each expert takes at most C = ceil(cf * T * k / E) of the
 microbatch's selections, those of highest probability (ties: the earlier token); a dropped choice
 adds nothing (its token rides the residual). The decision is taken on the whole sequence (the
-chosen scores are all-gathered over TP under SP), so drops are the same in every layout.
-None = dropless.
+chosen scores are all-gathered over TP under SP, then over CP and put back in sequence order), so
+drops are the same in every layout. None = dropless. In eval mode (validation, generation) the
+layer runs dropless, as Megatron does at inference: a capacity over the tokens of one decode step
+would drop differently than over the whole prompt, so cached decoding would not equal recompute.
 
 Expert parallelism: experts [r E/ep, (r+1) E/ep) live on ep rank r (parallel/token_dispatch.py
 moves the rows). Expert weights are whole on every TP rank; under SP each TP rank routes its own
@@ -38,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..parallel.context import zigzag_shard, zigzag_unshard
 from ..parallel.layers import REPLICATED, ParamMeta, make_param
 from ..parallel.state import Group
 from ..parallel.token_dispatch import combine, dispatch, dispatch_plan
@@ -53,11 +58,19 @@ class MoEContext:
     aux: list = field(default_factory=list)        # (layer id, balancing loss, z-loss): this rank's piece
     load: dict = field(default_factory=dict)       # layer id -> selections per expert [E] (summed over TP)
     mod: list = field(default_factory=list)        # (layer id, predictor BCE, predictor accuracy): model/mod.py
+    rows: list = field(default_factory=list)       # (layer id, rows sent, rows received) by the all-to-all (ep > 1)
+    causal_routing: bool = False    # eval without a KV cache routes MoD layers by their predictor (generation's rule)
 
     def clear(self):
         self.aux.clear()
         self.load.clear()
         self.mod.clear()
+        self.rows.clear()
+
+    def dispatched_rows(self) -> int:
+        """Rows this rank's dispatch all-to-alls sent plus received: what comm_model's moe_rows takes
+        (with capacity drops they depend on the routing)."""
+        return sum(sent + got for _, sent, got in self.rows)
 
 
 class _AttachAux(torch.autograd.Function):
@@ -159,9 +172,10 @@ class MoE(nn.Module):
     """The MoE MLP: [s(/tp), b, h] -> [s(/tp), b, h]."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: Group, ep: Group, sequence_parallel: bool,
-                 context: MoEContext, device=None, dtype=None):
+                 context: MoEContext, device=None, dtype=None, cp: Group | None = None):
         super().__init__()
         self.cfg, self.layer_id, self.tp, self.ep, self.sp, self.context = cfg, layer_id, tp, ep, sequence_parallel, context
+        self.cp = cp if cp is not None else Group("cp", [0], 0)
         self.router = _Weight(make_param((cfg.moe_num_experts, cfg.hidden_size), REPLICATED, tp.size, device,
                                          dtype, sequence_parallel))
         self.experts = Experts(cfg, ep, sequence_parallel, device, dtype)
@@ -173,15 +187,26 @@ class MoE(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(cfg.moe_num_experts, device=device, dtype=torch.float32)
                              if cfg.moe_router_bias_rate else None)
 
-    def _gather_tp(self, t: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(t.contiguous(), dim=0) if self.sp else t
+    def _whole_sequence(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's rows [N, k] -> the microbatch's [s*b, k], in one-process order (position-major)."""
+        t = self.tp.all_gather(t.contiguous(), dim=0) if self.sp else t       # [s/cp * b, k]
+        if self.cp.size == 1:
+            return t
+        pieces = self.cp.all_gather(t.contiguous(), dim=0).view(self.cp.size, -1, b, t.shape[-1])
+        return zigzag_unshard(list(pieces), 0).reshape(-1, t.shape[-1])      # [s*b, k]
+
+    def _own_rows(self, t: torch.Tensor, b: int, n_local: int) -> torch.Tensor:
+        """The inverse selection: the microbatch's [s*b, k] -> this rank's [N, k]."""
+        if self.cp.size > 1:
+            t = zigzag_shard(t.view(-1, b, t.shape[-1]), 0, self.cp.size, self.cp.rank).reshape(-1, t.shape[-1])
+        return t[self.tp.rank * n_local:(self.tp.rank + 1) * n_local] if self.sp else t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, E = self.cfg, self.cfg.moe_num_experts
         s, b, h = x.shape
         tokens = x.reshape(s * b, h)                                         # [N, h], N = s(/tp) * b
         n_local = tokens.shape[0]
-        n_total = n_local * (self.tp.size if self.sp else 1)                 # T: the microbatch's tokens
+        n_total = n_local * (self.tp.size if self.sp else 1) * self.cp.size  # T: the microbatch's tokens
         rdt = torch.promote_types(tokens.dtype, torch.float32)               # fp32 (fp64 stays fp64)
         logits = F.linear(tokens.to(rdt), self.router().to(rdt))             # [N, E]
         weights, experts, balance = route(logits, cfg, self.selection_bias)  # [N, k], [N, k], [N, E]
@@ -189,6 +214,8 @@ class MoE(nn.Module):
         counts = torch.bincount(experts.reshape(-1), minlength=E)            # [E] before drops
         if self.sp:
             counts = self.tp.all_reduce(counts.clone())
+        if self.cp.size > 1:
+            counts = self.cp.all_reduce(counts.clone())
         aux = logits.new_zeros(())
         lb = (counts.to(balance.dtype) * balance.sum(0)).sum() * (E / (cfg.moe_top_k * n_total ** 2))
         z = torch.logsumexp(logits, dim=-1).square().sum() / n_total
@@ -197,10 +224,11 @@ class MoE(nn.Module):
         if cfg.moe_z_loss_coeff:
             aux = aux + cfg.moe_z_loss_coeff * z
 
-        if cfg.moe_capacity_factor is not None:                             # decided on the whole sequence
-            with torch.no_grad():
-                keep = capacity_keep(self._gather_tp(weights), self._gather_tp(experts), E, cfg.moe_capacity_factor)
-                keep = keep[self.tp.rank * n_local:(self.tp.rank + 1) * n_local] if self.sp else keep
+        if cfg.moe_capacity_factor is not None and self.training:          # eval/generation: dropless
+            with torch.no_grad():                                           # decided on the whole sequence
+                keep = capacity_keep(self._whole_sequence(weights, b), self._whole_sequence(experts, b), E,
+                                     cfg.moe_capacity_factor)
+                keep = self._own_rows(keep, b, n_local)
         else:
             keep = torch.ones_like(experts, dtype=torch.bool)
         token_of = torch.arange(n_local, device=x.device).repeat_interleave(cfg.moe_top_k)   # [N*k]
@@ -214,6 +242,8 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         if self.training and torch.is_grad_enabled():
             self.context.aux.append((self.layer_id, lb.detach(), z.detach()))
+            if self.ep.size > 1:
+                self.context.rows.append((self.layer_id, sum(plan.send), sum(plan.recv)))
             prev = self.context.load.get(self.layer_id)
             self.context.load[self.layer_id] = counts if prev is None else prev + counts
             out = attach_aux(out, aux, self.context.scale)

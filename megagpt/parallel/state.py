@@ -6,8 +6,9 @@ A group along axis X is the set of ranks that differ only in their X coordinate;
 `layout.rank_grid`, the same rule that gives `Layout.rank_coords`.
 
 Expert parallelism is carved out of dp (layout.py): with ep > 1 the order's dp axis is the
-expert-data-parallel axis (size dp/ep), the "edp" group; the "dp" group, over which dense
-gradients are reduced, is the product of the ep and edp axes. With ep = 1, edp is dp.
+expert-data-parallel axis (size dp/ep); the "dp" group, over which dense gradients are reduced, is
+the product of the ep and edp axes. The "edp" group holds an expert's replicas: that axis times cp
+(parameters are replicated over CP), as Megatron-Core's edp. With ep = 1, edp is dp (dp_cp).
 
 The object is handed to whatever needs it (nanotron style); there are no module globals.
 Each group is wrapped in `Group`, which runs the collectives, short-circuits when the group
@@ -197,8 +198,8 @@ class ParallelState:
         groups["mp"] = Group("mp", list(range(tp * cp * pp)), (pp_rank * cp + cp_rank) * tp + tp_rank, None, counter)
         groups["dp_cp"] = groups["dp"] if cp == 1 else \
             Group("dp_cp", list(range(dp * cp)), dp_rank * cp + cp_rank, None, counter)
-        groups["edp"] = groups["dp"] if ep == 1 or dp % ep else \
-            Group("edp", list(range(dp // ep)), dp_rank // ep, None, counter)
+        groups["edp"] = groups["dp_cp"] if ep == 1 or dp % ep else \
+            Group("edp", list(range(dp // ep * cp)), dp_rank // ep * cp + cp_rank, None, counter)
         return cls(tp * cp * pp * dp, 0, sizes, "-".join(AXES), groups, counter, torch.device("meta"))
 
     @classmethod
@@ -226,9 +227,12 @@ class ParallelState:
         mp_groups = _merge(grid, ["tp", "cp", "pp"], world)
         groups["mp"] = cls._make("mp", mp_groups, rank, counter)
         # dp x cp: the ranks holding the same parameters (replicated over CP), which reduce gradients
-        # and shard the distributed optimizer between them (the dp group itself when cp = 1)
-        groups["dp_cp"] = groups["dp"] if cp == 1 else cls._make("dp_cp", _merge(grid, ["dp", "cp"], world),
+        # and shard the distributed optimizer between them (the dp group itself when cp = 1); dp is ep x edp
+        groups["dp_cp"] = groups["dp"] if cp == 1 else cls._make("dp_cp", _merge(grid, ["ep", "dp", "cp"], world),
                                                                   rank, counter)
+        if cp > 1:   # an expert is replicated over CP too: its replicas are edp x cp (the dp x cp ones if ep = 1)
+            groups["edp"] = groups["dp_cp"] if ep == 1 else cls._make("edp", _merge(grid, ["dp", "cp"], world),
+                                                                      rank, counter)
         # first and last pipeline stage share the word embedding when it is tied
         emb_groups = [sorted({g[0], g[-1]}) for g in grid["pp"]]
         embedding = cls._make("embedding", emb_groups, rank, counter)
