@@ -256,7 +256,7 @@ def _rank_bytes(cfg: Config, world_size: int, e: int, pp_rank: int,
         emb = -(-emb // (dp * layout.cp)) if per_group else emb   # zero2/3 sum the owned shard (dp x cp) only
         out[("all_reduce", "embedding")] += holders * emb * GRAD_BYTES
     d, grads = dp * layout.cp, "dp" if layout.cp == 1 else "dp_cp"   # parameters are replicated over CP
-    if d > 1 and per_group:                             # (zero2/3 are refused with MoE by config.validate)
+    if d > 1 and per_group:                             # (zero2/3 are refused with MoE by config_checks.validate)
         for size, gathers in _zero_groups(cfg, chunks, tied, d, mode, pp_rank):
             out[("reduce_scatter", grads)] += mb * size * GRAD_BYTES
             out[("all_gather", grads)] += gathers * size // d * e

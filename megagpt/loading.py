@@ -12,7 +12,8 @@ from .checkpoint.convert import _find_tokenizer, open_source
 from .checkpoint.hf import ConversionError, load_hf_into_model, open_hf_checkpoint
 from .checkpoint.sharded import load_checkpoint
 from .checkpoint.store import CheckpointError
-from .config import Config, ConfigError, ParallelConfig, TrainConfig, validate
+from .config import Config, ConfigError, ParallelConfig, TrainConfig
+from .config_checks import validate
 from .parallel.state import ParallelState, init_distributed
 from .data.indexed import DataError
 from .pipeline.split import build_stage

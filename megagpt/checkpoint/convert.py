@@ -36,7 +36,8 @@ import shutil
 import torch
 
 from ..config import DTYPES as TRAIN_DTYPES
-from ..config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate
+from ..config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig
+from ..config_checks import validate
 from ..layout import Layout
 from ..parallel.layers import ShardSpec, meta_of
 from ..pipeline.split import meta_stage

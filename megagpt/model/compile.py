@@ -5,7 +5,7 @@ distributed optimizer's parameter-gather waits (parallel.overlap_param_gather) a
 compiled block as one unit (optim/optimizer.py) instead of on its inner modules, which the compiled
 graph would otherwise have to trace. Parameter names and the state dict are unchanged (no
 `_orig_mod.` prefix), so checkpoints do not know whether a run was compiled.
-What cannot run compiled is refused up front (config.validate, `check_compile`): dropout (inductor
+What cannot run compiled is refused up front (config_checks.validate, `check_compile`): dropout (inductor
 draws other masks than eager, so the equivalence to the eager model would break) and activation
 recompute (the recompute replays the tracker's RNG states around the block, outside any graph).
 """
