@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -60,9 +62,9 @@ def question(nums) -> str:
 
 def chain(nums, rng: random.Random) -> str:
     """Adds the numbers two at a time in a random order: '23+17=40,40+45=85,85+38=123#123'."""
-    order = rng.sample(list(nums), len(nums))
-    total, steps = order[0], []
-    for x in order[1:]:
+    seq = rng.sample(list(nums), len(nums))
+    total, steps = seq[0], []
+    for x in seq[1:]:
         steps.append(f"{total}+{x}={total + x}")
         total += x
     return ",".join(steps) + f"#{total}"
@@ -107,7 +109,7 @@ def train(style: str, draw, steps: int, seed: int = 0, batch: int = 64):
         for i, (r, s) in enumerate(zip(rows, starts)):                             # the reply and its EOD
             mask[i, s - 1:len(r) - 1] = 1.0
         for g in opt.param_groups:                                                   # warmup, then cosine to 10%
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * torch.cos(torch.tensor(step / steps * 3.14159)).item())
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         loss = (model(data[:, :-1], data[:, 1:]) * mask).sum() / mask.sum()       # [b, s] per-token losses
         opt.zero_grad()
         loss.backward()
@@ -118,17 +120,28 @@ def train(style: str, draw, steps: int, seed: int = 0, batch: int = 64):
     return model.eval(), losses
 
 
+def order(text: str) -> tuple[str, ...]:
+    """The reasoning path of a chain: the order in which it took the numbers."""
+    steps = re.findall(r"(\d+)\+(\d+)=", text)
+    return tuple(steps[0]) + tuple(b for _, b in steps[1:]) if steps else ()
+
+
 def score(model, held, n: int, sampling: Sampling, block: int = 50) -> dict:
-    """Majority-vote accuracy of N chains per question, its Wilson interval, the mean agreement rate."""
+    """Majority-vote accuracy of N chains per question, its Wilson interval, the mean agreement rate, and the
+    mean number of distinct paths (orders) and of distinct answers among a question's N chains."""
     extract = regex_extractor(ANSWER, decode)
-    right, agree = 0, 0.0
+    right, agree, paths, answers = 0, 0.0, 0, 0
     for i in range(0, len(held), block):
         part = held[i:i + block]
         sampling.seed += 1                                       # every block draws fresh chains
         votes = self_consistency_batch(model, [encode(question(q)) for q in part], n, 40, sampling, extract, eod_id=EOD)
         right += sum(v.answer == str(sum(q)) for v, q in zip(votes, part))
         agree += sum(v.agreement for v in votes)
-    return {"accuracy": right / len(held), "ci95": wilson(right, len(held)), "agreement": agree / len(held)}
+        paths += sum(len({order(decode(c)) for c in v.chains}) for v in votes)
+        answers += sum(len(v.counts) for v in votes)
+    q = len(held)
+    return {"accuracy": right / q, "ci95": wilson(right, q), "agreement": agree / q,
+            "distinct_paths": paths / q, "distinct_answers": answers / q}
 
 
 def greedy(model, held) -> dict:
@@ -145,7 +158,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="self-consistency: accuracy against the number of sampled chains")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--questions", type=int, default=1000)
-    ap.add_argument("--out", default="sc_run")
+    ap.add_argument("--out", default="self_consistency_run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -172,17 +185,23 @@ def report(res: dict, out: str) -> None:
     print(f"  chain of thought, greedy:      {fmt(res['greedy_cot'])}")
     for t in TEMPERATURES:
         for n, r in res[f"T={t}"].items():
-            print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f}")
-        accs = [res[f"T={t}"][n]["accuracy"] for n in NS]
-        rises = all(b > a for a, b in zip(accs, accs[1:]))
-        print(f"  T={t}: accuracy {'rises' if rises else 'does NOT rise'} at every step of N = {NS}")
+            print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f}, "
+                  f"distinct paths {r['distinct_paths']:.1f}, distinct answers {r['distinct_answers']:.1f}")
+        rs = [res[f"T={t}"][n] for n in NS]
+        rises = all(b["accuracy"] > a["accuracy"] for a, b in zip(rs, rs[1:]))
+        apart = all(b["ci95"][0] > a["ci95"][1] for a, b in zip(rs, rs[1:]))
+        print(f"  T={t}: accuracy {'rises' if rises else 'does NOT rise'} at every step of N = {NS}; the 95% "
+              f"intervals of neighbouring N {'never overlap' if apart else 'overlap somewhere'}")
     os.makedirs(out, exist_ok=True)
     curves = {f"majority vote, T={t}": (NS, [res[f"T={t}"][n]["accuracy"] for n in NS]) for t in TEMPERATURES}
     curves["greedy chain"] = (NS, [res["greedy_cot"]["accuracy"]] * len(NS))
     curves["greedy direct"] = (NS, [res["greedy_direct"]["accuracy"]] * len(NS))
     plot_curves(curves, os.path.join(out, "self_consistency.png"), xlabel="N sampled chains", ylabel="accuracy")
-    print(json.dumps({**res, **{f"T={t}": {str(n): r for n, r in res[f"T={t}"].items()} for t in TEMPERATURES}}))
-    print(f"wrote {out}/self_consistency.png")
+    dumped = json.dumps({**res, **{f"T={t}": {str(n): r for n, r in res[f"T={t}"].items()} for t in TEMPERATURES}})
+    print(dumped)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        f.write(dumped + "\n")
+    print(f"wrote {out}/results.json and {out}/self_consistency.png")
 
 
 if __name__ == "__main__":

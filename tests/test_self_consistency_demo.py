@@ -15,6 +15,7 @@ def test_chains_add_up_in_varied_orders():
     nums = (23, 45, 17, 38)
     chains = {demo.chain(nums, rng) for _ in range(40)}
     assert len(chains) > 5                                     # different reasoning paths to one answer
+    assert len({demo.order(c) for c in chains}) == len(chains)  # told apart by the order they take the numbers
     for c in chains:
         steps, answer = c.split("#")
         assert answer == "123" and re.search(demo.ANSWER, c).group(1) == "123"
@@ -24,7 +25,7 @@ def test_chains_add_up_in_varied_orders():
             assert a + b == s and (acc is None or a == acc)
             used += [a, b] if acc is None else [b]
             acc = s
-        assert sorted(used) == sorted(nums)
+        assert sorted(used) == sorted(nums) and demo.order(c) == tuple(map(str, used))
     assert demo.decode(demo.encode(demo.question(nums) + c + "\n")) == demo.question(nums) + c
 
 
@@ -40,10 +41,12 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     res = demo.main(["--steps", "2", "--questions", "6", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert os.path.getsize(tmp_path / "self_consistency.png") > 0
+    assert json.loads((tmp_path / "results.json").read_text())["greedy_cot"]["accuracy"] == res["greedy_cot"]["accuracy"]
     dumped = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert dumped["questions"] == 6 and set(dumped["T=0.7"]) == {"1", "5", "10", "20"}
     for t in demo.TEMPERATURES:
         for n in demo.NS:
             r = res[f"T={t}"][n]
             assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and 0.0 <= r["agreement"] <= 1.0
+            assert 1 <= r["distinct_paths"] <= n and r["distinct_answers"] <= n
     assert "direct answer, greedy" in out and "chain of thought, greedy" in out
