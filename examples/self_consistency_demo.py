@@ -34,6 +34,7 @@ from megagpt.config import ModelConfig  # noqa: E402
 from megagpt.evaluate import wilson  # noqa: E402
 from megagpt.generate import generate_ids  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
+from megagpt.parallel.spawn import spawn  # noqa: E402
 from megagpt.plot import plot_curves  # noqa: E402
 from megagpt.sampling import Sampling  # noqa: E402
 from megagpt.self_consistency import regex_extractor, self_consistency_batch  # noqa: E402
@@ -88,12 +89,14 @@ def split(questions: int, seed: int = 0):
     return held, draw
 
 
+WIDTH = 48                                          # the longest chain row is 12 + 31 + EOD tokens
+CFG = ModelConfig(vocab_size=len(CHARS), max_seq_len=WIDTH, hidden_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, ffn_hidden_size=256, make_vocab_divisible_by=1, use_flash_attn=False)
+
+
 def train(style: str, draw, steps: int, seed: int = 0, batch: int = 64):
     """A tiny model trained on `style` ('cot' or 'direct') answers; loss on the answer only -> (model, losses)."""
-    width = 48                                      # the longest chain row is 12 + 31 + EOD tokens
-    cfg = ModelConfig(vocab_size=len(CHARS), max_seq_len=width, hidden_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, ffn_hidden_size=256, make_vocab_divisible_by=1, use_flash_attn=False)
-    model = build_model(cfg, seed=seed)
+    model = build_model(CFG, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng, losses = random.Random(seed + 1), []
     for step in range(steps):
@@ -104,8 +107,8 @@ def train(style: str, draw, steps: int, seed: int = 0, batch: int = 64):
             q = question(nums)
             rows.append(encode(q + reply) + [EOD])
             starts.append(len(q))
-        data = torch.tensor([r + [EOD] * (width + 1 - len(r)) for r in rows])      # [b, width + 1]
-        mask = torch.zeros(batch, width)
+        data = torch.tensor([r + [EOD] * (WIDTH + 1 - len(r)) for r in rows])      # [b, WIDTH + 1]
+        mask = torch.zeros(batch, WIDTH)
         for i, (r, s) in enumerate(zip(rows, starts)):                             # the reply and its EOD
             mask[i, s - 1:len(r) - 1] = 1.0
         for g in opt.param_groups:                                                   # warmup, then cosine to 10%
@@ -154,6 +157,12 @@ def greedy(model, held) -> dict:
     return {"accuracy": right / len(held), "ci95": wilson(right, len(held))}
 
 
+def _train_rank(rank, world, questions: int, steps: int) -> dict:
+    """Rank 0 trains the chain model, rank 1 the direct one, side by side on two cores."""
+    model, losses = train(("cot", "direct")[rank], split(questions)[1], steps)
+    return {"state": model.state_dict(), "losses": losses}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="self-consistency: accuracy against the number of sampled chains")
     ap.add_argument("--steps", type=int, default=1500)
@@ -162,10 +171,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    held, draw = split(args.questions)
+    held = split(args.questions)[0]
     models, curves = {}, {}
-    for style in ("cot", "direct"):
-        models[style], curves[style] = train(style, draw, args.steps)
+    for style, r in zip(("cot", "direct"), spawn(2, _train_rank, args.questions, args.steps, timeout=3600)):
+        models[style] = build_model(CFG)
+        models[style].load_state_dict(r["state"])
+        models[style].eval()
+        curves[style] = (range(1, args.steps + 1), r["losses"])
     t_train = time.perf_counter() - t0
     res = {"steps": args.steps, "questions": len(held),
            "greedy_cot": greedy(models["cot"], held), "greedy_direct": greedy(models["direct"], held)}
@@ -173,6 +185,8 @@ def main(argv=None) -> dict:
         res[f"T={t}"] = {n: score(models["cot"], held, n, Sampling(do_sample=True, temperature=t, seed=1000 * n))
                          for n in NS}
     res["train_s"], res["seconds"] = round(t_train, 1), round(time.perf_counter() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    plot_curves(curves, os.path.join(args.out, "train_loss.png"), ylabel="answer loss (nats/token)")
     report(res, args.out)
     return res
 
@@ -192,7 +206,6 @@ def report(res: dict, out: str) -> None:
         apart = all(b["ci95"][0] > a["ci95"][1] for a, b in zip(rs, rs[1:]))
         print(f"  T={t}: accuracy {'rises' if rises else 'does NOT rise'} at every step of N = {NS}; the 95% "
               f"intervals of neighbouring N {'never overlap' if apart else 'overlap somewhere'}")
-    os.makedirs(out, exist_ok=True)
     curves = {f"majority vote, T={t}": (NS, [res[f"T={t}"][n]["accuracy"] for n in NS]) for t in TEMPERATURES}
     curves["greedy chain"] = (NS, [res["greedy_cot"]["accuracy"]] * len(NS))
     curves["greedy direct"] = (NS, [res["greedy_direct"]["accuracy"]] * len(NS))
@@ -201,7 +214,7 @@ def report(res: dict, out: str) -> None:
     print(dumped)
     with open(os.path.join(out, "results.json"), "w") as f:
         f.write(dumped + "\n")
-    print(f"wrote {out}/results.json and {out}/self_consistency.png")
+    print(f"wrote {out}/results.json, {out}/self_consistency.png and {out}/train_loss.png")
 
 
 if __name__ == "__main__":
