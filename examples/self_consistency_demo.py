@@ -123,28 +123,37 @@ def train(style: str, draw, steps: int, seed: int = 0, batch: int = 64):
     return model.eval(), losses
 
 
-def order(text: str) -> tuple[str, ...]:
-    """The reasoning path of a chain: the order in which it took the numbers."""
+def order(text: str) -> tuple[int, ...]:
+    """The reasoning path of a chain: the numbers in the order it took them."""
     steps = re.findall(r"(\d+)\+(\d+)=", text)
-    return tuple(steps[0]) + tuple(b for _, b in steps[1:]) if steps else ()
+    return tuple(map(int, steps[0] + tuple(b for _, b in steps[1:]))) if steps else ()
 
 
 def score(model, held, n: int, sampling: Sampling, block: int = 50) -> dict:
-    """Majority-vote accuracy of N chains per question, its Wilson interval, the mean agreement rate, and the
-    mean number of distinct paths (orders) and of distinct answers among a question's N chains."""
+    """Majority-vote accuracy of N chains per question, its Wilson interval and mean agreement rate; the share of
+    single chains that are right, and that take each number once (a well-formed path); per question the mean
+    number of distinct orders among its well-formed chains and of distinct answers; the first question's chains."""
     extract = regex_extractor(ANSWER, decode)
-    right, agree, paths, answers = 0, 0.0, 0, 0
+    right, agree, chains_right, formed, orders, answers = 0, 0.0, 0, 0, 0, 0
     for i in range(0, len(held), block):
         part = held[i:i + block]
         sampling.seed += 1                                       # every block draws fresh chains
         votes = self_consistency_batch(model, [encode(question(q)) for q in part], n, 40, sampling, extract, eod_id=EOD)
-        right += sum(v.answer == str(sum(q)) for v, q in zip(votes, part))
-        agree += sum(v.agreement for v in votes)
-        paths += sum(len({order(decode(c)) for c in v.chains}) for v in votes)
-        answers += sum(len(v.counts) for v in votes)
+        if i == 0:
+            example = {"question": question(part[0]), "answer": sum(part[0]), "chains": [decode(c) for c in votes[0].chains]}
+        for v, q in zip(votes, part):
+            right += v.answer == str(sum(q))
+            agree += v.agreement
+            chains_right += v.answers.count(str(sum(q)))
+            good = [o for o in map(order, map(decode, v.chains)) if sorted(o) == sorted(q)]
+            formed += len(good)
+            orders += len(set(good))
+            answers += len(v.counts)
     q = len(held)
     return {"accuracy": right / q, "ci95": wilson(right, q), "agreement": agree / q,
-            "distinct_paths": paths / q, "distinct_answers": answers / q}
+            "chain_accuracy": chains_right / (q * n), "well_formed": formed / (q * n),
+            "distinct_orders": orders / q, "distinct_answers": answers / q,
+            "example": example}
 
 
 def greedy(model, held) -> dict:
@@ -199,13 +208,17 @@ def report(res: dict, out: str) -> None:
     print(f"  chain of thought, greedy:      {fmt(res['greedy_cot'])}")
     for t in TEMPERATURES:
         for n, r in res[f"T={t}"].items():
-            print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f}, "
-                  f"distinct paths {r['distinct_paths']:.1f}, distinct answers {r['distinct_answers']:.1f}")
+            print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f} | single chains "
+                  f"right {r['chain_accuracy']:.3f}, well-formed {r['well_formed']:.3f} | per question: "
+                  f"{r['distinct_orders']:.1f} distinct orders, {r['distinct_answers']:.1f} distinct answers")
         rs = [res[f"T={t}"][n] for n in NS]
         rises = all(b["accuracy"] > a["accuracy"] for a, b in zip(rs, rs[1:]))
         apart = all(b["ci95"][0] > a["ci95"][1] for a, b in zip(rs, rs[1:]))
         print(f"  T={t}: accuracy {'rises' if rises else 'does NOT rise'} at every step of N = {NS}; the 95% "
               f"intervals of neighbouring N {'never overlap' if apart else 'overlap somewhere'}")
+    ex = res[f"T={TEMPERATURES[0]}"][5]["example"]
+    print(f"  the first question's 5 chains at T={TEMPERATURES[0]}: {ex['question']} (answer {ex['answer']}) "
+          + " | ".join(ex["chains"]))
     curves = {f"majority vote, T={t}": (NS, [res[f"T={t}"][n]["accuracy"] for n in NS]) for t in TEMPERATURES}
     curves["greedy chain"] = (NS, [res["greedy_cot"]["accuracy"]] * len(NS))
     curves["greedy direct"] = (NS, [res["greedy_direct"]["accuracy"]] * len(NS))

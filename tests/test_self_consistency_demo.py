@@ -25,7 +25,7 @@ def test_chains_add_up_in_varied_orders():
             assert a + b == s and (acc is None or a == acc)
             used += [a, b] if acc is None else [b]
             acc = s
-        assert sorted(used) == sorted(nums) and demo.order(c) == tuple(map(str, used))
+        assert sorted(used) == sorted(nums) and demo.order(c) == tuple(used)
     assert demo.decode(demo.encode(demo.question(nums) + c + "\n")) == demo.question(nums) + c
 
 
@@ -48,5 +48,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
         for n in demo.NS:
             r = res[f"T={t}"][n]
             assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and 0.0 <= r["agreement"] <= 1.0
-            assert 1 <= r["distinct_paths"] <= n and r["distinct_answers"] <= n
+            assert 0.0 <= r["chain_accuracy"] <= 1.0 and 0.0 <= r["well_formed"] <= 1.0
+            assert r["distinct_orders"] <= n * r["well_formed"] + 1e-9 and r["distinct_answers"] <= n
+    ex, first = res["T=0.7"][5]["example"], demo.split(6)[0][0]
+    assert len(ex["chains"]) == 5 and ex["question"] == demo.question(first) and ex["answer"] == sum(first)
     assert "direct answer, greedy" in out and "chain of thought, greedy" in out
