@@ -129,12 +129,19 @@ def order(text: str) -> tuple[int, ...]:
     return tuple(map(int, steps[0] + tuple(b for _, b in steps[1:]))) if steps else ()
 
 
+def same_digits(o: tuple[int, ...], q: tuple[int, ...]) -> bool:
+    """The path takes the question's tens digits and its units digits, each once, paired in any way: the sum is
+    unchanged, so such a path can still reach the right answer (a weak model often re-pairs the digits)."""
+    return len(o) == len(q) and all(sorted(x // d % 10 for x in o) == sorted(x // d % 10 for x in q) for d in (1, 10))
+
+
 def score(model, held, n: int, sampling: Sampling, block: int = 50) -> dict:
     """Majority-vote accuracy of N chains per question, its Wilson interval and mean agreement rate; the share of
-    single chains that are right, and that take each number once (a well-formed path); per question the mean
-    number of distinct orders among its well-formed chains and of distinct answers; the first question's chains."""
+    single chains that are right, that take the question's numbers each once (well-formed), and that take its
+    digits each once (same_digits); per question the mean number of distinct paths among its same-digit chains
+    and of distinct answers; the first question's chains."""
     extract = regex_extractor(ANSWER, decode)
-    right, agree, chains_right, formed, orders, answers = 0, 0.0, 0, 0, 0, 0
+    right, agree, chains_right, formed, digits, paths, answers = 0, 0.0, 0, 0, 0, 0, 0
     for i in range(0, len(held), block):
         part = held[i:i + block]
         sampling.seed += 1                                       # every block draws fresh chains
@@ -145,14 +152,16 @@ def score(model, held, n: int, sampling: Sampling, block: int = 50) -> dict:
             right += v.answer == str(sum(q))
             agree += v.agreement
             chains_right += v.answers.count(str(sum(q)))
-            good = [o for o in map(order, map(decode, v.chains)) if sorted(o) == sorted(q)]
-            formed += len(good)
-            orders += len(set(good))
+            taken = [order(decode(c)) for c in v.chains]
+            formed += sum(sorted(o) == sorted(q) for o in taken)
+            kept = [o for o in taken if same_digits(o, q)]
+            digits += len(kept)
+            paths += len(set(kept))
             answers += len(v.counts)
-    q = len(held)
-    return {"accuracy": right / q, "ci95": wilson(right, q), "agreement": agree / q,
-            "chain_accuracy": chains_right / (q * n), "well_formed": formed / (q * n),
-            "distinct_orders": orders / q, "distinct_answers": answers / q,
+    m = len(held)
+    return {"accuracy": right / m, "ci95": wilson(right, m), "agreement": agree / m,
+            "chain_accuracy": chains_right / (m * n), "well_formed": formed / (m * n),
+            "same_digits": digits / (m * n), "distinct_paths": paths / m, "distinct_answers": answers / m,
             "example": example}
 
 
@@ -209,8 +218,8 @@ def report(res: dict, out: str) -> None:
     for t in TEMPERATURES:
         for n, r in res[f"T={t}"].items():
             print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f} | single chains "
-                  f"right {r['chain_accuracy']:.3f}, well-formed {r['well_formed']:.3f} | per question: "
-                  f"{r['distinct_orders']:.1f} distinct orders, {r['distinct_answers']:.1f} distinct answers")
+                  f"right {r['chain_accuracy']:.3f}, well-formed {r['well_formed']:.3f}, same digits {r['same_digits']:.3f} "
+                  f"| per question: {r['distinct_paths']:.1f} distinct paths, {r['distinct_answers']:.1f} distinct answers")
         rs = [res[f"T={t}"][n] for n in NS]
         rises = all(b["accuracy"] > a["accuracy"] for a, b in zip(rs, rs[1:]))
         apart = all(b["ci95"][0] > a["ci95"][1] for a, b in zip(rs, rs[1:]))

@@ -29,6 +29,14 @@ def test_chains_add_up_in_varied_orders():
     assert demo.decode(demo.encode(demo.question(nums) + c + "\n")) == demo.question(nums) + c
 
 
+def test_same_digits_keeps_the_sum():
+    q = (59, 63, 15, 43)
+    assert demo.same_digits((13, 49, 65, 53), q) and sum((13, 49, 65, 53)) == sum(q)      # digits re-paired
+    assert demo.same_digits((43, 15, 59, 63), q)                                          # a well-formed order
+    assert not demo.same_digits((13, 49, 65, 54), q) and not demo.same_digits((13, 49, 65), q)
+    assert demo.order("13+49=62,62+65=127,127+53=180#180") == (13, 49, 65, 53) and demo.order("#5") == ()
+
+
 def test_held_out_questions_are_never_drawn():
     held, draw = demo.split(200)
     keys = {tuple(sorted(q)) for q in held}
@@ -49,7 +57,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
             r = res[f"T={t}"][n]
             assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and 0.0 <= r["agreement"] <= 1.0
             assert 0.0 <= r["chain_accuracy"] <= 1.0 and 0.0 <= r["well_formed"] <= 1.0
-            assert r["distinct_orders"] <= n * r["well_formed"] + 1e-9 and r["distinct_answers"] <= n
+            assert r["well_formed"] <= r["same_digits"] and r["distinct_paths"] <= n * r["same_digits"] + 1e-9
+            assert r["distinct_answers"] <= n
     ex, first = res["T=0.7"][5]["example"], demo.split(6)[0][0]
     assert len(ex["chains"]) == 5 and ex["question"] == demo.question(first) and ex["answer"] == sum(first)
     assert "direct answer, greedy" in out and "chain of thought, greedy" in out
