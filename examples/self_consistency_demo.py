@@ -12,8 +12,19 @@ CPU, on purpose not to convergence. On held-out questions (four numbers never se
 training), N chains per question are sampled from one prefill of the prompt
 (`megagpt.self_consistency.self_consistency_batch`), the answer after '#' is pulled out with a regex and
 the majority answer is scored. Every N draws its own chains (seeds differ). Prints a table with Wilson
-95% intervals and its JSON, and plots accuracy against N:
+95% intervals and its JSON, and plots accuracy against N (and the training losses):
     python examples/self_consistency_demo.py [--steps S] [--questions Q] [--out DIR]   # make self-consistency-demo
+
+Measured (defaults, 1000 questions; 285 CPU s in all, the two trainings side by side on two cores; three runs
+gave the same numbers): direct 0.084 [0.068, 0.103], greedy chain 0.322 [0.294, 0.352]; votes at T=0.7,
+N = 1/5/10/20: 0.358/0.489/0.638/0.777 (mean agreement 0.99/0.43/0.38/0.36), at T=1: 0.274/0.392/0.545/0.691.
+Rising at every step, with the intervals of neighbouring N apart. A single chain is right about a third of the
+time (0.34 at T=0.7), but its wrong answers scatter (9.3 distinct answers among 20 chains), so the right one
+is the plurality far more often. Only ~5% of chains copy the four numbers whole: the under-trained model
+mostly re-pairs the question's tens and units digits (59+63+15+43 -> 13+49+65+53), which keeps the sum; a
+chain is right about as often as it keeps the digits (0.342 vs 0.346 at N=20), so its slips are in reading
+the numbers, not in adding them. A run whose lr schedule differed only in float rounding (another
+trajectory) gave greedy 0.376; T=0.7: 0.291/0.438/0.565/0.714; T=1: 0.230/0.342/0.477/0.642.
 """
 from __future__ import annotations
 
