@@ -158,7 +158,8 @@ def score(model, held, n: int, sampling: Sampling, block: int = 50) -> dict:
         sampling.seed += 1                                       # every block draws fresh chains
         votes = self_consistency_batch(model, [encode(question(q)) for q in part], n, 40, sampling, extract, eod_id=EOD)
         if i == 0:
-            example = {"question": question(part[0]), "answer": sum(part[0]), "chains": [decode(c) for c in votes[0].chains]}
+            example = {"question": question(part[0]), "answer": sum(part[0]),
+                       "chains": [decode(c) for c in votes[0].chains]}
         for v, q in zip(votes, part):
             right += v.answer == str(sum(q))
             agree += v.agreement
@@ -229,8 +230,9 @@ def report(res: dict, out: str) -> None:
     for t in TEMPERATURES:
         for n, r in res[f"T={t}"].items():
             print(f"  chains, T={t}, N={n:>2} vote:   {fmt(r)}  mean agreement {r['agreement']:.2f} | single chains "
-                  f"right {r['chain_accuracy']:.3f}, well-formed {r['well_formed']:.3f}, same digits {r['same_digits']:.3f} "
-                  f"| per question: {r['distinct_paths']:.1f} distinct paths, {r['distinct_answers']:.1f} distinct answers")
+                  f"right {r['chain_accuracy']:.3f}, well-formed {r['well_formed']:.3f}, "
+                  f"same digits {r['same_digits']:.3f} | per question: {r['distinct_paths']:.1f} distinct paths, "
+                  f"{r['distinct_answers']:.1f} distinct answers")
         rs = [res[f"T={t}"][n] for n in NS]
         rises = all(b["accuracy"] > a["accuracy"] for a, b in zip(rs, rs[1:]))
         apart = all(b["ci95"][0] > a["ci95"][1] for a, b in zip(rs, rs[1:]))

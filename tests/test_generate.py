@@ -205,11 +205,17 @@ def test_majority_vote_and_regex():
         regex_extractor("(", str)
 
 
+def _input_shapes(model):
+    """The token shapes [b, s] of every forward call, and the hook to remove."""
+    shapes = []
+    return shapes, model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(args[0].shape)),
+                                                   with_kwargs=True)
+
+
 def test_self_consistency_prefills_once():
     from megagpt.self_consistency import self_consistency
     model = _model()
-    shapes = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    shapes, hook = _input_shapes(model)
     vote = self_consistency(model, PROMPTS[1], 6, 5, SAMPLED, lambda ids: str(ids[0] % 3))
     hook.remove()
     assert shapes == [(1, len(PROMPTS[1]))] + [(6, 1)] * 4          # one prefill of one prompt row, then 6-row decodes
@@ -221,8 +227,7 @@ def test_self_consistency_prefills_once():
 def test_self_consistency_batch_votes_each_prompt():
     from megagpt.self_consistency import majority_vote, self_consistency_batch
     model, n = _model(), 4
-    shapes = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    shapes, hook = _input_shapes(model)
     votes = self_consistency_batch(model, PROMPTS, n, 5, SAMPLED, lambda ids: str(ids[-1] % 4) if ids[0] % 5 else None)
     hook.remove()
     assert shapes == [(3, 9)] + [(3 * n, 1)] * 4                    # the three prompts prefilled once, padded to 9

@@ -49,7 +49,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     res = demo.main(["--steps", "2", "--questions", "6", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert os.path.getsize(tmp_path / "self_consistency.png") > 0
-    assert json.loads((tmp_path / "results.json").read_text())["greedy_cot"]["accuracy"] == res["greedy_cot"]["accuracy"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["greedy_cot"]["accuracy"] == res["greedy_cot"]["accuracy"]
     dumped = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert dumped["questions"] == 6 and set(dumped["T=0.7"]) == {"1", "5", "10", "20"}
     for t in demo.TEMPERATURES:
