@@ -5,7 +5,7 @@ in an order the writer picks, then states the answer: "23+17=40,40+45=85,85+38=1
 chains use a random order each time, so one question has 24 reasoning paths to the same answer and a
 sampled chain picks one; a slip in one step of one path gives a wrong answer that other paths do not
 share, which is what a vote over paths can outvote (Wang et al. 2022). A direct model is trained on
-"23+45+17+38:#123" with the same size, steps and data, as a baseline.
+"23+45+17+38:#123" with the same size and steps on questions drawn alike, as a baseline.
 
 Two tiny models of the flagship architecture (one per style) train for a fixed number of steps on the
 CPU, on purpose not to convergence. On held-out questions (four numbers never seen together in
