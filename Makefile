@@ -40,7 +40,7 @@ fewshot-demo: install
 	$(PY) examples/fewshot_demo.py
 
 self-consistency-demo: install
-	$(PY) examples/self_consistency_demo.py
+	$(PY) examples/self_consistency_demo.py --out self_consistency_run
 
 align-demo: install
 	$(PY) examples/align_demo.py --out align_run
@@ -59,4 +59,4 @@ gpu-bench: install
 	bash tools/gpu_bench.sh
 
 clean:
-	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run align_run bench/out passkey_run multimodal_run
+	rm -rf .venv runs demo_run rag_demo_run fewshot_demo_run self_consistency_run align_run bench/out passkey_run multimodal_run

@@ -1,6 +1,7 @@
 """Self-consistency decoding: N sampled reasoning chains for one prompt, an answer pulled from each, and the
 majority answer with its agreement rate. The prompt is prefilled once; its KV cache is copied to the N
-chains (`KVCache.repeat`), so the N chains cost N decodes but one prefill."""
+chains (`KVCache.repeat`), so the N chains cost N decodes but one prefill. Many prompts can be voted in one
+batch (`self_consistency_batch`), each still prefilled once."""
 from __future__ import annotations
 
 import re
@@ -46,15 +47,24 @@ def regex_extractor(pattern: str, decode: Callable[[list[int]], str]) -> Callabl
     return extract
 
 
-def self_consistency(chunks, prompt: list[int], n: int, max_new_tokens: int, sampling: Sampling,
-                     extract: Callable[[list[int]], str | None], **kwargs) -> Vote:
-    """N chains sampled from `prompt` (sampling.do_sample must be on), voted. kwargs go to generate_ids
-    (ps, eod_id, stop, on_token)."""
+def self_consistency_batch(chunks, prompts: list[list[int]], n: int, max_new_tokens: int, sampling: Sampling,
+                           extract: Callable[[list[int]], str | None], **kwargs) -> list[Vote]:
+    """One Vote per prompt: N chains sampled from it (sampling.do_sample must be on), voted. All prompts go
+    in one batch, each prefilled once. kwargs go to generate_ids (ps, eod_id, stop, on_token)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"self_consistency: expected a positive number of chains, got {n!r}")
     if not sampling.do_sample and n > 1:
         raise ValueError("self_consistency: greedy chains are all the same; sample (temperature/top-k/top-p)")
-    chains = generate_ids(chunks, [prompt], max_new_tokens, sampling, num_samples=n, **kwargs)
-    answers = [extract(c) for c in chains]
-    answer, agreement, counts = majority_vote(answers)
-    return Vote(answer, agreement, counts, chains, answers)
+    chains = generate_ids(chunks, prompts, max_new_tokens, sampling, num_samples=n, **kwargs)
+    votes = []
+    for i in range(len(prompts)):                 # row i's chains are rows i*n .. i*n+n-1
+        mine = chains[i * n:(i + 1) * n]
+        answers = [extract(c) for c in mine]
+        votes.append(Vote(*majority_vote(answers), mine, answers))
+    return votes
+
+
+def self_consistency(chunks, prompt: list[int], n: int, max_new_tokens: int, sampling: Sampling,
+                     extract: Callable[[list[int]], str | None], **kwargs) -> Vote:
+    """N chains sampled from `prompt`, voted (self_consistency_batch of one prompt)."""
+    return self_consistency_batch(chunks, [prompt], n, max_new_tokens, sampling, extract, **kwargs)[0]

@@ -205,17 +205,42 @@ def test_majority_vote_and_regex():
         regex_extractor("(", str)
 
 
+def _input_shapes(model):
+    """The token shapes [b, s] of every forward call, and the hook to remove."""
+    shapes = []
+    return shapes, model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(args[0].shape)),
+                                                   with_kwargs=True)
+
+
 def test_self_consistency_prefills_once():
     from megagpt.self_consistency import self_consistency
     model = _model()
-    widths = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(args[0].shape[1]), with_kwargs=True)
+    shapes, hook = _input_shapes(model)
     vote = self_consistency(model, PROMPTS[1], 6, 5, SAMPLED, lambda ids: str(ids[0] % 3))
     hook.remove()
-    assert widths == [len(PROMPTS[1])] + [1] * 4                     # one prefill of the prompt, then decode steps
+    assert shapes == [(1, len(PROMPTS[1]))] + [(6, 1)] * 4          # one prefill of one prompt row, then 6-row decodes
     assert vote.chains == generate_ids(model, [PROMPTS[1]], 5, SAMPLED, num_samples=6)
     assert vote.answers == [str(c[0] % 3) for c in vote.chains]
     assert vote.agreement == vote.counts[vote.answer] / 6 and sum(vote.counts.values()) == 6
+
+
+def test_self_consistency_batch_votes_each_prompt():
+    from megagpt.self_consistency import majority_vote, self_consistency_batch
+    model, n = _model(), 4
+    shapes, hook = _input_shapes(model)
+    votes = self_consistency_batch(model, PROMPTS, n, 5, SAMPLED, lambda ids: str(ids[-1] % 4) if ids[0] % 5 else None)
+    hook.remove()
+    assert shapes == [(3, 9)] + [(3 * n, 1)] * 4                    # the three prompts prefilled once, padded to 9
+    chains = generate_ids(model, PROMPTS, 5, SAMPLED, num_samples=n)
+    assert [v.chains for v in votes] == [chains[i * n:(i + 1) * n] for i in range(3)]
+    for v in votes:
+        assert v.answers == [str(c[-1] % 4) if c[0] % 5 else None for c in v.chains]
+        assert (v.answer, v.agreement, v.counts) == majority_vote(v.answers)
+    for bad, msg in ((0, "got 0"), (2.0, "got 2.0")):
+        with pytest.raises(ValueError, match=f"^self_consistency: expected a positive number of chains, {msg}$"):
+            self_consistency_batch(model, PROMPTS, bad, 5, SAMPLED, str)
+    with pytest.raises(ValueError, match="^self_consistency: greedy chains are all the same"):
+        self_consistency_batch(model, PROMPTS, 2, 5, Sampling(), str)
 
 
 def test_unsupported_combinations_are_one_line():
