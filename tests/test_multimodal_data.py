@@ -1,6 +1,7 @@
 """Multimodal data: media files (one-line refusals), the indexed dataset (JSONL -> files -> rows equal the
 expected tokens, labels and media; no pickle; placeholders and media must match, when preprocessing and
-when reading), cuts that never split a placeholder run, and the offline data (DTMF peaks at its two
+when reading), cuts that never split a placeholder run, the text-plus-media stream (text batches equal the text-alone
+stream's), and the offline data (DTMF peaks at its two
 frequencies, digits and captions agree)."""
 import json
 import os
@@ -17,7 +18,7 @@ from megagpt.data.tokenizer import Tokenizer
 from megagpt.model.packing import IGNORE_INDEX
 from megagpt.multimodal.dataset import MultimodalDataset, check_runs, media_files, preprocess_multimodal
 from megagpt.multimodal.media_io import MediaError, load_audio, load_image, save_audio, save_image
-from megagpt.multimodal.rows import MultimodalRows, make_batch
+from megagpt.multimodal.rows import MultimodalRows, TextPlusMediaRows, make_batch
 from megagpt.multimodal.spec import IMAGE_TOKENS, MIN_AUDIO_SAMPLES, SAMPLE_RATE, add_media_tokens, audio_token_count
 from megagpt.multimodal.synth import (CAPTIONS, COLS_HZ, DTMF_HZ, KEYPAD, ROWS_HZ, caption_digit, digit_pixels, dtmf_clip, transcript_digits,
                                       write_digits, write_dtmf)
@@ -415,3 +416,28 @@ def test_answers_read_back_from_generated_text():
     assert caption_digit(" This is a handwritten 3.<|endoftext|> 8") == 3
     assert caption_digit(" A picture of the digit.") is None
     assert transcript_digits(" The tones dial 4 1 9 7. 5 5") == "4197"
+
+
+# ----------------------------------------------------------------------------- text plus media rows
+def test_text_plus_media_rows_keep_the_text_alone_stream():
+    """Each global batch of the mixed stream holds exactly the text rows of the same batch of the text-alone
+    stream of that seed, in order, then media rows; every media row appears once per pass over the media."""
+    text, media = [f"t{i}" for i in range(50)], [f"m{i}" for i in range(7)]
+    alone, mixed = TextPlusMediaRows(text, None, 4, seed=3), TextPlusMediaRows(text, media, 4, 3, seed=3)
+    assert alone.steps == mixed.steps == 12 and (alone.global_batch, mixed.global_batch) == (4, 7)
+    assert len(alone) == 48 and len(mixed) == 84
+    seen_text, seen_media = [], []
+    for k in range(mixed.steps):
+        batch = [mixed[k * 7 + j] for j in range(7)]
+        assert batch[:4] == [alone[k * 4 + j] for j in range(4)]
+        seen_text += batch[:4]
+        seen_media += batch[4:]
+    assert len(set(seen_text)) == 48 and all(r.startswith("t") for r in seen_text)       # one pass, no repeat
+    assert all(sorted(seen_media[p:p + 7]) == sorted(media) for p in range(0, 35, 7))    # each pass: all of them
+    assert seen_media[:7] != seen_media[7:14]                                            # re-shuffled per pass
+    assert [alone[i] for i in range(48)] != [TextPlusMediaRows(text, None, 4, seed=4)[i] for i in range(48)]
+    assert mixed[84] == mixed[0]                                                         # wraps as rows do
+    for bad in (dict(media=None, media_per_step=2), dict(media=media, media_per_step=0), dict(text_per_step=0)):
+        args = dict(text=text, media=None, text_per_step=4, media_per_step=0) | bad
+        with pytest.raises(ValueError, match="rows: text_per_step"):
+            TextPlusMediaRows(**args)

@@ -100,3 +100,41 @@ def make_batch(rows, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     media = Media(image_to_float(pixels) if len(pixels) else None,
                   [torch.from_numpy(np.array(a, np.float32)) for p in parts for a in p.audio])
     return tokens, labels, segments, media
+
+
+class TextPlusMediaRows:
+    """Global batch k = the k-th `text_per_step` rows of `text` plus the k-th `media_per_step` rows of `media`
+    (both rows objects; media may be None), each source in its own seeded order (media re-shuffled on each
+    pass over it). With media=None it is the text-alone stream of the same seed, batch for batch: a model
+    trained on both differs only by the media rows added to each step (the text rows, their order and the
+    step count are the same). len() is one pass over the text; indices past it wrap, as rows do."""
+
+    def __init__(self, text, media, text_per_step: int, media_per_step: int = 0, seed: int = 0):
+        if text_per_step < 1 or (media is not None) != (media_per_step > 0):
+            raise ValueError(f"rows: text_per_step {text_per_step} must be >= 1, and media_per_step "
+                             f"{media_per_step} > 0 exactly when there are media rows")
+        self.text, self.media, self.seed = text, media, seed
+        self.t, self.m = text_per_step, media_per_step if media is not None else 0
+        self.text_order = np.random.default_rng([seed, 0]).permutation(len(text))
+        self._media_orders: dict[int, np.ndarray] = {}
+        self.steps = len(text) // text_per_step                # one pass, whole steps only
+
+    @property
+    def global_batch(self) -> int:
+        return self.t + self.m
+
+    def __len__(self) -> int:
+        return self.steps * self.global_batch
+
+    def _media_row(self, j: int) -> int:
+        n = len(self.media)
+        p = j // n
+        if p not in self._media_orders:
+            self._media_orders[p] = np.random.default_rng([self.seed, 1, p]).permutation(n)
+        return int(self._media_orders[p][j % n])
+
+    def __getitem__(self, i: int) -> Row:
+        k, j = divmod(i % len(self), self.global_batch)
+        if j < self.t:
+            return self.text[int(self.text_order[k * self.t + j])]
+        return self.media[self._media_row(k * self.m + j - self.t)]
