@@ -53,7 +53,7 @@ bench: install
 
 PICOTRON ?= /work/picotron
 vs-picotron: install   # a note, not the suite: picotron cloned at $(PICOTRON) with bench/picotron_cpu.patch applied
-	$(PY) bench/vs_picotron.py --picotron $(PICOTRON)
+	$(PY) bench/vs_picotron.py --picotron $(PICOTRON) $(VS_ARGS)   # e.g. VS_ARGS="--steps 12 --reps 1"
 
 gpu-bench: install
 	bash tools/gpu_bench.sh

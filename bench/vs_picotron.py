@@ -42,6 +42,7 @@ from megagpt.data.synthetic import SyntheticDataset  # noqa: E402
 from megagpt.parallel.spawn import free_port, spawn  # noqa: E402
 
 TOKENS = TRAIN["global_batch_size"] * TRAIN["seq_len"]
+PROBE_DIR = os.path.join(ROOT, "bench", "picotron_probe")   # sitecustomize: picotron's CPU clocks per step
 WARM = 5                     # steps 1..5 are warm-up; the median is over steps 6..N
 # name: (world, threads per rank, picotron distributed sizes or None, megagpt parallel, megagpt train overrides)
 LAYOUTS = {
@@ -125,7 +126,8 @@ def run_picotron(name: str, steps: int, picotron: str, work: str, paths: dict) -
         json.dump(picotron_config(sizes, world, threads, steps, paths, work), fh)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DTYPE": "float32",
-           "PYTHONPATH": picotron, "HF_HOME": os.path.join(work, "hf_home"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([PROBE_DIR, picotron]), "VS_PICOTRON_PROBE": "1",
+           "HF_HOME": os.path.join(work, "hf_home"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WORLD_SIZE": str(world),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = []
@@ -141,14 +143,22 @@ def run_picotron(name: str, steps: int, picotron: str, work: str, paths: dict) -
         log.close()
         rss.append(ru.ru_maxrss / 1024)
         rcs.append(p.returncode)
-    text = "".join(open(os.path.join(work, f"rank{r}.log")).read() for r in range(world))
+    texts = [open(os.path.join(work, f"rank{r}.log")).read() for r in range(world)]
+    text = "".join(texts)
     if any(rcs):
         raise RuntimeError(f"picotron {name} failed (exit codes {rcs}):\n{text[-3000:]}")
     walls = [float(x) for x in re.findall(r"Step time: ([0-9.]+)s", text)]
     losses = [float(x) for x in re.findall(r"Loss: +([0-9.]+)", text)]
     if len(walls) != steps:
         raise RuntimeError(f"picotron {name}: {len(walls)} step times for {steps} steps:\n{text[-3000:]}")
-    return {"walls": walls, "losses": losses, "rss_mb": rss, "threads": [threads] * world}
+    clocks = [[[float(x) for x in m] for m in re.findall(r"VS_PICOTRON_PROBE ([0-9.]+) ([0-9.]+) ([0-9.]+)", t)]
+              for t in texts]                    # per rank, after each optimizer step: process, thread CPU, wall
+    if any(len(c) != steps for c in clocks):
+        raise RuntimeError(f"picotron {name}: CPU probe lines {[len(c) for c in clocks]} for {steps} steps")
+    # a step's CPU: between two optimizer steps (step 1 has no start mark: its window begins with step 2)
+    cpus = [[(c[i][k] - c[i - 1][k] if i else float("nan")) for i in range(steps)] for c in clocks for k in (0, 1)]
+    return {"walls": walls, "losses": losses, "rss_mb": rss, "threads": [threads] * world,
+            "cpu_s": cpus[0::2], "main_cpu_s": cpus[1::2]}
 
 
 # ----------------------------------------------------------------------------- megagpt side
@@ -162,13 +172,15 @@ def _megagpt_worker(rank, world, raw, steps, threads):
     cfg = config_from_dict(raw, world)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg, run_dir=os.devnull)
-    walls, losses = [], []
+    walls, losses, cpus, mains = [], [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         stats = trainer.train_step()
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)        # all threads of this rank (OpenMP, gloo)
+        mains.append(time.thread_time() - m0)         # the main thread only
         losses.append(float(stats["loss"]))
-    return {"walls": walls, "losses": losses, "threads": torch.get_num_threads(),
+    return {"walls": walls, "losses": losses, "cpu_s": cpus, "main_cpu_s": mains, "threads": torch.get_num_threads(),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -177,10 +189,16 @@ def run_megagpt(name: str, steps: int) -> dict:
     res = spawn(world, _megagpt_worker, raw_config(par, steps, train), steps, threads, timeout=1800)
     walls = [max(r["walls"][i] for r in res) for i in range(steps)]     # a step ends with its slowest rank
     return {"walls": walls, "losses": res[-1]["losses"], "rss_mb": [r["rss_mb"] for r in res],
-            "threads": [r["threads"] for r in res]}
+            "threads": [r["threads"] for r in res], "cpu_s": [r["cpu_s"] for r in res],
+            "main_cpu_s": [r["main_cpu_s"] for r in res]}
 
 
 # ----------------------------------------------------------------------------- the table
+
+def _cpu_ms(per_rank: list[list[float]]) -> float:
+    """ms of CPU per step and rank: the median over steps WARM+1.. of the ranks' mean (load does not enter)."""
+    return 1e3 * statistics.median(statistics.mean(r[i] for r in per_rank) for i in range(WARM, len(per_rank[0])))
+
 
 def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
@@ -258,10 +276,12 @@ def main(argv=None) -> int:
                         print(f"  FAILED: {failures[-1]}", flush=True)
                         continue
                     r["median_s"], r["rep"] = statistics.median(r["walls"][WARM:]), rep
+                    r["cpu_ms"], r["main_cpu_ms"] = _cpu_ms(r["cpu_s"]), _cpu_ms(r["main_cpu_s"])
                     r["load"] = os.getloadavg()[0]
                     runs[(e, n)].append(r)
                     report(runs, names, loads, failures, args, rep + 1, show=False)
-                    print(f"  rep {rep} {e:8} {n:13} {TOKENS / r['median_s']:6.0f} tok/s  rss "
+                    print(f"  rep {rep} {e:8} {n:13} {TOKENS / r['median_s']:6.0f} tok/s  CPU/rank "
+                          f"{r['cpu_ms']:.0f} ms (main thread {r['main_cpu_ms']:.0f})  rss "
                           f"{'/'.join(f'{x:.0f}' for x in r['rss_mb'])} MB  threads {r['threads']}  "
                           f"loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}  load {r['load']:.1f}", flush=True)
                 loads.append(os.getloadavg()[0])
@@ -292,7 +312,9 @@ def report(runs: dict, names: list[str], loads: list[float], failures: list[str]
         row = {"megagpt_tok_s": _spread([TOKENS / r["median_s"] for r in m]),
                "megagpt_rss_mb_max": max(max(r["rss_mb"]) for r in m),
                "megagpt_threads": m[0]["threads"], "megagpt_rep_median_s": {r["rep"]: r["median_s"] for r in m},
-               "megagpt_loss_first_last": [m[0]["losses"][0], m[0]["losses"][-1]]}
+               "megagpt_loss_first_last": [m[0]["losses"][0], m[0]["losses"][-1]],
+               "megagpt_cpu_ms": _spread([r["cpu_ms"] for r in m]),
+               "megagpt_main_cpu_ms": _spread([r["main_cpu_ms"] for r in m])}
         if paired(m, base):
             row["megagpt_vs_own_1p"] = _spread([b / a for a, b in paired(m, base)])
         p = runs.get(("picotron", PEER.get(n, n)), [])
@@ -302,24 +324,32 @@ def report(runs: dict, names: list[str], loads: list[float], failures: list[str]
                         "picotron_threads": p[0]["threads"],
                         "picotron_loss_first_last": [p[0]["losses"][0], p[0]["losses"][-1]],
                         "picotron_layout": PEER.get(n, n),
-                        "megagpt_vs_picotron": _spread([b / a for a, b in paired(m, p)])})
+                        "megagpt_vs_picotron": _spread([b / a for a, b in paired(m, p)]),
+                        "picotron_cpu_ms": _spread([r["cpu_ms"] for r in p]),
+                        "picotron_main_cpu_ms": _spread([r["main_cpu_ms"] for r in p])})
+            pc = {r["rep"]: r["cpu_ms"] for r in p}     # by CPU per rank: picotron's / megagpt's, same repetition
+            row["megagpt_vs_picotron_cpu"] = _spread([pc[r["rep"]] / r["cpu_ms"] for r in m if r["rep"] in pc])
         table[n] = row
 
     def fmt(s, f="{:.0f}"):
         return f"{f.format(s['median'])} [{f.format(s['min'])}, {f.format(s['max'])}]" if s else "-"
+    def cpu(c, main):
+        return f"{c['median']:.0f} ({main['median']:.0f})" if c else "-"
     say(f"\nmedian tok/s over steps {WARM + 1}-{args.steps}, {reps_done} of {args.reps} repetitions: "
         f"median [min, max]; load {min(loads):.1f}-{max(loads):.1f}")
     say(f"{'layout':13} | {'picotron tok/s':>20} | {'megagpt tok/s':>20} | {'mg / pico (its row)':>26} | "
-        f"{'mg / own 1p':>18} | RSS MB pico / mg")
+        f"{'mg / own 1p':>18} | RSS MB pico / mg | CPU ms/step/rank pico / mg (main thread) | mg / pico by CPU")
     for n, row in table.items():
         vs = f"{fmt(row.get('megagpt_vs_picotron'), '{:.2f}')} ({row.get('picotron_layout', '-')})"
         say(f"{n:13} | {fmt(row.get('picotron_tok_s')):>20} | {fmt(row['megagpt_tok_s']):>20} | {vs:>26} | "
             f"{fmt(row.get('megagpt_vs_own_1p'), '{:.2f}'):>18} | "
-            f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f}")
+            f"{row.get('picotron_rss_mb_max', float('nan')):.0f} / {row['megagpt_rss_mb_max']:.0f} | "
+            f"{cpu(row.get('picotron_cpu_ms'), row.get('picotron_main_cpu_ms'))} / "
+            f"{cpu(row['megagpt_cpu_ms'], row['megagpt_main_cpu_ms'])} | {fmt(row.get('megagpt_vs_picotron_cpu'), '{:.2f}')}")
     verdicts = targets(table)
     for line in verdicts:
         say(line)
-    out = {"targets": verdicts, "failures": failures, "model": MODEL, "train": TRAIN, "steps": args.steps,
+    out = {"targets": verdicts, "failures": failures, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "model": MODEL, "train": TRAIN, "steps": args.steps,
            "warmup_steps": WARM, "reps": reps_done, "torch": torch.__version__, "cores": os.cpu_count(),
            "load_avg": loads,
            "table": table, "runs": {f"{e} | {n}": rs for (e, n), rs in runs.items() if rs}}

@@ -26,11 +26,12 @@ needs_inductor = pytest.mark.skipif(compile_problem(ModelConfig(), TrainConfig()
                                     is not None, reason="inductor cannot compile here (no C++ compiler)")
 
 
-def _worker(rank, world, compile_on):
+def _worker(rank, world, compile_on, parallel=None):
     from megagpt.train import Trainer
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cfg = config_from_dict({"model": MODEL, "train": {**TRAIN, "compile": compile_on}}, world)
+    cfg = config_from_dict({"model": MODEL, "parallel": parallel or {}, "train": {**TRAIN, "compile": compile_on}},
+                           world)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg, run_dir=os.devnull)
     update, grads = trainer.optimizer.update, {}
@@ -64,6 +65,24 @@ def test_compile_dp2_overlap_matches_eager_one_process():
             seen.add(n)
     assert seen == set(eager["grads"])
     assert not torch.equal(eager["losses"][0], eager["losses"][-1])     # it trained
+
+
+@needs_inductor
+@pytest.mark.parametrize("parallel", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+def test_compile_matches_eager_in_the_same_layout(parallel):
+    """TP2 (collectives inside the compiled blocks) and PP2 (the blocks of each stage): compiled against
+    eager in the same layout, each rank's owned gradients of step 1 and every step's loss and grad norm.
+    Eager in these layouts equals one process (tests/test_grads_measured.py), so compiled does too."""
+    eager = spawn(2, _worker, False, parallel, timeout=300)
+    for r, e in zip(spawn(2, _worker, True, parallel, timeout=600), eager):
+        assert r["graphs"] >= 1 and e["graphs"] == 0
+        assert_close_rel(r["losses"], e["losses"], name="losses")
+        assert_close_rel(r["norms"], e["norms"], name="grad norms")
+        assert set(r["grads"]) == set(e["grads"]) and r["grads"]
+        for n, (lo, g) in r["grads"].items():
+            assert lo == e["grads"][n][0]
+            assert_close_rel(g, e["grads"][n][1], name=n)
+    assert not torch.equal(eager[0]["losses"][0], eager[0]["losses"][-1])     # it trained
 
 
 @pytest.mark.parametrize("over,msg", [({"model": {"hidden_dropout": 0.1}}, "model.hidden_dropout = 0"),

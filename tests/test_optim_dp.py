@@ -206,6 +206,56 @@ def test_buckets_launch_during_backward_and_not_under_no_sync():
         assert at == sorted(at) and len(set(at)) >= 3, f"launches spread over backward: {at}"
 
 
+def launch_phase_worker(rank, world, bucket_mb, during):
+    """One step of DP2 (plain all-reduce buckets) with torch.distributed.all_reduce intercepted: the phase
+    (forward i, backward i, after backward) each bucket's collective was launched in, and the reduced
+    gradients. during=False keeps sync off on every microbatch, so finish_grad_sync launches every
+    bucket after backward (the path without overlap)."""
+    mcfg, tcfg = model_cfg(), train_cfg(world)
+    ps = ParallelState.create()
+    model = build_model(mcfg, ps, seed=tcfg.seed)
+    opt = build_optimizer([model], ps, tcfg, ParallelConfig(bucket_size_mb=bucket_mb, distributed_optimizer=False),
+                          mcfg)
+    tokens, labels = data(mcfg, 1)[0]
+    rows = GLOBAL_BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    phase, launched, real = ["setup"], [], dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        launched.append(phase[0])
+        return real(tensor, *args, **kwargs)
+    dist.all_reduce = spy
+    try:
+        opt.zero_grad()
+        for i, (t, lab) in enumerate(zip(tokens[mine].chunk(MICRO), labels[mine].chunk(MICRO))):
+            opt.set_sync(during and i == MICRO - 1)
+            phase[0] = f"forward {i}"
+            loss = model(t, lab).float().sum() / tokens.numel()
+            phase[0] = f"backward {i}"
+            opt.scale_loss(loss).backward()
+        phase[0] = "after backward"
+        opt.buffer.finish_grad_sync()
+    finally:
+        dist.all_reduce = real
+    return {"launched": launched, "buckets": len(opt.buffer.buckets),
+            "grads": {n: p.main_grad.clone() for n, p in model.named_parameters()}}
+
+
+def test_bucket_collectives_start_inside_the_last_backward_and_match_the_after_backward_path():
+    last = f"backward {MICRO - 1}"
+    during = spawn(2, launch_phase_worker, 0.02, True)
+    after = spawn(2, launch_phase_worker, 0.02, False)
+    one_bucket = spawn(2, launch_phase_worker, 1000.0, False)
+    for d, a, o in zip(during, after, one_bucket):
+        assert d["buckets"] >= 3 and o["buckets"] == 1
+        assert d["launched"] == [last] * d["buckets"], \
+            f"every bucket's all-reduce must start inside the last backward: {d['launched']}"
+        assert a["launched"] == ["after backward"] * a["buckets"], a["launched"]
+        for name, g in d["grads"].items():             # the same sums, bit for bit, whenever they start
+            assert torch.equal(g, a["grads"][name]), name
+            assert torch.equal(g, o["grads"][name]), name
+
+
 # ------------------------------------------------------------------ checkpoint export / import
 
 def ckpt_worker(rank, world):
