@@ -160,3 +160,21 @@ def test_tool_reports_k_0_1_5_with_intervals(tiny, tmp_path, capsys):
     assert "no field 'answer'" in capsys.readouterr().err
     assert tool.main(["--load", str(tmp_path / "none"), "--task", task]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_fewshot_demo_repeats_are_found_by_content_not_by_distance():
+    """The repeat sequences mixed into the few-shot demo's training: every word with a loss is the word
+    after an earlier occurrence of its predecessor (induction can predict it), and the distance to that
+    occurrence varies (a fixed one let a head find the repeat by position alone, which does not transfer
+    to matching an item against the shots)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import fewshot_demo as demo
+    rng, distances = random.Random(0), set()
+    for _ in range(200):
+        words, mask = demo.repeat_sequence(rng)
+        assert len(words) == len(mask) == 24 and any(mask)
+        n = len(words) - mask.index(True) + 1                 # the repeat's length
+        distances.add(n)
+        for i in (i for i, m in enumerate(mask) if m):
+            assert words[i] == words[i - n] and words[i - 1] == words[i - 1 - n]
+    assert len(distances) >= 5

@@ -162,3 +162,30 @@ def test_rag_demo_training_samples_never_show_the_knowledge_base(tmp_path):
                 assert rag.strip_citations(target) in prompt.split(f"[{cited[0]}]")[1].split("[")[0]
             else:
                 assert "[" not in prompt + target
+
+
+def test_rag_demo_distractors_share_a_name_part_as_bm25_neighbours_do(tmp_path):
+    """Each distractor shares the first or the last name with the person asked, independently: BM25's top-3
+    on the knowledge base mostly shows two that share the same part, so training must show that case too
+    (an earlier version always showed one of each, and the person asked was simply the one in the middle)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import random
+    from collections import Counter
+    import rag_demo as demo
+    kb, pools = demo.invent_world(0)
+    index = rag.Index.from_corpus(_write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb]))
+    tok = demo.word_tokenizer(kb, index, pools)
+    taken, rng, shapes = {tuple(p["name"].split()) for p in kb}, random.Random(0), Counter()
+    for _ in range(300):
+        ids, spans = demo.example(tok, rng, pools, taken, len(kb), closed=False)
+        prompt = tok.decode(ids[:spans[0][0]])
+        names = [tuple(line.split()[1:3]) for line in prompt.split("[p")[1:]]
+        asked = tuple(prompt.split("question: ")[1].split(" born ?")[0].split(" work as")[0].split()[-2:])
+        others = [n for n in names if n != asked]
+        assert asked in names and len(set(names)) == len(names)
+        parts = sorted("first" if n[0] == asked[0] else "last" for n in others)
+        assert all((n[0] == asked[0]) != (n[1] == asked[1]) for n in others)      # exactly one part shared
+        shapes[tuple(parts)] += 1
+    assert set(shapes) == {(), ("first",), ("last",), ("first", "first"), ("last", "last"), ("first", "last")}
+    counts = Counter(demo.shared_parts(index, demo.questions(kb)))
+    assert counts["first"] + counts["last"] > 0.9 * sum(counts.values())       # what BM25 shows at top-3
