@@ -201,7 +201,8 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="multimodal_run")
-    ap.add_argument("--seeds", type=int, default=3, help="paired runs (mixed and text alone) per seed")
+    ap.add_argument("--seeds", type=int, default=3, help="paired runs (mixed and text alone) for seeds 0..N-1")
+    ap.add_argument("--seed-list", help="these seeds instead, comma-separated (e.g. 2: one seed, ~1/3 of the time)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: small data, few steps (numbers mean little)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     # one pass of media rows holds each image 3x and each clip 1x: IMAGE_REPEATS/3 passes give the exposure
     media = media_prefix(built, tok, IMAGE_REPEATS // AUDIO_REPEATS, 1)
     image_id, audio_id = media_token_ids(tok)
-    seq, seeds = 128, list(range(args.seeds))
+    seq, seeds = 128, [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     n_text = len(MultimodalRows(MultimodalDataset(built["data"]["text_train"]), seq))
     n_media = len(MultimodalRows(MultimodalDataset(media), seq))
     steps = n_text // TEXT_ROWS                                        # one pass over the text, both runs
