@@ -35,7 +35,10 @@ plays share nothing with the caption or transcript templates.)
 
 Measured (3 seeds, 1759 CPU s: 14.7 min on 2 quiet cores; 55 min wall at load 9-17): text loss +0.82% +- 0.31%
 (3.1007 vs 3.0754; target 2%: met); digits 0.933 / 0.827 / 0.919, mean 0.893 (target 0.90: NOT met); DTMF
-strings 0.875 / 0.705 / 0.135 (the adapters are seed-sensitive at this exposure). Read in corpus order, the
+strings 0.875 / 0.705 / 0.135. With the adapters at fan-in init (adapters.adapter_init_std; the old init
+started DTMF embeddings ~70x below the token scale), the three mixed runs alone (text-alone runs unaffected,
+not rerun): DTMF strings 0.950 / 0.915 / 0.945, digits 0.886 / 0.880 / 0.911 (mean 0.892: still NOT met),
+text loss 3.1006 (+0.82% vs 3.0754). Read in corpus order, the
 text-alone run of seed 0 ended 3.0% worse (3.1656 vs 3.0727). README.md, "Images and audio", has every version.
 """
 from __future__ import annotations
