@@ -39,6 +39,27 @@ def test_adapter_shapes_counts_and_batch_independence():
     assert [n for n, _ in model.named_parameters()][0].startswith("vision.")   # first: last in the grad buffer
 
 
+@pytest.mark.parametrize("hidden,adapter", [(32, 16), (128, 64)])      # the tests' and the demo's sizes
+def test_media_embeddings_start_at_the_token_embeddings_scale(hidden, adapter):
+    """adapters.adapter_init_std: at init an image's and a DTMF clip's embeddings have about the token
+    embeddings' rms, and the clip's vary over time (the digits). With the decoder's fixed init_std the
+    audio stack shrank them ~70x (time-varying part ~300x) at the demo's sizes."""
+    import numpy as np
+
+    from megagpt.multimodal.media_io import image_to_float
+    from megagpt.multimodal.synth import digit_pixels, dtmf_clip
+    model = build_model(ModelConfig(**model_cfg(hidden_size=hidden, adapter_hidden=adapter, init_std=0.02,
+                                                num_heads=4, adapter_layers=2)), seed=1).eval()
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    token = rms(model.embedding.weight)
+    with torch.no_grad():
+        img = model.vision(image_to_float(digit_pixels()[0][:8, None]))                   # [8, 16, h]
+        clip = model.audio([torch.from_numpy(dtmf_clip("1590", np.random.default_rng(0)))])   # [T', h]
+    for got in (rms(img), rms(clip)):
+        assert token / 3 < got < 3 * token, (got, token)
+    assert float(clip.std(0).mean()) > token / 20                      # the tones change along the clip
+
+
 def test_placeholders_replaced_and_counts_refused():
     model = build_model(ModelConfig(**model_cfg()), seed=1)
     rows = MixedRows(3, SEQ)

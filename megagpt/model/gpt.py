@@ -23,7 +23,7 @@ from ..parallel.layers import (REPLICATED, ColumnParallelLinear, VocabParallelEm
                                make_param, parallel_lm_logits)
 from ..parallel.random import RNGTracker, checkpoint, dropout
 from ..parallel.state import ParallelState
-from ..multimodal.adapters import build_adapters, merge_media
+from ..multimodal.adapters import adapter_init_std, build_adapters, merge_media
 from .block import Block
 from .moe import MoEContext
 from .norm import Norm
@@ -89,7 +89,8 @@ class GPTModel(nn.Module):
             else:
                 digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-                std = init_std_for(name, cfg.init_std, cfg.num_layers, cfg.scaled_init)
+                std = adapter_init_std(name, meta.global_shape, cfg.init_std)   # None: not an adapter's
+                std = init_std_for(name, cfg.init_std, cfg.num_layers, cfg.scaled_init) if std is None else std
                 full = torch.empty(meta.global_shape).normal_(0.0, std, generator=gen)
             ep = self.ps.groups["ep"]
             p.copy_(meta.spec.shard(meta.ep_shard(full, ep.rank, ep.size), self.tp.rank, self.tp.size))

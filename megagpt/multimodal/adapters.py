@@ -16,6 +16,9 @@ gradient (`_touch`), so every DP rank's buckets fill and launch in the same orde
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 import torch.nn as nn
 
@@ -37,6 +40,26 @@ def build_adapters(m, sequence_parallel: bool, device=None, dtype=None) -> dict[
         for p in module.parameters():
             p.meta = ParamMeta(tuple(p.shape), REPLICATED, sequence_parallel)
     return out
+
+
+ADAPTERS = ("vision", "audio")
+# adapter weights whose input comes out of a GELU (see vision.py, audio.py): He gain sqrt(2) keeps their scale
+_AFTER_GELU = re.compile(r"(audio\.convs\.[1-9]\d*|audio\.project\.0|project\.2|blocks\.\d+\.fc2)\.weight$")
+
+
+def adapter_init_std(name: str, shape: tuple, init_std: float) -> float | None:
+    """The init std of an adapter weight matrix / conv kernel `name` (None: not one; the decoder's rule).
+
+    Fan-in init (std gain / sqrt(fan_in), gain sqrt(2) after a GELU), not the decoder's fixed init_std:
+    the audio stack has no norm between its convs and projector, so at std 0.02 every layer shrinks its
+    input ~3-6x and the clip's embeddings start ~70x below the token embeddings' scale (its time-varying
+    part ~300x), which the adapter has to climb out of by luck of the seed. The projector's last layer is
+    scaled by init_std: the media embeddings start at the token embeddings' rms."""
+    if name.split(".")[0] not in ADAPTERS or not name.endswith(".weight") or len(shape) < 2:
+        return None
+    fan_in = math.prod(shape[1:])                                   # Linear [out, in], Conv1d [out, in, k]
+    std = (math.sqrt(2.0) if _AFTER_GELU.search(name) else 1.0) / math.sqrt(fan_in)
+    return std * init_std if name.endswith("project.2.weight") else std
 
 
 def adapter_param_numels(m) -> list[int]:
@@ -100,8 +123,6 @@ def merge_media(model, tokens: torch.Tensor, x: torch.Tensor, media: Media | Non
         full, sel = full.chunk(model.tp.size)[model.tp.rank], sel.chunk(model.tp.size)[model.tp.rank]
     return torch.where(sel[..., None], full, x)
 
-
-ADAPTERS = ("vision", "audio")
 
 
 def freeze_decoder(chunks: list[nn.Module]) -> int:
