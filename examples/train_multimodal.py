@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from megagpt.parallel.state import init_distributed
 
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--valid", help="a multimodal dataset prefix for validation (default: --data)")
+    ap.add_argument("--valid", help="a multimodal dataset prefix for validation (default: none, no val_loss)")
     ap.add_argument("--no-pack", action="store_true")
     mine, rest = ap.parse_known_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))

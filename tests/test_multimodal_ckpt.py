@@ -19,7 +19,7 @@ def _run(rank, world, run_dir, tp, load):
     from megagpt.multimodal.trainer import MultimodalTrainer
     cfg = mm_cfg(tp=tp, sp=tp > 1)
     cfg.model.tie_embeddings = False
-    tr = MultimodalTrainer(cfg, run_dir, MixedRows(24, SEQ), load=load)
+    tr = MultimodalTrainer(cfg, run_dir, MixedRows(24, SEQ), MixedRows(24, SEQ), load=load)   # eval rows: the same rows
     if load is None:
         tr.train_step()
         tr.save()

@@ -252,3 +252,30 @@ def test_dp2_sharded_optimizers_take_the_same_steps(tmp_path):
                 d = w.shape[0] // 3      # which Adam scales to lr-sized steps of random sign; q and v parts compared
                 w, g = torch.cat([w[:d], w[2 * d:]]), torch.cat([g[:d], g[2 * d:]])
             assert_close_rel(g, w, name=f"{mode} {n}")
+
+
+# ----------------------------------------------------------------------------- validation data
+
+def _valid_worker(rank, world, run_dir):
+    import dataclasses
+    from megagpt.multimodal.trainer import MultimodalTrainer
+    cfg = mm_cfg()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=1))
+    no_valid = MultimodalTrainer(cfg, f"{run_dir}/none", MixedRows(24, SEQ))
+    try:
+        no_valid.evaluate()
+        raised = ""
+    except ValueError as e:
+        raised = str(e)
+    held = MultimodalTrainer(cfg, f"{run_dir}/held", MixedRows(24, SEQ), MixedRows(8, SEQ))
+    return {"interval": no_valid.cfg.train.eval_interval, "raised": raised,
+            "held_interval": held.cfg.train.eval_interval, "held_is_valid": held.valid_data is not held.train_data,
+            "val": held.evaluate()}
+
+
+def test_no_training_rows_as_validation(tmp_path):
+    """Without held-out data there is no validation (a training-set loss is never logged as val_loss);
+    with it, val_loss is computed on it."""
+    r = spawn(1, _valid_worker, str(tmp_path), timeout=120)[0]
+    assert r["interval"] == 0 and "--valid" in r["raised"]
+    assert r["held_interval"] == 1 and r["held_is_valid"] and r["val"] > 0
