@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .model.mod import processed_keys_mask
+
 
 class _LayerView:
     """One layer's slice of the cache, as Attention sees it."""
@@ -57,12 +59,7 @@ class _RoutedView:
 
     @property
     def mask(self) -> torch.Tensor:
-        T = self.keys.shape[1]
-        keys = torch.arange(T, device=self.keys.device)
-        slots = torch.arange(T - self.s, T, device=self.keys.device)
-        base = self.view.mask                                 # None: every earlier key visible (causal)
-        base = (keys[None, :] <= slots[:, None])[None, None] if base is None else base   # [b|1, 1, s, T]
-        return base & (self.keys[:, None, None, :] | (keys[None, :] == slots[:, None]))  # [b, 1, s, T]
+        return processed_keys_mask(self.keys, self.s, self.view.mask)                 # [b, 1, s, T]
 
 
 class KVCache:

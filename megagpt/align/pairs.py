@@ -44,16 +44,19 @@ class PairTrainer(AlignTrainer):
         sampler = MicroBatchSampler(1 << 62, first_pair, self.cfg.train.micro_batch_size // 2, self.ps.dp.rank, self.dp)
         return list(itertools.islice(sampler, self.num_microbatches))
 
-    def pair_batches(self, rows, first_pair: int) -> list[torch.Tensor]:
-        """This replica's row ids [mbs] of each microbatch, from global pair first_pair on (cycling the data)."""
+    def pair_batches(self, rows, first_pair: int, pids: list[list[int]] | None = None) -> list[torch.Tensor]:
+        """This replica's row ids [mbs] of each microbatch, from global pair first_pair on (cycling the data);
+        pids: pair_ids(first_pair) when the caller has them already."""
         n = rows[0].shape[0] // 2
-        return [torch.tensor([2 * (p % n) + k for p in pairs for k in (0, 1)]) for pairs in self.pair_ids(first_pair)]
+        return [torch.tensor([2 * (p % n) + k for p in pairs for k in (0, 1)])
+                for pairs in (self.pair_ids(first_pair) if pids is None else pids)]
 
     def run_pairs(self, rows, first_pair: int, loss_scale: float, forward_only: bool = False,
                   limit: int | None = None) -> list[float]:
         """One pass of the engine over a global batch of pairs: [loss sum, *stat sums] over the global batch.
         limit: only pairs with global index < limit count (evaluation: a wrapped pair is not counted twice)."""
-        ids, pids = self.pair_batches(rows, first_pair), self.pair_ids(first_pair)
+        pids = self.pair_ids(first_pair)
+        ids = self.pair_batches(rows, first_pair, pids)
         dev = self.ps.device
         sums = torch.zeros(1 + len(self.stat_names), dtype=torch.float64)
 

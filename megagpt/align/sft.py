@@ -34,16 +34,28 @@ class SFTTrainer(AlignTrainer):
         if not data_path:
             raise ValueError("sft: --data PREFIX (conversations preprocessed by tools/preprocess_chat.py) is required")
         self.packed, self.eval_data_path = packed, eval_data_path
-        no_val = not eval_data_path and cfg.train.eval_interval
-        if no_val:                   # never report a training-set loss as val_loss
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=0))
+        cfg, no_val = self.without_validation(cfg, eval_data_path)
         super().__init__(cfg, run_dir, data_path, load)
-        if no_val and self.is_logger:
-            print("sft: no held-out conversations (--eval-data): no validation (train.eval_interval set to 0)", flush=True)
+        self.say_no_validation(no_val)
         if base and not load:
             from .grow import load_grown
             load_grown(base, self.chunks, self.ps, cfg.model)
             self.reload_optimizer()
+
+    stage, held_out_flag = "sft", "--eval-data PREFIX"        # named in the one-line notes below
+
+    @staticmethod
+    def without_validation(cfg, held_out):
+        """(cfg, True) with train.eval_interval set to 0 when there is no held-out data: a training-set loss
+        is never logged as val_loss; else (cfg, False)."""
+        if held_out or not cfg.train.eval_interval:
+            return cfg, False
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=0)), True
+
+    def say_no_validation(self, no_val: bool) -> None:
+        if no_val and self.is_logger:
+            print(f"{self.stage}: no held-out data ({self.held_out_flag}): no validation "
+                  f"(train.eval_interval set to 0)", flush=True)
 
     def _build_data(self, data_path):
         self.needs_data = True
@@ -99,7 +111,7 @@ class SFTTrainer(AlignTrainer):
         """Mean loss over the trainable labels of eval_iters batches of the held-out conversations (the rows
         cycle: SFT data is small)."""
         if self.valid_data is None:
-            raise ValueError("sft: no held-out conversations to evaluate (--eval-data PREFIX)")
+            raise ValueError(f"{self.stage}: no held-out data to evaluate ({self.held_out_flag})")
         self.eval_mode(True)
         sums = [self._eval_batch(k) for k in range(self.cfg.train.eval_iters)]
         self.eval_mode(False)

@@ -42,6 +42,18 @@ def mod_keep(scores: torch.Tensor, capacity: float) -> torch.Tensor:
     return torch.topk(scores, k, dim=0).indices.sort(dim=0).values
 
 
+def processed_keys_mask(processed: torch.Tensor, s: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Generation's attention rule for a MoD layer: the mask [b, 1, s, T] of the last s of T slots when only
+    the keys of processed tokens (`processed` [b, T] bool) are visible, on top of `base` ([b|1, 1, s, T];
+    None: causal). A query always sees itself, which keeps its softmax finite (its output is discarded)."""
+    T = processed.shape[1]
+    keys = torch.arange(T, device=processed.device)
+    slots = torch.arange(T - s, T, device=processed.device)
+    if base is None:
+        base = (keys[None, :] <= slots[:, None])[None, None]                        # [1, 1, s, T]
+    return base & (processed[:, None, None, :] | (keys[None, :] == slots[:, None]))
+
+
 class MoDRouter(nn.Module):
     def __init__(self, hidden: int, capacity: float, layer_id: int, context: MoEContext, device=None, dtype=None):
         super().__init__()
@@ -86,13 +98,10 @@ class MoDRouter(nn.Module):
     def causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, body, cache=None) -> torch.Tensor:
         """Generation's rule (module docstring). body(x, cos, sin, cache, mask) is the block; cache this
         layer's KV-cache view or None (full recompute). x [s, b, h] -> [s, b, h]."""
-        s = x.shape[0]
         keep = self.predict(x)                                                       # [s, b]
         if cache is not None:
             y = body(x, cos, sin, cache.routed(keep.t()), None)
-        else:   # causal, and only processed keys (each query sees itself): [b, 1, s, s]
-            pos = torch.arange(s, device=x.device)
-            mask = (pos[None, :] <= pos[:, None]) & (keep.t()[:, None, :] | (pos[None, :] == pos[:, None]))
-            y = body(x, cos, sin, None, mask.unsqueeze(1))
+        else:   # full recompute: causal, and only processed keys: [b, 1, s, s]
+            y = body(x, cos, sin, None, processed_keys_mask(keep.t(), x.shape[0]))
         gate = torch.sigmoid(self._scores(x, self.weight)).unsqueeze(-1).to(x.dtype)   # [s, b, 1]
         return torch.where(keep.unsqueeze(-1), x + gate * (y - x), x)

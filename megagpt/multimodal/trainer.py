@@ -13,7 +13,6 @@ The loss is SFT's: the sum over trainable labels / their global count over micro
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 from ..align.base import AlignTrainer
@@ -54,29 +53,23 @@ def batch_of(rows, indices):
 
 
 class MultimodalTrainer(SFTTrainer):
+    stage, held_out_flag = "multimodal", "--valid PREFIX"
+
     def __init__(self, cfg, run_dir: str, data, valid=None, load: str | None = None, packed: bool = True):
         """data / valid: a dataset prefix (str) or a rows object (see the module docstring). Without valid
         there is no validation (train.eval_interval set to 0): a training-set loss is never logged as val_loss."""
         if data is None:
             raise ValueError("multimodal: --data PREFIX (written by tools/preprocess_multimodal.py) is required")
         self.packed, self._sources = packed, (data, valid)
-        no_val = valid is None and cfg.train.eval_interval
-        if no_val:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_interval=0))
+        cfg, no_val = self.without_validation(cfg, valid is not None)
         AlignTrainer.__init__(self, cfg, run_dir, None, load)
-        if no_val and self.is_logger:
-            print("multimodal: no held-out data (--valid): no validation (train.eval_interval set to 0)", flush=True)
+        self.say_no_validation(no_val)
 
     def _build_data(self, data_path):
         seq = self.cfg.train.seq_len
         rows = [open_rows(d, self.cfg.model, seq, self.packed) if isinstance(d, str) else d for d in self._sources]
         self.needs_data = True
         self.train_data, self.valid_data = rows
-
-    def evaluate(self) -> float:
-        if self.valid_data is None:
-            raise ValueError("multimodal: no held-out data to evaluate (--valid PREFIX)")
-        return super().evaluate()
 
     def _microbatch_fn(self, dataset, first_sample: int):
         """(get(i) -> (tokens, labels), kwargs(i) -> {"packing", "media"}, this replica's trainable count)."""
