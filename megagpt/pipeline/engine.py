@@ -19,7 +19,7 @@ Timing: `timeline` holds (op, start, end, waited) per compute op of the last cal
 (time.perf_counter seconds; waited is the part of [start, end] spent waiting for its input),
 so a bubble is measured on the engine itself (tools/schedule.py --measure, make bench).
 `timer`, if set, is called as `with timer("compute"):` around each F/B and
-`with timer("comm_wait"):` around each p2p wait: the benchmark's hook (bench/run.py StepClock).
+`with timer("comm_wait"):` around each p2p wait: the benchmark's hook (bench/scaling.py StepClock).
 
 Loss: the last global chunk turns its per-token losses [b, s] into sum * loss_scale and
 backpropagates that. The caller passes loss_scale = 1 / (tokens in the global batch over all
