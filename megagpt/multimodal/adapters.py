@@ -44,7 +44,7 @@ def build_adapters(m, sequence_parallel: bool, device=None, dtype=None) -> dict[
 
 ADAPTERS = ("vision", "audio")
 # adapter weights whose input comes out of a GELU (see vision.py, audio.py): He gain sqrt(2) keeps their scale
-_AFTER_GELU = re.compile(r"(audio\.convs\.[1-9]\d*|audio\.project\.0|project\.2|blocks\.\d+\.fc2)\.weight$")
+_AFTER_GELU = re.compile(r"(audio\.convs\.[1-9]\d*|vision\.stem2|audio\.project\.0|project\.2|blocks\.\d+\.fc2)\.weight$")
 
 
 def adapter_init_std(name: str, shape: tuple, init_std: float) -> float | None:

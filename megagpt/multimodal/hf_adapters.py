@@ -5,10 +5,10 @@ Llama directory (config.json + model*.safetensors: `transformers` loads it as Ll
 sees the adapters) plus:
 
   adapters.safetensors   every adapter parameter as its global tensor under its megagpt name
-                         (vision.patch.weight, vision.blocks.0.qkv.weight, ..., audio.convs.0.weight, ...),
+                         (vision.stem1.weight, vision.blocks.0.qkv.weight, ..., audio.convs.0.weight, ...),
                          in the export's dtype; header metadata {"format": "pt", "megagpt_multimodal": JSON}
   config.json            gains "megagpt_multimodal": {image_token_id, audio_token_id, adapter_hidden,
-                         adapter_layers, and the media contract of spec.py (image and patch size, tokens
+                         adapter_layers, and the media contract of spec.py (image size, stem stride, tokens
                          per image, sample rate, n_fft, hop, n_mels, subsampling)}; transformers ignores
                          the key. megagpt's import (--to megagpt) reads the key and the file back.
 The adapters' modules are multimodal/vision.py and audio.py: the names say which tensor is which.

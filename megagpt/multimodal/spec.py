@@ -27,7 +27,7 @@ IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
 MEDIA_TOKENS = (IMAGE_TOKEN, AUDIO_TOKEN)
 
 IMAGE_CHANNELS, IMAGE_SIZE = 1, 8
-IMAGE_PATCH = 2                                    # 8x8 -> a 4x4 grid of 2x2 patches
+IMAGE_PATCH = 2                                    # the vision stem's stride: 8x8 -> a 4x4 grid of tokens
 IMAGE_TOKENS = (IMAGE_SIZE // IMAGE_PATCH) ** 2    # 16 embeddings per image
 
 SAMPLE_RATE = 8000                                 # Hz: telephone audio, DTMF's home

@@ -1,11 +1,18 @@
 """The vision adapter: an 8x8 image -> IMAGE_TOKENS embeddings of the decoder's hidden size.
 
-    image [n, 1, 8, 8] -> 2x2 patches [n, 16, 4] -> linear patch embedding + learned positions [n, 16, d]
+    image [n, 1, 8, 8] -> convolutional stem: Conv2d 3x3 (d/2, zero padding) -> GELU -> Conv2d 3x3 stride
+    IMAGE_PATCH (d) [n, d, 4, 4] -> one token per 2x2 cell (each sees 5x5 pixels) + learned positions [n, 16, d]
     -> `layers` pre-norm ViT blocks (bidirectional attention within one image) -> LayerNorm
     -> MLP projector (d -> h -> h) [n, 16, h]
 
-Every image is encoded on its own (attention never crosses images, no batch statistics), so its
-embeddings do not depend on the other images of the batch: every layout gives the same ones.
+Why a stem and not a linear 2x2 patch embedding: with ~1,400 training images the patch embedding learned
+features that fit the training digits but not new ones (the demo, seed 1: captions 0.982 right on the
+training images, 0.880 held out; a linear probe on its embeddings 1.000 / 0.928); the 3x3 convs' locality
+and shared weights close most of that gap (0.996 / 0.944; probe 1.000 / 0.967).
+
+Every image is encoded on its own (attention never crosses images, no batch statistics; the padding is
+each image's own zeros), so its embeddings do not depend on the other images of the batch: every layout
+gives the same ones.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spec import IMAGE_CHANNELS, IMAGE_PATCH, IMAGE_SIZE, IMAGE_TOKENS
+from .spec import IMAGE_CHANNELS, IMAGE_PATCH, IMAGE_TOKENS
 
 HEADS = 4                                      # the encoder's attention heads (adapter_hidden % HEADS == 0)
 
@@ -38,7 +45,8 @@ class VisionAdapter(nn.Module):
     def __init__(self, hidden: int, d: int, layers: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.patch = nn.Linear(IMAGE_CHANNELS * IMAGE_PATCH ** 2, d, **kw)
+        self.stem1 = nn.Conv2d(IMAGE_CHANNELS, d // 2, 3, padding=1, **kw)
+        self.stem2 = nn.Conv2d(d // 2, d, 3, stride=IMAGE_PATCH, padding=1, **kw)
         self.pos = nn.Parameter(torch.empty(IMAGE_TOKENS, d, **kw))
         self.blocks = nn.ModuleList(ViTBlock(d, **kw) for _ in range(layers))
         self.norm = nn.LayerNorm(d, **kw)
@@ -46,10 +54,8 @@ class VisionAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [n, C, H, W] float in [0, 1] -> [n, IMAGE_TOKENS, hidden]."""
-        n, p = images.shape[0], IMAGE_PATCH
-        g = IMAGE_SIZE // p
-        patches = images.reshape(n, IMAGE_CHANNELS, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # [n, g, g, C, p, p]
-        x = self.patch(patches.reshape(n, g * g, -1).to(self.pos.dtype)) + self.pos       # [n, 16, d]
+        x = self.stem2(F.gelu(self.stem1(images.to(self.pos.dtype))))                      # [n, d, 4, 4]
+        x = x.flatten(2).transpose(1, 2) + self.pos                                         # [n, 16, d]
         for block in self.blocks:
             x = block(x)
         return self.project(self.norm(x))                                                  # [n, 16, h]
