@@ -115,14 +115,16 @@ def run_layout(name: str, steps: int, train: dict | None = None, profile=False) 
 
 
 def ab_main(field: str, names: list[str], rounds: int, steps: int) -> dict:
-    """train.<field> false against true in each layout, arms alternated round by round: the median step's
-    wall, and per rank and step (median) the process CPU, the system CPU and the minor page faults."""
+    """train.<field> false against true in each layout (field: one or more train fields, comma-separated, all
+    set alike), arms alternated round by round: the median step's wall, and per rank and step (median) the
+    process CPU, the system CPU and the minor page faults."""
+    fields = field.split(",")
     out = {}
     for n in names:
         arms = {False: [], True: []}
         for r in range(rounds):
             for arm in ((False, True) if r % 2 == 0 else (True, False)):
-                res = run_layout(n, steps, {field: arm})
+                res = run_layout(n, steps, dict.fromkeys(fields, arm))
                 arms[arm].append({"wall": statistics.median(res["walls"]), **res["per_rank"],
                                   "load": os.getloadavg()[0]})
                 a = arms[arm][-1]
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", nargs="*", metavar="NAME",
                     help=f"subset of {list(LAYOUTS)}, each optionally + '{COMPILED}' (default: all, eager)")
     ap.add_argument("--compile", action="store_true", help="1 process, 1 and 2 threads: train.compile off vs on")
-    ap.add_argument("--ab", metavar="FIELD", help="with --layouts: train.FIELD false against true, alternated")
+    ap.add_argument("--ab", metavar="FIELD", help="with --layouts: train.FIELD false against true, alternated "
+                                                  "(FIELD[,FIELD...]: several switched together)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "one_process.json"))
