@@ -82,14 +82,16 @@ def _worker(rank, world, raw, steps, threads, profile=False):
     out = []
     for _ in range(steps):
         clock.clear()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         stats = trainer.train_step()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        f1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults, sys_s = f1.ru_minflt - f0.ru_minflt, f1.ru_stime - f0.ru_stime   # page faults, system CPU
         ops = trainer.engine.timeline
         parts = {"F (fwd + loss + data)": sum(e - s for op, s, e, _ in ops if op.kind == "F"),
                  "B (backward)": sum(e - s for op, s, e, _ in ops if op.kind == "B")}
         opt = dict(clock)
-        out.append({"wall": wall, "cpu": cpu, "loss": stats["loss"], **parts, **opt})
+        out.append({"wall": wall, "cpu": cpu, "faults": faults, "sys": sys_s, "loss": stats["loss"], **parts, **opt})
     res = {"steps": out, "warm_s": warm_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if profile:
         from torch.profiler import ProfilerActivity
@@ -107,7 +109,35 @@ def run_layout(name: str, steps: int, train: dict | None = None, profile=False) 
     res = spawn(world, _worker, raw_config(par, steps, train), steps, threads, profile, timeout=900)
     walls = [max(r["steps"][i]["wall"] for r in res) for i in range(steps)]  # a step ends with its slowest rank
     cpus = [sum(r["steps"][i]["cpu"] for r in res) for i in range(steps)]    # CPU seconds of all ranks
-    return {"walls": walls, "cpus": cpus, "ranks": res}
+    per_rank = {k: statistics.median(r["steps"][i][k] for r in res for i in range(steps)) for k in ("cpu", "faults", "sys")}
+    per_rank["rss_mb"] = max(r["rss_mb"] for r in res)
+    return {"walls": walls, "cpus": cpus, "ranks": res, "per_rank": per_rank}
+
+
+def ab_main(field: str, names: list[str], rounds: int, steps: int) -> dict:
+    """train.<field> false against true in each layout (field: one or more train fields, comma-separated, all
+    set alike), arms alternated round by round: the median step's wall, and per rank and step (median) the
+    process CPU, the system CPU and the minor page faults."""
+    fields = field.split(",")
+    out = {}
+    for n in names:
+        arms = {False: [], True: []}
+        for r in range(rounds):
+            for arm in ((False, True) if r % 2 == 0 else (True, False)):
+                res = run_layout(n, steps, dict.fromkeys(fields, arm))
+                arms[arm].append({"wall": statistics.median(res["walls"]), **res["per_rank"],
+                                  "load": os.getloadavg()[0]})
+                a = arms[arm][-1]
+                print(f"  {n:14} {field}={arm!s:5} wall {a['wall'] * 1e3:6.0f} ms  CPU/rank {a['cpu'] * 1e3:6.0f} ms  "
+                      f"sys {a['sys'] * 1e3:5.0f} ms  faults {a['faults']:7.0f}  RSS {a['rss_mb']:4.0f} MB  "
+                      f"load {a['load']:.1f}", flush=True)
+        out[n] = {str(arm): {k: statistics.median(x[k] for x in v) for k in v[0]} | {"rounds": v}
+                  for arm, v in arms.items()}
+        off, on = out[n]["False"], out[n]["True"]
+        print(f"{n:14} CPU/rank off {off['cpu'] * 1e3:.0f} on {on['cpu'] * 1e3:.0f} ms ({on['cpu'] / off['cpu'] - 1:+.1%}); "
+              f"wall off {off['wall'] * 1e3:.0f} on {on['wall'] * 1e3:.0f} ms; faults {off['faults']:.0f} -> {on['faults']:.0f}; "
+              f"RSS {off['rss_mb']:.0f} -> {on['rss_mb']:.0f} MB")
+    return out
 
 
 def summarize(walls_by_round: list[list[float]], tokens: int) -> dict:
@@ -121,12 +151,14 @@ def profile_main(steps: int, threads_names=("1p 2 threads", "1p 1 thread"), trai
     out = {}
     for name in threads_names:
         r = run_layout(name, steps, train, profile=True)["ranks"][0]
-        keys = [k for k in r["steps"][0] if k not in ("loss",)]
+        keys = [k for k in r["steps"][0] if k not in ("loss", "faults")]
         parts = {k: 1e3 * statistics.median([s.get(k, 0.0) for s in r["steps"]]) for k in keys}
         opt_total = sum(v for k, v in parts.items() if k.startswith("opt: "))
         parts["other (zero_grad, loss all-reduce, loop)"] = parts["wall"] - parts["F (fwd + loss + data)"] \
             - parts["B (backward)"] - opt_total
-        print(f"\n== one process, {name}: ms per step (median of {steps}); rss {r['rss_mb']:.0f} MB")
+        faults = statistics.median(s["faults"] for s in r["steps"])
+        print(f"\n== one process, {name}: ms per step (median of {steps}); rss {r['rss_mb']:.0f} MB; "
+              f"{faults:.0f} minor page faults a step")
         for k, v in parts.items():
             print(f"  {k:42} {v:8.1f}")
         top = sorted(r["ops"].items(), key=lambda kv: -kv[1])[:18]
@@ -170,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", nargs="*", metavar="NAME",
                     help=f"subset of {list(LAYOUTS)}, each optionally + '{COMPILED}' (default: all, eager)")
     ap.add_argument("--compile", action="store_true", help="1 process, 1 and 2 threads: train.compile off vs on")
+    ap.add_argument("--ab", metavar="FIELD", help="with --layouts: train.FIELD false against true, alternated "
+                                                  "(FIELD[,FIELD...]: several switched together)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "one_process.json"))
@@ -179,7 +213,9 @@ def main(argv=None) -> int:
            "load_avg_before": os.getloadavg()[0]}
     if args.profile:
         res["profile"] = profile_main(args.steps)
-    if args.layouts is not None:
+    if args.ab:
+        res["ab_" + args.ab] = ab_main(args.ab, args.layouts or list(LAYOUTS), args.rounds, args.steps)
+    elif args.layouts is not None:
         res["layouts"] = layouts_main(args.layouts or list(LAYOUTS), args.rounds, args.steps)
     if args.compile:
         names = ["1p 1 thread", "1p 1 thread" + COMPILED, "1p 2 threads", "1p 2 threads" + COMPILED]

@@ -168,6 +168,8 @@ class TrainConfig:
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
     dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
     compile: bool = False                # torch.compile each transformer block (model/compile.py)
+    grad_accum_fusion: bool = True       # linear weight grads added straight into the fp32 grad buffer (ddp/zero1, fp32)
+    malloc_tuning: bool = True           # CPU on Linux/glibc: raise malloc's mmap/trim thresholds (malloc_tuning.py)
     freeze_lm: bool = False              # train the multimodal adapters only: the decoder is frozen (no optimizer state)
 
 

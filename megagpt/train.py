@@ -28,6 +28,7 @@ from .data.sampler import MicroBatchSampler, make_batch
 from .data.synthetic import SyntheticDataset
 from .faults import fault_point
 from .layout import Layout
+from .malloc_tuning import tune_malloc
 from .metrics_log import Logger
 from .model.compile import compile_blocks
 from .model.moe import update_router_biases
@@ -53,8 +54,11 @@ class Trainer:
         self.is_logger = self.ps.rank == 0
         self.tracker = seed_everything(t.seed, self.ps.tp.rank, self.ps.pp.rank, self.ps.device)
         self.dtype = DTYPES[t.dtype]
+        said = tune_malloc(self.ps.device.type) if t.malloc_tuning else None
         if self.is_logger:
             print(describe_split(cfg), flush=True)
+            if said:
+                print(said, flush=True)
             if self.layout.sp and self.ps.tp.size > 1:     # the per-backend choice (parallel/state.py)
                 how = {"all_reduce": "an all-reduce + this rank's slice (faster on gloo)",
                        "reduce_scatter": "reduce-scatters"}[self.ps.tp.sp_reduce]

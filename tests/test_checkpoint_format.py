@@ -246,7 +246,10 @@ def test_resume_peak_memory_within_ten_percent_of_steady_state(tmp_path):
 # Re-pinned for the multimodal adapters (wt-mmcore, issue 16): every safetensors file and the HF directory
 # byte-identical to main baa900d's; each rank JSON gains model.image_token_id, audio_token_id, adapter_hidden,
 # adapter_layers and train.freeze_lm (each COMPLETE manifest those JSONs' hashes).
-PINNED = "d5db1e68422c7100459e4f30437b26b128c5c5290adbbe1ad8db6172a2153356"
+# Re-pinned for train.grad_accum_fusion and train.malloc_tuning (wt-perf3, issue 18): every safetensors file
+# and the HF directory byte-identical to main a89bbb0's; each rank JSON gains those two fields (each COMPLETE
+# manifest those JSONs' sizes and hashes).
+PINNED = "be48f23a938a5c7e6bc94653128661e6a35c8c84338382ebcc27390cc735e3eb"
 
 
 def _convert_tiny(out: str) -> str:

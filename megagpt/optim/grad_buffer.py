@@ -6,7 +6,10 @@ Parameters are laid out in reverse registration order (last chunk first), the or
 backward produces their gradients, and cut into buckets of about `bucket_bytes`. A bucket never
 spans two model chunks, so with interleaved pipelines each chunk's buckets close on their own.
 
-A post-accumulate-grad hook adds p.grad into p.main_grad and frees p.grad. While sync is on (the
+A post-accumulate-grad hook adds p.grad into p.main_grad and frees p.grad. With `fuse_wgrad` (train.
+grad_accum_fusion) the linear layers' weights are marked (parallel/tp_overlap.py's FUSE_WGRAD) when their
+main_grad has their dtype: their backward adds the weight gradient into main_grad itself and flags the
+weight (ADDED), so the hook skips the add and drops the placeholder p.grad; its bookkeeping is the same. While sync is on (the
 last microbatch of a step), the hook counts the bucket's arrivals; when the whole bucket is in,
 its DP reduction starts asynchronously and overlaps the rest of backward. `finish_grad_sync()`
 launches what is left (parameters that got no gradient) and waits on every handle.
@@ -36,6 +39,7 @@ import torch.nn as nn
 
 from ..parallel.layers import meta_of
 from ..parallel.state import Group
+from ..parallel.tp_overlap import ADDED, FUSE_WGRAD
 
 
 def plan_buckets(chunk_numels: list[list[int]], bucket_elems: int, dp: int,
@@ -94,11 +98,13 @@ class Bucket:
 class GradBuffer:
     def __init__(self, chunk_params: list[list[nn.Parameter]], dp: Group, bucket_bytes: int,
                  reduce_scatter: bool, dtype: torch.dtype = torch.float32, own_bucket=(), device=None,
-                 expert_dp: Group | None = None):
+                 expert_dp: Group | None = None, fuse_wgrad: bool = False):
         """chunk_params: each model chunk's trainable params in registration order.
         own_bucket: params that must sit alone in a bucket (the tied embedding across pipeline
         stages: its shard boundaries must then be the same on the first and the last stage).
-        expert_dp: the group of the expert weights' buckets (default: dp)."""
+        expert_dp: the group of the expert weights' buckets (default: dp).
+        fuse_wgrad: let the linear layers add their weight gradients straight into main_grad (a weight
+        of another dtype than the buffer, bf16/fp16 against fp32, keeps the hook's add)."""
         self.dp, self.reduce_scatter, self.dtype = dp, reduce_scatter, dtype
         self.sync = True
         elem = torch.empty((), dtype=dtype).element_size()
@@ -130,6 +136,7 @@ class GradBuffer:
             for p in b.params:
                 s, e = self.param_range[id(p)]
                 p.main_grad = self.data[s:e].view(p.shape)
+                setattr(p, FUSE_WGRAD, fuse_wgrad and p.dtype == dtype)
                 self.bucket_of[id(p)] = b
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for b in self.buckets for p in b.params]
@@ -147,7 +154,10 @@ class GradBuffer:
 
     # ------------------------------------------------------------------ the hook and the reductions
     def _on_grad(self, p: nn.Parameter) -> None:
-        p.main_grad.add_(p.grad)              # fp32 += bf16/fp16/fp32
+        if getattr(p, ADDED, False):          # fused: backward already added it; p.grad is a placeholder
+            setattr(p, ADDED, False)
+        else:
+            p.main_grad.add_(p.grad)          # fp32 += bf16/fp16/fp32
         p.grad = None                          # the model-dtype gradient lives only this long
         if not self.sync:
             return
@@ -211,6 +221,9 @@ class GradBuffer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for b in self.buckets:                 # without the hook a fused gradient would be a placeholder
+            for p in b.params:
+                setattr(p, FUSE_WGRAD, False)
 
     def padding(self) -> int:
         """Elements of the buffer that belong to no parameter (bucket padding)."""

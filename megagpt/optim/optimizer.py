@@ -58,7 +58,8 @@ class Optimizer(ScaledLoss):
         # parameters are replicated over DP and CP: gradients are reduced (and ZeRO shards owned) over dp x cp
         self.buffer = GradBuffer([[p for _, p in c] for c in named], ps.dp_cp,
                                  int(parallel_cfg.bucket_size_mb * 2 ** 20), self.distributed,
-                                 own_bucket=tied_params, device=ps.device, expert_dp=ps.edp)
+                                 own_bucket=tied_params, device=ps.device, expert_dp=ps.edp,
+                                 fuse_wgrad=train_cfg.grad_accum_fusion)
         rule = ShardedAdamW if self.distributed else PlainAdamW
         self.update = rule(names, self.buffer, ps.dp_cp, train_cfg)
         self.scaler = LossScaler(train_cfg.dtype == "fp16", train_cfg.initial_loss_scale,

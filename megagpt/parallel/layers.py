@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .mappings import reduce_from_tp, reduce_scatter_to_sp
-from .tp_overlap import column_linear
+from .tp_overlap import column_linear, linear
 from .state import Group
 
 
@@ -168,7 +168,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size > 1:   # the input-gradient collective overlaps the weight-gradient GEMM
             return column_linear(x, self.weight, self.bias, self.tp, self.sp)     # [s, b, out/tp]
-        return F.linear(x, self.weight, self.bias)                              # [s, b, out]
+        return linear(x, self.weight, self.bias)                                # [s, b, out]
 
 
 class RowParallelLinear(nn.Module):
@@ -183,15 +183,16 @@ class RowParallelLinear(nn.Module):
                                sequence_parallel=sequence_parallel) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)                             # [s, b, out] partial sums
+        y = linear(x, self.weight)                               # [s, b, out] partial sums
         y = reduce_scatter_to_sp(y, self.tp) if self.sp else reduce_from_tp(y, self.tp)
         return y + self.bias if self.bias is not None else y
 
 
 def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, tp: Group, sequence_parallel: bool) -> torch.Tensor:
-    """The output layer as a column-parallel matmul with a given (possibly tied) weight [V/tp, h]."""
+    """The output layer as a column-parallel matmul with the tied embedding weight [V/tp, h]: its gradient
+    also comes from the embedding lookup, so it is never fused into main_grad."""
     if tp.size > 1:
-        return column_linear(x, weight, None, tp, sequence_parallel)                # [s, b, V/tp]
+        return column_linear(x, weight, None, tp, sequence_parallel, fuse=False)    # [s, b, V/tp]
     return F.linear(x, weight)                                                      # [s, b, V]
 
 
