@@ -132,7 +132,7 @@ class ParallelConfig:
     order: str = "tp-cp-ep-dp-pp"
     layers_per_stage: list | None = None  # explicit split: one count per pp * vp chunk
     distributed_optimizer: bool = True
-    bucket_size_mb: float = 40.0
+    bucket_size_mb: float = 25.0         # under glibc's 32 MiB mmap ceiling (a bigger CPU bucket page-faults every step); torch DDP's default
     overlap_param_gather: bool = True     # ZeRO-1: the params' all-gather overlaps the next forward
 
 
