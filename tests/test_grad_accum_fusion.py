@@ -15,15 +15,17 @@ from megagpt.config import ParallelConfig, TrainConfig
 from megagpt.model.gpt import build_model
 from megagpt.optim.optimizer import build_optimizer
 from megagpt.parallel.state import ParallelState
-from megagpt.parallel.tp_overlap import ADDED, FUSE_WGRAD
+from megagpt.parallel.tp_overlap import ADDED, FUSE_WGRAD, fuses
 
 LINEARS = ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight", "lm_head.weight")
 MICRO = 3
 
 
-def run(ps, fusion: bool, tie: bool = False, sp: bool = False, recompute: str = "none", dtype="fp32"):
+def run(ps, fusion: bool, tie: bool = False, sp: bool = False, recompute: str = "none", dtype="fp32",
+        fuse_at=None):
     """MICRO microbatches of backward into a fresh grad buffer: (name -> whole main_grad, name -> the
-    flags the hook saw on each microbatch, names whose p.grad is left, which params are marked)."""
+    flags the hook saw on each microbatch, names whose p.grad is left, which params are marked).
+    fuse_at(i): whether the marked weights may fuse on microbatch i (what fuses() sees per forward)."""
     mcfg = tiny_model_cfg(tie_embeddings=tie, bias=True)
     tcfg = TrainConfig(seq_len=16, micro_batch_size=2, global_batch_size=2 * MICRO, dtype=dtype,
                        grad_accum_fusion=fusion, recompute=recompute)
@@ -41,7 +43,10 @@ def run(ps, fusion: bool, tie: bool = False, sp: bool = False, recompute: str = 
         h.remove()
     opt.buffer._hooks = [p.register_post_accumulate_grad_hook(spy) for p in model.parameters()]
     opt.zero_grad()
+    marked = [p for p in model.parameters() if getattr(p, FUSE_WGRAD, False)]
     for i in range(MICRO):
+        for p in marked if fuse_at else ():
+            setattr(p, FUSE_WGRAD, fuse_at(i))
         opt.set_sync(i == MICRO - 1)
         tokens, labels = batch(mcfg, 2, 16, seed=7 + i)
         model(tokens, labels).float().mean().backward()
@@ -67,7 +72,7 @@ def check(fused, plain, tie=False, dtype="fp32"):
     assert sum(any(v) for v in seen1.values()) == (linears if dtype == "fp32" else 0)
 
 
-@pytest.mark.parametrize("tie,recompute", [(False, "none"), (True, "none"), (False, "full")])
+@pytest.mark.parametrize("tie,recompute", [(False, "none"), (True, "none"), (False, "full"), (True, "selective")])
 def test_fused_weight_grads_equal_the_hook_path_one_process(tie, recompute):
     ps = ParallelState.single()
     check(run(ps, True, tie, recompute=recompute), run(ps, False, tie, recompute=recompute), tie)
@@ -101,3 +106,29 @@ def test_remove_hooks_unmarks_the_weights():
     tokens, labels = batch(mcfg, 2, 16)
     model(tokens, labels).mean().backward()
     assert all(not getattr(p, FUSE_WGRAD) and p.grad is not None for p in model.parameters())
+
+
+def test_a_weight_fused_on_one_microbatch_and_plain_on_the_next():
+    """fuses() is decided per forward (a compiled block keeps the plain path): after a fused arrival the hook
+    must clear the flag, or the next microbatch's real gradient would be dropped as a placeholder."""
+    ps = ParallelState.single()
+    (mixed, seen, left, _), (plain, _, _, _) = run(ps, True, fuse_at=lambda i: i % 2 == 0), run(ps, False)
+    assert left == []
+    for n, g in mixed.items():
+        assert_close_rel(g, plain[n], rtol=1e-6, name=n)
+    fc1 = next(n for n in seen if n.endswith("fc1.weight"))
+    assert seen[fc1] == [True, False, True]
+
+
+def test_fuses_needs_the_mark_grad_mode_and_requires_grad():
+    """Generation, the alignment reference model and frozen weights never take the fused path."""
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    assert not fuses(w)                         # no grad buffer marked it (no main_grad to add into)
+    setattr(w, FUSE_WGRAD, True)
+    assert fuses(w)
+    with torch.no_grad():
+        assert not fuses(w)
+    with torch.inference_mode():
+        assert not fuses(w)
+    w.requires_grad_(False)
+    assert not fuses(w)
