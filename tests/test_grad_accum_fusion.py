@@ -24,7 +24,8 @@ MICRO = 3
 def run(ps, fusion: bool, tie: bool = False, sp: bool = False, recompute: str = "none", dtype="fp32",
         fuse_at=None):
     """MICRO microbatches of backward into a fresh grad buffer: (name -> whole main_grad, name -> the
-    flags the hook saw on each microbatch, names whose p.grad is left, which params are marked).
+    flags the hook saw on each microbatch, names whose p.grad is left, which params are marked, which
+    buckets the hook launched during the last backward: their DP reduction overlaps it).
     fuse_at(i): whether the marked weights may fuse on microbatch i (what fuses() sees per forward)."""
     mcfg = tiny_model_cfg(tie_embeddings=tie, bias=True)
     tcfg = TrainConfig(seq_len=16, micro_batch_size=2, global_batch_size=2 * MICRO, dtype=dtype,
@@ -50,16 +51,18 @@ def run(ps, fusion: bool, tie: bool = False, sp: bool = False, recompute: str = 
         opt.set_sync(i == MICRO - 1)
         tokens, labels = batch(mcfg, 2, 16, seed=7 + i)
         model(tokens, labels).float().mean().backward()
+    launched = [b.launched for b in opt.buffer.buckets]
     opt.buffer.finish_grad_sync()
     grads = {n: gather_full(p.main_grad, p.meta.spec, ps.tp) for n, p in model.named_parameters()}
     left = [n for n, p in model.named_parameters() if p.grad is not None]
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, FUSE_WGRAD, False))
-    return grads, seen, left, marked
+    return grads, seen, left, marked, launched
 
 
 def check(fused, plain, tie=False, dtype="fp32"):
-    (g1, seen1, left1, marked1), (g0, seen0, left0, marked0) = fused, plain
+    (g1, seen1, left1, marked1, launched1), (g0, seen0, left0, marked0, launched0) = fused, plain
     assert left1 == [] and left0 == [] and marked0 == []
+    assert launched1 == launched0 and any(launched0), "a fused arrival must count toward its bucket"
     for n, g in g1.items():
         assert_close_rel(g, g0[n], rtol=1e-6 if dtype == "fp32" else 1e-2, name=n)
         assert seen0[n] == [False] * MICRO, n
@@ -112,7 +115,7 @@ def test_a_weight_fused_on_one_microbatch_and_plain_on_the_next():
     """fuses() is decided per forward (a compiled block keeps the plain path): after a fused arrival the hook
     must clear the flag, or the next microbatch's real gradient would be dropped as a placeholder."""
     ps = ParallelState.single()
-    (mixed, seen, left, _), (plain, _, _, _) = run(ps, True, fuse_at=lambda i: i % 2 == 0), run(ps, False)
+    (mixed, seen, left, _, _), (plain, *_) = run(ps, True, fuse_at=lambda i: i % 2 == 0), run(ps, False)
     assert left == []
     for n, g in mixed.items():
         assert_close_rel(g, plain[n], rtol=1e-6, name=n)
