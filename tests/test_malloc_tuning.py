@@ -45,3 +45,28 @@ def test_says_what_it_did():
     assert "not applied on cuda" in tune_malloc("cuda")
     if GLIBC:
         assert "keeps freed blocks" in tune_malloc("cpu")
+
+
+def _said(rank, world, on):
+    """The train.malloc_tuning lines a Trainer's start-up prints on this rank."""
+    import contextlib
+    import io
+    import os
+
+    from megagpt.config import config_from_dict
+    from megagpt.train import Trainer
+    cfg = config_from_dict({"model": dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, ffn_hidden_size=64,
+                                          vocab_size=64, max_seq_len=16),
+                            "train": dict(seq_len=16, micro_batch_size=1, global_batch_size=2, train_iters=1,
+                                          eval_interval=0, malloc_tuning=on)}, world)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        Trainer(cfg, run_dir=os.devnull)
+    return [line for line in out.getvalue().splitlines() if "train.malloc_tuning" in line]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_start_up_line_once_on_rank_0(on):
+    from dist import spawn
+    r0, r1 = spawn(2, _said, on)
+    assert len(r0) == int(on) and r1 == []
