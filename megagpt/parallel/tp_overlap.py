@@ -48,6 +48,13 @@ def weight_grad(param: torch.Tensor | None, g2: torch.Tensor, x2: torch.Tensor) 
     return torch.empty_like(param)           # AccumulateGrad takes it as p.grad; the hook drops it unread
 
 
+def param_grads(ctx, grad: torch.Tensor, x: torch.Tensor) -> tuple:
+    """grad [s, b, out], x [s, b, in] -> (dL/dW [out, in] or its placeholder, dL/db [out] or None): the
+    weight and bias gradients of both linear Functions below (ctx.param, ctx.has_bias set in forward)."""
+    g2 = grad.reshape(-1, grad.shape[-1])                                # [s*b, out]
+    return weight_grad(ctx.param, g2, x.reshape(-1, x.shape[-1])), (g2.sum(0) if ctx.has_bias else None)
+
+
 class _Linear(torch.autograd.Function):
     """y = x W^T + b whose weight gradient is fused into main_grad (see the module docstring)."""
     @staticmethod
@@ -61,10 +68,7 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None  # [s, b, in]
-        g2 = grad.reshape(-1, grad.shape[-1])                            # [s*b, out]
-        grad_w = weight_grad(ctx.param, g2, x.reshape(-1, x.shape[-1]))
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        return (grad_x, *param_grads(ctx, grad, x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,9 +100,7 @@ class _LinearAsyncGrad(torch.autograd.Function):
             out, work = grad_x[tp.rank * n:(tp.rank + 1) * n], tp.all_reduce_async(grad_x)
         else:
             out, work = grad_x, tp.all_reduce_async(grad_x)
-        g2 = grad.reshape(-1, grad.shape[-1])                                # [s*b, out/tp]
-        grad_w = weight_grad(ctx.param, g2, x_full.reshape(-1, x_full.shape[-1]))   # [out/tp, in]
-        grad_b = g2.sum(0) if ctx.has_bias else None
+        grad_w, grad_b = param_grads(ctx, grad, x_full)                     # [out/tp, in], [out/tp]
         if work is not None:
             work.wait()
         return out, grad_w, grad_b, None, None, None
