@@ -47,6 +47,7 @@ WARM = 5                     # steps 1..5 are warm-up; the median is over steps 
 # name: (world, threads per rank, picotron distributed sizes or None, megagpt parallel, megagpt train overrides)
 LAYOUTS = {
     "1p 2 threads": (1, 2, {}, {}, {}),
+    "1p 1 thread": (1, 1, {}, {}, {}),                              # how each engine scales to 2 threads
     "DP2": (2, 1, dict(dp_size=2), {}, dict(dp_mode="ddp")),
     "DP2 ZeRO-1": (2, 1, None, {}, dict(dp_mode="zero1")),
     "TP2": (2, 1, dict(tp_size=2), dict(tp=2), {}),
