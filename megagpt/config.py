@@ -164,7 +164,8 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: int = 0
     keep_checkpoints: int = 2
-    peak_tflops: float = 989.0           # per device, for MFU
+    peak_tflops: float | None = None     # per device, for MFU; null: the GPU's (model_size.device_peak_tflops),
+                                         # none on the CPU (MFU n/a)
     schedule: str = "1f1b"               # gpipe | 1f1b | interleaved (1f1b is interleaved when vp > 1)
     dp_mode: str = "zero1"               # ddp | zero1 (optimizer state sharded) | zero2 (+ grads) | zero3 (+ params)
     compile: bool = False                # torch.compile each transformer block (model/compile.py)

@@ -38,10 +38,11 @@ class Logger:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, rec["step"])
+        mfu = "n/a" if rec.get("mfu") is None else f"{100 * rec['mfu']:.2f}%"    # n/a: no known peak (CPU)
         line = (f"step {rec['step']:6d} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
                 f"grad_norm {rec['grad_norm']:.3f} | scale {rec['loss_scale']:.0f} | "
                 f"{rec['tokens_per_s']:.0f} tok/s | {rec['tflops_per_rank']:.3f} TFLOP/s/rank | "
-                f"MFU {100 * rec['mfu']:.2f}% | mem {rec['memory_gb']:.2f} GB")
+                f"MFU {mfu} | mem {rec['memory_gb']:.2f} GB")
         spans = [f"{v:.0f}" for k, v in rec.items() if k.startswith("span/")]
         if spans:                                            # adaptive span: mean span per layer (tokens)
             line += " | span " + " ".join(spans)

@@ -7,6 +7,21 @@ import math
 
 from .config import ModelConfig
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}     # dense bf16 tensor-core peak, per GPU
+
+
+def peak_for(name: str) -> float | None:
+    """The dense bf16 peak of a GPU named `name` (nvidia-smi's or torch's name), None when unknown."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def device_peak_tflops(device) -> float | None:
+    """MFU's denominator for `device`: the GPU's known peak; None on the CPU or an unknown GPU."""
+    import torch
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_for(torch.cuda.get_device_name(device))
+
 
 def layer_param_numels(m: ModelConfig, tp: int, layer_id: int = 0, ep: int = 1) -> list[tuple[int, bool]]:
     """(numel, is an expert weight) of each parameter of one layer on one TP rank, in Block's

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .checkpoint.train_state import TrainState
 from .config import DTYPES, Config
-from .model_size import flops_per_token
+from .model_size import device_peak_tflops, flops_per_token
 from .data.blend import BlendedDataset, blend_parts
 from .data.curriculum import curriculum_assignment, seq_len_at
 from .data.sampler import MicroBatchSampler, make_batch
@@ -213,6 +213,7 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         log = Logger(self.run_dir, self.is_logger, t.train_iters, self.step)
         flops = flops_per_token(m, t.seq_len)
+        peak = t.peak_tflops or device_peak_tflops(self.ps.device)
         history = []
         if self.step == 0 and t.eval_interval:  # where the validation loss starts, for the curves
             val = self.evaluate()
@@ -225,7 +226,7 @@ class Trainer:
             tok_s = t.global_batch_size * t.seq_len / elapsed
             rec.update(step=self.step, step_time_s=elapsed, tokens_per_s=tok_s,
                        tflops_per_rank=flops * tok_s / self.ps.world_size / 1e12, memory_gb=_memory_gb(self.ps))
-            rec["mfu"] = rec["tflops_per_rank"] / t.peak_tflops
+            rec["mfu"] = rec["tflops_per_rank"] / peak if peak else None     # None: no known peak (CPU)
             rec["comm_bytes"] = self.ps.counter.summary()
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_iters):
                 rec["val_loss"] = self.evaluate()

@@ -214,6 +214,24 @@ def test_logger_and_plot_live_outside_train(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_mfu_is_against_the_devices_own_peak_and_na_on_the_cpu(tmp_path, capsys):
+    """train.peak_tflops null (the default): a known GPU's peak, none on the CPU, where the log says n/a
+    instead of a misleading 0.00% against an H100's 989 TFLOP/s."""
+    import torch
+    from megagpt.metrics_log import Logger
+    from megagpt.model_size import device_peak_tflops, peak_for
+    assert peak_for("NVIDIA H100 80GB HBM3") == 989.0 and peak_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_for("Tesla T4") is None and device_peak_tflops(torch.device("cpu")) is None
+    log = Logger(str(tmp_path), True, total=2, start=0)
+    for step, mfu in ((1, None), (2, 0.4123)):
+        log.log({"step": step, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "loss_scale": 1.0, "tokens_per_s": 1.0,
+                 "tflops_per_rank": 0.0, "mfu": mfu, "memory_gb": 0.1})
+    log.close()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "MFU n/a" in text and "MFU 41.23%" in text
+
+
 def test_core_install_holds_every_unguarded_import():
     """`pip install .` without extras must run preprocessing: every third-party module megagpt imports is a
     core dependency, except the optional ones that fail with a message naming what to install."""

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 from megagpt.checkpoint.hf import to_hf_config  # noqa: E402
 from megagpt.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
-from megagpt.model_size import count_params, flops_per_token  # noqa: E402
+from megagpt.model_size import count_params, flops_per_token, peak_for  # noqa: E402
 from megagpt.model.attention import _flash_attn_func  # noqa: E402
 from megagpt.model.gpt import build_model  # noqa: E402
 from megagpt.optim.optimizer import build_optimizer  # noqa: E402
@@ -46,9 +46,6 @@ FULL = dict(model=dict(hidden_size=2048, num_layers=20, num_heads=16, num_kv_hea
                        vocab_size=32000), seq=4096, batch=1)
 SMOKE = dict(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
                         vocab_size=256), seq=64, batch=2)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}     # dense bf16
-
-
 def gpu_name() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -58,10 +55,6 @@ def gpu_name() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def peak_for(name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------- contenders
