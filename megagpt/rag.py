@@ -9,10 +9,13 @@ The index directory holds bm25s's arrays as .npy saved and loaded with allow_pic
 and parameters as JSON, and the passages as passages.jsonl: nothing in it is ever unpickled.
 
 The prompt (`build_prompt`) is the one format the RAG demo trains on and `tools/rag.py ask` sends:
+    question: ...
     [doc3#0] first passage
     [doc9#1] second passage
     question: ...
     answer:
+(the question before the passages as well as after them, so that a decoder-only model can compare each
+passage with the question while it reads it; closed book, with no passages, is "question: ...\nanswer:")
 and an answer cites the ids it drew on in brackets: "Trelos [doc3#0]".
 """
 from __future__ import annotations
@@ -157,9 +160,13 @@ class Index:
 
 
 def build_prompt(question: str, passages: list[Passage]) -> str:
-    """The passages, each with its id in brackets, then the question (closed-book when passages is empty)."""
+    """The question, the passages each with its id in brackets, the question again, then "answer:"; with
+    no passages (closed book) just the question and "answer:". The question comes first too so that a
+    decoder-only model reads each passage already knowing whom it is asked about (query-aware
+    contextualization, Liu et al. 2023, "Lost in the Middle")."""
+    q = f"question: {question.strip()}"
     lines = [f"[{p.pid}] {p.title + ': ' if p.title else ''}{p.text}" for p in passages]
-    return "\n".join(lines + [f"question: {question.strip()}", "answer:"])
+    return "\n".join(([q] if passages else []) + lines + [q, "answer:"])
 
 
 def citations(answer: str, known: list[str] | set[str] | None = None) -> tuple[list[str], list[str]]:

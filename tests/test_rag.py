@@ -71,11 +71,11 @@ def test_retrieves_a_known_fact_and_chunks(corpus):
 def test_prompt_has_the_ids_and_citations_parse(corpus):
     index = rag.Index.from_corpus(corpus)
     hits = [p for p, _ in index.search("where was Oren Kalt born", 2)]
-    prompt = rag.build_prompt("where was Oren Kalt born ?", hits)
-    lines = prompt.split("\n")
-    assert lines[0].startswith("[oren#0] Oren Kalt: Oren Kalt was born in Mirebank")
-    assert lines[1].startswith(f"[{hits[1].pid}] ") and lines[-2:] == ["question: where was Oren Kalt born ?", "answer:"]
-    assert rag.build_prompt("q", []) == "question: q\nanswer:"
+    prompt = rag.build_prompt(" where was Oren Kalt born ? ", hits)
+    q = "question: where was Oren Kalt born ?"       # before the passages (query-aware) and after them
+    assert prompt == "\n".join([q, f"[oren#0] Oren Kalt: {DOCS[1]['text']}", f"[{hits[1].pid}] {hits[1].text}",
+                                q, "answer:"])
+    assert rag.build_prompt("q", []) == "question: q\nanswer:"          # closed book: the question once
     cited, made_up = rag.citations("Mirebank [oren#0] [zz#9] and [oren#0]", [h.pid for h in hits])
     assert cited == ["oren#0"] and made_up == ["zz#9"]
     assert rag.citations("no citation")[0] == []
@@ -107,6 +107,9 @@ def test_tool_index_and_ask(corpus, tmp_path, capsys):
                       "--retrieve-only", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["passages"][0]["id"] == "ilsa#0" and "[ilsa#0] Ilsa Varn was born in Trelos" in res["prompt"]
+    lines = res["prompt"].split("\n")                # the tool sends build_prompt's query-aware format
+    assert lines[0] == lines[-2] == "question: Where was Ilsa Varn born?" and lines[-1] == "answer:"
+    assert [line.split()[0] for line in lines[1:-2]] == [f"[{p['id']}]" for p in res["passages"]]
     # with a (random) model: the answer is generated from the prompt and its citations parsed
     root = tmp_path / "m"
     tok = Tokenizer.train([d["text"] for d in DOCS] * 5, vocab_size=300)
@@ -152,6 +155,8 @@ def test_rag_demo_training_samples_never_show_the_knowledge_base(tmp_path):
         ids, spans = demo.example(tok, rng, pools, taken, len(kb), closed=i % 5 == 0)
         prompt = tok.decode(ids[:spans[0][0]])
         assert len(spans) == (1 if i % 5 == 0 else 4) and spans[-1][1] == len(ids) and "<unk>" not in tok.decode(ids)
+        asked = prompt.split("question: ")
+        assert len(asked) == (2 if i % 5 == 0 else 3) and (i % 5 == 0 or asked[2].startswith(asked[1].split(" [")[0]))
         for j, (a, b) in enumerate(spans):
             question, target = tok.decode(ids[:a]).split("question: ")[-1], tok.decode(ids[a:b - 1])
             name = question.split(" born ?")[0].split(" work as")[0].split(" ", 2)[-1]
