@@ -26,7 +26,9 @@ neighbours 0.325, last-name 0.380, mixed 0.333), recall@1/3/5 1.000 [0.997, 1.00
 cited 0.333 (222 made-up ids; first-name neighbours 0.420, last-name 0.405, mixed 0.500), recall@1/3/5
 1.000 [0.997, 1.000]. Top-3 rose from 0.317 (the old recipe at 6000 steps) but is far from high: the
 model still mostly fails to tell the person asked from two who share a name (NOT met for top-3). Two
-threads do not help this 64-wide model (250 steps: 38 s at 1 thread, 274 s at 2 on the shared machine).
+threads: with nothing else running a step takes 0.080 s of wall against 0.130 at one thread (1.6x, for
+~20% more CPU); beside one busy core a step took 7-8x longer (250 steps: 274 s against 38 s of CPU), so the
+demo keeps one thread. Not tried: two threads for ~1.6x the steps in the same wall time.
 
 How it got here (all on the 1500 held-out questions, 1 thread, the shared 2-core machine):
 - One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
@@ -58,6 +60,11 @@ How it got here (all on the 1500 held-out questions, 1 thread, the shared 2-core
   passages would serve them too) learnt far slower, likely because they can be answered by repeating
   the sample's own earlier answer and citation, a shortcut that held back copying from the passages; so
   they still ask about anyone shown.
+- Reader capacity and lr on the old recipe (question after the passages), paired at the same CPU seconds
+  (1 thread, load ~2): 4 layers, 4200 steps (732 CPU s): top-1 0.559, top-3 0.225; hidden 128 (4 heads of
+  32, ffn 512), 2000 steps, first 600 questions: at lr 3e-3 it never learns to copy (top-1 0.038), at
+  1.5e-3 (631 CPU s) top-1 0.350, top-3 0.213; the base at lr 1.5e-3, 6000 steps (872 CPU s): top-1 0.679,
+  top-3 0.274. None beat the base at its cost.
 
     python examples/rag_demo.py [--steps 5000] [--out rag_demo_run]        # make rag-demo
 """
