@@ -28,7 +28,10 @@ cited 0.333 (222 made-up ids; first-name neighbours 0.420, last-name 0.405, mixe
 model still mostly fails to tell the person asked from two who share a name (NOT met for top-3). Two
 threads: with nothing else running a step takes 0.080 s of wall against 0.130 at one thread (1.6x, for
 ~20% more CPU); beside one busy core a step took 7-8x longer (250 steps: 274 s against 38 s of CPU), so the
-demo keeps one thread. Not tried: two threads for ~1.6x the steps in the same wall time.
+demo keeps one thread. Two threads for 1.8x the steps in the same wall (9000 steps, 1657 CPU s, 13:55 wall
+with nothing else running): closed book 0.033, top-1 1.000 cited 1.000, top-3 0.227 [0.206, 0.249] (first
+0.217, last 0.238): worse than 5000 or 6000 steps (the lr decays over the whole run, so a longer schedule is
+a different trajectory, not a continuation), so not adopted; top-3 moves a lot between schedules.
 
 How it got here (all on the 1500 held-out questions, 1 thread, the shared 2-core machine):
 - One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
