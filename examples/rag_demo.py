@@ -19,7 +19,10 @@ the trained checkpoint answers one question through `tools/rag.py ask`.
 Measured, the default 5000 steps (1 thread; 786 s of CPU, 13:17 wall at load 1.7-2.1, beside one other
 helper's run): closed book 0.033 [0.025, 0.044] (chance 0.031), BM25 top-1 1.000 [0.997, 1.000] cited
 1.000 with no made-up id, top-3 0.351 [0.328, 0.376] cited 0.292 (250 made-up ids; first-name
-neighbours 0.325, last-name 0.380, mixed 0.333), recall@1/3/5 1.000 [0.997, 1.000].
+neighbours 0.325, last-name 0.380, mixed 0.333), recall@1/3/5 1.000 [0.997, 1.000]. That is seed 0; the
+seed also invents the world. Seeds 1 and 2 (run side by side, 1 thread each, 833 and 839 CPU s, quiet
+otherwise): closed book 0.025 / 0.028, top-1 0.349 [0.325, 0.373] / 0.687 [0.663, 0.710] (cited 1.000),
+top-3 0.126 / 0.173: in 5000 steps the copying itself is not reliably learnt, so even top-1 is seed 0's.
 6000 steps (1 thread; 974 s of CPU, 16:24 wall at load 2, beside one other helper's run: over the
 15-minute budget at one thread, so the default is 5000): closed book 0.035 [0.027, 0.046] (chance
 0.031), BM25 top-1 1.000 [0.997, 1.000] cited 1.000 with no made-up id, top-3 0.415 [0.390, 0.440]
