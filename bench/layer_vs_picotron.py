@@ -103,20 +103,19 @@ def main(argv=None) -> int:
     results = {name: [] for name in rows}
     for r in range(args.rounds):
         for name, (pico_fn, mg_fn) in rows.items():
-            pair = (median_ms(pico_fn, args.reps), median_ms(mg_fn, args.reps)) if r % 2 == 0 else \
-                tuple(reversed((median_ms(mg_fn, args.reps), median_ms(pico_fn, args.reps))))
-            results[name].append(pair)
+            first, second = (pico_fn, mg_fn) if r % 2 == 0 else (mg_fn, pico_fn)   # alternate who goes first
+            times = {first: median_ms(first, args.reps), second: median_ms(second, args.reps)}
+            results[name].append((times[pico_fn], times[mg_fn]))
     print(f"one microbatch ({b} x {s} tokens), fwd + bwd, 1 thread, CPU ms: median of {args.reps} calls, "
           f"[min, max] over {args.rounds} rounds; load {os.getloadavg()[0]:.1f}")
     print(f"{'part':32} {'picotron':>20} {'megagpt':>20} {'picotron / megagpt':>22}")
     for name, pairs in results.items():
         a, c = [p[0] for p in pairs], [p[1] for p in pairs]
         ratio = [x / y for x, y in pairs]
-        left, right = ("full", "causal") if name.startswith("attention") else ("picotron", "megagpt")
         print(f"{name:32} {statistics.median(a):>9.2f} [{min(a):.1f}, {max(a):.1f}] "
               f"{statistics.median(c):>9.2f} [{min(c):.1f}, {max(c):.1f}] "
               f"{statistics.median(ratio):>12.3f} [{min(ratio):.3f}, {max(ratio):.3f}]"
-              + ("   (columns: full, causal)" if left == "full" else ""))
+              + ("   (columns: full, causal)" if name.startswith("attention") else ""))
     return 0
 
 

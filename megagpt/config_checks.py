@@ -188,6 +188,7 @@ _AT_LEAST = (("train.train_iters", 1), ("train.log_interval", 1), ("train.eval_i
              ("train.weight_decay", 0.0), ("train.clip_grad", 0.0), ("train.adam_eps", 0.0))
 _POSITIVE = ("train.initial_loss_scale", "train.min_loss_scale", "train.peak_tflops", "train.decay_power",
              "parallel.bucket_size_mb")
+_NULL_ALLOWED = ("train.peak_tflops",)      # null: the device's own peak (model_size.device_peak_tflops)
 
 
 def _validate_counts(cfg: Config) -> None:
@@ -199,7 +200,7 @@ def _validate_counts(cfg: Config) -> None:
         if not get(name) >= low:  # `not >=` also refuses NaN
             raise ConfigError(f"{name}: expected >= {low}, got {get(name)!r}")
     for name in _POSITIVE:
-        if name == "train.peak_tflops" and get(name) is None:    # null: the device's own (model_size.py)
+        if get(name) is None and name in _NULL_ALLOWED:
             continue
         if not get(name) > 0:
             raise ConfigError(f"{name}: expected a positive number, got {get(name)!r}")

@@ -18,7 +18,7 @@ def peak_for(name: str) -> float | None:
 def device_peak_tflops(device) -> float | None:
     """MFU's denominator for `device`: the GPU's known peak; None on the CPU or an unknown GPU."""
     import torch
-    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
     return peak_for(torch.cuda.get_device_name(device))
 
