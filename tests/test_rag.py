@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from megagpt import rag
 from megagpt.config import ModelConfig
@@ -194,3 +195,51 @@ def test_rag_demo_distractors_share_a_name_part_as_bm25_neighbours_do(tmp_path):
     assert set(shapes) == {(), ("first",), ("last",), ("first", "first"), ("last", "last"), ("first", "last")}
     counts = Counter(demo.shared_parts(index, demo.questions(kb)))
     assert counts["first"] + counts["last"] > 0.9 * sum(counts.values())       # what BM25 shows at top-3
+
+
+def _reader_grads_dp2(rank, world, kb, pools, rows_all):
+    """One DP rank of the RAG demo's training step on its half of a fixed batch."""
+    import rag_demo as demo
+    from megagpt.parallel.state import ParallelState
+    from megagpt.rag import Index
+    dp = ParallelState.create().dp
+    tok = demo.word_tokenizer(kb, Index.from_corpus(rows_all["corpus"]), pools)
+    model = demo.build_model(demo.reader_config(tok), seed=0)
+    loss = demo.reader_loss(model, tok, rows_all["rows"][rank::world], dp)
+    loss.backward()
+    demo.sum_grads(list(model.parameters()), dp)
+    return {"loss": float(dp.all_reduce(loss.detach().clone())),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def test_rag_demo_dp2_step_equals_one_process_with_the_full_output_layer(tmp_path):
+    """The demo trains over two forked ranks with the output layer on the answer positions only: its loss
+    and every gradient equal one process's answer-masked mean over all positions (fp32, 1e-5 relative)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import random
+    import rag_demo as demo
+    from tests.dist import spawn
+    kb, pools = demo.invent_world(0)
+    corpus = _write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb])
+    tok = demo.word_tokenizer(kb, rag.Index.from_corpus(corpus), pools)
+    rng, taken = random.Random(3), {tuple(p["name"].split()) for p in kb}
+    rows = [demo.example(tok, rng, pools, taken, len(kb), closed=i % 4 == 0) for i in range(8)]
+    model = demo.build_model(demo.reader_config(tok), seed=0)
+    tokens, targets, answers = demo.batch_of(tok, rows)
+    loss = (model(tokens, targets) * answers).sum() / answers.sum()          # every position through the head
+    loss.backward()
+    for r in spawn(2, _reader_grads_dp2, kb, pools, {"rows": rows, "corpus": corpus}):
+        assert abs(r["loss"] - float(loss)) <= 1e-5 * float(loss)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r["grads"][n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_rag_attention_labels_each_token_by_its_passage_and_place():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import rag_attention
+    words = "question: where was A B born ? [p001#0] A B was born in C . [p002#0] A D was born in E . " \
+            "question: where was A B born ? answer:".split()
+    labels = rag_attention.roles(words, "p002")
+    assert labels[0] == ("q", 1) and labels[7] == ("other", 1) and labels[8] == ("other", 2)
+    assert labels[13] == ("other", 7) and labels[15] == ("gold", 1) and labels[21] == ("gold", 7)
+    assert labels[-1] == ("q", 8)

@@ -1,0 +1,91 @@
+"""Where the RAG demo's reader looks when it answers: attention from the prompt's last token ("answer:").
+
+Reads a finished `make rag-demo` run (its checkpoint and index), builds the top-3 prompts of the first N
+knowledge-base questions, and averages each layer's and head's attention weights from "answer:" over the
+prompt's positions, labelled by role: `gold@k` / `other@k` is the k-th token of the gold passage or of
+another passage (1 the id, 2 and 3 the first and last name, 7 the city, 9 the year, 14 the trade) and
+`q@k` the k-th token of a question line (1 "question:", 2 the question word, 8 or 9 "answer:").
+A reader that tells the person asked apart must weight the gold passage's value above the others'.
+
+    python examples/rag_attention.py [--run rag_demo_run] [--seed 0] [--questions 300]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import rag_demo as demo  # noqa: E402
+from megagpt.loading import load_for_generation  # noqa: E402
+from megagpt.model import attention  # noqa: E402
+from megagpt.rag import Index, build_prompt  # noqa: E402
+
+
+def roles(words: list[str], gold_pid: str) -> list[tuple[str, int]]:
+    """Each token's (passage or question role, 1-based place within its passage or question line)."""
+    out, role, place = [], None, 0
+    for w in words:
+        if w.startswith("[p"):
+            role, place = ("gold" if w == f"[{gold_pid}#0]" else "other"), 0
+        elif w == "question:":
+            role, place = "q", 0
+        place += 1
+        out.append((role, place))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="rag_demo_run")
+    ap.add_argument("--seed", type=int, default=0, help="the demo's --seed (it invents the world)")
+    ap.add_argument("--questions", type=int, default=300)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    chunks, _, tok, _ = load_for_generation(os.path.join(args.run, "ckpt"))
+    model, index = chunks[0].eval(), Index.load(os.path.join(args.run, "index"))
+    kb, _ = demo.invent_world(args.seed)
+    caught: list[torch.Tensor] = []
+    core = attention.Attention._core
+
+    def recording_core(self, q, k, v, mask=None):          # q, k [b, s, heads, d]: weights of the last query
+        s = q.shape[1]
+        w = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        w = w.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        caught.append(w[0, :, -1])                       # [heads, s]
+        return core(self, q, k, v, mask)
+
+    attention.Attention._core = recording_core
+    weight: dict = defaultdict(float)
+    qs = demo.questions(kb)[:args.questions]
+    try:
+        for person, _, q in qs:
+            ids = tok.encode(build_prompt(q, [p for p, _ in index.search(q, 3)]))
+            labels = roles([tok.decode([i]) for i in ids], person["id"])
+            caught.clear()
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+            for layer, w in enumerate(caught):
+                for head in range(w.shape[0]):
+                    for j, label in enumerate(labels):
+                        weight[(layer, head) + label] += float(w[head, j]) / len(qs)
+    finally:
+        attention.Attention._core = core
+    summary = {}
+    for layer, head in sorted({key[:2] for key in weight}):
+        top = sorted(((v, f"{r}@{p}") for (la, h, r, p), v in weight.items() if (la, h) == (layer, head)),
+                     reverse=True)[:8]
+        summary[f"layer {layer + 1} head {head + 1}"] = {name: round(v, 3) for v, name in top}
+        print(f"layer {layer + 1} head {head + 1}: " + "  ".join(f"{name} {v:.2f}" for v, name in top))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
