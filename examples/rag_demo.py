@@ -68,7 +68,8 @@ How it got here (earlier stops, one process at 1 thread with the full output lay
   among 80 name tokens, which a 16-wide query-key product resolves poorly; same CPU per step. 4 layers
   cost 1.33x the CPU for the same training loss, so 3 are kept (chosen on training loss, not on these
   questions); checked afterwards, 4 layers at the same CPU as the default (3750 steps, 727 s of CPU):
-  closed book 0.027, top-1 0.636 [0.611, 0.660], top-3 0.173 [0.155, 0.193], worse on both. Asking the later questions about the person of the first one (so the question before the
+  closed book 0.027, top-1 0.636 [0.611, 0.660], top-3 0.173 [0.155, 0.193], worse on both. Asking the
+  later questions about the person of the first one (so the question before the
   passages would serve them too) learnt far slower, likely because they can be answered by repeating
   the sample's own earlier answer and citation, a shortcut that held back copying from the passages; so
   they still ask about anyone shown.
