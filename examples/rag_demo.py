@@ -223,16 +223,13 @@ def reader_loss(model, tok, rows, dp) -> torch.Tensor:
     tokens, targets, answers = batch_of(tok, rows)                            # [b, s] each
     hidden = model.trunk(tokens).transpose(0, 1)[answers]                     # [s, b, h] -> [n, h]
     losses = model.head(hidden[:, None, :], targets[answers][None, :])        # [1, n]
-    n_global = dp.all_reduce(torch.tensor([float(answers.sum())])) if dp.size > 1 else answers.sum()
+    n_global = dp.all_reduce(torch.tensor([float(answers.sum())]))            # a no-op on one rank
     return losses.sum() / n_global
 
 
 def sum_grads(params, dp) -> None:
     """Sum every gradient over the DP group in one all-reduce of them all, flattened (~1 MB)."""
-    if dp.size > 1:
-        flat = dp.all_reduce(torch.cat([p.grad.flatten() for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
+    dp.all_reduce_coalesced([p.grad for p in params])
 
 
 def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, seed: int = 0,
@@ -259,7 +256,7 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        shown = float(dp.all_reduce(loss.detach().clone())) if dp.size > 1 else float(loss)
+        shown = float(dp.all_reduce(loss.detach().clone()))                  # the global batch's loss
         if metrics:
             metrics.write(json.dumps({"step": step + 1, "loss": shown}) + "\n")
             if (step + 1) % 250 == 0:

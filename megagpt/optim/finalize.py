@@ -50,14 +50,7 @@ def finalize_tp_grads(module: nn.Module | list, tp: Group, grad_of=main_grad) ->
     if tp.size == 1:
         return
     params = [(p, meta_of(p), grad_of(p)) for p in (module.parameters() if isinstance(module, nn.Module) else module)]
-    partial = [g for _, meta, g in params if g is not None and meta.sequence_parallel]
-    if partial:
-        flat = torch.cat([g.reshape(-1) for g in partial])
-        tp.all_reduce(flat)
-        offset = 0
-        for g in partial:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    tp.all_reduce_coalesced([g for _, meta, g in params if g is not None and meta.sequence_parallel])
     for p, meta, grad in params:
         spec = meta.spec
         if grad is None or spec.dim is None:

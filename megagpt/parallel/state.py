@@ -80,6 +80,14 @@ class Group:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.pg)
         return t
 
+    def all_reduce_coalesced(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each of `tensors` over the group in place, through one all-reduce of them all, flattened."""
+        if self.size == 1 or not tensors:
+            return
+        flat = self.all_reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        for t, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(piece.view_as(t))
+
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """[.., n, ..] on each rank -> [.., size*n, ..], rank order along `dim`."""
         if self.size == 1:
