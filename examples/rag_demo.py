@@ -41,6 +41,15 @@ quarter of the questions about someone not shown who shares a name part, answere
 steps: top-1 0.307, top-3 0.081), and a mix heavy in three-passage samples (1:3:6 for 1:2:3 passages,
 5000 steps: top-1 1.000, top-3 0.306). Packing the samples into rows of 128-512 tokens (exact to 2e-7)
 was no faster: the padded rows were already 75% full.
+Tried next (one process at one thread, 8000 steps unless said, 500 of the questions; closed book / top-1 /
+top-3), none better at top-3: half the questions reversed ("who was born in Zuth ?", answered with the
+name; meant to make value tokens carry their owner's name; 5000 steps, seeds 0 / 1: 0.028 / 0.028 / 0.020
+and 0.032 / 0.034 / 0.032: copying values never formed, and the reversed questions themselves were
+answered 1.000 with one passage but 0.42-0.45 with BM25's three); RoPE base 100 instead of 10000 (finer
+relative positions; 0.026 / 1.000 / 0.356); biases in every linear, as Qwen2 has in QKV (a query or key
+term that does not depend on the token, so a head can attend by offset alone; 0.030 / 1.000 / 0.368);
+answers that first restate the name ("Gotith Lolas : Sun [p000#0]", so the position that predicts the
+value holds the asked name itself; seeds 0 / 1: 0.022 / 1.000 / 0.432 and 0.036 / 1.000 / 0.336).
 
 How it got here (earlier stops, one process at 1 thread with the full output layer, 1500 questions):
 - One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
