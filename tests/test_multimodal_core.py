@@ -50,7 +50,7 @@ def test_media_embeddings_start_at_the_token_embeddings_scale(hidden, adapter):
     from megagpt.multimodal.synth import digit_pixels, dtmf_clip
     model = build_model(ModelConfig(**model_cfg(hidden_size=hidden, adapter_hidden=adapter, init_std=0.02,
                                                 num_heads=4, adapter_layers=2)), seed=1).eval()
-    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    rms = lambda t: float(t.detach().pow(2).mean().sqrt())  # noqa: E731
     token = rms(model.embedding.weight)
     with torch.no_grad():
         img = model.vision(image_to_float(digit_pixels()[0][:8, None]))                   # [8, 16, h]

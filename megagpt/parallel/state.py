@@ -54,6 +54,17 @@ def sp_reduce_kind(backend: str) -> str:
     return "all_reduce" if backend == "gloo" else "reduce_scatter"
 
 
+def _all_gather_single():
+    """dist.all_gather_single: the name torch 2.13 uses (all_gather_into_tensor warns it is deprecated);
+    the old name where the new one is absent. Looked up at each call, so a test that patches dist sees it."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_single():
+    """dist.reduce_scatter_single, likewise the newer name of reduce_scatter_tensor."""
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 @dataclass
 class Group:
     """One process group as seen from this rank."""
@@ -95,7 +106,7 @@ class Group:
         self._count("all_gather", t)
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t, group=self.pg)
+        _all_gather_single()(out, t, group=self.pg)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -113,7 +124,7 @@ class Group:
         self._count("reduce_scatter", t)
         t = t.movedim(dim, 0).contiguous()
         out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        dist.reduce_scatter_tensor(out, t, group=self.pg)
+        _reduce_scatter_single()(out, t, group=self.pg)
         return out.movedim(0, dim)
 
     # Asynchronous forms for the DP gradient buckets: they return the work handle (None when
@@ -135,9 +146,7 @@ class Group:
                 out.copy_(t)
             return None
         self._count("reduce_scatter", t)
-        # reduce_scatter_single is the newer name of reduce_scatter_tensor (absent from older torch)
-        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        return rs(out, t, group=self.pg, async_op=True)
+        return _reduce_scatter_single()(out, t, group=self.pg, async_op=True)
 
     def all_gather_async(self, out: torch.Tensor, t: torch.Tensor):
         """Start a gather of flat t [n] from every rank into out [size*n], rank order (t may be
@@ -150,8 +159,7 @@ class Group:
                 out.copy_(t)
             return None
         self._count("all_gather", t)
-        ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return ag(out, t, group=self.pg, async_op=True)
+        return _all_gather_single()(out, t, group=self.pg, async_op=True)
 
     def all_to_all(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         """Rows [sum(in_splits), ..] -> [sum(out_splits), ..]: in_splits[j] rows go to rank j,
