@@ -49,7 +49,8 @@ answered 1.000 with one passage but 0.42-0.45 with BM25's three); RoPE base 100 
 relative positions; 0.026 / 1.000 / 0.356); biases in every linear, as Qwen2 has in QKV (a query or key
 term that does not depend on the token, so a head can attend by offset alone; 0.030 / 1.000 / 0.368);
 answers that first restate the name ("Gotith Lolas : Sun [p000#0]", so the position that predicts the
-value holds the asked name itself; seeds 0 / 1: 0.022 / 1.000 / 0.432 and 0.036 / 1.000 / 0.336).
+value holds the asked name itself; seeds 0 / 1: 0.022 / 1.000 / 0.432 and 0.036 / 1.000 / 0.336); and
+the last two together (30% reversed, two ranks, 10000 steps, 1500 questions: 0.029 / 0.359 / 0.190).
 
 How it got here (earlier stops, one process at 1 thread with the full output layer, 1500 questions):
 - One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
