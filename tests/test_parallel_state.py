@@ -39,6 +39,29 @@ def test_parallel_state_groups_on_8_ranks():
     assert out[5]["counted"] == {"tp/all_reduce": 4}
 
 
+def _gather_scatter(rank, world):
+    import warnings
+    warnings.simplefilter("error")                      # torch's deprecation of the old names fails here
+    g = ParallelState.create().dp
+    g.sp_reduce = "reduce_scatter"                      # the real reduce-scatter, not gloo's all-reduce form
+    t = torch.arange(4.0) + 10 * rank                   # [4]
+    out = {"gather": g.all_gather(t), "scatter": g.reduce_scatter(t)}
+    flat = torch.empty(8)
+    g.all_gather_async(flat, t).wait()
+    half = torch.empty(2)
+    g.reduce_scatter_async(half, t).wait()
+    return {**out, "gather_async": flat, "scatter_async": half}
+
+
+def test_group_gather_and_scatter_values_without_deprecation_warnings():
+    out = spawn(2, _gather_scatter)
+    both = torch.tensor([0.0, 1, 2, 3, 10, 11, 12, 13])
+    summed = torch.tensor([10.0, 12, 14, 16])
+    for r, o in enumerate(out):
+        assert torch.equal(o["gather"], both) and torch.equal(o["gather_async"], both)
+        assert torch.equal(o["scatter"], summed[2 * r:2 * r + 2]) and torch.equal(o["scatter_async"], summed[2 * r:2 * r + 2])
+
+
 def _fails(rank, world):
     if rank == 2:
         raise ValueError("rank two is broken")
