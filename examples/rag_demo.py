@@ -50,7 +50,10 @@ relative positions; 0.026 / 1.000 / 0.356); biases in every linear, as Qwen2 has
 term that does not depend on the token, so a head can attend by offset alone; 0.030 / 1.000 / 0.368);
 answers that first restate the name ("Gotith Lolas : Sun [p000#0]", so the position that predicts the
 value holds the asked name itself; seeds 0 / 1: 0.022 / 1.000 / 0.432 and 0.036 / 1.000 / 0.336); and
-the last two together (30% reversed, two ranks, 10000 steps, 1500 questions: 0.029 / 0.359 / 0.190).
+the last two together (30% reversed, two ranks, 10000 steps, 1500 questions: 0.029 / 0.359 / 0.190); and
+the first layer limited to a 14-token window, so a value token there sees its own passage's name and no
+other (two ranks, 10000 steps, 1500 questions: 0.035 / 1.000 / 0.328): locality alone does not make the
+reader bind a value to its name.
 
 How it got here (earlier stops, one process at 1 thread with the full output layer, 1500 questions):
 - One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
