@@ -73,9 +73,9 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 model(torch.tensor([ids]))
             for layer, w in enumerate(caught):
-                for head in range(w.shape[0]):
-                    for j, label in enumerate(labels):
-                        weight[(layer, head) + label] += float(w[head, j]) / len(qs)
+                for head, row in enumerate(w.tolist()):
+                    for label, x in zip(labels, row):
+                        weight[(layer, head) + label] += x / len(qs)
     finally:
         attention.Attention._core = core
     summary = {}

@@ -240,9 +240,12 @@ def reader_loss(model, tok, rows, dp) -> torch.Tensor:
     return losses.sum() / n_global
 
 
-def sum_grads(params, dp) -> None:
-    """Sum every gradient over the DP group in one all-reduce of them all, flattened (~1 MB)."""
-    dp.all_reduce_coalesced([p.grad for p in params])
+def sum_grads(params, dp, loss: torch.Tensor) -> float:
+    """Sum every gradient over the DP group, and this rank's share of the loss with them, in one
+    all-reduce of them all, flattened (~1 MB): returns the global batch's loss, for the log."""
+    shown = loss.detach().reshape(1).clone()
+    dp.all_reduce_coalesced([p.grad for p in params] + [shown])
+    return float(shown)
 
 
 def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, seed: int = 0,
@@ -265,11 +268,10 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
         loss = reader_loss(model, tok, rows, dp)
         opt.zero_grad()
         loss.backward()
-        sum_grads(params, dp)
+        shown = sum_grads(params, dp, loss)                                   # the global batch's loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        shown = float(dp.all_reduce(loss.detach().clone()))                  # the global batch's loss
         if metrics:
             metrics.write(json.dumps({"step": step + 1, "loss": shown}) + "\n")
             if (step + 1) % 250 == 0:

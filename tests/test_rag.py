@@ -207,9 +207,8 @@ def _reader_grads_dp2(rank, world, kb, pools, rows_all):
     model = demo.build_model(demo.reader_config(tok), seed=0)
     loss = demo.reader_loss(model, tok, rows_all["rows"][rank::world], dp)
     loss.backward()
-    demo.sum_grads(list(model.parameters()), dp)
-    return {"loss": float(dp.all_reduce(loss.detach().clone())),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    shown = demo.sum_grads(list(model.parameters()), dp, loss)
+    return {"loss": shown, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
 def test_rag_demo_dp2_step_equals_one_process_with_the_full_output_layer(tmp_path):
