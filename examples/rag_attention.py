@@ -3,7 +3,7 @@
 Reads a finished `make rag-demo` run (its checkpoint and index), builds the top-3 prompts of the first N
 knowledge-base questions, and averages each layer's and head's attention weights from "answer:" over the
 prompt's positions, labelled by role: `gold@k` / `other@k` is the k-th token of the gold passage or of
-another passage (1 the id, 2 and 3 the first and last name, 7 the city, 9 the year, 14 the trade) and
+another passage (1 the id, 2 and 3 the first and last name, 4 the city, 5 the year, 6 the trade) and
 `q@k` the k-th token of a question line (1 "question:", 2 the question word, 8 or 9 "answer:").
 A reader that tells the person asked apart must weight the gold passage's value above the others'.
 

@@ -1,96 +1,56 @@
 """Retrieval-augmented generation on a knowledge base no pretrained model can know.
 
 A seeded generator invents 500 people (invented first and last names) with a birth city (invented), a
-birth year and a trade, one short biography each: the corpus, indexed with BM25 (megagpt/rag.py).
-A tiny model of the flagship architecture (hidden 64, 3 layers, 2 attention heads of 32, ffn 256, a
-word-level vocabulary so every name is one token) learns to read, trained over two forked data-parallel
-ranks (one thread each, gradients summed in one all-reduce; the output layer on the answer positions
-only): every training sample is a freshly
-invented person (a name not in the knowledge base, random city, year and trade) shown with 0 to 2
-distractors that share the first or the last name, as BM25's neighbours do, in random order with random
-passage ids, in the query-aware prompt of megagpt/rag.build_prompt (the question, the passages, the
-question again, "answer:"), answered and cited ("Trelos [p017#0]"), then three more questions on the
-people shown (more answers to learn from per passage read). A tenth of the samples come without
-passages (closed book). Nothing of the knowledge base is ever trained on, so closed-book answers about
-it can only be guesses (chance is about 1/32), while with BM25 retrieval the answer is in the prompt.
-Reported: closed-book accuracy and accuracy with BM25 top-1 and top-3 retrieval on the knowledge base's
-1500 questions, with Wilson 95% intervals, citation accuracy, made-up ids, top-3 accuracy by the name
-part the other passages share, BM25 recall@1/3/5, a table and JSON; the loss curve goes to a PNG. Then
-the trained checkpoint answers one question through `tools/rag.py ask`.
+birth year and a trade, one short record each ("Gotith Lolas Zuth 1750 cooper ."): the corpus, indexed
+with BM25 (megagpt/rag.py). A tiny model of the flagship architecture (hidden 64, 3 layers, 2 attention
+heads of 32, ffn 256, a word-level vocabulary so every name is one token) learns to read, trained over
+two forked data-parallel ranks (one thread each, gradients summed in one all-reduce; the output layer on
+the answer positions only): every training sample is a freshly invented person (a name not in the
+knowledge base, random city, year and trade) shown with 0 to 2 distractors that share the first or the
+last name, as BM25's neighbours do, in random order with random passage ids, in the query-aware prompt
+of megagpt/rag.build_prompt (the question, the passages, the question again, "answer:"), answered and
+cited ("Zuth [p017#0]"), then three more questions on the people shown (more answers to learn from per
+passage read). A tenth of the samples come without passages (closed book). Nothing of the knowledge base
+is ever trained on, so closed-book answers about it can only be guesses (chance is about 1/32), while
+with BM25 retrieval the answer is in the prompt. Reported: closed-book accuracy and accuracy with BM25
+top-1 and top-3 retrieval on the knowledge base's 1500 questions, with Wilson 95% intervals, citation
+accuracy, made-up ids, top-3 accuracy by the name part the other passages share, BM25 recall@1/3/5, a
+table and JSON; the loss curve goes to a PNG. Then the trained checkpoint answers one question through
+`tools/rag.py ask` (top-3, its default).
 
-Measured, the default 10000 steps over two ranks, seeds 0 / 1 / 2 (the seed also invents the world; 1500
-questions, Wilson 95% intervals in results.json): closed book 0.037 / 0.035 / 0.035 (chance 0.031), BM25
-top-1 1.000 / 1.000 / 1.000 [0.997, 1.000] cited 1.000 with no made-up id, top-3 0.317 / 0.413 / 0.346
-(cited 0.277 / 0.284 / 0.310), recall@1/3/5 1.000; 14:04 and 13:55 of wall for seeds 0 and 1 on the quiet
-2-core machine (0.083 s a step), 15:45 for seed 2 with a test run beside it: inside the 15-minute budget
-only on a quiet machine. At 9000 steps (12:48-13:36 wall) top-1 was 0.684 / 1.000 / 1.000 and top-3 0.293 /
-0.341 / 0.416: seed 0's copying was not yet reliable, hence 10000. One process at one thread (the old
-default, 5000 steps, 0.13-0.16 s a step) reached top-1 1.000 / 0.349 / 0.687 and top-3 0.351 / 0.126 /
-0.173: the two ranks and the answer-only output layer (a fifth less work a step) buy the steps that make
-the copying reliable on every seed. What they do not buy is telling the person asked from two who share a
-name: top-3 sits at about a third, the accuracy of picking one of the three passages at random (NOT met
-at top-3). The attention from "answer:" of the seed-0 model (300 top-3 prompts, examples/rag_attention.py)
-shows why: the first layer's second head reads the passages' attribute values by type (city 0.70 of its
-weight, trade 0.20) spread evenly over the three passages (the gold passage's city 0.21-0.23, the two
-others' 0.47-0.52), and the other heads attend to "answer:" itself or to the question word: no head looks
-at a name.
-Tried this stop, none better at top-3 (seed 0 unless said): the whole-sequence LM loss added to the
-answer loss (2000 steps, seeds 0 and 1: top-1 0.032 / 0.202, far worse), one fact a sentence so that
-every value sits at the same offset from its name (seed 1, 5000 steps: top-1 0.661, top-3 0.175), a
-quarter of the questions about someone not shown who shares a name part, answered "unknown" (5000
-steps: top-1 0.307, top-3 0.081), and a mix heavy in three-passage samples (1:3:6 for 1:2:3 passages,
-5000 steps: top-1 1.000, top-3 0.306). Packing the samples into rows of 128-512 tokens (exact to 2e-7)
-was no faster: the padded rows were already 75% full.
-Tried next (one process at one thread, 8000 steps unless said, 500 of the questions; closed book / top-1 /
-top-3), none better at top-3: half the questions reversed ("who was born in Zuth ?", answered with the
-name; meant to make value tokens carry their owner's name; 5000 steps, seeds 0 / 1: 0.028 / 0.028 / 0.020
-and 0.032 / 0.034 / 0.032: copying values never formed, and the reversed questions themselves were
-answered 1.000 with one passage but 0.42-0.45 with BM25's three); RoPE base 100 instead of 10000 (finer
-relative positions; 0.026 / 1.000 / 0.356); biases in every linear, as Qwen2 has in QKV (a query or key
-term that does not depend on the token, so a head can attend by offset alone; 0.030 / 1.000 / 0.368);
-answers that first restate the name ("Gotith Lolas : Sun [p000#0]", so the position that predicts the
-value holds the asked name itself; seeds 0 / 1: 0.022 / 1.000 / 0.432 and 0.036 / 1.000 / 0.336); and
-the last two together (30% reversed, two ranks, 10000 steps, 1500 questions: 0.029 / 0.359 / 0.190); and
-the first layer limited to a 14-token window, so a value token there sees its own passage's name and no
-other (two ranks, 10000 steps, 1500 questions: 0.035 / 1.000 / 0.328): locality alone does not make the
-reader bind a value to its name.
+Measured, the default 10000 steps over two ranks, seed 0 (1500 questions, 9:27 of wall on the 2-core
+machine, 0.056 s a step): closed book 0.031 (chance 0.031), BM25 top-1 1.000 [0.997, 1.000] cited 1.000
+with no made-up id, top-3 0.611 [0.586, 0.636] (0.615 where the two other passages share the first name,
+0.606 the last) but cited only 0.330 with 16 made-up ids, recall@1/3/5 1.000. The same training in one
+process (the same global batch of 32, other samples), seeds 0 / 1: closed book 0.026 / 0.027, top-1 1.000
+/ 0.999, top-3 0.608 / 0.431 (cited 0.459 / 0.378). Not better on average, in one process: 4 heads of 16
+(seeds 0 / 1 / 2: top-3 0.426 / 0.599 / 0.533, cited 0.36 / 0.40 / 0.31); citing before the answer
+("[p017#0] Zuth", seeds 0 / 1: 0.413 / 0.553, cited 0.377 / 0.355). So with retrieval the answer is
+right every time from the one passage BM25 ranks first and about half the time from its three: the
+reader tells the person asked from two who share a name part only partly (picking one of the three at
+random gives a third), and its citation at top-3 is no better than a random pick among the three. Top-3
+is NOT yet high. From "answer:" the heads of layers 2 and 3 now attend to the repeated question's name
+and the words after it (examples/rag_attention.py, 300 top-3 prompts: 0.13-0.56 each), where the
+sentence reader's read the passages' values by type.
 
-How it got here (earlier stops, one process at 1 thread with the full output layer, 1500 questions):
-- One question per sample and always three passages reached only 0.133 with retrieval after 6000 steps
-  (3 answer tokens of loss per ~55 tokens of compute, only the hardest case): now 1 to 3 passages and
-  four questions per sample.
-- Distractors that always shared one the first name and one the last made the person asked the middle
-  passage, a shortcut (top-3 0.430 at 4000 steps); BM25's top-3 shows two that share the SAME part in
-  1464 of the 1500 questions. Now each distractor shares either part independently (a test checks it).
-- That recipe (question only after the passages, 4 heads of 16), 6000 steps, 757 s of CPU: closed book
-  0.037 [0.029, 0.048], top-1 1.000 [0.997, 1.000] cited 1.000, top-3 0.317 [0.294, 0.341] (first-name
-  neighbours 0.315, last-name 0.321): it copied an attribute from a random passage. Not helping (paired
-  from scratch, or 1000 more steps from that model): citing before the answer, a harder mix, only
-  BM25's case at lr 3e-3 or 1e-3 (top-3 0.323-0.333), a curriculum (last third only BM25's case: top-1
-  0.677, top-3 0.251). Linear probes on its residual stream found a passage's name at its city, year and
-  trade tokens in only 0.15-0.21 of held-out passages, and the asked name at "answer:" in 0.17-0.25
-  (chance 0.025): no name matching had formed. Hidden 128 costs 2.2x the CPU per step.
-- Query-aware prompt and wider heads, paired from scratch at 2000 steps (1 thread, ~300 CPU s each at
-  load 1-3; top-1 / top-3 on the 1500 questions; training loss averaged over steps 1751-2000):
-      old recipe                                          0.599 / 0.099   loss 2.39
-      query-aware prompt                                  0.349 / 0.088   loss 2.28
-      query-aware, 2 heads of 32 (this recipe)            0.345 / 0.141   loss 1.99
-      query-aware, 2 heads of 32, 4 layers (403 CPU s)    0.347 / 0.201   loss 2.00
-      query-aware, later questions on the same person     0.049 / 0.035   (loss 1.47, not comparable)
-  Two heads of 32 instead of four of 16: matching a passage's name against the question's is a match
-  among 80 name tokens, which a 16-wide query-key product resolves poorly; same CPU per step. 4 layers
-  cost 1.33x the CPU for the same training loss, so 3 are kept (chosen on training loss, not on these
-  questions); checked afterwards, 4 layers at the same CPU as the default (3750 steps, 727 s of CPU):
-  closed book 0.027, top-1 0.636 [0.611, 0.660], top-3 0.173 [0.155, 0.193], worse on both. Asking the
-  later questions about the person of the first one (so the question before the
-  passages would serve them too) learnt far slower, likely because they can be answered by repeating
-  the sample's own earlier answer and citation, a shortcut that held back copying from the passages; so
-  they still ask about anyone shown.
-- Reader capacity and lr on the old recipe (question after the passages), paired at the same CPU seconds
-  (1 thread, load ~2): 4 layers, 4200 steps (732 CPU s): top-1 0.559, top-3 0.225; hidden 128 (4 heads of
-  32, ffn 512), 2000 steps, first 600 questions: at lr 3e-3 it never learns to copy (top-1 0.038), at
-  1.5e-3 (631 CPU s) top-1 0.350, top-3 0.213; the base at lr 1.5e-3, 6000 steps (872 CPU s): top-1 0.679,
-  top-3 0.274. None beat the base at its cost.
+Why records: until stop 27 the passages were sentences ("Gotith Lolas was born in Zuth in 1750 and
+worked as a cooper ."), each value 4 to 12 tokens after its owner's name. Over six stops no recipe got
+that reader past a third at top-3 (0.317 / 0.413 / 0.346 over seeds at this budget, top-1 1.000): more
+steps, two ranks, 4 layers, hidden 128, 4 heads of 16, lr 1e-3 to 3e-3, curricula and harder mixes, the
+whole-sequence LM loss, one fact a sentence, "unknown" answers, reversed questions (the name from a
+value), RoPE base 100, biases, answers that restate the name, and a first layer limited to a 14-token
+window. Linear probes and the attention from "answer:" (examples/rag_attention.py) showed why: no
+value token carried its owner's name (a probe found it in 0.15-0.21 of passages) and no head at
+"answer:" looked at a name; it copied a value of the asked type from a random passage. Records instead,
+each value one to three tokens after the name (same training, one process, 5000 steps, seed 0, 500 of
+the questions): top-3 0.668, where the sentences had given 0.351 on all 1500 at that budget. Why is a
+guess: a head at a value must attend back to the owner's name before the answer can use it, neither
+half gets a gradient alone, and attending one to three tokens back is what first layers learn early
+(the previous-token heads of induction circuits); at 4-12 tokens it never formed, even with the first
+layer limited to a 14-token window. Not better: three facts each after its own copy of the name
+("Gotith Lolas Zuth . Gotith Lolas 1750 . ...", longer passages; 0.356 in that run), and asking
+"birthplace of Gotith Lolas ?" (the name at the same place before "answer:" in every question; seed 1,
+10000 steps: 0.317 where the default questions gave 0.431).
 
     python examples/rag_demo.py [--steps 10000] [--ranks 2] [--seed 0] [--out rag_demo_run]   # make rag-demo
 """
@@ -146,7 +106,10 @@ def invent_world(seed: int = 0, people: int = 500):
 def person(rng: random.Random, pools, name: str, pid: str) -> dict:
     p = {"id": pid, "name": name, "city": rng.choice(pools["city"]), "year": str(rng.randrange(1700, 1800)),
          "trade": rng.choice(TRADES)}
-    p["text"] = f"{name} was born in {p['city']} in {p['year']} and worked as a {p['trade']} ."
+    # one record a person, each value one to three tokens after the name it belongs to: a 3-layer reader
+    # learns to bind a value to its owner's name at that distance, not at the 4-12 tokens of a sentence
+    # ("... was born in Zuth in 1750 and worked as a cooper"), where top-3 stayed at a third (see above)
+    p["text"] = f"{name} {p['city']} {p['year']} {p['trade']} ."
     return p
 
 
