@@ -25,7 +25,9 @@ with no made-up id, top-3 0.611 [0.586, 0.636] (0.615 where the two other passag
 process (the same global batch of 32, other samples), seeds 0 / 1: closed book 0.026 / 0.027, top-1 1.000
 / 0.999, top-3 0.608 / 0.431 (cited 0.459 / 0.378). Not better on average, in one process: 4 heads of 16
 (seeds 0 / 1 / 2: top-3 0.426 / 0.599 / 0.533, cited 0.36 / 0.40 / 0.31); citing before the answer
-("[p017#0] Zuth", seeds 0 / 1: 0.413 / 0.553, cited 0.377 / 0.355). So with retrieval the answer is
+("[p017#0] Zuth", seeds 0 / 1: 0.413 / 0.553, cited 0.377 / 0.355); the id after its record instead of
+before it ("... cooper . [p017#0]", so the id could see whose record it closes; the training loss over
+steps 4501-5000 was 1.48 / 1.10 against 0.75 / 0.90, stopped there). So with retrieval the answer is
 right every time from the one passage BM25 ranks first and about half the time from its three: the
 reader tells the person asked from two who share a name part only partly (picking one of the three at
 random gives a third), and its citation at top-3 is no better than a random pick among the three. Top-3
