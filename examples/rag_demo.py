@@ -27,13 +27,13 @@ process (the same global batch of 32, other samples), seeds 0 / 1: closed book 0
 (seeds 0 / 1 / 2: top-3 0.426 / 0.599 / 0.533, cited 0.36 / 0.40 / 0.31); citing before the answer
 ("[p017#0] Zuth", seeds 0 / 1: 0.413 / 0.553, cited 0.377 / 0.355); the id after its record instead of
 before it ("... cooper . [p017#0]", so the id could see whose record it closes; the training loss over
-steps 4501-5000 was 1.48 / 1.10 against 0.75 / 0.90, stopped there). So with retrieval the answer is
-right every time from the one passage BM25 ranks first and about half the time from its three: the
-reader tells the person asked from two who share a name part only partly (picking one of the three at
-random gives a third), and its citation at top-3 is no better than a random pick among the three. Top-3
-is NOT yet high. From "answer:" the heads of layers 2 and 3 now attend to the repeated question's name
-and the words after it (examples/rag_attention.py, 300 top-3 prompts: 0.13-0.56 each), where the
-sentence reader's read the passages' values by type.
+steps 4501-5000 was 1.48 / 1.10 against 0.75 / 0.90, stopped there). So with retrieval the answer is right
+every time from the one passage BM25 ranks first and about half the time from its three: the reader tells
+the person asked from two who share a name part only partly (picking one of the three at random gives a
+third), and its citation at top-3 (0.33-0.46 over these runs) is little better than a random pick among
+the three. Top-3 is NOT yet high. From "answer:" the heads of layers 2 and 3 now attend to the repeated
+question's name and the words after it (examples/rag_attention.py, 300 top-3 prompts: 0.13-0.56 each),
+where the sentence reader's read the passages' values by type.
 
 Why records: until stop 27 the passages were sentences ("Gotith Lolas was born in Zuth in 1750 and
 worked as a cooper ."), each value 4 to 12 tokens after its owner's name. Over six stops no recipe got
