@@ -5,7 +5,9 @@ knowledge-base questions, and averages each layer's and head's attention weights
 prompt's positions, labelled by role: `gold@k` / `other@k` is the k-th token of the gold passage or of
 another passage (1 the id, 2 and 3 the first and last name, 4 the city, 5 the year, 6 the trade) and
 `q@k` the k-th token of a question line (1 "question:", 2 the question word, 8 or 9 "answer:").
-A reader that tells the person asked apart must weight the gold passage's value above the others'.
+A reader that tells the person asked apart must weight the gold passage's value above the others'
+somewhere: from "answer:", or from the repeated question's tokens that "answer:" reads (this shows
+only the first; the record-format reader of stop 27 reads the question from "answer:").
 
     python examples/rag_attention.py [--run rag_demo_run] [--seed 0] [--questions 300]
 """
