@@ -1,15 +1,16 @@
-"""Where the RAG demo's reader looks when it answers: attention from the prompt's last token ("answer:").
+"""Where the RAG demo's reader looks when it answers: attention from "answer:" or the asked first name.
 
 Reads a finished `make rag-demo` run (its checkpoint and index), builds the top-3 prompts of the first N
 knowledge-base questions, and averages each layer's and head's attention weights from "answer:" over the
 prompt's positions, labelled by role: `gold@k` / `other@k` is the k-th token of the gold passage or of
 another passage (1 the id, 2 and 3 the first and last name, 4 the city, 5 the year, 6 the trade) and
 `q@k` the k-th token of a question line (1 "question:", 2 the question word, 8 or 9 "answer:").
-A reader that tells the person asked apart must weight the gold passage's value above the others'
-somewhere: from "answer:", or from the repeated question's tokens that "answer:" reads (this shows
-only the first; the record-format reader of stop 27 reads the question from "answer:").
+A reader that tells the person asked apart must weight the gold passage above the others somewhere:
+from "answer:" (the default), or from the repeated question's tokens that "answer:" reads (`--from
+name`: the first name in the question just before "answer:"; the record-format reader of stop 27 reads
+the question from "answer:" and matches the name there).
 
-    python examples/rag_attention.py [--run rag_demo_run] [--seed 0] [--questions 300]
+    python examples/rag_attention.py [--run rag_demo_run] [--seed 0] [--questions 300] [--from answer|name]
 """
 from __future__ import annotations
 
@@ -44,11 +45,19 @@ def roles(words: list[str], gold_pid: str) -> list[tuple[str, int]]:
     return out
 
 
+def query_position(words: list[str], source: str) -> int:
+    """Index of the query token: "answer:" (the last) or the first name of the last question line, the
+    third word after its "question:" in every template of the demo."""
+    return len(words) - 1 if source == "answer" else len(words) - 1 - words[::-1].index("question:") + 3
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="rag_demo_run")
     ap.add_argument("--seed", type=int, default=0, help="the demo's --seed (it invents the world)")
     ap.add_argument("--questions", type=int, default=300)
+    ap.add_argument("--from", dest="source", choices=("answer", "name"), default="answer",
+                    help='the query position: "answer:", or the first name of the question just before it')
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     chunks, _, tok, _ = load_for_generation(os.path.join(args.run, "ckpt"))
@@ -57,11 +66,11 @@ def main(argv=None) -> dict:
     caught: list[torch.Tensor] = []
     core = attention.Attention._core
 
-    def recording_core(self, q, k, v, mask=None):          # q, k [b, s, heads, d]: weights of the last query
+    def recording_core(self, q, k, v, mask=None):          # q, k [b, s, heads, d]: weights of one query
         s = q.shape[1]
         w = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
         w = w.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-        caught.append(w[0, :, -1])                       # [heads, s]
+        caught.append(w[0, :, at])                       # [heads, s]
         return core(self, q, k, v, mask)
 
     attention.Attention._core = recording_core
@@ -70,7 +79,9 @@ def main(argv=None) -> dict:
     try:
         for person, _, q in qs:
             ids = tok.encode(build_prompt(q, [p for p, _ in index.search(q, 3)]))
-            labels = roles([tok.decode([i]) for i in ids], person["id"])
+            words = [tok.decode([i]) for i in ids]
+            labels = roles(words, person["id"])
+            at = query_position(words, args.source)
             caught.clear()
             with torch.no_grad():
                 model(torch.tensor([ids]))

@@ -243,3 +243,5 @@ def test_rag_attention_labels_each_token_by_its_passage_and_place():
     assert labels[0] == ("q", 1) and labels[7] == ("other", 1) and labels[8] == ("other", 2)
     assert labels[13] == ("other", 7) and labels[15] == ("gold", 1) and labels[21] == ("gold", 7)
     assert labels[-1] == ("q", 8)
+    assert rag_attention.query_position(words, "answer") == len(words) - 1
+    assert rag_attention.query_position(words, "name") == len(words) - 5 and words[-5] == "A"    # the last line's
