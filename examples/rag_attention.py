@@ -67,10 +67,9 @@ def main(argv=None) -> dict:
     core = attention.Attention._core
 
     def recording_core(self, q, k, v, mask=None):          # q, k [b, s, heads, d]: weights of one query
-        s = q.shape[1]
-        w = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-        w = w.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-        caught.append(w[0, :, at])                       # [heads, s]
+        # the query at `at` sees the keys up to it (causal): only that row, not the whole [s, s] matrix
+        w = torch.einsum("bhd,bkhd->bhk", q[:, at], k[:, :at + 1]) / math.sqrt(q.shape[-1])
+        caught.append(w[0].softmax(-1))                  # [heads, at + 1]
         return core(self, q, k, v, mask)
 
     attention.Attention._core = recording_core
@@ -81,7 +80,7 @@ def main(argv=None) -> dict:
             ids = tok.encode(build_prompt(q, [p for p, _ in index.search(q, 3)]))
             words = [tok.decode([i]) for i in ids]
             labels = roles(words, person["id"])
-            at = query_position(words, args.source)
+            at = query_position(words, args.source)               # labels after `at` get no weight
             caught.clear()
             with torch.no_grad():
                 model(torch.tensor([ids]))

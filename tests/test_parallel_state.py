@@ -59,7 +59,8 @@ def test_group_gather_and_scatter_values_without_deprecation_warnings():
     summed = torch.tensor([10.0, 12, 14, 16])
     for r, o in enumerate(out):
         assert torch.equal(o["gather"], both) and torch.equal(o["gather_async"], both)
-        assert torch.equal(o["scatter"], summed[2 * r:2 * r + 2]) and torch.equal(o["scatter_async"], summed[2 * r:2 * r + 2])
+        mine = summed[2 * r:2 * r + 2]
+        assert torch.equal(o["scatter"], mine) and torch.equal(o["scatter_async"], mine)
 
 
 def _fails(rank, world):
