@@ -23,44 +23,14 @@ machine, 0.056 s a step): closed book 0.031 (chance 0.031), BM25 top-1 1.000 [0.
 with no made-up id, top-3 0.611 [0.586, 0.636] (0.615 where the two other passages share the first name,
 0.606 the last) but cited only 0.330 with 16 made-up ids, recall@1/3/5 1.000. Seeds 1 / 2 (the seed also
 invents the world): closed book 0.035 / 0.033, top-1 1.000 / 1.000, top-3 0.365 [0.341, 0.390] / 0.343
-[0.319, 0.367] (cited 0.447 / 0.374, 119 / 72 made-up ids): the match formed on seed 0 only, where
-sentences gave 0.317 / 0.413 / 0.346. The same training in one process (the same global batch of 32, other
-samples), seeds 0 / 1: closed book 0.026 / 0.027, top-1 1.000 / 0.999, top-3 0.608 / 0.431 (cited 0.459 /
-0.378). Not better on average, in one process: 4 heads of 16 (seeds 0 / 1 / 2: top-3 0.426 / 0.599 /
-0.533, cited 0.36 / 0.40 / 0.31); citing before the answer ("[p017#0] Zuth", seeds 0 / 1: 0.413 / 0.553,
-cited 0.377 / 0.355); the id after its record instead of before it ("... cooper . [p017#0]", so the id
-could see whose record it closes; the training loss over steps 4501-5000 was 1.48 / 1.10 against 0.75 /
-0.90, stopped there). So with retrieval the answer is right every time from the one passage BM25 ranks
-first; from its three it is right 0.53-0.61 of the time in the 5 of this stop's 11 runs at 10000 steps
-(every recipe above) where the reader learnt to tell the person asked from two who share a name part, and
-0.32-0.43 in the others (picking one of the three at random gives a third); its citation at top-3
-(0.31-0.46) is little better than a random pick among the three. Top-3 is NOT yet high, nor reliably above
-a third. From "answer:" the heads of layers 2 and 3 now attend to the repeated question's name and the
-words after it (examples/rag_attention.py, 300 top-3 prompts: 0.13-0.56 each), where the sentence reader's
-read the passages' values by type. Read from the repeated question's first name instead
-(`examples/rag_attention.py --from name`, the same 300 prompts), layer 2's first head puts 0.19 of its
-weight on the gold passage's last name and 0.02 on each other passage's: the name match forms there; layer
-3 then reads the values with only a slight lean to the gold passage (its city 0.07, each other passage's
-0.05), likely where top-3 is lost.
-
-Why records: until stop 27 the passages were sentences ("Gotith Lolas was born in Zuth in 1750 and
-worked as a cooper ."), each value 4 to 12 tokens after its owner's name. Over six stops no recipe got
-that reader past a third at top-3 (0.317 / 0.413 / 0.346 over seeds at this budget, top-1 1.000): more
-steps, two ranks, 4 layers, hidden 128, 4 heads of 16, lr 1e-3 to 3e-3, curricula and harder mixes, the
-whole-sequence LM loss, one fact a sentence, "unknown" answers, reversed questions (the name from a
-value), RoPE base 100, biases, answers that restate the name, and a first layer limited to a 14-token
-window. Linear probes and the attention from "answer:" (examples/rag_attention.py) showed why: no
-value token carried its owner's name (a probe found it in 0.15-0.21 of passages) and no head at
-"answer:" looked at a name; it copied a value of the asked type from a random passage. Records instead,
-each value one to three tokens after the name (same training, one process, 5000 steps, seed 0, 500 of
-the questions): top-3 0.668, where the sentences had given 0.351 on all 1500 at that budget. Why is a
-guess: a head at a value must attend back to the owner's name before the answer can use it, neither
-half gets a gradient alone, and attending one to three tokens back is what first layers learn early
-(the previous-token heads of induction circuits); at 4-12 tokens it never formed, even with the first
-layer limited to a 14-token window. Not better: three facts each after its own copy of the name
-("Gotith Lolas Zuth . Gotith Lolas 1750 . ...", longer passages; 0.356 in that run), and asking
-"birthplace of Gotith Lolas ?" (the name at the same place before "answer:" in every question; seed 1,
-10000 steps: 0.317 where the default questions gave 0.431).
+[0.319, 0.367] (cited 0.447 / 0.374, 119 / 72 made-up ids). So with retrieval the answer is right every
+time from the one passage BM25 ranks first. From its three, where two share a name part with the person
+asked, it is right 0.53-0.61 of the time in the runs where the reader learnt to tell them apart (5 of 11
+runs at this budget, over seeds and recipes) and 0.32-0.43 in the others (a random pick among the three
+gives a third); the citation at top-3 (0.31-0.46) is little better than a random pick. Top-3 is NOT yet
+high, nor reliably above a third. What was tried for it over eight stops (sentences instead of records,
+depth, width, heads, curricula, auxiliary losses, answer formats, longer training, initialisation), and
+what the attention of the trained reader shows: examples/rag_reader_notes.md.
 
     python examples/rag_demo.py [--steps 10000] [--ranks 2] [--seed 0] [--out rag_demo_run]   # make rag-demo
 """
@@ -118,7 +88,7 @@ def person(rng: random.Random, pools, name: str, pid: str) -> dict:
          "trade": rng.choice(TRADES)}
     # one record a person, each value one to three tokens after the name it belongs to: with a sentence
     # ("... was born in Zuth in 1750 and worked as a cooper", 4-12 tokens) top-3 stayed at a third, with
-    # records it reached 0.53-0.61 in 5 of 11 runs (measured in the docstring; why is a guess there)
+    # records it reached 0.53-0.61 in 5 of 11 runs (examples/rag_reader_notes.md; why is a guess there)
     p["text"] = f"{name} {p['city']} {p['year']} {p['trade']} ."
     return p
 
@@ -170,7 +140,7 @@ def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool
     for j in range(1 if closed else n_questions):
         # later questions (no passages of their own, no query-aware block: repeating the passages would
         # overflow 128 tokens) ask about anyone shown; asking only about the first person was tried and
-        # learnt far slower (see the docstring)
+        # learnt far slower (examples/rag_reader_notes.md)
         asked = people[0] if j == 0 else rng.choice(people)
         attr = rng.choice(list(QUESTIONS))
         question = QUESTIONS[attr].format(name=asked["name"])
