@@ -140,6 +140,14 @@ def test_temperature_before_top_p_and_greedy_ties():
     assert next_tokens(tie, torch.zeros(1, 4, dtype=torch.bool), Sampling(), None).tolist() == [1]
 
 
+def test_draw_never_picks_a_filtered_token(monkeypatch):
+    """The edge of the uniform draw (torch.rand can return 0.0): still a token inside the top-k."""
+    monkeypatch.setattr(torch, "rand", lambda b, one, **kw: torch.zeros(b, one, dtype=kw.get("dtype")))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])                 # top_k=2 keeps tokens 1 and 2 only
+    tok = next_tokens(logits, torch.zeros(1, 4, dtype=torch.bool), Sampling(do_sample=True, top_k=2), None)
+    assert tok.item() in (1, 2)
+
+
 def test_generate_samples_when_top_p_is_set():
     model, prompt = _model(), torch.tensor([PROMPTS[1]])
     nucleus = generate(model, prompt, 8, top_p=0.9, seed=3)
