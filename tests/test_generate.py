@@ -9,7 +9,7 @@ from megagpt.kv_cache import KVCache
 from megagpt.model.gpt import build_model
 from megagpt.parallel.state import ParallelState
 from megagpt.pipeline.split import build_stage
-from megagpt.sampling import Sampling, filter_logits, penalize
+from megagpt.sampling import Sampling, filter_logits, next_tokens, penalize
 from dist import spawn
 
 MODEL = dict(vocab_size=211, max_seq_len=48, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4,
@@ -113,16 +113,64 @@ def test_stop_on_eod_stop_function_and_streaming():
     free = _alone(model, PROMPTS[1], 12)[0]
     eod = free[4]                                                   # pretend the 5th token is the EOD
     streamed = []
-    got = generate_ids(model, [PROMPTS[1], PROMPTS[0]], 12, eod_id=eod,
+    got = generate_ids(model, [PROMPTS[1], PROMPTS[0], PROMPTS[1]], 12, eod_id=eod,
                        on_token=lambda tok, done: streamed.append((tok.tolist(), done.tolist())))
-    assert got[0] == free[:free.index(eod) + 1]
+    assert got[0] == got[2] == free[:free.index(eod) + 1]           # the EOD ends every row that meets it
+    other = _alone(model, PROMPTS[0], 12)[0]                        # a row still running goes on to its own end
+    assert got[1] == (other[:other.index(eod) + 1] if eod in other else other) and len(got[1]) > len(got[0])
     assert [s[0][0] for s in streamed][:len(got[0])] == got[0]      # the stream carries the same tokens, in order
     assert streamed[len(got[0]) - 1][1][0] is True
+    assert {s[0][0] for s in streamed[len(got[0]):]} == {eod}       # a finished row yields the EOD after its end
     stop_at = free[2]
     got = generate_ids(model, [PROMPTS[1]], 12, stop=lambda ids: ids[-1] == stop_at)
     assert got[0] == free[:free.index(stop_at) + 1]
     with pytest.raises(ValueError, match="^prompt: 48 tokens leave no room"):
         next(stream(model, [[1] * 48], 4))
+    assert len(list(stream(model, [[1] * 45], 10))) == 3             # the context fills: 48 - 45 tokens, not fewer
+
+
+def test_temperature_before_top_p_and_greedy_ties():
+    """Draw frequencies of one 2-token row: T=2 makes p = softmax([1, 0]) = (0.73, 0.27), so top_p=0.8
+    keeps both tokens; without T (or with T after the cut) token 1 is cut, with T twice p0 = 0.62."""
+    logits = torch.tensor([[2.0, 0.0]]).expand(4000, 2)
+    cfg = Sampling(do_sample=True, temperature=2.0, top_p=0.8)
+    tok = next_tokens(logits, torch.zeros(4000, 2, dtype=torch.bool), cfg, torch.Generator().manual_seed(0))
+    assert abs((tok == 0).float().mean().item() - torch.tensor([1.0, 0.0]).softmax(-1)[0].item()) < 0.03
+    tie = torch.tensor([[1.0, 3.0, 3.0, 0.0]])                    # greedy ties: the first, as torch and transformers
+    assert next_tokens(tie, torch.zeros(1, 4, dtype=torch.bool), Sampling(), None).tolist() == [1]
+
+
+def test_draw_never_picks_a_filtered_token(monkeypatch):
+    """The edge of the uniform draw (torch.rand can return 0.0): still a token inside the top-k."""
+    monkeypatch.setattr(torch, "rand", lambda b, one, **kw: torch.zeros(b, one, dtype=kw.get("dtype")))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])                 # top_k=2 keeps tokens 1 and 2 only
+    tok = next_tokens(logits, torch.zeros(1, 4, dtype=torch.bool), Sampling(do_sample=True, top_k=2), None)
+    assert tok.item() in (1, 2)
+
+
+def test_generate_samples_when_top_p_is_set():
+    model, prompt = _model(), torch.tensor([PROMPTS[1]])
+    nucleus = generate(model, prompt, 8, top_p=0.9, seed=3)
+    assert torch.equal(nucleus, generate(model, prompt, 8, top_p=0.9, seed=3, do_sample=True))
+    assert not torch.equal(nucleus, generate(model, prompt, 8))
+
+
+def test_num_samples_rows_follow_their_prompt():
+    """n copies of each of several (left-padded) prompts: row i*n+j continues prompt i, cache and penalty included."""
+    model, greedy = _model(), Sampling(repetition_penalty=1.5)
+    one = generate_ids(model, PROMPTS, 6, greedy)
+    assert generate_ids(model, PROMPTS, 6, greedy, num_samples=2) == [g for g in one for _ in range(2)]
+
+
+def test_cache_takes_several_tokens_after_the_prefill():
+    model = _model()
+    prompt = torch.tensor([PROMPTS[1]])                                     # [1, 9]
+    want = model.gather_logits(model(prompt))[0, 4:].detach()
+    cache = KVCache(model, 1, 9)
+    with torch.no_grad():
+        model(prompt[:, :4], cache=cache)
+        got = model.gather_logits(model(prompt[:, 4:], cache=cache))[0]   # 5 new tokens at once
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_self_consistency_shares_the_prefill():

@@ -43,6 +43,8 @@ def _cached_equals_recompute(model, steps=12):
     together = generate_ids(model, PROMPTS, 8)
     for p, row in zip(PROMPTS, together):
         assert row == generate_recompute(model, torch.tensor([p]), 8)[0][0, len(p):].tolist()
+    # n samples of each prompt share its prefill, MoD routes included: row i*n+j continues prompt i
+    assert generate_ids(model, PROMPTS, 8, num_samples=2) == [row for row in together for _ in range(2)]
     return cache
 
 
