@@ -67,6 +67,10 @@ def test_loglikelihood_equals_the_models_own_loss_and_a_direct_log_softmax(tiny)
     ctx = tok.encode("the capital of")
     cont = generate_ids(m, [ctx], 3)[0]
     assert ev.loglikelihood(m, [(ctx, cont)])[0][1] is True
+    wrong_last = cont[:-1] + [(cont[-1] + 1) % MODEL["vocab_size"]]          # greedy means every token
+    assert ev.loglikelihood(m, [(ctx, wrong_last)])[0][1] is False
+    with pytest.raises(ev.EvalError, match="a continuation of 49 tokens does not fit model.max_seq_len=48"):
+        ev.loglikelihood(m, [([tok.eod_id], [5] * (MODEL["max_seq_len"] + 1))])
     assert ev.encode_pair(tok, "", " paris") == ([tok.eod_id], tok.encode(" paris"))   # empty context: the EOD
 
 

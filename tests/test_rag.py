@@ -69,6 +69,8 @@ def test_retrieves_a_known_fact_and_chunks(corpus):
     index = rag.Index.from_corpus(corpus, chunk_words=20, overlap=5)
     assert [p.pid for p in index.passages] == ["ilsa#0", "oren#0", "7#0", "7#1", "7#2", "7#3"]   # 65 words
     assert index.by_id["7#1"].text.split()[0] == "w10"             # 20 words, the last 5 of chunk 0 repeated
+    with pytest.raises(rag.RagError, match="0 <= overlap < chunk_words, got 20 and 20"):
+        rag.chunk(DOCS[2], chunk_words=20, overlap=20)                 # a step of 0 words
     assert index.search("When was Ilsa Varn born?", 1)[0][0].pid == "ilsa#0"
     assert index.search("who worked as a cooper", 1)[0][0].pid == "oren#0"
     assert index.search("w47", 2)[0][0].pid == "7#3" and index.search("w33", 1)[0][0].pid == "7#2"
