@@ -101,6 +101,15 @@ def test_exact_match_path_generates_and_compares(tiny):
     long = "the capital of spain is madrid. " * 6                          # longer than the window: the oldest
     ids = generate_ids(m, [tok.encode(long)[-(MODEL["max_seq_len"] - 6):]], 6, eod_id=tok.eod_id)[0]   # goes
     assert ev.generate_until(m, tok, [long], ["\n"], 6) == [tok.decode([t for t in ids if t != tok.eod_id]).split("\n")[0]]
+    free = ev.generate_until(m, tok, queries[:1], [], 6)[0]                # no stop string: all 6 tokens
+    stop = free.strip()[len(free.strip()) // 2]                             # a character it does generate
+    assert ev.generate_until(m, tok, queries[:1], [stop], 6) == [free.split(stop)[0]]
+
+
+def test_generate_until_drops_the_eod(tiny, monkeypatch):
+    tok = tiny["tok"]
+    monkeypatch.setattr(ev, "generate_ids", lambda m, prompts, n, **kw: [tok.encode(" paris") + [tok.eod_id] for _ in prompts])
+    assert ev.generate_until(tiny["model"], tok, ["q"], ["\n"], 4) == [tok.decode(tok.encode(" paris"))]
 
 
 def test_evaluate_strips_both_sides_and_never_shows_a_row_as_its_own_shot(monkeypatch):
@@ -113,6 +122,13 @@ def test_evaluate_strips_both_sides_and_never_shows_a_row_as_its_own_shot(monkey
     with pytest.raises(ev.EvalError, match="k=3: only 2 examples"):
         ev.evaluate(None, None, exs, k=3)
     assert ev.scoring_of([ev.Example("q", ("a", "b"), 0, "a"), exs[0]], "auto") == "exact"   # not every row has choices
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a: ["x"] * len(prompts))
+    many, runs = [ev.Example(f"q{i}", answer="a") for i in range(8)], []
+    for seed in (3, 3):                                                     # the shots are drawn from the seed
+        shown.clear()
+        ev.evaluate(None, None, many, k=2, seed=seed)
+        runs.append(list(shown))
+    assert runs[0] == runs[1]
 
 
 def test_wilson_interval():

@@ -99,6 +99,8 @@ def test_prompt_has_the_ids_and_citations_parse(corpus):
     assert rag.citations("see [the note] [oren#0]", ["oren#0"]) == (["oren#0"], [])   # ids have no spaces
     assert rag.strip_citations("Mirebank [oren#0] .") == "Mirebank ."
     assert rag.recall_at([["a", "b"], ["c", "a"]], ["a", "a"], ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    with pytest.raises(rag.RagError, match="recall: 1 rankings for 2 gold ids"):
+        rag.recall_at([["a"]], ["a", "b"])
 
 
 @pytest.mark.parametrize("row, msg", [
