@@ -169,6 +169,7 @@ def test_rolling_windows_score_every_token_once():
     ({"query": "q", "answer": "a", "lable": 1}, "unknown field 'lable'"),
     ({"query": "q", "choices": ["a", "b"]}, "'choices' and 'gold' go together"),
     ({"query": "q", "choices": ["a", "b"], "gold": 2}, "'gold' must be an index into choices"),
+    ({"query": "q", "choices": ["a", "b"], "gold": True}, "'gold' must be an index into choices"),
     ({"query": 3, "answer": "a"}, "'query' must be a string"),
     ({"query": "q"}, "needs 'choices' + 'gold'"),
     ("{not json", "not a JSON object"),

@@ -107,6 +107,8 @@ def test_prompt_has_the_ids_and_citations_parse(corpus):
     ({"id": 1, "txt": "x"}, "unknown field 'txt'"),
     ({"text": "x"}, "missing field 'id'"),
     ({"id": 1, "text": 5}, "field 'text' must be a string"),
+    ({"id": 1, "text": "x", "title": 5}, "field 'title' must be a string"),
+    ({"id": True, "text": "x"}, "field 'id' must be a string or integer"),
     ({"id": "a b", "text": "x"}, "without spaces or brackets"),
     ({"id": "ilsa", "text": "again"}, "duplicate id 'ilsa'"),
     ("[1, 2]", "expected a JSON object"),
