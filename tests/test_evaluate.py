@@ -67,6 +67,11 @@ def test_loglikelihood_equals_the_models_own_loss_and_a_direct_log_softmax(tiny)
     ctx = tok.encode("the capital of")
     cont = generate_ids(m, [ctx], 3)[0]
     assert ev.loglikelihood(m, [(ctx, cont)])[0][1] is True
+    wrong_last = cont[:-1] + [(cont[-1] + 1) % MODEL["vocab_size"]]          # greedy means every token
+    assert ev.loglikelihood(m, [(ctx, wrong_last)])[0][1] is False
+    with pytest.raises(ev.EvalError, match="a continuation of 49 tokens does not fit model.max_seq_len=48"):
+        ev.loglikelihood(m, [([tok.eod_id], [5] * (MODEL["max_seq_len"] + 1))])
+    assert ev.encode_pair(tok, "", " paris") == ([tok.eod_id], tok.encode(" paris"))   # empty context: the EOD
 
 
 def test_loglik_accuracy_is_the_argmax_of_choice_loglikelihoods(tiny):
@@ -79,6 +84,8 @@ def test_loglik_accuracy_is_the_argmax_of_choice_loglikelihoods(tiny):
         right += lps.index(max(lps)) == e.gold
     assert res["correct"] == right and res["n"] == len(exs) and res["scoring"] == "loglik"
     assert res["ci95"] == list(ev.wilson(right, len(exs)))
+    same = ("paris", "paris")                                              # equal scores: the first choice wins
+    assert ev.evaluate(m, tok, [ev.Example(e.query, same, 0) for e in exs[:3]], 0)["correct"] == 3
 
 
 def test_exact_match_path_generates_and_compares(tiny):
@@ -91,6 +98,37 @@ def test_exact_match_path_generates_and_compares(tiny):
     exs = [ev.Example(queries[0], answer=outs[0].strip() or "x"), ev.Example(queries[1], answer="not this")]
     res = ev.evaluate(m, tok, exs, k=0, scoring="exact", max_new_tokens=6)
     assert res["scoring"] == "exact" and res["correct"] == int(outs[0].strip() != "")
+    long = "the capital of spain is madrid. " * 6                          # longer than the window: the oldest
+    ids = generate_ids(m, [tok.encode(long)[-(MODEL["max_seq_len"] - 6):]], 6, eod_id=tok.eod_id)[0]   # goes
+    assert ev.generate_until(m, tok, [long], ["\n"], 6) == [tok.decode([t for t in ids if t != tok.eod_id]).split("\n")[0]]
+    free = ev.generate_until(m, tok, queries[:1], [], 6)[0]                # no stop string: all 6 tokens
+    stop = free.strip()[len(free.strip()) // 2]                             # a character it does generate
+    assert ev.generate_until(m, tok, queries[:1], [stop], 6) == [free.split(stop)[0]]
+
+
+def test_generate_until_drops_the_eod(tiny, monkeypatch):
+    tok = tiny["tok"]
+    monkeypatch.setattr(ev, "generate_ids", lambda m, prompts, n, **kw: [tok.encode(" paris") + [tok.eod_id] for _ in prompts])
+    assert ev.generate_until(tiny["model"], tok, ["q"], ["\n"], 4) == [tok.decode(tok.encode(" paris"))]
+
+
+def test_evaluate_strips_both_sides_and_never_shows_a_row_as_its_own_shot(monkeypatch):
+    exs = [ev.Example(f"q{i}", answer=a) for i, a in enumerate(["5", " paris\t", "x"])]
+    shown, real = [], ev.fewshot_prompt
+    monkeypatch.setattr(ev, "fewshot_prompt", lambda e, shots: shown.append((e, shots)) or real(e, shots))
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a: [" 5 ", "paris", "y"])
+    assert ev.evaluate(None, None, exs, k=2)["correct"] == 2
+    assert len(shown) == 3 and all(len(shots) == 2 and e not in shots for e, shots in shown)
+    with pytest.raises(ev.EvalError, match="k=3: only 2 examples"):
+        ev.evaluate(None, None, exs, k=3)
+    assert ev.scoring_of([ev.Example("q", ("a", "b"), 0, "a"), exs[0]], "auto") == "exact"   # not every row has choices
+    monkeypatch.setattr(ev, "generate_until", lambda model, tok, prompts, *a: ["x"] * len(prompts))
+    many, runs = [ev.Example(f"q{i}", answer="a") for i in range(8)], []
+    for seed in (3, 3):                                                     # the shots are drawn from the seed
+        shown.clear()
+        ev.evaluate(None, None, many, k=2, seed=seed)
+        runs.append(list(shown))
+    assert runs[0] == runs[1]
 
 
 def test_wilson_interval():
@@ -131,6 +169,7 @@ def test_rolling_windows_score_every_token_once():
     ({"query": "q", "answer": "a", "lable": 1}, "unknown field 'lable'"),
     ({"query": "q", "choices": ["a", "b"]}, "'choices' and 'gold' go together"),
     ({"query": "q", "choices": ["a", "b"], "gold": 2}, "'gold' must be an index into choices"),
+    ({"query": "q", "choices": ["a", "b"], "gold": True}, "'gold' must be an index into choices"),
     ({"query": 3, "answer": "a"}, "'query' must be a string"),
     ({"query": "q"}, "needs 'choices' + 'gold'"),
     ("{not json", "not a JSON object"),

@@ -249,6 +249,7 @@ def test_majority_vote_and_regex():
     assert majority_vote(["4", "3"])[0] == "4" and majority_vote([None, None]) == (None, 0.0, {})
     extract = regex_extractor(r"A: *(\d+)", lambda ids: " ".join(f"A: {i}" for i in ids))
     assert extract([7, 12]) == "12" and regex_extractor(r"\d+", lambda ids: "none")([1]) is None
+    assert regex_extractor(r"#(.*)", lambda ids: "1+2=3# 3 ")([1]) == "3"     # " 3 " and "3" are one answer
     with pytest.raises(ValueError, match="^answer regex: '\\(' does not compile"):
         regex_extractor("(", str)
 
@@ -289,6 +290,7 @@ def test_self_consistency_batch_votes_each_prompt():
             self_consistency_batch(model, PROMPTS, bad, 5, SAMPLED, str)
     with pytest.raises(ValueError, match="^self_consistency: greedy chains are all the same"):
         self_consistency_batch(model, PROMPTS, 2, 5, Sampling(), str)
+    assert self_consistency_batch(model, PROMPTS, 1, 5, Sampling(), str)[1].chains == [generate_ids(model, PROMPTS, 5)[1]]
 
 
 def test_unsupported_combinations_are_one_line():

@@ -56,17 +56,33 @@ def test_index_round_trip_without_pickle(corpus, tmp_path, monkeypatch):
     for q in ("where was Oren Kalt born", "river town", "w55 w56", "nothing matches zzz"):
         assert np.array_equal(back.scores(q), index.scores(q))
         assert [(p.pid, s) for p, s in back.search(q, 3)] == [(p.pid, s) for p, s in index.search(q, 3)]
+    small = str(tmp_path / "small")                                  # another index's passages over these arrays
+    rag.Index.from_corpus(corpus).save(small)
+    for name in (rag.PASSAGES, rag.META):
+        with open(os.path.join(small, name)) as src, open(os.path.join(out, name), "w") as dst:
+            dst.write(src.read())
+    with pytest.raises(rag.RagError, match="3 passages but the BM25 arrays hold 6"):
+        rag.Index.load(out)
 
 
 def test_retrieves_a_known_fact_and_chunks(corpus):
     index = rag.Index.from_corpus(corpus, chunk_words=20, overlap=5)
     assert [p.pid for p in index.passages] == ["ilsa#0", "oren#0", "7#0", "7#1", "7#2", "7#3"]   # 65 words
     assert index.by_id["7#1"].text.split()[0] == "w10"             # 20 words, the last 5 of chunk 0 repeated
+    with pytest.raises(rag.RagError, match="0 <= overlap < chunk_words, got 20 and 20"):
+        rag.chunk(DOCS[2], chunk_words=20, overlap=20)                 # a step of 0 words
     assert index.search("When was Ilsa Varn born?", 1)[0][0].pid == "ilsa#0"
     assert index.search("who worked as a cooper", 1)[0][0].pid == "oren#0"
     assert index.search("w47", 2)[0][0].pid == "7#3" and index.search("w33", 1)[0][0].pid == "7#2"
     assert index.search("title words count: Oren", 1)[0][0].pid == "oren#0"
     assert all(s == 0.0 for _, s in index.search("zzz qqq", 3))      # unknown terms score nothing
+    assert [p.pid for p, _ in index.search("zzz qqq", 3)] == ["ilsa#0", "oren#0", "7#0"]   # ties: corpus order
+    assert [len(p.text.split()) for p in index.passages[2:]] == [20] * 4 and index.passages[-1].text.endswith("w59")
+    hit, score = index.search("OREN KALT COOPER", 1)[0]               # terms are lower-cased on both sides
+    assert hit.pid == "oren#0" and score > 0
+    titled = rag.Index.build([rag.Passage("b#0", "b", "other plain words"), rag.Passage("a#0", "a", "plain", "Zephyr")])
+    hit, score = titled.search("zephyr", 1)[0]                        # a word only in the title is indexed
+    assert hit.pid == "a#0" and score > 0
 
 
 def test_prompt_has_the_ids_and_citations_parse(corpus):
@@ -80,14 +96,19 @@ def test_prompt_has_the_ids_and_citations_parse(corpus):
     cited, made_up = rag.citations("Mirebank [oren#0] [zz#9] and [oren#0]", [h.pid for h in hits])
     assert cited == ["oren#0"] and made_up == ["zz#9"]
     assert rag.citations("no citation")[0] == []
+    assert rag.citations("see [the note] [oren#0]", ["oren#0"]) == (["oren#0"], [])   # ids have no spaces
     assert rag.strip_citations("Mirebank [oren#0] .") == "Mirebank ."
     assert rag.recall_at([["a", "b"], ["c", "a"]], ["a", "a"], ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    with pytest.raises(rag.RagError, match="recall: 1 rankings for 2 gold ids"):
+        rag.recall_at([["a"]], ["a", "b"])
 
 
 @pytest.mark.parametrize("row, msg", [
     ({"id": 1, "txt": "x"}, "unknown field 'txt'"),
     ({"text": "x"}, "missing field 'id'"),
     ({"id": 1, "text": 5}, "field 'text' must be a string"),
+    ({"id": 1, "text": "x", "title": 5}, "field 'title' must be a string"),
+    ({"id": True, "text": "x"}, "field 'id' must be a string or integer"),
     ({"id": "a b", "text": "x"}, "without spaces or brackets"),
     ({"id": "ilsa", "text": "again"}, "duplicate id 'ilsa'"),
     ("[1, 2]", "expected a JSON object"),
