@@ -84,6 +84,8 @@ def scoring_of(examples: list[Example], scoring: str, path: str = "task") -> str
 
 
 def pick_shots(pool: list[Example], k: int, rng: random.Random, exclude: Example | None = None) -> list[Example]:
+    # the row itself is excluded, not rows equal to it: in-context tasks repeat a query on purpose (the
+    # few-shot demo's mapping tasks ask each item ~50 times and a shot with the same item is the point)
     cands = [e for e in pool if e is not exclude]
     if k > len(cands):
         raise EvalError(f"k={k}: only {len(cands)} examples to draw shots from")

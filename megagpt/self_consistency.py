@@ -23,8 +23,9 @@ class Vote:
 
 
 def majority_vote(answers: list[str | None]) -> tuple[str | None, float, dict[str, int]]:
-    """The most frequent non-None answer (ties: the one seen first), its share of all chains, the counts."""
-    counts = Counter(a for a in answers if a is not None)
+    """The most frequent answer (ties: the one seen first), its share of all chains, the counts. None and
+    "" are no answer (a regex can match only blanks), so they count in the share's denominator only."""
+    counts = Counter(a for a in answers if a)
     if not counts:
         return None, 0.0, {}
     best = max(counts, key=lambda a: (counts[a], -answers.index(a)))

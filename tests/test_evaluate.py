@@ -157,6 +157,8 @@ def test_kshot_prompt_and_shots():
     assert ev.pick_shots(exs, 3, random.Random(4), exs[0]) == ev.pick_shots(exs, 3, random.Random(4), exs[0])
     with pytest.raises(ev.EvalError, match="k=8: only 7 examples"):
         ev.pick_shots(exs, 8, rng, exclude=exs[0])
+    twin = ev.Example("q0", answer="a0")                  # an equal row is another row: it may be a shot
+    assert twin in ev.pick_shots(exs[1:] + [twin], 7, random.Random(0), exclude=exs[0])
 
 
 def test_rolling_windows_score_every_token_once():

@@ -247,6 +247,7 @@ def test_majority_vote_and_regex():
     from megagpt.self_consistency import majority_vote, regex_extractor
     assert majority_vote(["3", "4", "3", None]) == ("3", 0.5, {"3": 2, "4": 1})
     assert majority_vote(["4", "3"])[0] == "4" and majority_vote([None, None]) == (None, 0.0, {})
+    assert majority_vote(["", "", "4", None]) == ("4", 0.25, {"4": 1})        # a blank answer is no answer
     extract = regex_extractor(r"A: *(\d+)", lambda ids: " ".join(f"A: {i}" for i in ids))
     assert extract([7, 12]) == "12" and regex_extractor(r"\d+", lambda ids: "none")([1]) is None
     assert regex_extractor(r"#(.*)", lambda ids: "1+2=3# 3 ")([1]) == "3"     # " 3 " and "3" are one answer
