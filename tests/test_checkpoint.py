@@ -153,6 +153,15 @@ def test_tmp_dir_of_a_killed_save_is_ignored_and_cleaned(tmp_path):
     assert not killed.exists()
 
 
+def test_manifest_in_a_tmp_dir_never_counts_without_latest(tmp_path):
+    # a save killed after COMPLETE but before its rename; with no `latest` the newest complete wins
+    ps, model = _single(tmp_path, [1])
+    shutil.copytree(tmp_path / "step_00000001", tmp_path / "step_00000002.tmp-deadbeef")
+    shutil.copytree(tmp_path / "step_00000001", tmp_path / "step_00000003.old-deadbeef")
+    os.remove(tmp_path / "latest")
+    assert find_checkpoint(str(tmp_path)).endswith("step_00000001")
+
+
 def test_latest_pointer(tmp_path):
     ps, model = _single(tmp_path, [1, 2], keep=0)
     latest = tmp_path / "latest"
@@ -266,6 +275,26 @@ def test_incompatible_model_config(copy):
 def test_manifest_path_traversal_refused(copy, name):
     _rewrite_manifest(copy, lambda m: m["files"].update({name: {"size": 1, "sha256": "0"}}))
     with pytest.raises(CheckpointError, match="refused"):
+        _load_tp1(copy)
+
+
+def test_swapped_rank_metadata_refused(copy):
+    # rank 1's JSON under rank 0's name (manifest re-hashed): TP pieces have equal shapes, so only the
+    # rank field stops tp rank 1's piece from loading as tp rank 0's
+    a, b = copy / "rank_00000.json", copy / "rank_00001.json"
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db), b.write_bytes(da)
+    _rewrite_manifest(copy, lambda m: m["files"].update({n: digest(str(copy / n)) for n in (a.name, b.name)}))
+    with pytest.raises(CheckpointError, match="rank_00000.json: not the megagpt-sharded-v1 metadata of rank 0"):
+        _load_tp1(copy)
+
+
+def test_rank_file_symlinked_outside_refused(copy, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(copy / "rank_00000.json", outside / "rank_00000.json")
+    os.symlink(outside / "rank_00000.json", copy / "rank_00000.json")    # same bytes: size and sha256 agree
+    with pytest.raises(CheckpointError, match=r"'rank_00000.json' resolves outside .*step_00000005 \(refused\)"):
         _load_tp1(copy)
 
 
