@@ -131,6 +131,26 @@ def test_load_optimizer_state_for_given_ranges(saved):
     assert torch.equal(state[name]["exp_avg"], local[100:700]) and state["step"] == 1
 
 
+def _save_replicated_optimizer(rank, world, run_dir):
+    ps = ParallelState.create(tp=1)                            # dp=2: both ranks hold the whole range (ddp)
+    model = build_model(CFG, ps, seed=1)
+    n = model.get_parameter("layers.0.mlp.fc2.weight").numel()
+    opt = {"layers.0.mlp.fc2.weight": {"start": 0, "end": n, "exp_avg": torch.arange(n, dtype=torch.float32)},
+           "step": 3}
+    save_checkpoint(run_dir, 1, [model], ps, None, {}, opt)
+
+
+def test_optimizer_range_saved_by_every_dp_rank_is_read_once(tmp_path):
+    # the two DP replicas of [0, n) overlap fully; tp rank 1's half of fc2 [64, 96] (dim 1) is 64 runs of
+    # 48, each must come from one replica only
+    from megagpt.parallel.layers import ShardSpec
+    spawn(2, _save_replicated_optimizer, str(tmp_path))
+    name = "layers.0.mlp.fc2.weight"
+    state = load_optimizer_state(str(tmp_path), {name: ((64, 96), ShardSpec(1, ((96, 0),)), 1, 2)}, {name: (0, 64 * 48)})
+    assert torch.equal(state[name]["exp_avg"], torch.arange(64 * 96.).view(64, 96)[:, 48:].reshape(-1))
+    assert state["step"] == 3
+
+
 # ----------------------------------------------------------------------------- the directory protocol
 
 def _single(tmp_path, steps, keep=2, **over):
