@@ -17,6 +17,12 @@ The prompt (`build_prompt`) is the one format the RAG demo trains on and `tools/
 (the question before the passages as well as after them, so that a decoder-only model can compare each
 passage with the question while it reads it; closed book, with no passages, is "question: ...\nanswer:")
 and an answer cites the ids it drew on in brackets: "Trelos [doc3#0]".
+
+Two ways to read the top-k (`tools/rag.py ask --read`): together, all k passages in one prompt; or each
+on its own (`no_answer_probs`, `most_relevant`), as RAG-Sequence and Self-RAG do: the reader is asked the
+question with one passage at a time, and the passage it is least likely to answer NO_ANSWER for is the one
+it answers from. Reading each needs a reader trained to say NO_ANSWER when the passage is about someone
+or something else (examples/rag_demo.py); it costs k short prompts instead of one long one.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ PASSAGES = "passages.jsonl"
 META = "rag.json"
 _WORD = re.compile(r"\w+")
 _CITE = re.compile(r"\[([^\[\]\s]+)\]")
+NO_ANSWER = "unknown"      # what a reader trained to read each passage alone answers for an unrelated one
 
 
 class RagError(ValueError):
@@ -167,6 +174,26 @@ def build_prompt(question: str, passages: list[Passage]) -> str:
     q = f"question: {question.strip()}"
     lines = [f"[{p.pid}] {p.title + ': ' if p.title else ''}{p.text}" for p in passages]
     return "\n".join(([q] if passages else []) + lines + [q, "answer:"])
+
+
+def no_answer_probs(model, tok, question: str, passages: list[Passage], no_answer: str = NO_ANSWER
+                    ) -> list[float]:
+    """p(the reader's answer is `no_answer` | the question and this one passage), for each passage read
+    alone in build_prompt's format: the reader's own judgement that the passage does not answer it."""
+    import math
+    from .evaluate import encode_pair, loglikelihood
+    if not no_answer.strip():
+        raise RagError("--no-answer: expected the reader's no-answer text, got an empty string")
+    pairs = [encode_pair(tok, build_prompt(question, [p]), no_answer) for p in passages]
+    return [math.exp(lp) for lp, _ in loglikelihood(model, pairs)]
+
+
+def most_relevant(p_no_answer: list[float]) -> int:
+    """The passage the reader is least likely to find no answer in (the first of equals). Each passage is
+    judged alone, so the pick does not depend on the retriever's order, only on what the passages say."""
+    if not p_no_answer:
+        raise RagError("no passages to choose from")
+    return min(range(len(p_no_answer)), key=p_no_answer.__getitem__)
 
 
 def citations(answer: str, known: list[str] | set[str] | None = None) -> tuple[list[str], list[str]]:

@@ -147,6 +147,71 @@ def test_tool_index_and_ask(corpus, tmp_path, capsys):
     assert res["cited"] == rag.citations(res["raw"], [p["id"] for p in res["passages"]])[0]
 
 
+def _random_reader(tmp_path):
+    """A random tiny model with a BPE trained on the corpus, saved for tools/rag.py; (run dir, model, tok)."""
+    root = tmp_path / "m"
+    root.mkdir()
+    tok = Tokenizer.train([d["text"] for d in DOCS] * 5 + ["unknown"] * 5, vocab_size=300)
+    tok.save(str(root / "tokenizer.json"))
+    mcfg = ModelConfig(vocab_size=320, max_seq_len=256, hidden_size=32, num_layers=2, num_heads=4,
+                       ffn_hidden_size=64, make_vocab_divisible_by=1, use_flash_attn=False)
+    model = build_model(mcfg, seed=3).eval()
+    save_for_inference(str(root / "run"), model, str(root / "tokenizer.json"))
+    return str(root / "run"), model, tok
+
+
+def test_read_each_judges_each_passage_alone(corpus, tmp_path):
+    """no_answer_probs is p(no-answer text | the question with that one passage), by a forward pass of its
+    own here; the pick (the least likely no-answer) does not depend on the passages' order."""
+    _, model, tok = _random_reader(tmp_path)
+    index = rag.Index.from_corpus(corpus, chunk_words=20, overlap=5)
+    q = "where was Ilsa Varn born ?"
+    hits = [p for p, _ in index.search(q, 3)]
+    probs = rag.no_answer_probs(model, tok, q, hits, "unknown")
+    for p, got in zip(hits, probs):
+        ctx, cont = tok.encode(rag.build_prompt(q, [p])), tok.encode("unknown")
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont]))[:, 0].float(), -1)        # [s, V]
+        want = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert abs(got - np.exp(want)) <= 1e-5 * np.exp(want)
+    assert len(set(probs)) == 3                          # three different judgements, so the pick is not a tie
+    flipped = rag.no_answer_probs(model, tok, q, hits[::-1], "unknown")
+    assert flipped == pytest.approx(probs[::-1], rel=1e-5)
+    assert hits[rag.most_relevant(probs)] == hits[::-1][rag.most_relevant(flipped)]
+    assert rag.most_relevant([0.3, 0.1, 0.2]) == 1 and rag.most_relevant([0.2, 0.2]) == 0
+    with pytest.raises(rag.RagError, match="no passages"):
+        rag.most_relevant([])
+    with pytest.raises(rag.RagError, match="--no-answer: expected"):
+        rag.no_answer_probs(model, tok, q, hits, " ")
+
+
+def test_tool_read_each(corpus, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "ix")
+    assert tool.main(["index", "--corpus", corpus, "--out", out, "--chunk-words", "20", "--overlap", "5"]) == 0
+    capsys.readouterr()
+    assert tool.main(["ask", "--index", out, "--question", "Where was Ilsa Varn born?", "-k", "2",
+                      "--retrieve-only", "--read", "each", "--json"]) == 0
+    prompts = json.loads(capsys.readouterr().out)["prompt"].split("\n\n")       # one prompt a passage
+    assert len(prompts) == 2 and all(p.count("[") == 1 and p.endswith("answer:") for p in prompts)
+    run, _, _ = _random_reader(tmp_path)
+    assert tool.main(["ask", "--index", out, "--load", run, "--question", "Where was Ilsa born?", "--read", "each",
+                      "--max-new-tokens", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    p_none = [h["p_no_answer"] for h in res["passages"]]
+    assert len(p_none) == 3 and res["read_from"] == res["passages"][int(np.argmin(p_none))]["id"]
+    assert res["cited"] == rag.citations(res["raw"], [p["id"] for p in res["passages"]])[0]
+    # the answer comes from the one passage judged most relevant, wherever BM25 ranked it
+    real_answer, read = tool.answer, []
+    monkeypatch.setattr(rag, "no_answer_probs", lambda model, tok, q, ps, none: [0.9, 0.2, 0.5][:len(ps)])
+    monkeypatch.setattr(tool, "answer", lambda *a: read.append([p.pid for p, _ in a[4]]) or real_answer(*a))
+    assert tool.main(["ask", "--index", out, "--load", run, "--question", "Where was Ilsa born?", "--read", "each",
+                      "--max-new-tokens", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert read == [[res["passages"][1]["id"]]] and res["read_from"] == res["passages"][1]["id"]
+    assert tool.main(["ask", "--index", out, "--load", run, "--question", "q", "--no-answer", "none"]) == 2
+    assert capsys.readouterr().err.strip() == "rag: ask: --no-answer is for --read each"
+
+
 def test_tool_bad_input_one_liners(corpus, tmp_path, capsys):
     cases = [
         (["index", "--corpus", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], "corpus file not found"),
@@ -216,6 +281,65 @@ def test_rag_demo_distractors_share_a_name_part_as_bm25_neighbours_do(tmp_path):
     assert set(shapes) == {(), ("first",), ("last",), ("first", "first"), ("last", "last"), ("first", "last")}
     counts = Counter(demo.shared_parts(index, demo.questions(kb)))
     assert counts["first"] + counts["last"] > 0.9 * sum(counts.values())       # what BM25 shows at top-3
+
+
+def test_rag_demo_read_each_samples(tmp_path):
+    """--read each trains on one invented person's record at a time: each question asks about that person
+    (answered from the record and cited) or about someone else, who shares the first name, the last name
+    or neither with them, answered NO_ANSWER; nothing of the knowledge base is shown."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import random
+    from collections import Counter
+    import rag_demo as demo
+    kb, pools = demo.invent_world(0)
+    index = rag.Index.from_corpus(_write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb]))
+    tok = demo.word_tokenizer(kb, index, pools, (rag.NO_ANSWER,))
+    taken, rng, kinds = {tuple(p["name"].split()) for p in kb}, random.Random(0), Counter()
+    for i in range(200):
+        ids, spans = demo.example_each(tok, rng, pools, taken, len(kb), closed=i % 10 == 0)
+        text = tok.decode(ids)
+        assert "<unk>" not in text and spans[-1][1] == len(ids)
+        if i % 10 == 0:
+            assert len(spans) == 1 and "[" not in text
+            continue
+        _, q1, q2 = tok.decode(ids[:spans[0][0]]).split("question: ")    # question, [pid] record, question, answer:
+        assert q1.startswith(q2[:-len("answer:")]) and q2.endswith(" answer:") and q1.count("[") == 1
+        pid, first, last, city, year, trade = q1[q1.index("["):].split()[:6]
+        assert (first, last) not in taken and len(spans) == 4
+        for a, b in spans:
+            q = tok.decode(ids[:a]).split("question: ")[-1]
+            name = tuple(q.split(" born ?")[0].split(" work as")[0].split()[-2:])
+            target = tok.decode(ids[a:b - 1])
+            if name == (first, last):
+                value = {"where": city, "when": year, "what": trade}[q.split()[0]]
+                assert target == f"{value} {pid}" and ids[b - 1] == tok.eod_id
+                kinds["same"] += 1
+            else:
+                assert target == rag.NO_ANSWER
+                kinds["first" if name[0] == first else "last" if name[1] == last else "neither"] += 1
+    n = sum(kinds.values())
+    # asked about someone else: sharing the first name, the last or neither, at 0.4 : 0.4 : 0.2
+    assert 0.4 < kinds["same"] / n < 0.6 and min(kinds["first"], kinds["last"]) > 1.3 * kinds["neither"] > 0
+
+
+def test_rag_demo_read_each_scores_the_passage_it_picks(tmp_path, monkeypatch):
+    """score(read="each") answers from the passage no_answer_probs ranks lowest, wherever BM25 put it."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import rag_demo as demo
+    kb, pools = demo.invent_world(0)
+    index = rag.Index.from_corpus(_write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb]))
+    tok = demo.word_tokenizer(kb, index, pools, (rag.NO_ANSWER,))
+    model = demo.build_model(demo.reader_config(tok, "each"), seed=0).eval()
+    qs = demo.questions(kb[:8])
+    judged = []
+    def last_is_relevant(model, tok, q, ps):           # BM25's third passage: never the person asked here
+        judged.append(len(ps))
+        return [1.0] * (len(ps) - 1) + [0.0]
+    monkeypatch.setattr(demo, "no_answer_probs", last_is_relevant)
+    res = demo.score(model, tok, index, qs, 3, read="each")
+    assert judged == [3] * len(qs) and res["picked_gold"] == 0.0 and 0 <= res["no_answer"] <= 1
+    third = [index.search(q, 3)[2][0] for _, _, q in qs]
+    assert res["example"]["prompt"] == rag.build_prompt(qs[0][2], [third[0]])
 
 
 def _reader_grads_dp2(rank, world, kb, pools, rows_all):

@@ -4,11 +4,16 @@ top-k passages in the prompt; the answer cites the passage ids it drew on.
 
     python tools/rag.py index --corpus kb.jsonl --out kb_index [--chunk-words 100 --overlap 20]
     python tools/rag.py ask --index kb_index --load runs/rag --question "where was Ilsa Varn born ?" -k 3
+    python tools/rag.py ask --index kb_index --load runs/rag --question "..." --read each   # one passage a prompt
     python tools/rag.py ask --index kb_index --question "..." --retrieve-only      # no model: passages only
 
 Corpus lines: {"id": ..., "text": ..., "title": optional}. `ask` prints the retrieved passages, the
 answer, and the cited ids (those among the retrieved passages, then any it made up); --json prints one
-JSON object instead. Exit codes: 0 ok, 2 bad input (one line on stderr).
+JSON object instead. --read together (the default) puts the k passages in one prompt; --read each asks
+the question with one passage at a time, picks the passage the reader is least likely to answer
+--no-answer for (megagpt/rag.py: most_relevant) and answers from it, printing each passage's p(no answer);
+that needs a reader trained to answer --no-answer for an unrelated passage (examples/rag_demo.py --read each).
+Exit codes: 0 ok, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
@@ -45,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ask.add_argument("--load", metavar="DIR", help="megagpt checkpoint or HF directory")
     ask.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the checkpoint's)")
     ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument("--read", choices=("together", "each"), default="together",
+                     help="the k passages in one prompt, or one passage a prompt and answer from the most relevant")
+    ask.add_argument("--no-answer", default=None, metavar="TEXT",
+                     help="with --read each: what the reader answers for an unrelated passage (default: unknown)")
     ask.add_argument("--retrieve-only", action="store_true", help="print the passages and the prompt only")
     ask.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -70,30 +79,45 @@ def answer(chunks, tok, eod, question: str, hits, max_new_tokens: int) -> str:
 
 
 def cmd_ask(args) -> int:
-    from megagpt.rag import Index, build_prompt, citations, strip_citations
+    from megagpt.rag import (NO_ANSWER, Index, build_prompt, citations, most_relevant, no_answer_probs,
+                             strip_citations)
     if not args.retrieve_only and not args.load:
         raise ValueError("ask: --load DIR is required (or pass --retrieve-only)")
+    if args.no_answer is not None and args.read != "each":
+        raise ValueError("ask: --no-answer is for --read each")
+    no_answer = NO_ANSWER if args.no_answer is None else args.no_answer
     index = Index.load(args.index)
     hits = index.search(args.question, args.k)
     out = {"question": args.question, "passages": [{"id": p.pid, "score": s, "text": p.text} for p, s in hits]}
     if args.retrieve_only:
-        out["prompt"] = build_prompt(args.question, [p for p, _ in hits])
+        shown = [[p] for p, _ in hits] if args.read == "each" else [[p for p, _ in hits]]
+        out["prompt"] = "\n\n".join(build_prompt(args.question, ps) for ps in shown)
     else:
         from megagpt.loading import load_for_generation
         chunks, ps, tok, eod = load_for_generation(args.load, tokenizer=args.tokenizer)
         if tok is None:
             raise ValueError("ask: the checkpoint has no tokenizer; pass --tokenizer FILE")
-        text = answer(chunks, tok, eod, args.question, hits, args.max_new_tokens)
+        read = hits
+        if args.read == "each":          # one passage a prompt: answer from the one the reader finds relevant
+            p_none = no_answer_probs(chunks, tok, args.question, [p for p, _ in hits], no_answer)
+            for h, pn in zip(out["passages"], p_none):
+                h["p_no_answer"] = pn
+            read = [hits[most_relevant(p_none)]]
+            out["read_from"] = read[0][0].pid
+        text = answer(chunks, tok, eod, args.question, read, args.max_new_tokens)
         cited, made_up = citations(text, [p.pid for p, _ in hits])
         out.update(answer=strip_citations(text), raw=text, cited=cited, unknown_ids=made_up)
     if args.json:
         print(json.dumps(out))
         return 0
     for h in out["passages"]:
-        print(f"[{h['id']}] ({h['score']:.2f}) {h['text']}")
+        pn = f" p(no answer) {h['p_no_answer']:.3f}" if "p_no_answer" in h else ""
+        print(f"[{h['id']}] ({h['score']:.2f}{pn}) {h['text']}")
     if args.retrieve_only:
         print("--- prompt ---\n" + out["prompt"])
     else:
+        if "read_from" in out:
+            print(f"read from: [{out['read_from']}]")
         print(f"answer: {out['answer']}\ncited: {' '.join(out['cited']) or '(none)'}"
               + (f"\nids not among the passages: {' '.join(made_up)}" if made_up else ""))
     return 0
