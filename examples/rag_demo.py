@@ -253,8 +253,8 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w") if rank == 0 else None
     t0 = time.perf_counter()
     model.train()
+    sample = example_each if read == "each" else example
     for step in range(steps):
-        sample = example_each if read == "each" else example
         rows = [sample(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(batch // world)]
         loss = reader_loss(model, tok, rows, dp)
         opt.zero_grad()

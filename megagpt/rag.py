@@ -27,6 +27,7 @@ or something else (examples/rag_demo.py); it costs k short prompts instead of on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -176,15 +177,19 @@ def build_prompt(question: str, passages: list[Passage]) -> str:
     return "\n".join(([q] if passages else []) + lines + [q, "answer:"])
 
 
+def check_no_answer(no_answer: str) -> str:
+    """The reader's no-answer text, refused when blank (every passage would then be judged on nothing)."""
+    if not no_answer.strip():
+        raise RagError("--no-answer: expected the reader's no-answer text, got an empty string")
+    return no_answer
+
+
 def no_answer_probs(model, tok, question: str, passages: list[Passage], no_answer: str = NO_ANSWER
                     ) -> list[float]:
     """p(the reader's answer is `no_answer` | the question and this one passage), for each passage read
     alone in build_prompt's format: the reader's own judgement that the passage does not answer it."""
-    import math
-    from .evaluate import encode_pair, loglikelihood
-    if not no_answer.strip():
-        raise RagError("--no-answer: expected the reader's no-answer text, got an empty string")
-    pairs = [encode_pair(tok, build_prompt(question, [p]), no_answer) for p in passages]
+    from .evaluate import encode_pair, loglikelihood       # torch only when a model is asked
+    pairs = [encode_pair(tok, build_prompt(question, [p]), check_no_answer(no_answer)) for p in passages]
     return [math.exp(lp) for lp, _ in loglikelihood(model, pairs)]
 
 

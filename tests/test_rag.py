@@ -210,6 +210,11 @@ def test_tool_read_each(corpus, tmp_path, capsys, monkeypatch):
     assert read == [[res["passages"][1]["id"]]] and res["read_from"] == res["passages"][1]["id"]
     assert tool.main(["ask", "--index", out, "--load", run, "--question", "q", "--no-answer", "none"]) == 2
     assert capsys.readouterr().err.strip() == "rag: ask: --no-answer is for --read each"
+    # a blank no-answer text is refused before the index or the checkpoint is read
+    assert tool.main(["ask", "--index", str(tmp_path / "none"), "--load", str(tmp_path / "none"), "--question", "q",
+                      "--read", "each", "--no-answer", " "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rag: --no-answer: expected the reader's no-answer text, got an empty string"
 
 
 def test_tool_bad_input_one_liners(corpus, tmp_path, capsys):

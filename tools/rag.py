@@ -79,13 +79,13 @@ def answer(chunks, tok, eod, question: str, hits, max_new_tokens: int) -> str:
 
 
 def cmd_ask(args) -> int:
-    from megagpt.rag import (NO_ANSWER, Index, build_prompt, citations, most_relevant, no_answer_probs,
-                             strip_citations)
+    from megagpt.rag import (NO_ANSWER, Index, build_prompt, check_no_answer, citations, most_relevant,
+                             no_answer_probs, strip_citations)
     if not args.retrieve_only and not args.load:
         raise ValueError("ask: --load DIR is required (or pass --retrieve-only)")
     if args.no_answer is not None and args.read != "each":
         raise ValueError("ask: --no-answer is for --read each")
-    no_answer = NO_ANSWER if args.no_answer is None else args.no_answer
+    no_answer = check_no_answer(NO_ANSWER if args.no_answer is None else args.no_answer)   # before any loading
     index = Index.load(args.index)
     hits = index.search(args.question, args.k)
     out = {"question": args.question, "passages": [{"id": p.pid, "score": s, "text": p.text} for p, s in hits]}
