@@ -5,6 +5,8 @@ in-flight count, and bad layouts failing with a one-line error before anything r
 Each multi-rank group (pp=2, pp=4, tp=2 x pp=2 with SP) is one fork of the ranks that runs all of
 its cases; a module fixture keeps the results so the three kinds of check share one run.
 """
+import itertools
+import re
 import weakref
 
 import pytest
@@ -351,6 +353,77 @@ def test_balanced_split():
     text = describe_split(_raw_cfg(8, 2, 2))
     assert len(text.splitlines()) == 5 and "embedding" in text.splitlines()[1] and "LM head" in text.splitlines()[-1]
     assert chunk_layers(_raw_cfg(4, 2, 2, split=[1, 0, 2, 1])) == [[0], [], [1, 2], [3]]
+
+
+def _vocab_cfg(num_layers, pp, vp, vocab):
+    cfg = _raw_cfg(num_layers, pp, vp)
+    cfg.model.vocab_size = vocab
+    return cfg
+
+
+def test_balanced_split_is_optimal_with_the_lm_head_counted():
+    """chunk_layers minimises the costliest chunk, the LM head's FLOPs counted on the last chunk: checked
+    against every split into pp*vp runs of >= 1 layer. With a big vocabulary the head costs several
+    layers, so a split that forgot it (even chunks) is not optimal and fails here."""
+    for vocab in (97, 1000, 4096):
+        for pp, vp in ((2, 1), (3, 1), (4, 1), (2, 2)):
+            for layers in range(pp * vp, 11):
+                cfg = _vocab_cfg(layers, pp, vp, vocab)
+                head, chunks = Layout.from_config(cfg).head_cost(cfg.model), pp * vp
+
+                def worst(counts):
+                    return max(n + (head if c == chunks - 1 else 0.0) for c, n in enumerate(counts))
+                best = min(worst([b - a for a, b in zip((0,) + cuts, cuts + (layers,))])
+                           for cuts in itertools.combinations(range(1, layers), chunks - 1))
+                got = chunk_layers(cfg)
+                assert [i for ids in got for i in ids] == list(range(layers)) and all(got), (vocab, pp, vp, layers)
+                assert worst([len(ids) for ids in got]) == pytest.approx(best, abs=1e-9), (vocab, pp, vp, layers, got)
+    # the case that shows it: a head of ~14 layers leaves the last chunk one layer
+    assert [len(ids) for ids in chunk_layers(_vocab_cfg(8, 2, 2, 4096))] == [2, 2, 3, 1]
+
+
+def test_describe_split_names_each_chunks_rank_and_cost():
+    """Each line: global chunk c on rank c % pp as local chunk c // pp (schedule.py's layout), its layers,
+    and its cost, which counts the LM head on the last chunk only."""
+    for pp, vp, layers, vocab in ((2, 2, 8, 4096), (4, 2, 8, 97), (3, 1, 7, 1000)):
+        cfg = _vocab_cfg(layers, pp, vp, vocab)
+        head = Layout.from_config(cfg).head_cost(cfg.model)
+        lines = describe_split(cfg).splitlines()[1:]
+        assert len(lines) == pp * vp
+        for c, (line, ids) in enumerate(zip(lines, chunk_layers(cfg))):
+            got = re.match(r"  chunk (\d+): rank (\d+) local (\d+): .*\((\d+)\).*  cost ([0-9.]+)$", line)
+            assert got, line
+            assert [int(x) for x in got.groups()[:4]] == [c, c % pp, c // pp, len(ids)], line
+            expected = len(ids) + (head if c == pp * vp - 1 else 0.0)
+            assert float(got.group(5)) == pytest.approx(expected, abs=0.006), line
+            assert ("embedding" in line) == (c == 0) and ("LM head" in line) == (c == pp * vp - 1), line
+
+
+def test_forward_only_schedules_are_gpipes_forward_half():
+    """Evaluation's ops: deadlock-free on both backends over a grid, every rank's forwards in the
+    training order, and for vp == 1 GPipe's forward half: with early receives (gloo) each RECV_F is
+    posted before the forward that precedes its consumer, so every transfer overlaps a forward. The
+    forward half of 1F1B instead posts some receives only after that forward (it had a B in between)."""
+    for pp in (2, 3, 4):
+        for vp in (1, 2):
+            for m in range(pp, 2 * pp + 2):
+                train = build_schedule("1f1b", pp, vp, m)
+                for early in (False, True):
+                    forward = forward_only_schedule(pp, vp, m, early_recv=early)
+                    check_no_deadlock(forward, backend="gloo")
+                    if not early:
+                        check_no_deadlock(forward, backend="nccl")
+                    for rank, ops in enumerate(forward):
+                        assert {op.kind for op in ops} <= {"F", "SEND_F", "RECV_F"}
+                        assert [op for op in ops if op.kind == "F"] == [op for op in train[rank] if op.kind == "F"]
+                        if vp > 1 or not early:
+                            continue
+                        fwd = [i for i, op in enumerate(ops) if op.kind == "F"]
+                        for i, op in enumerate(ops):
+                            if op.kind == "RECV_F":
+                                consumer = next(j for j in fwd if ops[j].microbatch == op.microbatch)
+                                before = [j for j in fwd if j < consumer]
+                                assert not before or i < before[-1], (pp, m, rank, i, op)
 
 
 def test_pp1_is_a_plain_loop_and_matches_one_process():
