@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megagpt.pipeline.schedule import (
-    Op, ScheduleError, _post_receives_early, build_schedule, comm_batches, gpipe, interleaved_1f1b,
+    Op, ScheduleError, post_receives_early, build_schedule, comm_batches, gpipe, interleaved_1f1b,
     interleaved_groups, one_f_one_b,
 )
 from megagpt.pipeline.simulate import check_no_deadlock, render, simulate
@@ -110,6 +110,7 @@ def test_interleaved_groups_put_the_leftover_on_the_first_groups():
     forwards = [(op.microbatch, op.chunk) for op in build_schedule("1f1b", 4, 2, 9)[0] if op.kind == "F"]
     assert forwards == [(mb, c) for first, size in ((0, 5), (5, 4))
                         for c in range(2) for mb in range(first, first + size)]
+
 
 def test_every_microbatch_runs_once_forward_and_backward_on_every_chunk():
     for kind, p, v, m in GRID:
@@ -269,6 +270,7 @@ def test_labels_show_the_chunk_only_with_chunks():
     lines = render(simulate(build_schedule("1f1b", 2, 1, 4))).splitlines()
     assert "F0" in lines[0] and "B3" in lines[1] and not any(":" in line for line in lines)
 
+
 def test_render_draws_one_line_per_rank():
     sim = simulate(build_schedule("1f1b", 4, 2, 8))
     lines = render(sim).splitlines()
@@ -358,10 +360,11 @@ def test_early_receives_never_overtake_a_receive_from_the_same_peer():
     receive from the same peer. No built layout happens to need that floor (pp <= 8, vp <= 4 checked),
     so here is a rank that does: RECV_B 0 is consumed first and would move above F0, past RECV_F 1."""
     ops = [Op("F", 0, 0), Op("RECV_F", 1, 0, 0), Op("RECV_B", 0, 0, 0), Op("B", 0, 0), Op("F", 1, 0)]
-    assert _post_receives_early(ops) == ops
+    assert post_receives_early(ops) == ops
     # from another peer nothing holds it back: it moves to before F0, the op before its consumer B0
     other = [Op("F", 0, 0), Op("RECV_F", 1, 0, 0), Op("RECV_B", 0, 0, 2), Op("B", 0, 0), Op("F", 1, 0)]
-    assert _post_receives_early(other) == [other[2], other[0], other[1], other[3], other[4]]
+    assert post_receives_early(other) == [other[2], other[0], other[1], other[3], other[4]]
+
 
 def test_early_receives_are_gloo_only():
     """Receives posted one op ahead never deadlock on gloo (each op completes once both ends are

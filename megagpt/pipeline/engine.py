@@ -40,7 +40,7 @@ from ..layout import Layout
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
 from .p2p import P2P
-from .schedule import Op, build_schedule, comm_batches
+from .schedule import Op, build_schedule, comm_batches, post_receives_early
 
 
 def forward_only_schedule(pp: int, vp: int, m: int, early_recv: bool = False) -> list[list[Op]]:
@@ -48,9 +48,12 @@ def forward_only_schedule(pp: int, vp: int, m: int, early_recv: bool = False) ->
 
     GPipe's forward half for vp == 1 (it starts each forward as early as possible), interleaved
     1F1B's for vp > 1 (the chunk order that keeps the ring busy). Dropping the backward ops only
-    removes waits, and tests check every such filtered schedule with `check_no_deadlock`."""
-    base = build_schedule("gpipe" if vp == 1 else "interleaved", pp, vp, m, early_recv)
-    return [[op for op in ops if op.kind in ("F", "SEND_F", "RECV_F")] for ops in base]
+    removes waits, and tests check every such filtered schedule with `check_no_deadlock`. Receives are
+    moved early after the backward ops are dropped: moved before, many would sit right before their
+    consumer once the B between them is gone, and gloo only starts a transfer once it is posted."""
+    base = build_schedule("gpipe" if vp == 1 else "interleaved", pp, vp, m)
+    forward = [[op for op in ops if op.kind in ("F", "SEND_F", "RECV_F")] for ops in base]
+    return [post_receives_early(ops) for ops in forward] if early_recv else forward
 
 
 class PipelineEngine:
@@ -78,7 +81,7 @@ class PipelineEngine:
         self.device = ps.device
         self.p2p = P2P(ps.pp, ps.counter, tensor_shape, dtype, ps.device)
         # gloo completes each p2p op on its own, so receives can be posted one op ahead of need;
-        # NCCL completes groups in order, where that could deadlock (schedule._post_receives_early)
+        # NCCL completes groups in order, where that could deadlock (schedule.post_receives_early)
         self.early_recv = (wait_p2p == "deferred" and self.pp > 1
                            and torch.distributed.get_backend(ps.pp.pg) == "gloo")
         self.trace: list[Op] = []          # the ops of the last call, in the order they ran

@@ -151,7 +151,7 @@ def _place_comm(orders: list[list[Op]], pp: int) -> list[list[Op]]:
     return programs
 
 
-def _post_receives_early(ops: list[Op]) -> list[Op]:
+def post_receives_early(ops: list[Op]) -> list[Op]:
     """Move each RECV up to just before the compute op that precedes its consumer (Megatron's
     one-ahead irecv), never past an earlier RECV from the same peer, since messages between two
     ranks match in issue order. A RECV already earlier stays where it is, so at most one compute
@@ -179,7 +179,7 @@ def _post_receives_early(ops: list[Op]) -> list[Op]:
 def build_schedule(kind: str, pp: int, vp: int, m: int, early_recv: bool = False) -> list[list[Op]]:
     """All ranks' schedules. kind: "gpipe" or "1f1b" (interleaved when vp > 1) or "interleaved".
 
-    early_recv posts each receive one compute op ahead of its consumer (`_post_receives_early`):
+    early_recv posts each receive one compute op ahead of its consumer (`post_receives_early`):
     what the engine does on gloo. Without it each receive is posted in its send's round, which
     is also safe under NCCL's in-order group completion."""
     _check_layout(pp, vp, m)
@@ -188,7 +188,7 @@ def build_schedule(kind: str, pp: int, vp: int, m: int, early_recv: bool = False
     if kind == "gpipe" and vp > 1:
         raise ScheduleError("gpipe has no interleaved variant: use vp=1 or kind='1f1b'")
     programs = _place_comm([_compute_order(kind, pp, vp, m, r) for r in range(pp)], pp)
-    return [_post_receives_early(ops) for ops in programs] if early_recv else programs
+    return [post_receives_early(ops) for ops in programs] if early_recv else programs
 
 
 def gpipe(pp: int, m: int, rank: int) -> list[Op]:
