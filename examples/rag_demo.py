@@ -130,26 +130,29 @@ def questions(people):
     return [(p, attr, QUESTIONS[attr].format(name=p["name"])) for p in people for attr in QUESTIONS]
 
 
+def fresh_pair(rng: random.Random, pools, *avoid, first: str | None = None, last: str | None = None):
+    """A (first, last) name drawn from the pools (first or last given: that part kept) until it is in none of
+    `avoid` (the knowledge base's names, the sample's own): nothing of the knowledge base is trained on."""
+    while True:
+        pair = (first or rng.choice(pools["first"]), last or rng.choice(pools["last"]))
+        if not any(pair in names for names in avoid):
+            return pair
+
+
 def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool, n_questions: int = 4):
     """(ids, answer spans) of one training sample, freshly invented so nothing can be memorized: a person
-    whose name is not in the knowledge base and up to two distractors (not in it either) that share the first or the last
-    name (as BM25's neighbours do), 1 to 3 passages in random order with random passage ids; then
-    n_questions questions, the first on that person, the others on any person shown, each followed by
+    whose name is not in the knowledge base and up to two distractors (not in it either) that share the
+    first or the last name (as BM25's neighbours do), 1 to 3 passages in random order with random passage
+    ids; then n_questions questions, the first on that person, the others on any person shown, each followed by
     its answer, the citation and EOD. The spans [start, end) are the answer tokens (and citation and EOD)
     that carry the loss. The first question with its answer is exactly the prompt `tools/rag.py ask`
     sends and the reply it expects; the later ones give the sample more answers to learn from for the
     same passages (an answer costs 3 tokens, a passage 15). Closed book: one question, no passage."""
-    names: list[tuple[str, str]] = []
-
-    def fresh(first=None, last=None):        # a name neither in the knowledge base nor already in the sample
-        while True:
-            pair = (first or rng.choice(pools["first"]), last or rng.choice(pools["last"]))
-            if pair not in taken and pair not in names:
-                names.append(pair)
-                return pair
-    first, last = fresh()
+    names = [fresh_pair(rng, pools, taken)]
+    first, last = names[0]
     for _ in range(2):    # each distractor shares the first or the last name, independently, as BM25's do
-        fresh(first=first) if rng.random() < 0.5 else fresh(last=last)
+        shared = {"first": first} if rng.random() < 0.5 else {"last": last}
+        names.append(fresh_pair(rng, pools, taken, names, **shared))
     ids = [f"p{i:03d}" for i in rng.sample(range(n_ids), 3)]
     people = [person(rng, pools, f"{f} {ln}", pid) for (f, ln), pid in zip(names, ids)]
     people = people[:rng.randint(1, 3)]          # 1 to 3 passages: the easy cases teach copying first
@@ -180,10 +183,7 @@ def example_each(tok, rng: random.Random, pools, taken: set, n_ids: int, closed:
     or, one time in five, neither: answered NO_ANSWER. Closed book as in `example`."""
     if closed:
         return example(tok, rng, pools, taken, n_ids, True)
-    while True:
-        pair = (rng.choice(pools["first"]), rng.choice(pools["last"]))
-        if pair not in taken:
-            break
+    pair = fresh_pair(rng, pools, taken)
     shown = person(rng, pools, " ".join(pair), f"p{rng.randrange(n_ids):03d}")
     passage = [Passage(f"{shown['id']}#0", shown["id"], shown["text"])]
     out, spans = [], []

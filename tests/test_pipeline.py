@@ -422,7 +422,8 @@ def test_forward_only_schedules_are_gpipes_forward_half():
                         fwd = [i for i, op in enumerate(ops) if op.kind == "F"]
                         for i, op in enumerate(ops):
                             if op.kind == "RECV_F":
-                                consumer = next(j for j in fwd if (ops[j].microbatch, ops[j].chunk) == (op.microbatch, op.chunk))
+                                key = (op.microbatch, op.chunk)
+                                consumer = next(j for j in fwd if (ops[j].microbatch, ops[j].chunk) == key)
                                 before = [j for j in fwd if j < consumer]
                                 assert not before or i < before[-1], (pp, m, rank, i, op)
 
