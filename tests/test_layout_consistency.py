@@ -5,6 +5,7 @@
     model) and the model as built agree to the byte on the parameters of every pipeline rank.
 The tiny model is built for real on the CPU (every TP rank's shard initialised), the 70B on the meta
 device, both through `split.build_stage`, the builder training uses."""
+import itertools
 import json
 import subprocess
 import sys
@@ -122,3 +123,104 @@ def test_mod_with_context_parallel_is_refused_in_one_line_and_moe_is_not():
     assert str(e.value).startswith("parallel.cp: mixture of depths") and "parallel.cp=2" in str(e.value)
     assert "\n" not in str(e.value)
 
+
+# ----------------------------------------------------------------------------- the rules and derived figures, by hand
+
+def _small(**kw):
+    """MHA, 4 heads of 16, a 4h GELU MLP, 4 layers, vocab 97 (padded to 128 at tp=1)."""
+    from megagpt.config import ModelConfig
+    return ModelConfig(**(dict(vocab_size=97, max_seq_len=64, hidden_size=64, num_layers=4, num_heads=4,
+                               ffn_hidden_size=256, mlp="gelu") | kw))
+
+
+@pytest.mark.parametrize("layout, model, field", [
+    (dict(order="tp-tp-ep-dp-pp"), {}, "parallel.order: expected a permutation"),             # an axis twice
+    (dict(order="tp-cp-ep-dp-xx"), {}, "parallel.order: expected a permutation"),             # an unknown axis
+    (dict(tp=4, world_size=4), dict(ffn_hidden_size=254), "model.ffn_hidden_size: 254 is not divisible"),
+    (dict(tp=2, sp=True, world_size=2), dict(mod_layers=[0]), "parallel.sequence_parallel: mixture of depths"),
+    (dict(tp=4, cp=2, sp=True, world_size=8, seq_len=12), {}, r"train.seq_len: 12/cp=6 is not divisible by parallel.tp=4"),
+    (dict(ep=2, world_size=3, global_batch=3), dict(moe_num_experts=4), "parallel.ep: 2 does not divide dp=3"),
+    (dict(ep=4, world_size=4, global_batch=4), dict(moe_num_experts=6), "parallel.ep: 4 does not divide model.moe_num"),
+])
+def test_validate_refuses_each_rule_by_name(layout, model, field):
+    with pytest.raises(ConfigError) as e:
+        Layout(**({"seq_len": 32} | layout)).validate(_small(**model))
+    assert str(e.value).startswith(field.replace("\\", "")) and "\n" not in str(e.value), str(e.value)
+
+
+def test_sequence_parallel_is_off_at_tp_1_and_the_rules_see_it_off():
+    """As Megatron (and the config loader), SP at tp = 1 is switched off: nothing to shard over."""
+    assert Layout(sp=True).sp is False and Layout(tp=2, sp=True).sp is True
+    Layout(sp=True, seq_len=32).validate(_small(mod_layers=[0]))      # MoD refuses SP, but SP is off here
+
+
+def test_seq_multiple_activation_shape_and_head_cost_by_hand():
+    m = _small()
+    assert [Layout(**kw).seq_multiple for kw in (dict(), dict(tp=4, sp=True), dict(cp=2), dict(cp=4),
+                                                   dict(cp=2, tp=2, sp=True))] == [1, 4, 4, 8, 8]
+    # [s/(cp*tp), b, h] with SP, [s/cp, b, h] without
+    assert Layout(tp=2, cp=2, sp=True, seq_len=64, micro_batch=3).activation_shape(m) == (16, 3, 64)
+    assert Layout(tp=2, cp=2, sp=False, seq_len=64, micro_batch=3).activation_shape(m) == (32, 3, 64)
+    # a layer at s=32: matmuls 2*(64*12*16 + 64*64 + 2*64*256) = 98304, causal attention 4*4*16*16 = 4096;
+    # the head 2*64*V_padded: V = 97 pads to 128 at tp=1 (16384) and to 256 at tp=2 (32768)
+    assert Layout(seq_len=32).head_cost(m) == pytest.approx(16384 / 102400)
+    assert Layout(tp=2, seq_len=32).head_cost(m) == pytest.approx(32768 / 102400)
+
+
+def test_default_world_is_one_replica_and_dp_is_ep_with_experts():
+    cfg = load_config(None, ["model.moe_num_experts=4", "parallel.ep=2", "train.global_batch_size=2"])
+    assert cfg.parallel.world_size is None
+    layout = Layout.from_config(cfg)
+    assert (layout.world_size, layout.dp, layout.grid_sizes["dp"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("order", ["tp-cp-ep-dp-pp", "tp-cp-dp-ep-pp", "dp-ep-tp-cp-pp", "pp-ep-cp-tp-dp"])
+def test_rank_coords_with_experts_are_the_process_groups_grid(order):
+    """With ep > 1 the grid's dp axis is edp = dp/ep: coords["edp"] is a rank's place in its edp group,
+    coords["ep"] in its ep group, and coords["dp"] its place in the DP group, ep x edp in rank order
+    (ParallelState's _merge of the two axes)."""
+    from megagpt.parallel.state import _merge
+    layout = Layout(tp=2, ep=2, pp=2, world_size=16, order=order, global_batch=8)
+    assert layout.grid_sizes == {"tp": 2, "cp": 1, "ep": 2, "dp": 2, "pp": 2}
+    grid = rank_grid(16, layout.grid_sizes, order)
+    dp_groups = _merge(grid, ["ep", "dp"], 16)
+    assert all(len(g) == 4 for g in dp_groups)
+    for rank in range(16):
+        coords = layout.rank_coords(rank)
+        for axis, key in (("tp", "tp"), ("ep", "ep"), ("dp", "edp"), ("pp", "pp")):
+            (group,) = [g for g in grid[axis] if rank in g]
+            assert group.index(rank) == coords[key], (rank, axis)
+        (group,) = [g for g in dp_groups if rank in g]
+        assert sorted(group).index(rank) == coords["dp"], (rank, coords)
+
+
+def test_rank_coords_with_experts_by_hand():
+    """tp2 ep2 edp2 on 8 ranks. Order tp-cp-ep-dp-pp: rank = tp + 2*ep + 4*edp, the DP group of rank 0 is
+    0, 2, 4, 6 and rank 6 (ep 1, edp 1) is its 4th. Order tp-cp-dp-ep-pp: rank = tp + 2*edp + 4*ep, so
+    rank 4 (ep 1, edp 0) is the 3rd of 0, 2, 4, 6 and rank 2 (ep 0, edp 1) the 2nd."""
+    a = Layout(tp=2, ep=2, world_size=8, global_batch=4)
+    assert {k: a.rank_coords(6)[k] for k in ("tp", "ep", "edp", "dp")} == {"tp": 0, "ep": 1, "edp": 1, "dp": 3}
+    assert {k: a.rank_coords(2)[k] for k in ("tp", "ep", "edp", "dp")} == {"tp": 0, "ep": 1, "edp": 0, "dp": 1}
+    b = a.replace(order="tp-cp-dp-ep-pp")
+    assert {k: b.rank_coords(4)[k] for k in ("tp", "ep", "edp", "dp")} == {"tp": 0, "ep": 1, "edp": 0, "dp": 2}
+    assert {k: b.rank_coords(2)[k] for k in ("tp", "ep", "edp", "dp")} == {"tp": 0, "ep": 0, "edp": 1, "dp": 1}
+
+
+def test_balanced_counts_against_brute_force():
+    """Every chunk gets >= 1 layer and the costliest chunk is as cheap as any split allows, for LM heads of
+    0.01 to 3 layers (a head just over a whole layer, 1.01, once left a chunk empty when the capacity's
+    float rounding went down). Ties: spare layers go from the first chunk."""
+    from megagpt.layout import balanced_counts
+    assert balanced_counts(2, [0.0, 1.01]) == [1, 1]
+    assert balanced_counts(5, [0.0, 0.0, 0.0, 1.01]) == [1, 1, 2, 1]
+    for k in range(1, 301):
+        head = k / 100
+        for chunks in (2, 3, 4):
+            for layers in range(chunks, 10):
+                extra = [0.0] * (chunks - 1) + [head]
+                got = balanced_counts(layers, extra)
+                best = min(max(n + e for n, e in zip(split, extra))
+                           for cuts in itertools.combinations(range(1, layers), chunks - 1)
+                           for split in [[b - a for a, b in zip((0,) + cuts, cuts + (layers,))]])
+                assert sum(got) == layers and min(got) >= 1, (head, layers, got)
+                assert max(n + e for n, e in zip(got, extra)) == pytest.approx(best, abs=1e-9), (head, layers, got)

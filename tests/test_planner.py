@@ -91,6 +91,10 @@ def test_enumeration_respects_the_rules():
         assert L.vp == 1 or (L.pp > 1 and m.num_layers >= L.pp * L.vp)   # uneven chunks are balanced
         assert L.pp == 1 or L.num_microbatches >= L.pp
         assert not (L.sp and L.tp == 1)
+    assert len(set(layouts)) == len(layouts)                 # no layout twice (SP on at tp = 1 is SP off)
+    assert {L.vp for L in layouts} == {1, 2, 4, 8, 16} and {L.cp for L in layouts} == {1, 2, 4, 8, 16}
+    moe = list(enumerate_layouts(dataclasses.replace(m, moe_num_experts=4), 8, 8192, 64, Cluster(), tp=1, pp=1))
+    assert {L.ep for L in moe} == {1, 2, 4}                  # ep up to the number of experts
 
 
 def test_choose_layout_70b():
@@ -185,3 +189,143 @@ def test_planner_tp_backward_overlap():
     assert lc["comm_hidden"] == pytest.approx(2 * lc["comm"] / 4)
     slow = _layer_costs(m, L, s, 2, True, Cluster(nvlink_gbps=1.0))
     assert 0 < slow["comm_hidden"] < 2 * slow["comm"] / 4
+
+
+# ----------------------------------------------------------------------------- the time model's terms, by hand
+
+def _round_cluster(**kw):
+    """Round numbers: matmuls at 1 TFLOP/s, flash attention at 0.5, 1 TB/s of HBM, 1 TB/s per direction of
+    NVLink, 100 GB/s per NIC, no latency."""
+    return Cluster(**(dict(peak_tflops=1.0, gemm_eff=1.0, attn_eff=0.5, hbm_tbps=1.0, mem_eff=1.0, nvlink_gbps=2000.0,
+                           network_gbps=800.0, link_eff=1.0, latency_us=0.0) | kw))
+
+
+def _small(**kw):
+    """h 64, 4 heads of 16 (MHA), a 4h GELU MLP, 4 layers, vocab 128 (no padding up to tp=2)."""
+    from megagpt.config import ModelConfig
+    return ModelConfig(**(dict(vocab_size=128, make_vocab_divisible_by=64, max_seq_len=64, hidden_size=64, num_layers=4,
+                               num_heads=4, ffn_hidden_size=256, mlp="gelu", norm="layernorm") | kw))
+
+
+def test_ring_bandwidths_by_hand():
+    """Default H100 node: NVLink 450 GB/s per direction x 0.8; a NIC 50 GB/s x 0.8."""
+    from megagpt.planner import _ring_bw
+    c = Cluster()
+    assert _ring_bw(c, 8, 1) == _ring_bw(c, 4, 2) == pytest.approx(360e9)      # a whole node is still NVLink
+    assert _ring_bw(c, 16, 1) == pytest.approx(8 * 40e9)                        # two nodes: 8 NICs a node
+    assert _ring_bw(c, 2, 8) == pytest.approx(40e9)                             # one member a node: one NIC
+
+
+def test_layer_costs_by_hand():
+    """tp 2, s 64, b 1, bf16, flash: per rank 2 heads, 64 tokens.
+    matmuls 64 x 2*(64*6*16 + 2*16*64 + 2*64*256/2) = 3,145,728 FLOPs; causal attention 64 x 4*2*16*32 = 262,144
+    FLOPs at half the rate; memory-bound bytes: replicated 64 x 8*2*64 (halved by SP) plus sharded
+    64 x 2*(2*4*16 + 2*256/2) (GELU; SwiGLU 3*256/2); TP: 4 collectives of 64*64*2/2 bytes, the QKV and fc1
+    ones hidden behind their (longer) weight-gradient GEMMs."""
+    from megagpt.planner import _layer_costs
+    c, m = _round_cluster(), _small()
+    L = Candidate(tp=2, pp=1, vp=1, dp=1, micro_batch=1, sp=True, recompute="none", num_microbatches=1)
+    lc = _layer_costs(m, L, 64, 2, True, c)
+    assert lc["gemm"] == pytest.approx(3145728e-12) and lc["attn"] == pytest.approx(2 * 262144e-12)
+    assert lc["mem"] == pytest.approx((32768 + 49152) * 1e-12) and lc["core_mem"] == 0.0
+    assert lc["comm"] == pytest.approx(4 * 4096e-12) and lc["comm_hidden"] == pytest.approx(2 * 4096e-12)
+    off = _layer_costs(m, dataclasses.replace(L, sp=False), 64, 2, True, c)
+    assert off["mem"] == pytest.approx((65536 + 49152) * 1e-12)
+    swiglu = _layer_costs(_small(mlp="swiglu"), L, 64, 2, True, c)
+    assert swiglu["mem"] == pytest.approx((32768 + 65536) * 1e-12)
+
+
+def test_planner_ring_bytes_are_the_comm_models():
+    """With attention too fast to hide anything, the ring's exposed time is comm_model.cp_ring_bytes over
+    the link ((cp-1) K/V blocks forward; (cp-1) K/V blocks and cp fp32 dK/dV blocks backward); with slow
+    attention only the last dK/dV hop shows: one [2, 1, 16, 4, 16] block in fp32, 8192 bytes. The fp32
+    accumulations of the backward (dq and dK/dV, 18 bytes an element, cp steps) cover the whole
+    sequence's q and K/V once, whatever cp: 64 x (64 + 128) x 18 bytes."""
+    from megagpt.comm_model import cp_ring_bytes
+    from megagpt.planner import _layer_costs
+    m = _small()
+    for cp in (2, 4):
+        L = Candidate(tp=1, pp=1, vp=1, dp=1, micro_batch=1, sp=False, recompute="none", num_microbatches=1, cp=cp)
+        fwd, bwd = cp_ring_bytes(L.layout(64), m, 2)
+        fast = _layer_costs(m, L, 64, 2, True, _round_cluster(attn_eff=1e9))
+        assert fast["cp_fwd"] == pytest.approx(fwd * 1e-12, rel=1e-6)
+        assert fast["cp_bwd"] == pytest.approx(bwd * 1e-12, rel=1e-6)
+        assert fast["cp_mem_bwd"] == pytest.approx(64 * 192 * 18e-12)
+        slow = _layer_costs(m, L, 64, 2, True, _round_cluster(attn_eff=1e-9))
+        assert slow["cp_fwd"] == 0.0
+        if cp == 4:
+            assert slow["cp_bwd"] == pytest.approx(8192e-12)
+
+
+def test_expert_all_to_alls_by_hand():
+    """top 2 of 4 experts, s 64, b 1, h 64, bf16: 128 rows of 128 bytes; per MoE layer 2 all-to-alls forward,
+    (ep-1)/ep of the rows leaving the rank; a layer's share is the share of MoE layers."""
+    from megagpt.planner import _layer_costs
+    c = _round_cluster()
+    for ep, moe_layers, expected in ((2, None, 2 * 8192), (4, None, 2 * 12288), (2, [0, 1], 8192)):
+        m = _small(moe_num_experts=4, moe_top_k=2, moe_layers=moe_layers)
+        L = Candidate(tp=1, pp=1, vp=1, dp=ep, micro_batch=1, sp=False, recompute="none", num_microbatches=1, ep=ep)
+        assert _layer_costs(m, L, 64, 2, True, c)["comm"] == pytest.approx(expected * 1e-12), (ep, moe_layers)
+
+
+def test_step_time_by_hand():
+    """tp 2 (SP), pp 2 (2 layers a stage), dp 2, 4 microbatches, selective recompute, no flash, zero1, on one
+    node. Per microbatch on the last stage (the slowest: it has the head):
+      compute   2 x 3 x (3,145,728 + 524,288 non-causal attention FLOPs) + 3*2*64*64*128/2 head FLOPs
+      memory    2 x 3 x (81,920 elementwise + 65,536 score bytes) + 64*64*24 cross-entropy bytes
+      TP        2 x (2*4 - 2 hidden) x 4096 bytes + 2 x 4096 (the head's input)
+      recompute 2 x (524,288 FLOPs + 65,536 bytes), the attention core
+      p2p       2 x 64*64*2/2 bytes;  bubble: one microbatch of that stage
+    DP: zero1 sends (4 + 2) x 1/2 bytes a parameter, half of it hidden; Adam 30 bytes a parameter / dp."""
+    c, m = _round_cluster(), _small()
+    L = Candidate(tp=2, pp=2, vp=1, dp=2, micro_batch=1, sp=True, recompute="selective", num_microbatches=4)
+    p = predict(m, L, 64, c, flash=False)
+    tb, us, params = p["time_breakdown"], 1e-6, p["memory_breakdown"]["params_on_rank"]
+    per_mb = {"compute": 23.59296 * us, "memory_bound": 0.98304 * us, "tp_comm": 0.057344 * us, "cp_comm": 0.0,
+              "recompute": 1.179648 * us, "pp_p2p": 0.008192 * us}
+    for k, v in per_mb.items():
+        assert tb[k] == pytest.approx(4 * v, abs=1e-15), k
+    assert tb["bubble"] == pytest.approx(sum(per_mb.values()))
+    assert tb["dp_comm"] == pytest.approx(0.5 * 3 * params * 1e-12)
+    assert tb["optimizer"] == pytest.approx(params / 2 * 30e-12)
+    assert tb["embedding_sync"] == 0.0
+    padded = predict(_small(vocab_size=97), L, 64, c, flash=False)    # 97 pads to 128 at tp 2: the head is the same
+    assert padded["time_breakdown"]["compute"] == pytest.approx(tb["compute"])
+    one = predict(m, dataclasses.replace(L, pp=1, num_microbatches=2, recompute="none"), 64, c, flash=False)
+    # one stage holds the embedding and the head: 4 x (2*4 - 2) x 4096 + 2 x 2 x 4096 bytes of TP per microbatch
+    assert one["time_breakdown"]["tp_comm"] == pytest.approx(2 * (4 * 24576 + 16384) * 1e-12)
+    # pipeline p2p per microbatch and chunk; a world of 16 spans two nodes, so the hops take the NIC (1e11 B/s)
+    two = predict(m, dataclasses.replace(L, vp=2), 64, c, flash=False)
+    assert two["time_breakdown"]["pp_p2p"] == pytest.approx(2 * tb["pp_p2p"])
+    wide = predict(m, dataclasses.replace(L, dp=4), 64, c, flash=False)
+    assert wide["time_breakdown"]["pp_p2p"] == pytest.approx(4 * 2 * 4096 / 1e11)
+
+
+def test_context_parallel_step_terms():
+    """cp 2, dp 2, DDP: gradients all-reduce over dp x cp = 4 ranks (3/4 of 8 bytes a parameter, half hidden) and
+    every rank runs the whole Adam step; the ring always runs flash attention, so flash=False changes no time;
+    with no recompute and an unpadded vocab the executed FLOPs are the model FLOPs. Memory-bound time per
+    microbatch: 4 layers x (3 x 81,920 elementwise + 1 x 2048 x 34 merge + 2 x (2048 + 4096) x 18 accumulation
+    bytes) + 32*128*24 cross-entropy bytes."""
+    c = _round_cluster()
+    m = _small(tie_embeddings=True)
+    L = Candidate(tp=1, pp=1, vp=1, dp=2, micro_batch=1, sp=False, recompute="none", num_microbatches=2, cp=2)
+    p = predict(m, L, 64, c, dp_mode="ddp")
+    tb, params = p["time_breakdown"], p["memory_breakdown"]["params_on_rank"]
+    assert tb["dp_comm"] == pytest.approx(0.5 * 0.75 * 8 * params * 1e-12)
+    assert tb["optimizer"] == pytest.approx(30 * params * 1e-12)
+    assert tb["embedding_sync"] == 0.0                              # tied, but one stage holds both ends
+    assert tb["memory_bound"] == pytest.approx(2 * (4 * (3 * 81920 + 69632 + 221184) + 98304) * 1e-12)
+    no_flash = predict(m, L, 64, c, dp_mode="ddp", flash=False)["time_breakdown"]
+    assert all(no_flash[k] == pytest.approx(v) for k, v in tb.items()), (no_flash, tb)
+    assert p["hw_tflops_per_gpu"] == pytest.approx(p["tflops_per_gpu"])
+    sel = predict(m, dataclasses.replace(L, recompute="selective"), 64, c, dp_mode="ddp")   # re-runs no matmul:
+    assert sel["hw_tflops_per_gpu"] == pytest.approx(sel["tflops_per_gpu"])               # nor counted as one
+
+
+def test_closest_is_the_least_memory():
+    """When nothing fits, rank_layouts reports the layout with the least memory, not the first one found."""
+    m, c = _small(), Cluster(hbm_gb=1e-6)
+    fits, closest = rank_layouts(m, 4, 64, 8, c)
+    every = [predict(m, L, 64, c)["memory_gb"] for L in enumerate_layouts(m, 4, 64, 8, c)]
+    assert not fits and len(every) > 1 and closest["memory_gb"] == min(every) < max(every)
