@@ -71,7 +71,7 @@ class Cluster:
     nvlink_gbps: float = 900.0      # GB/s per GPU, both directions together
     network_gbps: float = 400.0     # Gb/s per GPU, each direction
     gemm_eff: float = 0.70          # achieved fraction of peak for the matmuls: one global constant, fitted once
-                                    # on Narayanan et al. 2021 Table 1 (max error 5.5%), assumed to carry to H100
+                                    # on Narayanan et al. 2021 Table 1 (max error 6.2%), assumed to carry to H100
     attn_eff: float = 0.35          # achieved fraction of peak for flash attention (flash-attn 2 on H100: 35%,
                                     # FlashAttention-3 paper); set a priori, not fitted
     mem_eff: float = 0.8            # achieved fraction of HBM bandwidth for elementwise kernels
@@ -145,7 +145,7 @@ def _layer_costs(m: ModelConfig, L: Candidate, s: int, e: int, flash: bool, c: C
     layers = range(m.num_layers) if m.moe_num_experts or m.mod_layers else [0]        # layers that differ
     per_layer = [layer_flops(m, s, t, flash, i) for i in layers]
     gemm, attn = (tok * sum(x) / len(per_layer) for x in zip(*per_layer))   # flash skips the masked half
-    rep = (1 / t if L.sp else 1) * tok * (8 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
+    rep = (1 / t if L.sp else 1) * tok * (10 * e * h + (2 * h if m.hidden_dropout > 0 else 0))
     shard = tok * e * (2 * (a_r + kv_r) * d * m.rotary_fraction + (3 if m.gated else 2) * f / t)
     core = 0.0 if flash else tok * a_r * s * (4 * e + (2 * e + 1 if m.attention_dropout > 0 else 0))
     flop_s, byte_s = c.peak_tflops * 1e12 * c.gemm_eff, c.hbm_tbps * 1e12 * c.mem_eff

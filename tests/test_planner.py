@@ -27,7 +27,7 @@ def test_whole_table_within_15_percent(validation):
     for r in validation:
         assert r["fits"], r
         assert abs(r["error"]) < 0.15, f"{r['params_b']}B: published {r['tflops']}, predicted {r['predicted']:.1f}"
-    assert max(abs(r["error"]) for r in validation) < 0.08      # what it achieves today: 5.5%
+    assert max(abs(r["error"]) for r in validation) < 0.08      # what it achieves today: 6.2%
 
 
 def test_param_counts_match_the_paper(validation):
@@ -219,7 +219,7 @@ def test_ring_bandwidths_by_hand():
 def test_layer_costs_by_hand():
     """tp 2, s 64, b 1, bf16, flash: per rank 2 heads, 64 tokens.
     matmuls 64 x 2*(64*6*16 + 2*16*64 + 2*64*256/2) = 3,145,728 FLOPs; causal attention 64 x 4*2*16*32 = 262,144
-    FLOPs at half the rate; memory-bound bytes: replicated 64 x 8*2*64 (halved by SP) plus sharded
+    FLOPs at half the rate; memory-bound bytes: replicated 64 x 10*2*64 (halved by SP) plus sharded
     64 x 2*(2*4*16 + 2*256/2) (GELU; SwiGLU 3*256/2); TP: 4 collectives of 64*64*2/2 bytes, the QKV and fc1
     ones hidden behind their (longer) weight-gradient GEMMs."""
     from megagpt.planner import _layer_costs
@@ -227,12 +227,12 @@ def test_layer_costs_by_hand():
     L = Candidate(tp=2, pp=1, vp=1, dp=1, micro_batch=1, sp=True, recompute="none", num_microbatches=1)
     lc = _layer_costs(m, L, 64, 2, True, c)
     assert lc["gemm"] == pytest.approx(3145728e-12) and lc["attn"] == pytest.approx(2 * 262144e-12)
-    assert lc["mem"] == pytest.approx((32768 + 49152) * 1e-12) and lc["core_mem"] == 0.0
+    assert lc["mem"] == pytest.approx((40960 + 49152) * 1e-12) and lc["core_mem"] == 0.0
     assert lc["comm"] == pytest.approx(4 * 4096e-12) and lc["comm_hidden"] == pytest.approx(2 * 4096e-12)
     off = _layer_costs(m, dataclasses.replace(L, sp=False), 64, 2, True, c)
-    assert off["mem"] == pytest.approx((65536 + 49152) * 1e-12)
+    assert off["mem"] == pytest.approx((81920 + 49152) * 1e-12)
     swiglu = _layer_costs(_small(mlp="swiglu"), L, 64, 2, True, c)
-    assert swiglu["mem"] == pytest.approx((32768 + 65536) * 1e-12)
+    assert swiglu["mem"] == pytest.approx((40960 + 65536) * 1e-12)
 
 
 def test_planner_ring_bytes_are_the_comm_models():
@@ -272,7 +272,7 @@ def test_step_time_by_hand():
     """tp 2 (SP), pp 2 (2 layers a stage), dp 2, 4 microbatches, selective recompute, no flash, zero1, on one
     node. Per microbatch on the last stage (the slowest: it has the head):
       compute   2 x 3 x (3,145,728 + 524,288 non-causal attention FLOPs) + 3*2*64*64*128/2 head FLOPs
-      memory    2 x 3 x (81,920 elementwise + 65,536 score bytes) + 64*64*24 cross-entropy bytes
+      memory    2 x 3 x (90,112 elementwise + 65,536 score bytes) + 64*64*24 cross-entropy bytes
       TP        2 x (2*4 - 2 hidden) x 4096 bytes + 2 x 4096 (the head's input)
       recompute 2 x (524,288 FLOPs + 65,536 bytes), the attention core
       p2p       2 x 64*64*2/2 bytes;  bubble: one microbatch of that stage
@@ -281,7 +281,7 @@ def test_step_time_by_hand():
     L = Candidate(tp=2, pp=2, vp=1, dp=2, micro_batch=1, sp=True, recompute="selective", num_microbatches=4)
     p = predict(m, L, 64, c, flash=False)
     tb, us, params = p["time_breakdown"], 1e-6, p["memory_breakdown"]["params_on_rank"]
-    per_mb = {"compute": 23.59296 * us, "memory_bound": 0.98304 * us, "tp_comm": 0.057344 * us, "cp_comm": 0.0,
+    per_mb = {"compute": 23.59296 * us, "memory_bound": 1.032192 * us, "tp_comm": 0.057344 * us, "cp_comm": 0.0,
               "recompute": 1.179648 * us, "pp_p2p": 0.008192 * us}
     for k, v in per_mb.items():
         assert tb[k] == pytest.approx(4 * v, abs=1e-15), k
@@ -305,7 +305,7 @@ def test_context_parallel_step_terms():
     """cp 2, dp 2, DDP: gradients all-reduce over dp x cp = 4 ranks (3/4 of 8 bytes a parameter, half hidden) and
     every rank runs the whole Adam step; the ring always runs flash attention, so flash=False changes no time;
     with no recompute and an unpadded vocab the executed FLOPs are the model FLOPs. Memory-bound time per
-    microbatch: 4 layers x (3 x 81,920 elementwise + 1 x 2048 x 34 merge + 2 x (2048 + 4096) x 18 accumulation
+    microbatch: 4 layers x (3 x 90,112 elementwise + 1 x 2048 x 34 merge + 2 x (2048 + 4096) x 18 accumulation
     bytes) + 32*128*24 cross-entropy bytes."""
     c = _round_cluster()
     m = _small(tie_embeddings=True)
@@ -315,7 +315,7 @@ def test_context_parallel_step_terms():
     assert tb["dp_comm"] == pytest.approx(0.5 * 0.75 * 8 * params * 1e-12)
     assert tb["optimizer"] == pytest.approx(30 * params * 1e-12)
     assert tb["embedding_sync"] == 0.0                              # tied, but one stage holds both ends
-    assert tb["memory_bound"] == pytest.approx(2 * (4 * (3 * 81920 + 69632 + 221184) + 98304) * 1e-12)
+    assert tb["memory_bound"] == pytest.approx(2 * (4 * (3 * 90112 + 69632 + 221184) + 98304) * 1e-12)
     no_flash = predict(m, L, 64, c, dp_mode="ddp", flash=False)["time_breakdown"]
     assert all(no_flash[k] == pytest.approx(v) for k, v in tb.items()), (no_flash, tb)
     assert p["hw_tflops_per_gpu"] == pytest.approx(p["tflops_per_gpu"])
