@@ -185,7 +185,7 @@ class Layout:
     @property
     def seq_multiple(self) -> int:
         """What every sequence length must be a multiple of: 2*cp zigzag chunks, each cut by tp under SP."""
-        return (2 * self.cp if self.cp > 1 else 1) * self.tp
+        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sp else 1)
     @property
     def model_parallel(self) -> int:
         """Ranks that hold one model replica between them."""

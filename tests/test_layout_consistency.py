@@ -157,7 +157,8 @@ def test_sequence_parallel_is_off_at_tp_1_and_the_rules_see_it_off():
 def test_seq_multiple_activation_shape_and_head_cost_by_hand():
     m = _small()
     assert [Layout(**kw).seq_multiple for kw in (dict(), dict(tp=4, sp=True), dict(cp=2), dict(cp=4),
-                                                   dict(cp=2, tp=2, sp=True))] == [1, 4, 4, 8, 8]
+                                                   dict(cp=2, tp=2, sp=True), dict(tp=4), dict(cp=2, tp=2))] \
+        == [1, 4, 4, 8, 8, 1, 4]                  # without SP the sequence is not cut by tp
     # [s/(cp*tp), b, h] with SP, [s/cp, b, h] without
     assert Layout(tp=2, cp=2, sp=True, seq_len=64, micro_batch=3).activation_shape(m) == (16, 3, 64)
     assert Layout(tp=2, cp=2, sp=False, seq_len=64, micro_batch=3).activation_shape(m) == (32, 3, 64)
