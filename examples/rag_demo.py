@@ -175,11 +175,12 @@ def example(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool
     return out, spans
 
 
-def example_each(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool, n_questions: int = 4):
+def example_each(tok, rng: random.Random, pools, taken: set, n_ids: int, closed: bool, n_questions: int = 4,
+                 p_other: float = 0.5):
     """(ids, answer spans) of one training sample for reading one passage at a time (--read each): a freshly
     invented person's record, then n_questions questions (the first in the query-aware prompt with that
-    one passage), each about that person (answered and cited) or, half of the time, about someone else
-    who shares the first or the last name with them (as the passages BM25 ranks below the right one do)
+    one passage), each about that person (answered and cited) or, with probability p_other, about someone
+    else who shares the first or the last name with them (as the passages BM25 ranks below the right one do)
     or, one time in five, neither: answered NO_ANSWER. Closed book as in `example`."""
     if closed:
         return example(tok, rng, pools, taken, n_ids, True)
@@ -188,7 +189,7 @@ def example_each(tok, rng: random.Random, pools, taken: set, n_ids: int, closed:
     passage = [Passage(f"{shown['id']}#0", shown["id"], shown["text"])]
     out, spans = [], []
     for j in range(n_questions):
-        other, asked = rng.random() < 0.5, shown["name"]
+        other, asked = rng.random() < p_other, shown["name"]
         # someone else: drawn until the name differs, and never a knowledge-base name: nothing of the knowledge
         # base is trained on, and here those names would only ever be answered NO_ANSWER (the stop-29 readers,
         # trained with them, had not learnt that by heart: examples/rag_reader_notes.md, stop 30)
@@ -247,7 +248,7 @@ def sum_grads(params, dp, loss: torch.Tensor) -> float:
 
 
 def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, seed: int = 0,
-               batch: int = 32, read: str = "together") -> dict | None:
+               batch: int = 32, read: str = "together", copy_first: float = 0.0) -> dict | None:
     """Data-parallel training on `world` forked ranks (megagpt/parallel/spawn.py), one thread each: every
     rank starts from the same seeded weights and invents its own batch // world samples a step. Rank 0
     logs the global loss and returns the trained weights."""
@@ -261,9 +262,18 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w") if rank == 0 else None
     t0 = time.perf_counter()
     model.train()
-    sample = example_each if read == "each" else example
+    copy_steps = int(copy_first * steps)
     for step in range(steps):
-        rows = [sample(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(batch // world)]
+        if read == "each":
+            # copy first: every question about the person shown for the first copy_steps, then half about
+            # someone else (the no-answer judgement). With "unknown" there from the start, readers copied one
+            # form and answered the others unknown; a gate on the training loss in place of the fixed share
+            # did worse (examples/rag_reader_notes.md, stop 31)
+            p_other = 0.0 if step < copy_steps else 0.5
+            rows = [example_each(tok, rng, pools, taken, len(kb), rng.random() < 0.1, p_other=p_other)
+                    for _ in range(batch // world)]
+        else:
+            rows = [example(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(batch // world)]
         loss = reader_loss(model, tok, rows, dp)
         opt.zero_grad()
         loss.backward()
@@ -280,11 +290,12 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()} if rank == 0 else None
 
 
-def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, world: int = 2, read: str = "together"):
+def train(tok, kb, pools, steps: int, out_dir: str, seed: int = 0, world: int = 2, read: str = "together",
+          copy_first: float = 0.0):
     """The reader, trained over `world` forked ranks; returned in this process, in eval mode."""
     from megagpt.parallel.spawn import spawn
     state = spawn(world, train_rank, tok, kb, pools, steps, os.path.abspath(out_dir), seed, 32, read,
-                  timeout=3600, gloo_timeout=600)[0]
+                  copy_first, timeout=3600, gloo_timeout=600)[0]
     model = build_model(reader_config(tok, read), seed=seed)
     model.load_state_dict(state)
     return model.eval()
@@ -328,6 +339,8 @@ def score(model, tok, index, qs, k: int | None, groups: list[str] | None = None,
     if picked:       # how often the passage the reader chose was the person asked about
         res["picked_gold"] = sum(picked) / len(picked)
         res["no_answer"] = sum(strip_citations(o) == NO_ANSWER for o in outs) / len(outs)
+    res["by_form"] = {a: sum(r for r, (_, x, _) in zip(right, qs) if x == a) / max(1, sum(x == a for _, x, _ in qs))
+                      for a in QUESTIONS}    # a reader can copy one form of answer and not another
     for g in sorted(set(groups or [])):
         hits = [r for r, x in zip(right, groups) if x == g]
         res.setdefault("by_shared_name", {})[g] = {"n": len(hits), "accuracy": sum(hits) / len(hits),
@@ -348,7 +361,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--ranks", type=int, default=2, help="data-parallel training ranks, one thread each")
     ap.add_argument("--read", choices=("together", "each"), default="together",
                     help="train and ask the reader with the top-k in one prompt, or one passage a prompt")
+    ap.add_argument("--copy-first", type=float, default=0.3, metavar="FRACTION",
+                    help="--read each: the share of the steps, at the start, that asks only about the person "
+                         "shown (no 'unknown' answers yet)")
     args = ap.parse_args(argv)
+    if not 0 <= args.copy_first < 1:
+        ap.error(f"--copy-first: expected a fraction in [0, 1), got {args.copy_first}")
     if args.ranks < 1 or 32 % args.ranks:
         ap.error(f"--ranks: expected a divisor of the batch of 32, got {args.ranks}")
     if args.steps < 1:
@@ -370,7 +388,7 @@ def main(argv=None) -> dict:
     recall = recall_at(ranked, [f"{p['id']}#0" for p, _, _ in test_q])
     print(f"knowledge base: {len(kb)} invented people, {len(index.passages)} passages, {len(test_q)} questions; "
           f"vocabulary {tok.vocab_size} words; training on freshly invented people, {args.steps} steps")
-    model = train(tok, kb, pools, args.steps, args.out, args.seed, args.ranks, args.read)
+    model = train(tok, kb, pools, args.steps, args.out, args.seed, args.ranks, args.read, args.copy_first)
     train_s = time.perf_counter() - t0
     closed = score(model, tok, index, test_q, None)
     rag1 = score(model, tok, index, test_q, 1)
@@ -380,13 +398,17 @@ def main(argv=None) -> dict:
            "retrieval_top3": rag3, "chance": chance,
            "recall": {f"@{k}": v for k, v in recall.items()}, "steps": args.steps,
            "recall_ci95": {f"@{k}": list(wilson(round(v * len(test_q)), len(test_q))) for k, v in recall.items()},
-           "train_seconds": round(train_s, 1), "ranks": args.ranks, "read": args.read}
+           "train_seconds": round(train_s, 1), "ranks": args.ranks, "read": args.read,
+           "copy_first": args.copy_first if args.read == "each" else None}
     print(f"\n{'questions on the knowledge base (' + str(len(test_q)) + ')':<38}{'accuracy':>9}   95% CI (Wilson)"
           f"   gold passage cited")
     for name, r in [("closed book", closed), ("with BM25 top-1 retrieval", rag1), ("with BM25 top-3 retrieval", rag3)]:
         cited = f"{r['citation_accuracy']:>12.3f}" if "citation_accuracy" in r else ""
         print(f"{name:<38}{r['accuracy']:>9.3f}   [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]   {cited}")
     print(f"{'chance (a uniform guess)':<38}{chance:>9.3f}")
+    print("accuracy by question form: " + "  ".join(
+        f"{name} ({'  '.join(f'{a} {v:.3f}' for a, v in r['by_form'].items())})"
+        for name, r in [("top-1", rag1), ("top-3", rag3)]))
     print(f"made-up citations (an id not in the prompt): {rag1['made_up_ids']} (top-1), {rag3['made_up_ids']} (top-3)")
     print("top-3 accuracy by the name part the two other passages share with the person asked: " + "  ".join(
         f"{g} {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})"

@@ -327,6 +327,33 @@ def test_rag_demo_read_each_samples(tmp_path):
     assert 0.4 < kinds["same"] / n < 0.6 and min(kinds["first"], kinds["last"]) > 1.3 * kinds["neither"] > 0
 
 
+def test_rag_demo_read_each_copies_first(tmp_path, monkeypatch):
+    """--read each, copy first: for the first --copy-first share of the steps every question is about the
+    person shown (no NO_ANSWER target), then half about someone else."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import random
+    import rag_demo as demo
+    kb, pools = demo.invent_world(0)
+    index = rag.Index.from_corpus(_write(tmp_path / "kb.jsonl", [{"id": p["id"], "text": p["text"]} for p in kb]))
+    tok = demo.word_tokenizer(kb, index, pools, (rag.NO_ANSWER,))
+    taken, rng = {tuple(p["name"].split()) for p in kb}, random.Random(0)
+    no_answer = tok.encode(rag.NO_ANSWER)
+    for _ in range(50):
+        ids, spans = demo.example_each(tok, rng, pools, taken, len(kb), closed=False, p_other=0.0)
+        assert len(spans) == 4 and all(ids[a:b - 1] != no_answer for a, b in spans)
+    log = tmp_path / "p_other.txt"
+    real = demo.example_each
+    def logged(*a, p_other, **k):                 # runs in the forked rank: the file carries it back
+        with open(log, "a") as f:
+            f.write(f"{p_other}\n")
+        return real(*a, p_other=p_other, **k)
+    monkeypatch.setattr(demo, "example_each", logged)
+    demo.train(tok, kb, pools, 10, str(tmp_path), world=1, read="each", copy_first=0.3)
+    seen = [float(x) for x in log.read_text().split()]
+    per_step = [set(seen[i:i + 32]) for i in range(0, len(seen), 32)]     # a row per sample, 32 a step
+    assert per_step == [{0.0}] * 3 + [{0.5}] * 7
+
+
 def test_rag_demo_read_each_scores_the_passage_it_picks(tmp_path, monkeypatch):
     """score(read="each") answers from the passage no_answer_probs ranks lowest, wherever BM25 put it."""
     sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -345,6 +372,9 @@ def test_rag_demo_read_each_scores_the_passage_it_picks(tmp_path, monkeypatch):
     assert judged == [3] * len(qs) and res["picked_gold"] == 0.0 and 0 <= res["no_answer"] <= 1
     third = [index.search(q, 3)[2][0] for _, _, q in qs]
     assert res["example"]["prompt"] == rag.build_prompt(qs[0][2], [third[0]])
+    # accuracy by question form: a reader that copies only the city scores 1, 0, 0
+    monkeypatch.setattr(demo, "answer_all", lambda m, t, prompts: [p["city"] if a == "city" else "x" for p, a, _ in qs])
+    assert demo.score(model, tok, index, qs, 1)["by_form"] == {"city": 1.0, "year": 0.0, "trade": 0.0}
 
 
 def _reader_grads_dp2(rank, world, kb, pools, rows_all):
@@ -395,3 +425,15 @@ def test_rag_attention_labels_each_token_by_its_passage_and_place():
     assert labels[-1] == ("q", 8)
     assert rag_attention.query_position(words, "answer") == len(words) - 1
     assert rag_attention.query_position(words, "name") == len(words) - 5 and words[-5] == "A"    # the last line's
+
+
+@pytest.mark.parametrize("argv, msg", [(["--copy-first", "1.5"], "--copy-first: expected a fraction in [0, 1), got 1.5"),
+                                       (["--ranks", "3"], "--ranks: expected a divisor of the batch of 32, got 3"),
+                                       (["--steps", "0"], "--steps: expected a positive number, got 0")])
+def test_rag_demo_bad_flags_are_one_line_errors(argv, msg, capsys, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import rag_demo as demo
+    with pytest.raises(SystemExit):
+        demo.main(argv + ["--out", str(tmp_path / "never")])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(msg)
+    assert not (tmp_path / "never").exists()                   # refused before any work
