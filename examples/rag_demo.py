@@ -23,7 +23,8 @@ who shares the first name, the last name or neither with them, answered "unknown
 (--copy-first 0.3): the first 30% of the steps ask only about the person shown, so that the copy of every
 question form forms before "unknown" is an answer (without it, readers copied one form and answered the
 others unknown). Measured, the default 10000 steps over two ranks, seeds 0-5 (three runs at a time on the
-2-core machine; `make rag-demo` alone, seed 0, took 10:42 of wall in a fresh clone, 0.045 s a step): closed book 0.027-0.039 (chance 0.031); top-1 1.000 / 0.673 / 0.516 / 0.475 / 1.000 /
+2-core machine; `make rag-demo`, seed 0, took 10:42 of wall in a fresh clone, `make demo` beside it for the
+first 3.5 min): closed book 0.027-0.039 (chance 0.031); top-1 1.000 / 0.673 / 0.516 / 0.475 / 1.000 /
 0.567; top-3 0.943 [0.930, 0.954] / 0.658 / 0.307 / 0.313 / 0.967 [0.956, 0.975] / 0.294, citing the
 right passage 0.943 / 0.971 / 0.293 / 0.304 / 0.967 / 0.279, no made-up id. The judgement (the passage chosen is the person asked about) formed on seeds 0, 1
 and 4 (0.943 / 0.975 / 0.967) and not on 2, 3 and 5 (0.31-0.40), and seed 1 never copies the city
