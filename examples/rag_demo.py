@@ -26,10 +26,10 @@ others unknown). Measured, the default 10000 steps over two ranks, seeds 0-5 (th
 2-core machine; `make rag-demo`, seed 0, took 10:42 of wall in a fresh clone, `make demo` beside it for the
 first 3.5 min): closed book 0.027-0.039 (chance 0.031); top-1 1.000 / 0.673 / 0.516 / 0.475 / 1.000 /
 0.567; top-3 0.943 [0.930, 0.954] / 0.658 / 0.307 / 0.313 / 0.967 [0.956, 0.975] / 0.294, citing the
-right passage 0.943 / 0.971 / 0.293 / 0.304 / 0.967 / 0.279, no made-up id. The judgement (the passage chosen is the person asked about) formed on seeds 0, 1
-and 4 (0.943 / 0.975 / 0.967) and not on 2, 3 and 5 (0.31-0.40), and seed 1 never copies the city
-(0.030). So top-3 is high (0.94-0.97) in 2 runs of 6, and NOT reliably high: examples/rag_reader_notes.md
-(stop 31) has the runs and what was tried.
+right passage 0.943 / 0.971 / 0.293 / 0.304 / 0.967 / 0.279, no made-up id. The judgement (the passage
+chosen is the person asked about) formed on seeds 0, 1 and 4 (0.943 / 0.975 / 0.967) and not on 2, 3 and
+5 (0.31-0.40), and seed 1 never copies the city (0.030). So top-3 is high (0.94-0.97) in 2 runs of 6, and
+NOT reliably high: examples/rag_reader_notes.md (stop 31) has the runs and what was tried.
 
 --read together: the reader (2 heads of 32) reads BM25's top three in one prompt. Every training sample is a
 freshly invented person shown with 0 to 2 distractors that share the first or the last name, as BM25's
@@ -253,18 +253,14 @@ def train_rank(rank: int, world: int, tok, kb, pools, steps: int, out_dir: str, 
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w") if rank == 0 else None
     t0 = time.perf_counter()
     model.train()
-    copy_steps = int(copy_first * steps)
+    sample, copy_steps = (example_each if read == "each" else example), int(copy_first * steps)
     for step in range(steps):
-        if read == "each":
-            # copy first: every question about the person shown for the first copy_steps, then half about
-            # someone else (the no-answer judgement). With "unknown" there from the start, readers copied one
-            # form and answered the others unknown; a gate on the training loss in place of the fixed share
-            # did worse (examples/rag_reader_notes.md, stop 31)
-            p_other = 0.0 if step < copy_steps else 0.5
-            rows = [example_each(tok, rng, pools, taken, len(kb), rng.random() < 0.1, p_other=p_other)
-                    for _ in range(batch // world)]
-        else:
-            rows = [example(tok, rng, pools, taken, len(kb), rng.random() < 0.1) for _ in range(batch // world)]
+        # --read each, copy first: every question about the person shown for the first copy_steps, then half
+        # about someone else (the no-answer judgement). With "unknown" there from the start, readers copied one
+        # form and answered the others unknown; a gate on the training loss in place of the fixed share did
+        # worse (examples/rag_reader_notes.md, stop 31)
+        kw = {"p_other": 0.0 if step < copy_steps else 0.5} if read == "each" else {}
+        rows = [sample(tok, rng, pools, taken, len(kb), rng.random() < 0.1, **kw) for _ in range(batch // world)]
         loss = reader_loss(model, tok, rows, dp)
         opt.zero_grad()
         loss.backward()
@@ -312,6 +308,15 @@ def shared_parts(index, qs, k: int = 3) -> list[str]:
     return out
 
 
+def accuracy_by(right: list[bool], labels: list[str]) -> dict:
+    """Accuracy, with its count and Wilson interval, within each label's questions."""
+    out = {}
+    for g in sorted(set(labels)):
+        hits = [r for r, x in zip(right, labels) if x == g]
+        out[g] = {"n": len(hits), "accuracy": sum(hits) / len(hits), "ci95": list(wilson(sum(hits), len(hits)))}
+    return out
+
+
 def score(model, tok, index, qs, k: int | None, groups: list[str] | None = None, read: str = "together") -> dict:
     """Accuracy of the answers (and of the citations, with retrieval) on questions qs; with groups (one
     label per question), also the accuracy within each group. read="each": every passage is judged
@@ -330,12 +335,11 @@ def score(model, tok, index, qs, k: int | None, groups: list[str] | None = None,
     if picked:       # how often the passage the reader chose was the person asked about
         res["picked_gold"] = sum(picked) / len(picked)
         res["no_answer"] = sum(strip_citations(o) == NO_ANSWER for o in outs) / len(outs)
-    res["by_form"] = {a: sum(r for r, (_, x, _) in zip(right, qs) if x == a) / max(1, sum(x == a for _, x, _ in qs))
-                      for a in QUESTIONS}    # a reader can copy one form of answer and not another
-    for g in sorted(set(groups or [])):
-        hits = [r for r, x in zip(right, groups) if x == g]
-        res.setdefault("by_shared_name", {})[g] = {"n": len(hits), "accuracy": sum(hits) / len(hits),
-                                                   "ci95": list(wilson(sum(hits), len(hits)))}
+    # a reader can copy one form of answer and not another
+    forms = accuracy_by(right, [a for _, a, _ in qs])
+    res["by_form"] = {a: forms[a]["accuracy"] for a in QUESTIONS if a in forms}      # in the questions' order
+    if groups:
+        res["by_shared_name"] = accuracy_by(right, groups)
     if k:
         cited = [citations(o, g)[0] == [f"{p['id']}#0"] for o, g, (p, _, _) in zip(outs, golds, qs)]
         res["citation_accuracy"] = sum(cited) / len(qs)
