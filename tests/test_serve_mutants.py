@@ -98,9 +98,13 @@ def test_defaults_and_accepted_fields():
 
 
 def test_chat_max_completion_tokens_and_stop():
+    """chat: max_completion_tokens wins over max_tokens unless it is null; completions have only max_tokens."""
     messages = [{"role": "user", "content": "hi"}]
     req = request({"messages": messages, "max_completion_tokens": 3, "max_tokens": 5, "stop": "Z"}, "chat")
     assert req.max_tokens == 3 and "Z" in req.stop and "\nUser:" in req.stop
+    assert request({"messages": messages, "max_completion_tokens": None, "max_tokens": 5}, "chat").max_tokens == 5
+    with pytest.raises(APIError, match="^max_tokens: expected a positive integer, got 0"):
+        request({"prompt": "ab", "max_tokens": 0, "max_completion_tokens": 3})
 
 
 def test_error_bodies_are_one_line_and_typed():
@@ -274,6 +278,18 @@ def test_queue_full_and_dead_engine_are_503(engine):
     with pytest.raises(APIError) as e:
         submit(engine, dict(prompt="ab"))
     assert e.value.status == 503 and e.value.message == engine.dead
+
+
+def test_max_queue_counts_the_jobs_the_engine_drew_but_has_not_run(engine):
+    """The engine thread draws the whole queue into its backlog; those jobs still wait, so they count
+    against max_queue (8 here) and in /health's "queued"."""
+    jobs = submit(engine, *[dict(prompt="ab", temperature=0.5)] * 8)
+    assert engine.next_batch() == [jobs[0]] and len(engine.backlog) == 7 and engine.jobs.empty()
+    submit(engine, dict(prompt="ab"))
+    with pytest.raises(APIError, match="server busy: 8 requests already queued"):
+        submit(engine, dict(prompt="ab"))
+    TestClient = pytest.importorskip("fastapi.testclient").TestClient
+    assert TestClient(serving.make_app(engine, "m")).get("/health").json()["queued"] == 8
 
 
 def test_a_failure_with_several_ranks_stops_the_engine(engine):
