@@ -187,10 +187,9 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
     if kind == "chat":
         prompt, stop, stop_ids = chat_template(tok, _messages(body))
         prompts, stop = [prompt], stop + _stop(body)
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
         default_max = None                                       # chat: up to the context
     else:
-        prompts, stop, limit, default_max = _prompts(body, tok), _stop(body), body.get("max_tokens"), 16
+        prompts, stop, default_max = _prompts(body, tok), _stop(body), 16
     media = None
     if body.get("media") is not None:
         prompt, media = _media(kind, body, tok, model_cfg)
@@ -202,8 +201,10 @@ def parse_request(kind: str, body, tok, *, model: str, context: int, vocab: int,
         if bad:
             raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary of {vocab}", param="prompt")
     longest = max(len(p) for p in prompts)
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _int({name: limit}, name, default_max, lambda v: v >= 1, "a positive integer")
+    # chat's max_completion_tokens (when not null) wins over max_tokens; completions have only max_tokens
+    name = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = _int(body, name, default_max, lambda v: v >= 1, "a positive integer")
     if max_tokens is None:                                       # chat without a limit: the rest of the context
         if longest >= context:
             raise APIError(400, f"messages: the prompt's {longest} tokens leave no room in the model's context of "

@@ -165,10 +165,16 @@ class Engine:
             raise APIError(503, self.dead)
         job = Job(req, loop)
         try:
+            if self.waiting() >= self.jobs.maxsize:     # the backlog too: max_queue bounds all that waits
+                raise queue.Full
             self.jobs.put_nowait(job)
         except queue.Full:
             raise APIError(503, f"server busy: {self.jobs.maxsize} requests already queued; retry later") from None
         return job
+
+    def waiting(self) -> int:
+        """Jobs submitted and not yet taken into a batch: the queue and the engine thread's backlog."""
+        return self.jobs.qsize() + len(self.backlog)
 
     def _loop(self) -> None:
         try:
@@ -297,7 +303,7 @@ def make_app(engine: Engine, model: str, max_n: int = 16):
 
     @app.get("/health")
     async def health():
-        body = {"status": engine.dead or "ok", "model": model, "queued": engine.jobs.qsize(), **engine.stats}
+        body = {"status": engine.dead or "ok", "model": model, "queued": engine.waiting(), **engine.stats}
         return JSONResponse(body, status_code=503 if engine.dead else 200)
 
     @app.get("/v1/models")

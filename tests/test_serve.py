@@ -386,6 +386,12 @@ def test_tp2_pp2_followers_in_lockstep(ckpt):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             got = list(pool.map(one, bodies, timeout=2 * TIMEOUT))
         assert got == wants
+        # a stop string ends the request on rank 0 before the followers' own loops would end: all leave together
+        stop = _stop_string(ckpt, ckpt["tok"].encode("to be or"))
+        (_, text), = _want(ckpt, ckpt["tok"].encode("to be or"), 30, stop=[stop])
+        stopped = httpx.post(url + "/completions", timeout=TIMEOUT, json={
+            "model": NAME, "prompt": "to be or", "max_tokens": 30, "temperature": 0, "stop": [stop]}).json()
+        assert (stopped["choices"][0]["text"], stopped["choices"][0]["finish_reason"]) == (text, "stop")
         stream = httpx.post(url + "/completions", timeout=TIMEOUT, json={"model": NAME, "stream": True,
                                                                           "ignore_eos": True, **bodies[0]}).text
         texts = [json.loads(b[6:])["choices"][0]["text"] for b in stream.strip().split("\n\n")[:-1]]
