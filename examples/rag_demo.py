@@ -198,9 +198,13 @@ def example_each(tok, rng: random.Random, pools, taken: set, n_ids: int, closed:
 
 
 def reader_config(tok, read: str = "together") -> ModelConfig:
-    # reading each passage alone: 4 heads of 16 (on seed 0 the no-answer judgement formed with 4 and not with
-    # 2 of 32 by step 8000, one seed: examples/rag_reader_notes.md); reading together keeps its measured 2
-    heads = 4 if read == "each" else 2
+    # reading each passage alone: 8 heads of 8. The no-answer judgement (the name asked matched with the
+    # passage's by identity) forms or not by the seed, and more heads are more chances at it: with 4 heads of
+    # 16 it formed on seeds 0, 1 and 4 of 0-5, with 8 heads of 8 on 0 and 2-5 (seed 1 stalls copying the city
+    # first with either); 2 heads of 32 had not formed it on seed 0 by step 8000 (same FLOPs in the
+    # projections, +15% a step in attention: examples/rag_reader_notes.md, stops 29 and 33). Reading together
+    # keeps its measured 2 heads.
+    heads = 8 if read == "each" else 2
     return ModelConfig(vocab_size=tok.vocab_size, max_seq_len=128, hidden_size=64, num_layers=3, num_heads=heads,
                        num_kv_heads=heads, ffn_hidden_size=256, make_vocab_divisible_by=1, tie_embeddings=True,
                        use_flash_attn=False)
