@@ -37,6 +37,7 @@ def load_grown(path: str, chunks, ps, model_cfg, verify: bool = True, new_params
             if name in VOCAB_PADDED and saved_vocab < model_cfg.vocab_size:
                 full = reader.read_param(name, shape, ShardSpec(), 0, 1).to(p.dtype)   # [V_pad, h], new rows 0
                 full[saved_vocab:model_cfg.vocab_size] = full[:saved_vocab].float().mean(0).to(p.dtype)
+                full[model_cfg.vocab_size:] = 0          # the checkpoint's own padding when its padded shape is ours
                 p.copy_(spec.shard(full, ps.tp.rank, ps.tp.size))
             else:
                 p.copy_(reader.read_param(name, shape, spec, ps.tp.rank, ps.tp.size))
