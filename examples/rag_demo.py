@@ -14,7 +14,7 @@ ids, top-3 accuracy by the name part the other passages share, BM25 recall@1/3/5
 loss curve goes to a PNG. Then the trained checkpoint answers one question through `tools/rag.py ask`.
 
 --read each (the default; RAG-Sequence and Self-RAG read this way; megagpt/rag.py: no_answer_probs,
-most_relevant; `tools/rag.py ask --read each`): the reader (4 attention heads of 16) judges each of BM25's
+most_relevant; `tools/rag.py ask --read each`): the reader (8 attention heads of 8) judges each of BM25's
 top three passages alone, in the query-aware prompt of megagpt/rag.build_prompt (the question, the
 passage, the question again, "answer:"), and answers, citing it ("Zuth [p017#0]"), from the passage it is
 least likely to answer "unknown" for. Every training sample is one invented person's record and four
@@ -22,14 +22,15 @@ questions, each about that person or, half of the time, about someone else (neve
 who shares the first name, the last name or neither with them, answered "unknown". Copy first
 (--copy-first 0.3): the first 30% of the steps ask only about the person shown, so that the copy of every
 question form forms before "unknown" is an answer (without it, readers copied one form and answered the
-others unknown). Measured, the default 10000 steps over two ranks, seeds 0-5 (three runs at a time on the
-2-core machine; `make rag-demo`, seed 0, took 10:42 of wall in a fresh clone, `make demo` beside it for the
-first 3.5 min): closed book 0.027-0.039 (chance 0.031); top-1 1.000 / 0.673 / 0.516 / 0.475 / 1.000 /
-0.567; top-3 0.943 [0.930, 0.954] / 0.658 / 0.307 / 0.313 / 0.967 [0.956, 0.975] / 0.294, citing the
-right passage 0.943 / 0.971 / 0.293 / 0.304 / 0.967 / 0.279, no made-up id. The judgement (the passage
-chosen is the person asked about) formed on seeds 0, 1 and 4 (0.943 / 0.975 / 0.967) and not on 2, 3 and
-5 (0.31-0.40), and seed 1 never copies the city (0.030). So top-3 is high (0.94-0.97) in 2 runs of 6, and
-NOT reliably high: examples/rag_reader_notes.md (stop 31) has the runs and what was tried.
+others unknown). Measured, the default 10000 steps over two ranks, seeds 0-5 (two to three runs at a time on
+the 2-core machine; `make rag-demo`, seed 0, took 27:16 of wall in a fresh clone with
+another two-rank run beside it; 10:42 with 4 heads, and the 8-head step costs 15% more): closed book
+0.031-0.041 (chance 0.031); top-1 0.999 / - / 1.000 / 0.953 / 0.976 / 0.999; top-3 0.991 [0.984, 0.994]
+/ - / 0.975 / 0.839 / 0.926 / 0.981 (seed 1 not run to the end), citing
+the right passage within 0.003 of that, no made-up id. Seed 1 never copies the city (a random city, 0.030 right with 4
+heads, whose run reached top-3 0.658), and with 8 heads its copy stalled the same way in the copy-first phase.
+So top-3 is high on 5 seeds of 6; with 4 heads of 16 it was on 2 (0.943 and 0.967; 0.29-0.66 on the
+others): examples/rag_reader_notes.md (stops 31-33) has the runs and what was tried.
 
 --read together: the reader (2 heads of 32) reads BM25's top three in one prompt. Every training sample is a
 freshly invented person shown with 0 to 2 distractors that share the first or the last name, as BM25's
