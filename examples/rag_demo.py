@@ -23,14 +23,13 @@ who shares the first name, the last name or neither with them, answered "unknown
 (--copy-first 0.3): the first 30% of the steps ask only about the person shown, so that the copy of every
 question form forms before "unknown" is an answer (without it, readers copied one form and answered the
 others unknown). Measured, the default 10000 steps over two ranks, seeds 0-5 (two to three runs at a time on
-the 2-core machine; `make rag-demo`, seed 0, took 27:16 of wall in a fresh clone with
-another two-rank run beside it; 10:42 with 4 heads, and the 8-head step costs 15% more): closed book
-0.031-0.041 (chance 0.031); top-1 0.999 / - / 1.000 / 0.953 / 0.976 / 0.999; top-3 0.991 [0.984, 0.994]
-/ - / 0.975 / 0.839 / 0.926 / 0.981 (seed 1 not run to the end), citing
-the right passage within 0.003 of that, no made-up id. Seed 1 never copies the city (a random city, 0.030 right with 4
-heads, whose run reached top-3 0.658), and with 8 heads its copy stalled the same way in the copy-first phase.
-So top-3 is high on 5 seeds of 6; with 4 heads of 16 it was on 2 (0.943 and 0.967; 0.29-0.66 on the
-others): examples/rag_reader_notes.md (stops 31-33) has the runs and what was tried.
+the 2-core machine; `make rag-demo`, seed 0, took 9:15 of wall alone in a fresh clone, the venv in place):
+closed book 0.031-0.041 (chance 0.031); top-1 0.999 / - / 1.000 / 0.953 / 0.976 / 0.999; top-3 0.991
+[0.984, 0.994] / - / 0.975 / 0.839 / 0.926 / 0.981 (seed 1 not run to the end), citing the right passage
+within 0.003 of that, no made-up id. Seed 1 never copies the city (a random city, 0.030 right with 4 heads,
+whose run reached top-3 0.658), and with 8 heads its copy stalled the same way in the copy-first phase. So
+top-3 is high on 5 seeds of 6; with 4 heads of 16 it was on 2 (0.943 and 0.967; 0.29-0.66 on the others):
+examples/rag_reader_notes.md (stops 31-33) has the runs and what was tried.
 
 --read together: the reader (2 heads of 32) reads BM25's top three in one prompt. Every training sample is a
 freshly invented person shown with 0 to 2 distractors that share the first or the last name, as BM25's
